@@ -1,0 +1,20 @@
+"""complexformer: Complex Multi-Head Attention (CMHA) and the Power-Law Decay Loss (PDL) as exact,
+fast PyTorch ops with C (CPU) and CUDA kernels. See SPEC-level docs in README.md."""
+from ._ext import build_info
+from .pdl import PDLLoss, fused_linear_pdl_loss, pdl_loss, pdl_weights, token_counts
+from .rotate import euler_rotate
+from .attention import cmha_attention
+from .module import CMHA
+
+__version__ = "0.1.0"
+__all__ = [
+    "CMHA",
+    "PDLLoss",
+    "build_info",
+    "cmha_attention",
+    "euler_rotate",
+    "fused_linear_pdl_loss",
+    "pdl_loss",
+    "pdl_weights",
+    "token_counts",
+]

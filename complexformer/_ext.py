@@ -1,0 +1,65 @@
+"""The bridge to complexformer._C: DLPack views, the current CUDA stream, shared checks.
+
+Outputs and workspaces are always allocated here, by torch, so the caching allocator and CUDA
+graphs keep working; the C side only ever borrows memory for the duration of one call.
+"""
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from . import _C
+
+_BUILD = _C.build_info()
+HAS_CUDA_KERNELS = bool(_BUILD["cuda"])
+
+
+def build_info():
+    """What this build contains: {'cuda': bool, 'cuda_version', 'cuda_archs', 'openmp', 'c_compiler'}."""
+    return dict(_BUILD)
+
+
+def dl(t):
+    """A borrowed DLPack view of ``t`` for one call into _C."""
+    return to_dlpack(t)
+
+
+def dl_opt(t):
+    return None if t is None else to_dlpack(t)
+
+
+def stream(t):
+    """The caller's current stream on ``t``'s device, as an integer handle (0 on CPU)."""
+    if t.device.type == "cuda":
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return 0
+
+
+def num_threads():
+    """CPU kernels use as many threads as torch does (torch.set_num_threads applies to them)."""
+    return torch.get_num_threads()
+
+
+def require_cuda_kernels(op, t):
+    if t.device.type == "cuda" and not HAS_CUDA_KERNELS:
+        raise RuntimeError(
+            f"{op}: complexformer was built without CUDA kernels (no nvcc at build time); "
+            "reinstall with nvcc on PATH or CUDA_HOME set"
+        )
+
+
+def check_tensor(name, t, *, dtypes=None, ndim=None, device=None, allow_empty=True):
+    """Raise a clear exception naming ``name`` when ``t`` is not what an op needs."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} not supported (expected {names})")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: on {t.device}, but the other inputs are on {device}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: device {t.device} not supported (CPU or CUDA)")
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"{name}: must not be empty")

@@ -1,0 +1,5 @@
+"""Placeholder: euler_rotate."""
+
+
+def euler_rotate(*a, **k):
+    raise NotImplementedError

@@ -1,0 +1,62 @@
+/* Per-element math of the Euler rotation (SPEC section 1), shared by the CPU kernels, the CUDA
+ * kernels and the fused attention tile loaders.
+ *
+ * One (re, im) pair of a head becomes
+ *     r = sqrt(re^2 + im^2 + eps_r),  theta = atan2(im, re),
+ *     phi = delta * theta + offset,   offset = beta (queries only) + omega * p,
+ *     out = (r cos phi, r sin phi).
+ *
+ * Backward. With c = re/r, s = im/r, A = g_re cos phi + g_im sin phi, B = g_re sin phi - g_im cos phi:
+ *     d re = c A + delta s B,   d im = s A - delta c B,   d phi = -r B,
+ * and d delta = d phi * theta, d beta = d phi, d omega = d phi * p. The derivative of theta is
+ * taken as (-s, c) / r, i.e. re^2 + im^2 is replaced by r^2: this keeps |d/dx| <= 1 + |delta| as
+ * r -> 0 (never a division by re^2 + im^2) and differs from the exact derivative of the
+ * eps-regularised function by a relative eps_r / (re^2 + im^2), far below float64 noise for any
+ * pair not already within 1e-4 of the origin. */
+#ifndef CF_ROTATE_MATH_H
+#define CF_ROTATE_MATH_H
+#include <math.h>
+#include "cf_common.h"
+
+#define CF_EPS_R 1e-9
+#define CF_TWO_PI 6.283185307179586476925286766559
+
+/* omega * p reduced to [-pi, pi] in double, so long contexts keep float32 phase accuracy. */
+CF_INLINE double cf_pos_angle(double omega, double p) {
+  double a = omega * p;
+  return a - CF_TWO_PI * rint(a / CF_TWO_PI);
+}
+
+#define CF_DEFINE_ROTATE(T, SUF, SQRT, ATAN2, SIN, COS)                                          \
+  CF_INLINE void cf_rot_fwd_##SUF(T re, T im, T delta, T offset, T *out_re, T *out_im) {          \
+    T r = SQRT(re * re + im * im + (T)CF_EPS_R);                                                 \
+    T phi = delta * ATAN2(im, re) + offset;                                                      \
+    *out_re = r * COS(phi);                                                                      \
+    *out_im = r * SIN(phi);                                                                      \
+  }                                                                                              \
+  /* Returns d phi; writes the input gradients and theta (for d delta = d phi * theta). */        \
+  CF_INLINE T cf_rot_bwd_##SUF(T re, T im, T delta, T offset, T g_re, T g_im, T *d_re, T *d_im,   \
+                               T *theta) {                                                       \
+    T r = SQRT(re * re + im * im + (T)CF_EPS_R);                                                 \
+    T inv = (T)1 / r;                                                                            \
+    T c = re * inv, s = im * inv;                                                                \
+    T th = ATAN2(im, re);                                                                        \
+    T phi = delta * th + offset;                                                                 \
+    T sp = SIN(phi), cp = COS(phi);                                                              \
+    T A = g_re * cp + g_im * sp;                                                                 \
+    T B = g_re * sp - g_im * cp;                                                                 \
+    *d_re = c * A + delta * s * B;                                                               \
+    *d_im = s * A - delta * c * B;                                                               \
+    *theta = th;                                                                                 \
+    return -r * B;                                                                               \
+  }
+
+CF_DEFINE_ROTATE(float, f32, sqrtf, atan2f, sinf, cosf)
+CF_DEFINE_ROTATE(double, f64, sqrt, atan2, sin, cos)
+
+/* Index of element j's real and imaginary parts within a head of size d = 2h. */
+enum { CF_LAYOUT_HALF = 0, CF_LAYOUT_INTERLEAVED = 1 };
+CF_INLINE int64_t cf_re_index(int layout, int64_t j, int64_t h) { return layout ? 2 * j : j; }
+CF_INLINE int64_t cf_im_index(int layout, int64_t j, int64_t h) { return layout ? 2 * j + 1 : j + h; }
+
+#endif
