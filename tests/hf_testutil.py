@@ -1,5 +1,6 @@
 """Shared pieces of the Hugging Face tests: a tiny GPT-2 built from a config (no download), ragged
 causal-LM data, a padding collator, and the hand-written float64 PDL step they are checked against."""
+import collections
 import copy
 
 import torch
@@ -33,6 +34,19 @@ def ragged_examples(lengths=LENGTHS, vocab=TINY_VOCAB, seed=1):
         if i % 2:
             labels[:2] = -100
         out.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    return out
+
+
+def hand_counts(examples, vocab, shift=True, ignore_index=-100, key="labels"):
+    c = collections.Counter()
+    for ex in examples:
+        seq = ex[key] if isinstance(ex, dict) else ex
+        for t in list(seq)[1 if shift else 0:]:
+            if int(t) != ignore_index:
+                c[int(t)] += 1
+    out = torch.zeros(vocab, dtype=torch.int64)
+    for t, n in c.items():
+        out[t] = n
     return out
 
 

@@ -1,5 +1,4 @@
 """complexformer.hf: label_token_counts and PDLTrainer against hand-written float64 references."""
-import collections
 import copy
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_testutil import (  # noqa: E402
-    TINY_VOCAB, hand_pdl_step, install_pdl_standin_if_needed, max_param_diff, pad_collate,
+    TINY_VOCAB, hand_counts, hand_pdl_step, install_pdl_standin_if_needed, max_param_diff, pad_collate,
     ragged_examples, tiny_gpt2, training_args,
 )
 
@@ -19,19 +18,6 @@ from complexformer.hf import PDLTrainer, label_token_counts  # noqa: E402
 install_pdl_standin_if_needed()
 
 LR = 0.5
-
-
-def hand_counts(examples, vocab, shift=True, ignore_index=-100, key="labels"):
-    c = collections.Counter()
-    for ex in examples:
-        seq = ex[key] if isinstance(ex, dict) else ex
-        for t in list(seq)[1 if shift else 0:]:
-            if int(t) != ignore_index:
-                c[int(t)] += 1
-    out = torch.zeros(vocab, dtype=torch.int64)
-    for t, n in c.items():
-        out[t] = n
-    return out
 
 
 @pytest.fixture(scope="module")
