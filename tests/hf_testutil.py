@@ -134,13 +134,15 @@ def _standin_pdl_weights(counts, alpha=1.0, eps=1e-7, *, max_weight=None):
 
 def install_pdl_standin_if_needed():
     """Patch complexformer.pdl with pure-torch versions while it is still a placeholder."""
+    import complexformer
     import complexformer.pdl as pdl
 
     try:
         pdl.token_counts(torch.zeros(1, dtype=torch.long), 2)
         return False
     except NotImplementedError:
-        pdl.pdl_loss = _standin_pdl_loss
-        pdl.token_counts = _standin_token_counts
-        pdl.pdl_weights = _standin_pdl_weights
+        for mod in (pdl, complexformer):
+            mod.pdl_loss = _standin_pdl_loss
+            mod.token_counts = _standin_token_counts
+            mod.pdl_weights = _standin_pdl_weights
         return True
