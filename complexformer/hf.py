@@ -255,6 +255,29 @@ def _shifted_targets(batch, ignore_index):
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
 
+def _check_fused_linear_support(model):
+    import inspect
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise NotImplementedError(
+            "PDLTrainer(use_fused_linear=True): the model needs a bias-free nn.Linear output layer "
+            f"(get_output_embeddings()), got {type(head).__name__}"
+        )
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise NotImplementedError(
+            f"PDLTrainer(use_fused_linear=True): {type(model).__name__}.forward takes no logits_to_keep"
+        )
+    cfg = getattr(model, "config", None)
+    for attr, neutral in (("final_logit_softcapping", None), ("logit_scale", None), ("logits_scaling", 1.0),
+                          ("output_multiplier_scale", None)):
+        value = getattr(cfg, attr, neutral)
+        if value is not None and value != neutral:
+            raise NotImplementedError(
+                f"PDLTrainer(use_fused_linear=True): the model transforms its logits ({attr}={value})"
+            )
+
+
 if _Trainer is not None:
 
     class PDLTrainer(_Trainer):
@@ -278,11 +301,22 @@ if _Trainer is not None:
         averages those per batch.
 
         Label smoothing: ``TrainingArguments(label_smoothing_factor=...)`` is applied inside
-        ``pdl_loss`` (torch's weighted-CE definition).
+        ``pdl_loss`` (torch's weighted-CE definition). Smoothing spreads weight over every class
+        with its own w_c, so clip the weights of never-seen ids (``pdl_weights(..., max_weight=)``).
+
+        ``use_fused_linear=True`` computes the loss with ``complexformer.fused_linear_pdl_loss``
+        from the final hidden states and the LM head weight, never materialising the (B, T, V)
+        logits. It needs a model whose forward takes ``logits_to_keep`` and returns
+        ``hidden_states[-1]`` as the input of a bias-free ``get_output_embeddings()`` Linear
+        (GPT-2, Llama, Mistral, Qwen2 and most decoder-only models in transformers >= 4.45) and
+        no logit scaling or soft-capping.
         """
 
-        def __init__(self, *args, pdl_weights, pdl_ignore_index=-100, **kwargs):
+        def __init__(self, *args, pdl_weights, pdl_ignore_index=-100, use_fused_linear=False, **kwargs):
             super().__init__(*args, **kwargs)
+            self.pdl_use_fused_linear = bool(use_fused_linear)
+            if self.pdl_use_fused_linear:
+                _check_fused_linear_support(self.model)
             if not isinstance(pdl_weights, torch.Tensor):
                 pdl_weights = torch.as_tensor(pdl_weights)
             if pdl_weights.dim() != 1 or pdl_weights.numel() == 0 or not pdl_weights.is_floating_point():
@@ -358,26 +392,35 @@ if _Trainer is not None:
             """
             targets = _shifted_targets(inputs, self.pdl_ignore_index)
             inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-            outputs = model(**inputs)
-            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-            if logits.shape[:-1] != targets.shape:
+            fused = self.pdl_use_fused_linear and model.training
+            if fused:
+                # Logits for one position only (unused); the loss reads the final hidden states.
+                outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+                x = outputs["hidden_states"][-1]
+            else:
+                outputs = model(**inputs)
+                x = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+            if x.shape[:-1] != targets.shape:
                 raise ValueError(
-                    f"PDLTrainer: logits {tuple(logits.shape)} do not match labels {tuple(targets.shape)}"
+                    f"PDLTrainer: model outputs {tuple(x.shape)} do not match labels {tuple(targets.shape)}"
                 )
-            w = self._weights(logits.device)
+            w = self._weights(x.device)
             kw = dict(ignore_index=self.pdl_ignore_index, label_smoothing=self.args.label_smoothing_factor)
-            targets = targets.to(logits.device)
+            targets = targets.to(x.device)
+            scale = 1
             if isinstance(num_items_in_batch, _WindowNormalizer):
-                norm = num_items_in_batch.weight_sum.to(logits.device)
+                norm = num_items_in_batch.weight_sum.to(x.device)
                 # An all-ignored window has sum 0 and every term 0: divide by 1, not 0.
                 norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-                norm = norm.to(torch.promote_types(logits.dtype, torch.float32))
-                loss = _pdl.pdl_loss(logits, targets, w, normalizer=norm, **kw) * num_items_in_batch.loss_scale
-                self.loss_is_scaled_for_ga = True
+                kw["normalizer"] = norm.to(torch.promote_types(x.dtype, torch.float32))
+                scale = num_items_in_batch.loss_scale
+            if fused:
+                head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+                loss = _pdl.fused_linear_pdl_loss(x, head.to(x.dtype), targets, w, **kw)
             else:
-                loss = _pdl.pdl_loss(logits, targets, w, **kw)
-                self.loss_is_scaled_for_ga = False
-            return (loss, outputs) if return_outputs else loss
+                loss = _pdl.pdl_loss(x, targets, w, **kw)
+            self.loss_is_scaled_for_ga = "normalizer" in kw
+            return (loss * scale, outputs) if return_outputs else loss * scale
 
 else:  # pragma: no cover
 

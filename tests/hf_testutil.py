@@ -120,6 +120,10 @@ def _standin_pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction=
     return s / normalizer
 
 
+def _standin_fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, **kw):
+    return _standin_pdl_loss(hidden @ lm_head_weight.T, targets, weights, **kw)
+
+
 def _standin_token_counts(ids, vocab_size, *, ignore_index=-100):
     ids = ids.reshape(-1)
     return torch.bincount(ids[ids != ignore_index], minlength=vocab_size).to(torch.int64)
@@ -145,4 +149,5 @@ def install_pdl_standin_if_needed():
             mod.pdl_loss = _standin_pdl_loss
             mod.token_counts = _standin_token_counts
             mod.pdl_weights = _standin_pdl_weights
+            mod.fused_linear_pdl_loss = _standin_fused_linear_pdl_loss
         return True

@@ -91,10 +91,11 @@ def test_counts_reject_bad_input(data):
 
 # ---- PDLTrainer ---------------------------------------------------------------------------------
 
-def _train(tmp_path, model, examples, weights, *, batch, accum, cls=PDLTrainer, **kw):
+def _train(tmp_path, model, examples, weights, *, batch, accum, cls=PDLTrainer, fused=False, **kw):
     model = copy.deepcopy(model)
     trainer = cls(model=model, args=training_args(tmp_path, batch=batch, accum=accum, lr=LR, **kw),
-                  train_dataset=examples, data_collator=pad_collate, pdl_weights=weights)
+                  train_dataset=examples, data_collator=pad_collate, pdl_weights=weights,
+                  use_fused_linear=fused)
     out = trainer.train()
     return model, out, trainer
 
@@ -140,6 +141,22 @@ def test_gradient_accumulation_is_exact(tmp_path, data):
     assert max_param_diff(naive, ref) > 1e-4
     tokens = hand_pdl_step(model, examples, weights, LR, normalize="tokens")
     assert max_param_diff(tokens, ref) > 1e-4
+
+
+def test_fused_linear_path_is_exact_too(tmp_path, data):
+    """use_fused_linear=True (fused_linear_pdl_loss on the final hidden states and the tied LM
+    head) takes the same step as the hand-written one, under accumulation."""
+    examples, weights = data
+    model = tiny_gpt2()
+    ref = hand_pdl_step(model, examples, weights, LR)
+    fused, out, _ = _train(tmp_path, model, examples, weights, batch=2, accum=4, fused=True)
+    assert max_param_diff(fused, ref) < 1e-12
+    assert out.training_loss == pytest.approx(_hand_loss(model, examples, weights), rel=1e-6)
+    biased = tiny_gpt2()
+    biased.lm_head = torch.nn.Linear(32, TINY_VOCAB, bias=True, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="bias-free"):
+        PDLTrainer(model=biased, args=training_args(tmp_path, batch=2, accum=1, lr=LR), train_dataset=examples,
+                   pdl_weights=weights, use_fused_linear=True)
 
 
 def test_label_smoothing_and_uneven_last_window(tmp_path, data):
