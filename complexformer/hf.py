@@ -297,6 +297,8 @@ if _Trainer is not None:
         ``average_tokens_across_devices`` says. Tensor / context / sequence parallelism are not
         supported.
 
+        Verified with transformers 5.x; 4.46 <= transformers < 5 uses the same hooks, untested.
+
         Evaluation (``evaluate``/``predict``) reports the PDL mean of each eval batch; the Trainer
         averages those per batch.
 
@@ -313,6 +315,8 @@ if _Trainer is not None:
         """
 
         def __init__(self, *args, pdl_weights, pdl_ignore_index=-100, use_fused_linear=False, **kwargs):
+            if not hasattr(_Trainer, "get_batch_samples"):
+                raise ImportError("PDLTrainer needs transformers >= 4.46 (Trainer.get_batch_samples)")
             super().__init__(*args, **kwargs)
             self.pdl_use_fused_linear = bool(use_fused_linear)
             if self.pdl_use_fused_linear:
@@ -342,6 +346,10 @@ if _Trainer is not None:
                     "PDLTrainer supports data parallelism (DDP, FSDP, DeepSpeed ZeRO); tensor, "
                     "context and sequence parallelism are not supported"
                 )
+            if not hasattr(_Trainer, "loss_is_scaled_for_ga"):
+                # transformers < 5: training_step divides by the accumulation steps unless the
+                # model "accepts loss kwargs" and num_items_in_batch is set (ours always is).
+                self.model_accepts_loss_kwargs = True
             self.pdl_weights = pdl_weights.detach().to("cpu", torch.float32).contiguous()
             self.pdl_ignore_index = int(pdl_ignore_index)
             self._pdl_weights_on = {}
@@ -366,13 +374,17 @@ if _Trainer is not None:
             return total
 
         # -- Trainer hooks -------------------------------------------------------------------
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
+        def get_batch_samples(self, epoch_iterator, num_batches, device=None):
             """Collect the accumulation window (as the Trainer does) and its global PDL weight sum.
 
             The Trainer passes the second value to training_step -> compute_loss as
             ``num_items_in_batch``; for PDL it is a weight sum, not a token count.
             """
-            batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if device is None:  # transformers < 4.49 has no device argument
+                batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches)
+                device = self.args.device
+            else:
+                batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
             if not batch_samples:
                 return batch_samples, None
             total = self.pdl_weight_sum(batch_samples, device)
