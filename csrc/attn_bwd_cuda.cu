@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(256) attn_bwd_dot_kernel(const CfAttnArgs a) {
 template <int D, int ROWS_A, int ROWS_B> struct BwdSmem {
   static constexpr int LDS = D + 8;
   static constexpr size_t tiles = (size_t)(2 * ROWS_A + 2 * ROWS_B) * LDS * 2;
-  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)(ROWS_A + 2 * ROWS_B) * 4;
+  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)2 * (ROWS_A + ROWS_B) * 4;
 };
 
 /* Per-row softmax statistics of query rows [m0, m0 + rows): lse * log2(e) (+inf where the row is

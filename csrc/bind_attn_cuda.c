@@ -9,6 +9,7 @@
 #include <Python.h>
 #include <string.h>
 #include "attn_cuda.h"
+#include "rotate_math.h"
 #include "tensor.h"
 
 #ifdef CF_WITH_CUDA
