@@ -7,11 +7,11 @@
  *  1. dot:  D_m = sum_c dO_mc O_mc, one warp per row. D is parked in dq_rot[b, h, m, 0]: dq_rot is
  *     not written before launch 3, and there every CTA reads D of its own rows (then a barrier)
  *     before it overwrites them, so no extra workspace crosses the C boundary.
- *  2. dkdv: a CTA per (key tile of 64, query head, batch), 4 warps x 16 keys. It keeps dK~ and dV of
+ *  2. dkdv: a CTA per (key tile of 128, query head, batch), 8 warps x 16 keys. It keeps dK~ and dV of
  *     its keys in registers while query tiles stream by; computing the transposed products
  *     S^T = K~ Q~^T and dP^T = V dO^T makes P^T and dS^T land directly in A-operand layout for
  *     dV += P^T dO and dK~ += dS^T Q~.
- *  3. dq: a CTA per (query tile of 64, query head, batch) streams key tiles and recomputes S, P and
+ *  3. dq: a CTA per (query tile of 128, query head, batch) streams key tiles and recomputes S, P and
  *     dP: dQ~ += dS K~ (instead of atomics from launch 2).
  * P = exp(scale * S - lse) from the forward's lse; a row with lse = -inf (no visible key) has P = 0. */
 #include "attn_cuda_tile.cuh"
@@ -261,8 +261,9 @@ template <typename T, int D>
 static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
   /* d = 128 streams 32 query rows per step in dkdv: dK~ and dV (2 x 64 fp32 per thread) stay in
    * registers next to S^T and dP^T without spilling */
-  constexpr int BK = 64, BQS = D == 64 ? 64 : 32;
-  constexpr int BQ = 64, BKS = 64;
+  /* 128 owned rows per CTA (8 warps): each streamed tile's rotation is shared by 128 rows */
+  constexpr int BK = 128, BQS = D == 64 ? 64 : 32;
+  constexpr int BQ = 128, BKS = 64;
   const unsigned H = (unsigned)a.H, B = (unsigned)a.B;
   if (a.Lq > 0) {
     const dim3 grid((unsigned)((a.Lq + 7) / 8), H, B);

@@ -176,18 +176,42 @@ __device__ __forceinline__ void store16(void *s, const uint32_t (&w)[4]) {
   *reinterpret_cast<uint4 *>(s) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-/* The key rotation, on the hot path (every CTA rotates every key tile it visits, once per query
- * head). Same math as cf_rot_fwd_f32 (rotate_math.h), but phi is reduced to [-pi, pi] and sin/cos
- * come from the hardware approximations (abs. error ~1e-6, far below the 16-bit rounding of the
- * result), which saves the precise sinf/cosf argument reduction per pair. */
-__device__ __forceinline__ void rot_key(float re, float im, float delta, float offset, float *o_re, float *o_im) {
-  const float r = sqrtf(re * re + im * im + (float)CF_EPS_R);
-  float phi = delta * atan2f(im, re) + offset;
-  phi -= 6.28318530717958647f * rintf(phi * 0.159154943091895336f);
-  float s, c;
-  __sincosf(phi, &s, &c);
-  *o_re = r * c;
-  *o_im = r * s;
+/* The Euler rotation of one pair on the hot path. Every CTA rotates every key tile it visits (once
+ * per query head) and, in the backward, every query tile, so this is the attention's main cost
+ * besides the tensor-core work. Same math as cf_rot_fwd_f32 (rotate_math.h), with cheaper parts:
+ * r = x * rsqrt(x) (x >= eps_r > 0), atan2 from a degree-6 minimax polynomial in (min/max)^2
+ * (|error| < 1e-6 rad, checked against float64 over 2M normal pairs and the signed-zero /
+ * quadrant edges), phi reduced to [-pi, pi] and sin/cos from the hardware approximations
+ * (|error| ~ 4e-7). These errors sit far below the 16-bit rounding of the rotated value, and the
+ * forward and the backward use this same function, so P recomputed in the backward matches the
+ * forward's lse. */
+__device__ __forceinline__ float fast_atan2(float y, float x) {
+  const float ax = fabsf(x), ay = fabsf(y);
+  const float mx = fmaxf(ax, ay), mn = fminf(ax, ay);
+  const float a = mx > 0.f ? __fdividef(mn, mx) : 0.f;
+  const float s = a * a;
+  float p = 0.008006897754967213f;
+  p = fmaf(p, s, -0.03744296729564667f);
+  p = fmaf(p, s, 0.08435407280921936f);
+  p = fmaf(p, s, -0.13512174785137177f);
+  p = fmaf(p, s, 0.19887320697307587f);
+  p = fmaf(p, s, -0.3332701325416565f);
+  p = fmaf(p, s, 0.9999994039535522f);
+  float r = a * p;                                   /* atan(min / max) in [0, pi/4] */
+  if (ay > ax) r = 1.57079632679489662f - r;
+  if (x < 0.f) r = 3.14159265358979324f - r;
+  return copysignf(r, y);
+}
+
+__device__ __forceinline__ void rot_fast(float re, float im, float delta, float offset, float *o_re, float *o_im) {
+  const float x = fmaf(re, re, fmaf(im, im, (float)CF_EPS_R));
+  const float r = x * rsqrtf(x);
+  float phi = fmaf(delta, fast_atan2(im, re), offset);
+  phi = fmaf(-6.28318530717958647f, rintf(phi * 0.159154943091895336f), phi);
+  float sn, cs;
+  __sincosf(phi, &sn, &cs);
+  *o_re = r * cs;
+  *o_im = r * sn;
 }
 
 /* Per-head rotation parameters of one CTA, staged once: delta_j, beta_j (queries), omega_j (double,
@@ -197,14 +221,12 @@ struct RotParams {
   const double *omega;
 };
 
+/* offset = beta_j (queries only) + cf_pos_angle(omega_j, p), as the contract defines it */
 template <bool IS_Q>
 __device__ __forceinline__ void rot_one(const RotParams &rp, int j, double p, float re, float im, float *o_re,
                                         float *o_im) {
   const float pa = (float)cf_pos_angle(rp.omega[j], p);
-  if (IS_Q)
-    cf_rot_fwd_f32(re, im, rp.delta[j], rp.beta[j] + pa, o_re, o_im);  /* once per query tile */
-  else
-    rot_key(re, im, rp.delta[j], pa, o_re, o_im);
+  rot_fast(re, im, rp.delta[j], IS_Q ? rp.beta[j] + pa : pa, o_re, o_im);
 }
 
 /* Rows [0, ROWS) of a (L, D) slice at g (row stride gs) into s[ROWS][D+8], Euler-rotated with the
@@ -279,6 +301,125 @@ __device__ __forceinline__ void stage_plain(T *s, const T *g, int64_t gs, int64_
     store16(s + r * LDS + c, w);
   }
 }
+
+/* One 16-byte chunk: a vector load when rows are aligned, else eight 2-byte loads; zeros if !ok. */
+template <typename T> __device__ __forceinline__ uint4 load_chunk(const T *g, bool ok, bool vec) {
+  if (!ok) return make_uint4(0, 0, 0, 0);
+  if (vec) return __ldg(reinterpret_cast<const uint4 *>(g));
+  return make_uint4(raw_pair(g), raw_pair(g + 2), raw_pair(g + 4), raw_pair(g + 6));
+}
+
+/* Rotate the four packed pairs of a chunk for the "half" layout: re chunk wr, im chunk wi hold
+ * pairs j0 .. j0+7; the results are packed back in place. */
+template <typename T, bool IS_Q>
+__device__ __forceinline__ void rotate_half_chunks(uint4 &wr, uint4 &wi, const RotParams &rp, int j0, double p) {
+  uint32_t r4[4] = {wr.x, wr.y, wr.z, wr.w}, i4[4] = {wi.x, wi.y, wi.z, wi.w};
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const float2 re = Ty<T>::unpack(r4[e]), im = Ty<T>::unpack(i4[e]);
+    float a0, b0, a1, b1;
+    rot_one<IS_Q>(rp, j0 + 2 * e, p, re.x, im.x, &a0, &b0);
+    rot_one<IS_Q>(rp, j0 + 2 * e + 1, p, re.y, im.y, &a1, &b1);
+    r4[e] = Ty<T>::pack(a0, a1);
+    i4[e] = Ty<T>::pack(b0, b1);
+  }
+  wr = make_uint4(r4[0], r4[1], r4[2], r4[3]);
+  wi = make_uint4(i4[0], i4[1], i4[2], i4[3]);
+}
+
+/* The same for an "interleaved" chunk: four (re, im) pairs j0 .. j0+3. */
+template <typename T, bool IS_Q>
+__device__ __forceinline__ void rotate_inter_chunk(uint4 &w, const RotParams &rp, int j0, double p) {
+  uint32_t x4[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const float2 x = Ty<T>::unpack(x4[e]);
+    float a, b;
+    rot_one<IS_Q>(rp, j0 + e, p, x.x, x.y, &a, &b);
+    x4[e] = Ty<T>::pack(a, b);
+  }
+  w = make_uint4(x4[0], x4[1], x4[2], x4[3]);
+}
+
+/* A key tile (rotated when staged) and its value tile, held raw in registers between the global
+ * loads and the staging into shared memory. The forward issues the loads of tile i+1 right after
+ * staging tile i, so their latency hides behind tile i's tensor-core work (one CTA per SM leaves
+ * no other CTA to cover it). Thread tid owns units u = tid + i * NTHR:
+ *   K, half layout:        unit = (row u / (H2/8), cols c and H2 + c), c = (u % (H2/8)) * 8
+ *   K, interleaved layout: unit = (row u / (D/8), cols c .. c+7),    c = (u % (D/8)) * 8
+ *   V:                     chunk = (row u / (D/8), cols c .. c+7)
+ * Both K mappings use NCH chunks per thread; key tid's validity is held by thread tid. */
+template <typename T, int ROWS, int D, int NTHR>
+struct KVPrefetch {
+  static constexpr int H2 = D / 2, NCH = ROWS * D / 8 / NTHR, LDS = D + 8;
+  static_assert((ROWS * D / 8) % (2 * NTHR) == 0 && ROWS <= NTHR, "tile must split evenly over the threads");
+  uint4 kc[NCH], vc[NCH];
+  int64_t kpos[NCH];
+  bool kvalid;
+
+  __device__ __forceinline__ void load(const CfAttnArgs &a, const T *kg, const T *vg, const int64_t *kp, int64_t b,
+                                       int64_t n0, int64_t nv, bool vec, int tid) {
+    if (a.layout == CF_LAYOUT_HALF) {
+#pragma unroll
+      for (int i = 0; i < NCH / 2; i++) {
+        const int u = tid + i * NTHR, r = u / (H2 / 8), c = (u % (H2 / 8)) * 8;
+        const T *row = kg + (n0 + r) * a.k_sl;
+        kc[2 * i] = load_chunk(row + c, r < nv, vec);
+        kc[2 * i + 1] = load_chunk(row + H2 + c, r < nv, vec);
+        kpos[i] = r < nv ? kp[(n0 + r) * a.kpos_sl] : 0;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < NCH; i++) {
+        const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
+        kc[i] = load_chunk(kg + (n0 + r) * a.k_sl + c, r < nv, vec);
+        kpos[i] = r < nv ? kp[(n0 + r) * a.kpos_sl] : 0;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < NCH; i++) {
+      const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
+      vc[i] = load_chunk(vg + (n0 + r) * a.v_sl + c, r < nv, vec);
+    }
+    kvalid = tid < nv && (!a.kpm || a.kpm[b * a.kpm_sb + (n0 + tid) * a.kpm_sl]);
+  }
+
+  /* Rotate K into sK, copy V into sV, key validity into s_kvalid. Rows >= nv become zeros. */
+  __device__ __forceinline__ void store(T *sK, T *sV, float *s_kvalid, const RotParams &rp, int layout, int64_t nv,
+                                        int tid) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    if (layout == CF_LAYOUT_HALF) {
+#pragma unroll
+      for (int i = 0; i < NCH / 2; i++) {
+        const int u = tid + i * NTHR, r = u / (H2 / 8), c = (u % (H2 / 8)) * 8;
+        uint4 wr = zero, wi = zero;
+        if (r < nv) {
+          wr = kc[2 * i], wi = kc[2 * i + 1];
+          rotate_half_chunks<T, false>(wr, wi, rp, c, (double)kpos[i]);
+        }
+        *reinterpret_cast<uint4 *>(sK + r * LDS + c) = wr;
+        *reinterpret_cast<uint4 *>(sK + r * LDS + H2 + c) = wi;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < NCH; i++) {
+        const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
+        uint4 w = zero;
+        if (r < nv) {
+          w = kc[i];
+          rotate_inter_chunk<T, false>(w, rp, c / 2, (double)kpos[i]);
+        }
+        *reinterpret_cast<uint4 *>(sK + r * LDS + c) = w;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < NCH; i++) {
+      const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
+      *reinterpret_cast<uint4 *>(sV + r * LDS + c) = vc[i];
+    }
+    if (tid < ROWS) s_kvalid[tid] = kvalid ? 1.f : 0.f;
+  }
+};
 
 /* Per-head parameters into shared memory (h = D/2 entries each). */
 __device__ __forceinline__ void stage_params(const CfAttnArgs &a, int64_t head, int h2, float *s_delta,

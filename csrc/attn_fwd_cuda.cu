@@ -4,7 +4,8 @@
  * A CTA owns BR = 128 query rows of one (batch, query head); each of its 8 warps owns 16 rows.
  * The Q tile is rotated once (with beta) into shared memory. Key tiles of BC = 64 rows stream
  * through shared memory, rotated per query head on the fly (GQA never builds a per-query-head copy
- * of K), V tiles are copied. Per key tile: S = Q~ K~^T on tensor cores, the online softmax in
+ * of K), V tiles are copied; the next tile's K/V loads are issued into registers before the current
+ * tile's tensor-core work (KVPrefetch). Per key tile: S = Q~ K~^T on tensor cores, the online softmax in
  * fp32 registers (scores pre-scaled by scale * log2(e), exp2), then O += P V with P kept in
  * registers. Causal CTAs stop at their last visible key tile. The log-sum-exp (natural log) is
  * saved for the backward; a row that sees no key writes out = 0, lse = -inf. */
@@ -58,14 +59,15 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a)
   for (int i = 0; i < NTO; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
 
+  KVPrefetch<T, BC, D, NTHR> pf;
+  if (k_lo < k_end) pf.load(a, kg, vg, kp, b, k_lo, imin64(BC, k_hi - k_lo), vec, tid);
   for (int64_t n0 = k_lo; n0 < k_end; n0 += BC) {
     const int64_t nv = imin64(BC, k_hi - n0);
     __syncthreads(); /* the previous tile's sK/sV reads are done (and sQ is published) */
-    stage_rotated<T, BC, D, false>(sK, kg + n0 * a.k_sl, a.k_sl, nv, kp + n0 * a.kpos_sl, a.kpos_sl, rp, a.layout,
-                                   vec, tid, NTHR);
-    stage_plain<T, BC, D>(sV, vg + n0 * a.v_sl, a.v_sl, nv, vec, tid, NTHR);
-    stage_key_valid(a, b, n0, nv, BC, s_kvalid, tid, NTHR);
+    pf.store(sK, sV, s_kvalid, rp, a.layout, nv, tid);
     __syncthreads();
+    /* the next tile's loads fly while this tile's tensor-core work runs */
+    if (n0 + BC < k_end) pf.load(a, kg, vg, kp, b, n0 + BC, imin64(BC, k_hi - n0 - BC), vec, tid);
 
     float s[NTS][4];
 #pragma unroll
