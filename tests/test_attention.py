@@ -228,7 +228,7 @@ def fa_rule(backend, ts64, kw, floor=2e-6):
     use_kpm=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=12)
+@settings(max_examples=12, deadline=None)
 def test_hypothesis_float32_fa_rule(backend, L, Lk_extra, d, heads, B, causal, layout, use_kpm, seed):
     need(backend)
     H, Hkv = heads
