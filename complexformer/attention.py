@@ -143,6 +143,8 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
         p.custom_pos = True
         p.q_pos = _as_positions("positions[0] (query positions)", positions[0], B, Lq, dev)
         p.k_pos = _as_positions("positions[1] (key positions)", positions[1], B, Lk, dev)
+        if p.q_pos.shape[0] != p.k_pos.shape[0]:  # kernels take both per batch or both shared
+            p.q_pos, p.k_pos = p.q_pos.expand(B, Lq).contiguous(), p.k_pos.expand(B, Lk).contiguous()
     return p
 
 
@@ -259,9 +261,15 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p):
 # "fused": registered ops around _C.attn_fwd_* / _C.attn_bwd_*.
 # --------------------------------------------------------------------------------------------
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
-_FUSED_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FUSED_CPU_MAX_D = 256
-_FUSED_CUDA_HEAD_DIMS = (64, 128)  # d == dv in this set (CMHA_CONTRACT); others raise in the kernel
+
+
+def _fused_cuda_supported(dtype, d, dv):
+    """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
+    name = str(dtype).replace("torch.", "")
+    if hasattr(_C, "attn_cuda_supported"):
+        return bool(_C.attn_cuda_supported(name, d, dv))
+    return name in ("float16", "bfloat16") and d == dv and d in (64, 128)
 
 
 def _acc_dtype(dtype):
@@ -278,12 +286,11 @@ def _fused_unsupported(q, p):
     if not _has_fused(dev):
         return f"no fused {dev.upper()} attention kernel in this build of complexformer._C"
     if dev == "cuda":
-        _ext.require_cuda_kernels("cmha_attention(backend='fused')", q)
-        if q.dtype not in _FUSED_CUDA_DTYPES:
-            return f"q: dtype {q.dtype} not supported by the fused CUDA kernel (float16, bfloat16, float32)"
-        if p.d != p.dv or p.d not in _FUSED_CUDA_HEAD_DIMS:
-            return (f"q, v: head dims d={p.d}, dv={p.dv} not supported by the fused CUDA kernel "
-                    f"(d == dv in {_FUSED_CUDA_HEAD_DIMS})")
+        if not _ext.HAS_CUDA_KERNELS:
+            return "complexformer was built without CUDA kernels (no nvcc at build time)"
+        if not _fused_cuda_supported(q.dtype, p.d, p.dv):
+            return (f"dtype {str(q.dtype).replace('torch.', '')} with head dims d={p.d}, dv={p.dv} is not supported "
+                    "by the fused CUDA kernel (float16/bfloat16, d == dv in {64, 128})")
         return None
     if q.dtype not in _FUSED_CPU_DTYPES:
         return f"q: dtype {q.dtype} not supported by the fused CPU kernel (float32, float64)"
