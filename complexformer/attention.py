@@ -364,12 +364,21 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.args = (causal, scale, q_offset, layout)
 
 
-def _fused_backward(ctx, dout, dlse):
+def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
+    """(dx, ddelta, dbeta | None, dfreqs | None) through the rotation helper's registered backward
+    op (traceable by torch.compile), or its Python function where no op is registered."""
+    op = getattr(torch.ops.complexformer, "euler_rotate_backward", None)
+    if op is not None:
+        dx, dd, db, df = op(x, grad, delta, beta, freqs, pos, layout, need_freqs)
+        return dx, dd, (db if beta is not None else None), (df if need_freqs else None)
     from .rotate import _rotate_backward
 
+    return _rotate_backward(x, grad, delta, beta, freqs, pos, layout=layout, need_freqs_grad=need_freqs)
+
+
+def _fused_backward(ctx, dout, dlse):
     q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse = ctx.saved_tensors
     causal, scale, q_offset, layout = ctx.args
-    lay = "half" if layout == 0 else "interleaved"
     dq_rot, dk_rot, dv_full = _cmha_fused_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out,
                                               dout.contiguous(), lse, causal, scale, q_offset, layout)
     B, H, Lk, dv = dv_full.shape
@@ -377,10 +386,8 @@ def _fused_backward(ctx, dout, dlse):
     # fixed-order sum over the G query heads of each kv head (deterministic)
     dvv = dv_full.view(B, Hkv, H // Hkv, Lk, dv).sum(2).to(v.dtype)
     need_freqs = ctx.needs_input_grad[5]
-    dq, ddq, dbeta, dfq = _rotate_backward(q, dq_rot, delta, beta, freqs, q_pos, layout=lay,
-                                           need_freqs_grad=need_freqs)
-    dk, ddk, _, dfk = _rotate_backward(k, dk_rot, delta, None, freqs, k_pos, layout=lay,
-                                       need_freqs_grad=need_freqs)
+    dq, ddq, dbeta, dfq = _rotate_bwd(q, dq_rot, delta, beta, freqs, q_pos, layout, need_freqs)
+    dk, ddk, _, dfk = _rotate_bwd(k, dk_rot, delta, None, freqs, k_pos, layout, need_freqs)
     dfreqs = dfq + dfk if need_freqs else None
     return dq, dk, dvv, ddq + ddk, dbeta, dfreqs, None, None, None, None, None, None, None, None
 
@@ -399,30 +406,29 @@ def _attention_fused(q, k, v, delta, beta, freqs, p):
 # --------------------------------------------------------------------------------------------
 # "auto": THE place to adjust backend choice.
 # --------------------------------------------------------------------------------------------
-# CPU rule (measured, see benchmarks in the report / README): the fused kernel when it serves the
-# case, else sdpa when the rotation kernel serves the dtype, else reference.
-# CUDA rule: sdpa until the lead's GPU measurements say the fused kernel wins; flip
-# _AUTO_FUSED_ON_CUDA to True (and narrow by shape here) once measured.
+# CPU: the fused kernel whenever it serves the case (float32/float64, d, dv <= 256): measured
+#   faster than rotate + SDPA for causal fwd+bwd at every length tried (numbers in
+#   benchmarks/cmha_backends.py's output, quoted in README); else sdpa, else reference.
+# CUDA: sdpa by default (torch's flash kernel), until the GPU measurements say the fused kernel wins
+#   (then set _AUTO_FUSED_ON_CUDA = True, or narrow by shape in _auto_backend). With a key padding
+#   mask or cu_seqlens the fused kernel is taken whenever it serves the case: SDPA would then need
+#   a dense (B, 1, Lq, Lk) boolean mask and lose its flash path.
 _AUTO_FUSED_ON_CPU = True
 _AUTO_FUSED_ON_CUDA = False
-_SDPA_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _sdpa_unsupported(q, p):
-    try:
-        from .rotate import euler_rotate  # noqa: F401
-    except ImportError:
-        return "the rotation kernel (complexformer.rotate) is unavailable"
     if not hasattr(_C, "rotate_fwd"):
         return "no rotation kernel in this build of complexformer._C"
-    if q.dtype not in _SDPA_DTYPES[q.device.type]:
-        return f"q: dtype {q.dtype} not supported by the sdpa backend on {q.device.type}"
     return None
 
 
 def _auto_backend(q, p):
-    use_fused = _AUTO_FUSED_ON_CUDA if q.device.type == "cuda" else _AUTO_FUSED_ON_CPU
+    """The backend "auto" runs for this (validated) case."""
+    if q.device.type == "cuda":
+        use_fused = _AUTO_FUSED_ON_CUDA or p.kpm is not None or p.cu is not None
+    else:
+        use_fused = _AUTO_FUSED_ON_CPU
     if use_fused and _fused_unsupported(q, p) is None:
         return "fused"
     if _sdpa_unsupported(q, p) is None:
