@@ -78,8 +78,8 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
         raise TypeError(f"k, v: must have the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
     B, H, Lq, d = q.shape
     Bk, Hkv, Lk, dk = k.shape
-    if d % 2:
-        raise ValueError(f"q: head dim d must be even (pairs of re/im parts), got d={d}")
+    if d == 0 or d % 2:
+        raise ValueError(f"q: head dim d must be a positive even number (pairs of re/im parts), got d={d}")
     if dk != d:
         raise ValueError(f"k: head dim {dk} does not match q's head dim {d}")
     if Bk != B or v.shape[0] != B:
@@ -218,10 +218,6 @@ def _attention_reference(q, k, v, delta, beta, freqs, p):
 # --------------------------------------------------------------------------------------------
 # "sdpa": rotation kernel + torch SDPA.
 # --------------------------------------------------------------------------------------------
-def _pos_arg(pos):
-    return pos[0] if pos.shape[0] == 1 else pos
-
-
 def _sdpa_mask(p, device):
     """(attn_mask, is_causal, row_ok) for F.scaled_dot_product_attention.
 
@@ -243,12 +239,11 @@ def _sdpa_mask(p, device):
 
 
 def _attention_sdpa(q, k, v, delta, beta, freqs, p):
-    from .rotate import euler_rotate
+    from .rotate import euler_rotate_qk
 
     G = p.H // p.Hkv
-    qr = euler_rotate(q, delta, beta, freqs, positions=_pos_arg(p.q_pos), is_query=True, layout=p.layout)
-    # keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
-    kr = euler_rotate(k, delta, beta, freqs, positions=_pos_arg(p.k_pos), is_query=False, layout=p.layout)
+    # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
+    qr, kr = euler_rotate_qk(q, k, delta, beta, freqs, q_positions=p.q_pos, k_positions=p.k_pos, layout=p.layout)
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     mask, is_causal, row_ok = _sdpa_mask(p, q.device)
     out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
