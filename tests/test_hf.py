@@ -182,6 +182,30 @@ def test_label_smoothing_and_uneven_last_window(tmp_path, data):
     assert out.training_loss == pytest.approx(loss.item(), rel=1e-6)  # the Trainer sums logged losses in float32
 
 
+def test_shift_labels_from_the_collator_and_empty_window(tmp_path, data):
+    """A collator that emits already-shifted ``shift_labels`` (padding-free style) gives the same
+    step; a window whose targets are all ignored trains on loss 0 (no NaN, no update)."""
+    examples, weights = data
+    model = tiny_gpt2()
+
+    def shifted_collate(features):
+        b = pad_collate(features)
+        labels = b.pop("labels")
+        b["shift_labels"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        return b
+
+    trained = copy.deepcopy(model)
+    trainer = PDLTrainer(model=trained, args=training_args(tmp_path, batch=4, accum=2, lr=LR),
+                         train_dataset=examples, data_collator=shifted_collate, pdl_weights=weights)
+    trainer.train()
+    assert max_param_diff(trained, hand_pdl_step(model, examples, weights, LR)) < 1e-12
+
+    masked = [{"input_ids": ex["input_ids"], "labels": [-100] * len(ex["labels"])} for ex in examples]
+    still, out, _ = _train(tmp_path, model, masked, weights, batch=2, accum=4)
+    assert out.training_loss == 0.0
+    assert max_param_diff(still, model) == 0.0
+
+
 def test_evaluate_reports_pdl_mean(tmp_path, data):
     examples, weights = data
     model = tiny_gpt2()
