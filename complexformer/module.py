@@ -209,9 +209,11 @@ class CMHA(nn.Module):
             kpm = self._check_mask(key_padding_mask, B, Lk, x.device)
 
         extra = {} if positions is None else {"positions": positions}
+        # q_offset = past_len puts the new queries bottom-right (after the cached keys); None
+        # without a cache (the default, and the only value cu_seqlens accepts).
         out = cmha_attention(q, k, v, self.delta, self.beta, self.freqs, causal=self.causal, scale=self.scale,
-                             q_offset=past_len if past_len else None, key_padding_mask=kpm, cu_seqlens=cu_seqlens, layout=self.layout,
-                             backend=self.backend, **extra)
+                             q_offset=past_len if past_len else None, key_padding_mask=kpm,
+                             cu_seqlens=cu_seqlens, layout=self.layout, backend=self.backend, **extra)
         out = self.o_proj(out.transpose(1, 2).reshape(B, L, H * d))
         if use_cache:
             return out, CMHACache(k, v, k_pos)
