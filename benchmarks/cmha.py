@@ -140,18 +140,25 @@ def run_case(case):
     """Time and measure one (size, path) in this process; returns a dict."""
     dev, dtype = torch.device(case["device"]), getattr(torch, case["dtype"])
     B, L, H, Hkv, d = case["B"], case["L"], case["H"], case["Hkv"], case["d"]
-    q, k, v, dout, delta, beta, freqs = make_inputs(B, L, H, Hkv, d, dev, dtype)
-    tables = rope_tables(L, d, dev, dtype)
     fn, has_params = make_path(case["path"])
-    leaves = [q, k, v] + ([delta, beta] if has_params else [])
-    for t in leaves:
-        t.requires_grad_(True)
 
-    def step():
-        out = fn(q, k, v, delta, beta, freqs, tables)
-        torch.autograd.grad(out, leaves, dout)
+    def make_step(L):
+        q, k, v, dout, delta, beta, freqs = make_inputs(B, L, H, Hkv, d, dev, dtype)
+        tables = rope_tables(L, d, dev, dtype)
+        leaves = [q, k, v] + ([delta, beta] if has_params else [])
+        for t in leaves:
+            t.requires_grad_(True)
 
-    step()  # first call: lazy init, allocator warm-up (not measured)
+        def step():
+            out = fn(q, k, v, delta, beta, freqs, tables)
+            torch.autograd.grad(out, leaves, dout)
+
+        return step
+
+    # Warm up (lazy init, thread pools, kernels) on a short sequence: a full-size warm-up would
+    # double the cost of the slow cases, whose first full-size run is timed below.
+    make_step(min(L, 256))()
+    step = make_step(L)
     t0 = time.perf_counter()
     peak = peak_bytes(step, device=dev)  # also the first timed run (slow paths may get no other)
     first_ms = (time.perf_counter() - t0) * 1e3
