@@ -325,8 +325,7 @@ def test_non_contiguous_inputs():
 def test_auto_rule_cpu():
     ts = make(dtype=torch.float32)
     p = A._validate(*ts, True, None, None, None, None, "half", "auto", None)
-    expect = "fused" if HAS["fused"] else ("sdpa" if HAS["sdpa"] else "reference")
-    assert A._auto_backend(ts[0], p) == expect
+    assert A._auto_backend(ts[0], p) == ("fused" if A._AUTO_FUSED_ON_CPU else "sdpa")
     torch.testing.assert_close(cmha_attention(*ts), cmha_attention(*ts, backend="reference"), atol=1e-5, rtol=1e-5)
 
 
