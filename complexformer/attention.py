@@ -78,8 +78,8 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
         raise TypeError(f"k, v: must have the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
     B, H, Lq, d = q.shape
     Bk, Hkv, Lk, dk = k.shape
-    if d % 2:
-        raise ValueError(f"q: head dim d must be even (pairs of re/im parts), got d={d}")
+    if d == 0 or d % 2:
+        raise ValueError(f"q: head dim d must be a positive even number (pairs of re/im parts), got d={d}")
     if dk != d:
         raise ValueError(f"k: head dim {dk} does not match q's head dim {d}")
     if Bk != B or v.shape[0] != B:
@@ -143,6 +143,8 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
         p.custom_pos = True
         p.q_pos = _as_positions("positions[0] (query positions)", positions[0], B, Lq, dev)
         p.k_pos = _as_positions("positions[1] (key positions)", positions[1], B, Lk, dev)
+        if p.q_pos.shape[0] != p.k_pos.shape[0]:  # kernels take both per batch or both shared
+            p.q_pos, p.k_pos = p.q_pos.expand(B, Lq).contiguous(), p.k_pos.expand(B, Lk).contiguous()
     return p
 
 
@@ -216,10 +218,6 @@ def _attention_reference(q, k, v, delta, beta, freqs, p):
 # --------------------------------------------------------------------------------------------
 # "sdpa": rotation kernel + torch SDPA.
 # --------------------------------------------------------------------------------------------
-def _pos_arg(pos):
-    return pos[0] if pos.shape[0] == 1 else pos
-
-
 def _sdpa_mask(p, device):
     """(attn_mask, is_causal, row_ok) for F.scaled_dot_product_attention.
 
@@ -241,12 +239,11 @@ def _sdpa_mask(p, device):
 
 
 def _attention_sdpa(q, k, v, delta, beta, freqs, p):
-    from .rotate import euler_rotate
+    from .rotate import euler_rotate_qk
 
     G = p.H // p.Hkv
-    qr = euler_rotate(q, delta, beta, freqs, positions=_pos_arg(p.q_pos), is_query=True, layout=p.layout)
-    # keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
-    kr = euler_rotate(k, delta, beta, freqs, positions=_pos_arg(p.k_pos), is_query=False, layout=p.layout)
+    # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
+    qr, kr = euler_rotate_qk(q, k, delta, beta, freqs, q_positions=p.q_pos, k_positions=p.k_pos, layout=p.layout)
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     mask, is_causal, row_ok = _sdpa_mask(p, q.device)
     out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
@@ -259,9 +256,15 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p):
 # "fused": registered ops around _C.attn_fwd_* / _C.attn_bwd_*.
 # --------------------------------------------------------------------------------------------
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
-_FUSED_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FUSED_CPU_MAX_D = 256
-_FUSED_CUDA_HEAD_DIMS = (64, 128)  # d == dv in this set (CMHA_CONTRACT); others raise in the kernel
+
+
+def _fused_cuda_supported(dtype, d, dv):
+    """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
+    name = str(dtype).replace("torch.", "")
+    if hasattr(_C, "attn_cuda_supported"):
+        return bool(_C.attn_cuda_supported(name, d, dv))
+    return name in ("float16", "bfloat16") and d == dv and d in (64, 128)
 
 
 def _acc_dtype(dtype):
@@ -278,12 +281,11 @@ def _fused_unsupported(q, p):
     if not _has_fused(dev):
         return f"no fused {dev.upper()} attention kernel in this build of complexformer._C"
     if dev == "cuda":
-        _ext.require_cuda_kernels("cmha_attention(backend='fused')", q)
-        if q.dtype not in _FUSED_CUDA_DTYPES:
-            return f"q: dtype {q.dtype} not supported by the fused CUDA kernel (float16, bfloat16, float32)"
-        if p.d != p.dv or p.d not in _FUSED_CUDA_HEAD_DIMS:
-            return (f"q, v: head dims d={p.d}, dv={p.dv} not supported by the fused CUDA kernel "
-                    f"(d == dv in {_FUSED_CUDA_HEAD_DIMS})")
+        if not _ext.HAS_CUDA_KERNELS:
+            return "complexformer was built without CUDA kernels (no nvcc at build time)"
+        if not _fused_cuda_supported(q.dtype, p.d, p.dv):
+            return (f"dtype {str(q.dtype).replace('torch.', '')} with head dims d={p.d}, dv={p.dv} is not supported "
+                    "by the fused CUDA kernel (float16/bfloat16, d == dv in {64, 128})")
         return None
     if q.dtype not in _FUSED_CPU_DTYPES:
         return f"q: dtype {q.dtype} not supported by the fused CPU kernel (float32, float64)"
@@ -357,12 +359,21 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.args = (causal, scale, q_offset, layout)
 
 
-def _fused_backward(ctx, dout, dlse):
+def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
+    """(dx, ddelta, dbeta | None, dfreqs | None) through the rotation helper's registered backward
+    op (traceable by torch.compile), or its Python function where no op is registered."""
+    op = getattr(torch.ops.complexformer, "euler_rotate_backward", None)
+    if op is not None:
+        dx, dd, db, df = op(x, grad, delta, beta, freqs, pos, layout, need_freqs)
+        return dx, dd, (db if beta is not None else None), (df if need_freqs else None)
     from .rotate import _rotate_backward
 
+    return _rotate_backward(x, grad, delta, beta, freqs, pos, layout=layout, need_freqs_grad=need_freqs)
+
+
+def _fused_backward(ctx, dout, dlse):
     q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse = ctx.saved_tensors
     causal, scale, q_offset, layout = ctx.args
-    lay = "half" if layout == 0 else "interleaved"
     dq_rot, dk_rot, dv_full = _cmha_fused_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out,
                                               dout.contiguous(), lse, causal, scale, q_offset, layout)
     B, H, Lk, dv = dv_full.shape
@@ -370,10 +381,8 @@ def _fused_backward(ctx, dout, dlse):
     # fixed-order sum over the G query heads of each kv head (deterministic)
     dvv = dv_full.view(B, Hkv, H // Hkv, Lk, dv).sum(2).to(v.dtype)
     need_freqs = ctx.needs_input_grad[5]
-    dq, ddq, dbeta, dfq = _rotate_backward(q, dq_rot, delta, beta, freqs, q_pos, layout=lay,
-                                           need_freqs_grad=need_freqs)
-    dk, ddk, _, dfk = _rotate_backward(k, dk_rot, delta, None, freqs, k_pos, layout=lay,
-                                       need_freqs_grad=need_freqs)
+    dq, ddq, dbeta, dfq = _rotate_bwd(q, dq_rot, delta, beta, freqs, q_pos, layout, need_freqs)
+    dk, ddk, _, dfk = _rotate_bwd(k, dk_rot, delta, None, freqs, k_pos, layout, need_freqs)
     dfreqs = dfq + dfk if need_freqs else None
     return dq, dk, dvv, ddq + ddk, dbeta, dfreqs, None, None, None, None, None, None, None, None
 
@@ -392,30 +401,33 @@ def _attention_fused(q, k, v, delta, beta, freqs, p):
 # --------------------------------------------------------------------------------------------
 # "auto": THE place to adjust backend choice.
 # --------------------------------------------------------------------------------------------
-# CPU rule (measured, see benchmarks in the report / README): the fused kernel when it serves the
-# case, else sdpa when the rotation kernel serves the dtype, else reference.
-# CUDA rule: sdpa until the lead's GPU measurements say the fused kernel wins; flip
-# _AUTO_FUSED_ON_CUDA to True (and narrow by shape here) once measured.
-_AUTO_FUSED_ON_CPU = True
+# CPU: sdpa. Measured (benchmarks/cmha_backends.py, 1 thread, float32, B=1, H=8, d=64, causal,
+#   fwd+bwd, ms fused / sdpa): L=128 80 / 39, L=512 602 / 195, L=1024 1228 / 268, L=2048 4749 / 948;
+#   fwd only L=1024 223 / 78; GQA Hkv=1 L=1024 1253 / 317; key padding mask L=1024 1577 / 519;
+#   cu_seqlens (4 seqs, T=1024) 794 / 502; float64 L=128 26 / 34, L=1024 1000 / 612. torch's CPU
+#   flash SDPA wins everywhere but tiny float64 cases, so the fused CPU kernel is opt-in
+#   (backend="fused": it never materialises expanded K/V or a dense mask, lowest memory).
+#   Set _AUTO_FUSED_ON_CPU = True if a faster CPU kernel lands.
+# CUDA: sdpa by default (torch's flash kernel), until the GPU measurements say the fused kernel wins
+#   (then set _AUTO_FUSED_ON_CUDA = True, or narrow by shape in _auto_backend). With a key padding
+#   mask or cu_seqlens the fused kernel is taken whenever it serves the case: SDPA would then need
+#   a dense (B, 1, Lq, Lk) boolean mask and lose its flash path.
+_AUTO_FUSED_ON_CPU = False
 _AUTO_FUSED_ON_CUDA = False
-_SDPA_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _sdpa_unsupported(q, p):
-    try:
-        from .rotate import euler_rotate  # noqa: F401
-    except ImportError:
-        return "the rotation kernel (complexformer.rotate) is unavailable"
     if not hasattr(_C, "rotate_fwd"):
         return "no rotation kernel in this build of complexformer._C"
-    if q.dtype not in _SDPA_DTYPES[q.device.type]:
-        return f"q: dtype {q.dtype} not supported by the sdpa backend on {q.device.type}"
     return None
 
 
 def _auto_backend(q, p):
-    use_fused = _AUTO_FUSED_ON_CUDA if q.device.type == "cuda" else _AUTO_FUSED_ON_CPU
+    """The backend "auto" runs for this (validated) case."""
+    if q.device.type == "cuda":
+        use_fused = _AUTO_FUSED_ON_CUDA or p.kpm is not None or p.cu is not None
+    else:
+        use_fused = _AUTO_FUSED_ON_CPU
     if use_fused and _fused_unsupported(q, p) is None:
         return "fused"
     if _sdpa_unsupported(q, p) is None:
@@ -446,10 +458,11 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
             needs B == 1 and Lq == Lk, excludes q_offset. No attention across sequences; positions
             restart at 0 in each sequence.
         layout: "half" (re = x[:d/2], im = x[d/2:], the authors' layout) or "interleaved".
-        backend: "auto", "fused", "sdpa" or "reference" (see the module docstring). "auto" picks,
-            in order: "fused" where the fused kernel serves the case and is the faster path (CPU:
-            float32/float64, d, dv <= 256; CUDA: currently off, pending GPU measurements); "sdpa"
-            where the rotation kernel serves the dtype; else "reference".
+        backend: "auto", "fused", "sdpa" or "reference" (see the module docstring). "auto": on
+            CPU "sdpa" (measured faster than the fused CPU kernel, numbers at _auto_backend); on
+            CUDA "fused" when the fused kernel serves the case (float16/bfloat16, d == dv in
+            {64, 128}) and a key padding mask or cu_seqlens is given, else "sdpa". "fused"
+            raises a RuntimeError for a case its kernel cannot serve.
         positions: optional (q_positions, k_positions), each (L,) or (B, L) integer tensors, the
             absolute positions used by the rotation (e.g. a module's position_ids and KV-cache key
             positions). Masks stay index-based (causal by index with q_offset, padding,
