@@ -113,8 +113,10 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
             raise ValueError(f"cu_seqlens: packed sequences need B == 1 and Lq == Lk, got B={B}, Lq={Lq}, Lk={Lk}")
         if cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens: expected (num_seqs + 1,) boundaries, at least 2 entries")
-        # Data-dependent checks (a host sync): skipped while torch.compile traces.
-        if not torch.compiler.is_compiling():
+        # Data-dependent checks (a host sync): skipped while torch.compile traces or a CUDA graph
+        # is being captured (the kernels then treat out-of-range boundaries as empty sequences).
+        capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing:
             cu = cu_seqlens.cpu()
             if int(cu[0]) != 0 or int(cu[-1]) != Lq:
                 raise ValueError(f"cu_seqlens: must start at 0 and end at the total length {Lq}, got {cu[0]}..{cu[-1]}")
@@ -498,7 +500,8 @@ def _selfcheck_backend(backend):
 
         g = torch.Generator().manual_seed(0)
         B, H, Hkv, Lq, Lk, d = 2, 4, 2, 5, 9, 64
-        dtype = torch.float32
+        # float32 on CPU; float16 on CUDA (the fused CUDA kernel is tensor-core only): tol 5e-3
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         q = torch.randn(B, H, Lq, d, generator=g)
         k = torch.randn(B, Hkv, Lk, d, generator=g)
         v = torch.randn(B, Hkv, Lk, d, generator=g)
@@ -507,7 +510,8 @@ def _selfcheck_backend(backend):
         freqs = default_freqs(d)
         kpm = torch.rand(B, Lk, generator=g) > 0.2
         ref, _ = cmha_attention_pairwise(q, k, v, delta, beta, freqs, key_padding_mask=kpm)
-        args = [t.to(device=device, dtype=dtype) for t in (q, k, v, delta, beta, freqs)]
+        args = [t.to(device=device, dtype=dtype if i < 3 else torch.float32)
+                for i, t in enumerate((q, k, v, delta, beta, freqs))]
         out = cmha_attention(*args, key_padding_mask=kpm.to(device), backend=backend)
         return (out.double().cpu() - ref).abs().max().item()
 
@@ -517,4 +521,4 @@ def _selfcheck_backend(backend):
 # sdpa / fused are checked when this build has their kernels (a build without them still passes).
 for _b in ["reference", "auto"] + (["sdpa"] if hasattr(_C, "rotate_fwd") else []) + (
         ["fused"] if _has_fused("cpu") else []):
-    selfcheck(f"cmha_attention[{_b}]", 1e-4)(_selfcheck_backend(_b))
+    selfcheck(f"cmha_attention[{_b}]", 5e-3)(_selfcheck_backend(_b))
