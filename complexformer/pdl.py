@@ -218,6 +218,25 @@ def _(grad, grad_output):
     return None
 
 
+def _tracing(t):
+    """True while torch.compile / AOTAutograd / opcheck trace the backward with fake tensors."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+def _scale(grad, grad_output):
+    """grad * grad_output for the backward. Eager: in place (skipped on the device when
+    grad_output == 1). Traced: out of place, since the traced graph may keep the forward's
+    gradient output alive and a backward-time mutation of a forward output is not allowed
+    (inductor fuses the multiply)."""
+    if _tracing(grad):
+        g = grad_output.to(grad.dtype)
+        return grad * (g.reshape(*grad.shape[:-1], 1) if g.numel() != 1 else g.reshape(()))
+    _pdl_scale_(grad, grad_output)
+    return grad
+
+
 def _pdl_loss_setup(ctx, inputs, output):
     logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing = inputs
     loss, grad = output
@@ -236,8 +255,7 @@ def _pdl_loss_backward(ctx, grad_loss, _grad_grad):
     if grad is None:
         logits, targets, weights, normalizer = ctx.saved_tensors
         _, grad = _pdl_loss_fwd(logits.detach(), targets, weights, normalizer, *ctx.args)
-    _pdl_scale_(grad, grad_loss)
-    return grad, None, None, None, None, None, None
+    return _scale(grad, grad_loss), None, None, None, None, None, None
 
 
 _pdl_loss_fwd.register_autograd(_pdl_loss_backward, setup_context=_pdl_loss_setup)
@@ -474,9 +492,7 @@ def _fused_backward(ctx, grad_loss, _gh, _gw):
             return gh, gw, None, None, None, None, None, None, None, None, None
     else:
         gh, gw = grads
-    _pdl_scale_(gh, grad_loss)
-    _pdl_scale_(gw, grad_loss)
-    return gh, gw, None, None, None, None, None, None, None, None, None
+    return _scale(gh, grad_loss), _scale(gw, grad_loss), None, None, None, None, None, None, None, None, None
 
 
 _fused_linear_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
