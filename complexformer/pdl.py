@@ -241,6 +241,7 @@ def _pdl_loss_setup(ctx, inputs, output):
     logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing = inputs
     loss, grad = output
     ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # else autograd makes an N x V zeros "gradient" for `grad`
     ctx.save_for_backward(logits, targets, weights, normalizer)
     ctx.args = (ignore_index, reduction, label_smoothing)
     # The gradient buffer rides on ctx (not save_for_backward): backward scales it in place and
@@ -473,6 +474,7 @@ def _fused_setup(ctx, inputs, output):
     hidden, weight, targets, weights, normalizer, ignore_index, reduction, ls, chunk, row_scale, need_grad = inputs
     _, gh, gw = output
     ctx.mark_non_differentiable(gh, gw)
+    ctx.set_materialize_grads(False)
     ctx.args = (ignore_index, reduction, ls, chunk)
     ctx.save_for_backward(hidden, weight, targets, weights, normalizer)
     ctx.grads = (gh, gw) if need_grad else None
