@@ -253,6 +253,8 @@ def _pdl_loss_setup(ctx, inputs, output):
 def _pdl_loss_backward(ctx, grad_loss, _grad_grad):
     grad = ctx.grad
     ctx.grad = None
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return None, None, None, None, None, None, None
     if grad is None:
         logits, targets, weights, normalizer = ctx.saved_tensors
         _, grad = _pdl_loss_fwd(logits.detach(), targets, weights, normalizer, *ctx.args)
@@ -484,6 +486,8 @@ def _fused_backward(ctx, grad_loss, _gh, _gw):
     ignore_index, reduction, ls, chunk = ctx.args
     grads = ctx.grads
     ctx.grads = None
+    if grad_loss is None:
+        return (None,) * 11
     if grads is None or reduction == _NONE:
         # reduction "none" (per-row grad_output) or a second backward: recompute, chunk by chunk
         hidden, weight, targets, weights, normalizer = ctx.saved_tensors
