@@ -1,100 +1,121 @@
-"""Small helpers shared by the benchmarks: timing, peak memory, a text table.
+"""Shared benchmark helpers: wall-clock timing, peak memory, markdown tables.
 
-Timing: ``time_fn`` runs ``fn`` ``warmup`` times, then ``reps`` timed runs, and returns the
-median in seconds (CUDA: each run is bracketed by CUDA events on the current stream, so only
-device time between the two events is counted; CPU: wall-clock perf_counter).
+Timing: median of ``reps`` runs after ``warmup`` runs; CUDA runs are timed with events on the
+current stream, CPU runs with perf_counter.
 
-Peak memory: ``peak_memory`` returns the bytes ``fn`` allocates *above* what is live when it
-starts (inputs excluded), at its peak:
-  * CUDA: torch's caching-allocator statistics (max_memory_allocated - memory_allocated).
-  * CPU: torch has no CPU allocator statistics, and tracemalloc cannot see torch's allocations,
-    so this is the process's resident-set high-water mark: the kernel's VmHWM is reset by
-    writing "5" to /proc/self/clear_refs, ``fn`` runs, and VmHWM - VmRSS(before) is reported.
-    Large tensors (> 32 MB) are mmap'ed and unmapped by glibc on free, so each benchmark buffer
-    is counted; small allocations recycled from the heap may be missed (an underestimate by at
-    most a few MB). Where /proc/self/clear_refs is not writable, None is returned.
+Peak memory ("extra peak"): the most memory held at any point while ``fn`` runs, minus what was
+held just before it (so inputs that already exist are not counted; outputs and gradients are).
+CUDA: torch.cuda.max_memory_allocated (the caching allocator's own count). CPU: the process's
+resident-set high-water mark (VmHWM in /proc/self/status), reset to the current RSS first through
+/proc/self/clear_refs; run each CPU case in a fresh process (``run_worker``) so that one case's
+allocator caches and imports do not hide another's peak.
 """
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 
-def _sync(device):
+def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, warmup=3, reps=10, device="cpu"):
-    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
-    device = torch.device(device)
+def time_ms(fn, *, device, reps=10, warmup=2, max_seconds=None):
+    """Median milliseconds of fn() over ``reps`` runs. ``max_seconds`` caps the total: slow cases
+    get fewer repetitions (at least one), so a run stays bounded on slow machines."""
+    dev = torch.device(device)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(dev)
+    first = (time.perf_counter() - t0) / max(warmup, 1)
+    if max_seconds is not None and warmup:
+        reps = max(1, min(reps, int(max_seconds / max(first, 1e-9))))
     times = []
-    if device.type == "cuda":
+    if dev.type == "cuda":
         for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
     else:
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 
-def _status_kb(field):
+def _proc_status_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise KeyError(field)
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(fn, device="cpu"):
-    """Peak bytes allocated by ``fn()`` above the memory live when it starts (None: unavailable)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+def cpu_rss_reset():
+    """Reset VmHWM to the current RSS; returns the current RSS in bytes (the baseline)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base = _status_kb("VmRSS")
-    except OSError:
-        return None
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then includes earlier allocations
+        pass
+    return _proc_status_kb("VmRSS") * 1024
+
+
+def cpu_rss_peak():
+    return _proc_status_kb("VmHWM") * 1024
+
+
+def peak_bytes(fn, *, device):
+    """Extra peak memory of one fn() call (see the module docstring), in bytes."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        sync(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    base = cpu_rss_reset()
     fn()
-    return max(0, _status_kb("VmHWM") - base) * 1024
+    return max(0, cpu_rss_peak() - base)
+
+
+def run_worker(script, payload, *, timeout=None):
+    """Run ``python script --_worker JSON`` in a fresh process; return the dict it printed on its
+    last ``RESULT {...}`` line (raises with the worker's stderr tail on failure)."""
+    cmd = [sys.executable, script, "--_worker", json.dumps(payload)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"worker failed (rc={r.returncode}): {r.stderr[-2000:]}")
+
+
+def worker_result(d):
+    print("RESULT " + json.dumps(d), flush=True)
 
 
 def fmt_bytes(n):
     if n is None:
-        return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
 
 
-def print_table(rows, headers):
-    """Print rows (lists of values; floats shown with 3 significant digits) under headers."""
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(v)
-
-    cells = [[cell(v) for v in r] for r in rows]
+def markdown_table(headers, rows):
+    cells = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])

@@ -1,5 +1,515 @@
-"""Placeholder: cmha_attention."""
+"""cmha_attention: Complex Multi-Head Attention (SPEC section 1) and its backends.
+
+CMHA = an Euler rotation of q and k (exact factorisation of the polar score), then ordinary
+softmax attention on (q~, k~, v). The backends differ only in how they do that:
+
+- "fused":     the project's attention kernel (_C.attn_fwd_* / _C.attn_bwd_*): q and k tiles are
+               rotated on load, keys per *query* head, so GQA never builds a (B, H, Lk, d) K. A
+               registered op (complexformer::cmha_fused) with autograd; its backward returns gradients
+               w.r.t. the rotated q~, k~ and the glue maps them back through the rotation.
+- "sdpa":      the project's rotation kernel (euler_rotate) then torch's scaled_dot_product_attention.
+- "reference": plain PyTorch math, differentiable by autograd; for tests and as the last fallback.
+- "auto":      the fastest correct path for the device, dtype and shape (rule in `_auto_backend`).
+
+Masks are by index, positions only enter the rotation (CMHA_CONTRACT). A query row with no
+visible key outputs 0 (never NaN) in every backend, and its gradients are 0.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _C, _ext
+from ._selfcheck import selfcheck
+from .reference import EPS_R, split_pairs
+
+BACKENDS = ("auto", "fused", "sdpa", "reference")
+LAYOUTS = {"half": 0, "interleaved": 1}
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TWO_PI = 2.0 * math.pi
+_POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in float64 angles
 
 
-def cmha_attention(*a, **k):
-    raise NotImplementedError
+# --------------------------------------------------------------------------------------------
+# Input validation: everything the public function accepts is checked here, once, with messages
+# that name the argument. The result is a small plan shared by all backends.
+# --------------------------------------------------------------------------------------------
+class _Plan:
+    __slots__ = ("B", "H", "Hkv", "Lq", "Lk", "d", "dv", "causal", "scale", "q_offset", "layout",
+                 "kpm", "cu", "q_pos", "k_pos", "pdtype", "custom_pos")
+
+
+def _as_positions(name, p, B, L, device):
+    """(L,) or (B, L) integer positions -> (Bp, L) int64 on device, Bp in {1, B}."""
+    _ext.check_tensor(name, p, ndim=(1, 2))
+    if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {str(p.dtype).replace('torch.', '')}")
+    if p.dim() == 1:
+        p = p[None]
+    if p.shape[-1] != L or p.shape[0] not in (1, B):
+        raise ValueError(f"{name}: expected shape ({L},) or ({B}, {L}) or (1, {L}), got {tuple(p.shape)}")
+    if p.device != device:
+        raise ValueError(f"{name}: on {p.device}, but q is on {device}")
+    return p.to(torch.int64).contiguous()
+
+
+def _check_param(name, t, H, h, device, allow_shared):
+    _ext.check_tensor(name, t, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    shapes = [(H, h)] + ([(h,)] if allow_shared else [])
+    if tuple(t.shape) not in shapes:
+        want = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name}: expected shape {want} (H={H} query heads, h=d/2={h}), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, but q is on {device}")
+
+
+def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
+              layout, backend, positions):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected 'half' or 'interleaved', got {layout!r}")
+    _ext.check_tensor("q", q, dtypes=_FLOAT, ndim=4)
+    dev = q.device
+    _ext.check_tensor("k", k, dtypes=_FLOAT, ndim=4, device=dev)
+    _ext.check_tensor("v", v, dtypes=_FLOAT, ndim=4, device=dev)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k, v: must have the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    B, H, Lq, d = q.shape
+    Bk, Hkv, Lk, dk = k.shape
+    if d == 0 or d % 2:
+        raise ValueError(f"q: head dim d must be a positive even number (pairs of re/im parts), got d={d}")
+    if dk != d:
+        raise ValueError(f"k: head dim {dk} does not match q's head dim {d}")
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"k, v: batch size must match q's ({B}), got k {Bk}, v {v.shape[0]}")
+    if v.shape[1] != Hkv or v.shape[2] != Lk:
+        raise ValueError(f"v: expected shape ({B}, {Hkv}, {Lk}, dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"k: number of kv heads ({Hkv}) must divide the number of query heads ({H})")
+    h = d // 2
+    _check_param("delta", delta, H, h, dev, False)
+    _check_param("beta", beta, H, h, dev, False)
+    _check_param("freqs", freqs, H, h, dev, True)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d else 1.0
+    elif isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite Python float or None, got {scale!r}")
+    if q_offset is not None:
+        if isinstance(q_offset, bool) or not isinstance(q_offset, int):
+            raise TypeError(f"q_offset: expected a Python int or None, got {type(q_offset).__name__}")
+        if not -_POS_LIMIT < q_offset < _POS_LIMIT:
+            raise ValueError(f"q_offset: {q_offset} out of range (|q_offset| < 2^31)")
+    if key_padding_mask is not None:
+        _ext.check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), ndim=2, device=dev)
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask: expected shape ({B}, {Lk}) (B, Lk), got {tuple(key_padding_mask.shape)}")
+    if cu_seqlens is not None:
+        _ext.check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=dev)
+        if q_offset is not None:
+            raise ValueError("cu_seqlens: cannot be combined with q_offset (each packed sequence is its own square block)")
+        if B != 1 or Lq != Lk:
+            raise ValueError(f"cu_seqlens: packed sequences need B == 1 and Lq == Lk, got B={B}, Lq={Lq}, Lk={Lk}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens: expected (num_seqs + 1,) boundaries, at least 2 entries")
+        # Data-dependent checks (a host sync): skipped while torch.compile traces.
+        if not torch.compiler.is_compiling():
+            cu = cu_seqlens.cpu()
+            if int(cu[0]) != 0 or int(cu[-1]) != Lq:
+                raise ValueError(f"cu_seqlens: must start at 0 and end at the total length {Lq}, got {cu[0]}..{cu[-1]}")
+            if bool((cu[1:] < cu[:-1]).any()):
+                raise ValueError("cu_seqlens: must be non-decreasing")
+    p = _Plan()
+    p.B, p.H, p.Hkv, p.Lq, p.Lk, p.d, p.dv = B, H, Hkv, Lq, Lk, d, v.shape[3]
+    p.causal, p.scale, p.layout = bool(causal), float(scale), layout
+    p.kpm, p.cu = key_padding_mask, cu_seqlens
+    p.q_offset = (Lk - Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
+    p.pdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if positions is None:
+        p.custom_pos = False
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(torch.int64)
+            idx = torch.arange(Lq, device=dev)
+            seq = torch.searchsorted(cu[1:], idx, right=True)
+            p.q_pos = (idx - cu[seq])[None]
+            p.k_pos = p.q_pos
+        else:
+            p.q_pos = (p.q_offset + torch.arange(Lq, device=dev))[None]
+            p.k_pos = torch.arange(Lk, device=dev)[None]
+    else:
+        if not isinstance(positions, (tuple, list)) or len(positions) != 2:
+            raise TypeError("positions: expected a pair (q_positions, k_positions) of integer tensors, or None")
+        p.custom_pos = True
+        p.q_pos = _as_positions("positions[0] (query positions)", positions[0], B, Lq, dev)
+        p.k_pos = _as_positions("positions[1] (key positions)", positions[1], B, Lk, dev)
+        if p.q_pos.shape[0] != p.k_pos.shape[0]:  # kernels take both per batch or both shared
+            p.q_pos, p.k_pos = p.q_pos.expand(B, Lq).contiguous(), p.k_pos.expand(B, Lk).contiguous()
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# "reference": plain PyTorch math.
+# --------------------------------------------------------------------------------------------
+def _visible(p, device):
+    """bool (B|1, 1, Lq, Lk): key n visible to query m (CMHA_CONTRACT, masks by index); None = all."""
+    vis = None
+    m = torch.arange(p.Lq, device=device)[:, None]
+    n = torch.arange(p.Lk, device=device)[None, :]
+    if p.cu is not None:
+        cu = p.cu.to(torch.int64)
+        seq = torch.searchsorted(cu[1:], torch.arange(p.Lq, device=device), right=True)
+        vis = seq[:, None] == seq[None, :]
+        if p.causal:
+            vis = vis & (n <= m)
+    elif p.causal:
+        vis = n <= m + p.q_offset
+    if vis is not None:
+        vis = vis[None, None]
+    if p.kpm is not None:
+        kv = p.kpm[:, None, None, :]
+        vis = kv if vis is None else vis & kv
+    return vis
+
+
+def _rotate_torch(x, delta, beta, freqs, pos, layout, H):
+    """Euler rotation in torch ops: x (B, Hx, L, d) -> (B, H, L, d), per query head.
+
+    Trig runs in at least float32; omega * p is formed and reduced to [-pi, pi] in float64, as
+    the kernels do (cf_pos_angle), so long positions keep float32 phase accuracy."""
+    G = H // x.shape[1]
+    ct = torch.promote_types(x.dtype, torch.float32)
+    xx = x.to(ct)
+    if G > 1:
+        xx = xx.repeat_interleave(G, dim=1)
+    re, im = split_pairs(xx, layout)
+    r = torch.sqrt(re * re + im * im + EPS_R)
+    theta = torch.atan2(im, re)
+    omega = (freqs if freqs.dim() == 2 else freqs[None]).double()
+    ang = omega[None, :, None, :] * pos.double()[:, None, :, None]  # (Bp, H|1, L, h)
+    ang = ang - _TWO_PI * torch.round(ang / _TWO_PI)
+    phi = delta.to(ct)[None, :, None, :] * theta + ang.to(ct)
+    if beta is not None:
+        phi = phi + beta.to(ct)[None, :, None, :]
+    ore, oim = r * torch.cos(phi), r * torch.sin(phi)
+    out = torch.cat([ore, oim], -1) if layout == "half" else torch.stack([ore, oim], -1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def _attention_reference(q, k, v, delta, beta, freqs, p):
+    G = p.H // p.Hkv
+    qr = _rotate_torch(q, delta, beta, freqs, p.q_pos, p.layout, p.H)
+    kr = _rotate_torch(k, delta, None, freqs, p.k_pos, p.layout, p.H)
+    s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
+    vis = _visible(p, q.device)
+    if vis is None and p.Lk > 0:
+        prob = torch.softmax(s, -1)
+    else:
+        if vis is None:
+            vis = torch.ones(1, 1, p.Lq, p.Lk, dtype=torch.bool, device=q.device)
+        # A row with no visible key: softmax over a row of zeros (finite), then zeroed by vis.
+        row_ok = vis.any(-1, keepdim=True)
+        s = s.masked_fill(~vis, float("-inf")).masked_fill(~row_ok, 0.0)
+        prob = torch.softmax(s, -1).masked_fill(~vis, 0.0)
+    vv = v.repeat_interleave(G, dim=1) if G > 1 else v
+    return prob.to(v.dtype) @ vv
+
+
+# --------------------------------------------------------------------------------------------
+# "sdpa": rotation kernel + torch SDPA.
+# --------------------------------------------------------------------------------------------
+def _sdpa_mask(p, device):
+    """(attn_mask, is_causal, row_ok) for F.scaled_dot_product_attention.
+
+    SDPA's is_causal is TOP-LEFT aligned (n <= m); ours is n <= m + q_offset. So is_causal is
+    used only when q_offset == 0; q_offset >= Lk - 1 means every key is visible; anything else gets
+    an explicit boolean mask. SDPA returns NaN on a row with no visible key: such rows (only
+    possible with a key padding mask or q_offset < 0) are unmasked before the call and zeroed
+    after it (row_ok), which also zeroes their gradients."""
+    if p.kpm is None and p.cu is None:
+        if not p.causal or p.q_offset >= p.Lk - 1:
+            return None, False, None
+        if p.q_offset == 0:
+            return None, True, None
+    vis = _visible(p, device)
+    if p.kpm is None and p.q_offset >= 0:
+        return vis, False, None
+    row_ok = vis.any(-1, keepdim=True)
+    return vis | ~row_ok, False, row_ok
+
+
+def _attention_sdpa(q, k, v, delta, beta, freqs, p):
+    from .rotate import euler_rotate_qk
+
+    G = p.H // p.Hkv
+    # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
+    qr, kr = euler_rotate_qk(q, k, delta, beta, freqs, q_positions=p.q_pos, k_positions=p.k_pos, layout=p.layout)
+    vv = v.repeat_interleave(G, dim=1) if G > 1 else v
+    mask, is_causal, row_ok = _sdpa_mask(p, q.device)
+    out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
+    if row_ok is not None:
+        out = out.masked_fill(~row_ok, 0.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# "fused": registered ops around _C.attn_fwd_* / _C.attn_bwd_*.
+# --------------------------------------------------------------------------------------------
+_FUSED_CPU_DTYPES = (torch.float32, torch.float64)
+_FUSED_CPU_MAX_D = 256
+
+
+def _fused_cuda_supported(dtype, d, dv):
+    """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
+    name = str(dtype).replace("torch.", "")
+    if hasattr(_C, "attn_cuda_supported"):
+        return bool(_C.attn_cuda_supported(name, d, dv))
+    return name in ("float16", "bfloat16") and d == dv and d in (64, 128)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _has_fused(device_type):
+    return hasattr(_C, "attn_fwd_cpu" if device_type == "cpu" else "attn_fwd_cuda")
+
+
+def _fused_unsupported(q, p):
+    """None when the fused kernel serves this case, else the reason (for errors and for auto)."""
+    dev = q.device.type
+    if not _has_fused(dev):
+        return f"no fused {dev.upper()} attention kernel in this build of complexformer._C"
+    if dev == "cuda":
+        if not _ext.HAS_CUDA_KERNELS:
+            return "complexformer was built without CUDA kernels (no nvcc at build time)"
+        if not _fused_cuda_supported(q.dtype, p.d, p.dv):
+            return (f"dtype {str(q.dtype).replace('torch.', '')} with head dims d={p.d}, dv={p.dv} is not supported "
+                    "by the fused CUDA kernel (float16/bfloat16, d == dv in {64, 128})")
+        return None
+    if q.dtype not in _FUSED_CPU_DTYPES:
+        return f"q: dtype {q.dtype} not supported by the fused CPU kernel (float32, float64)"
+    if p.d > _FUSED_CPU_MAX_D or p.dv > _FUSED_CPU_MAX_D:
+        return f"q, v: head dims d={p.d}, dv={p.dv} exceed the fused CPU kernel's limit {_FUSED_CPU_MAX_D}"
+    return None
+
+
+def _last_dim_contig(t):
+    return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
+
+
+def _device_arg(t):
+    return _ext.stream(t) if t.device.type == "cuda" else _ext.num_threads()
+
+
+@torch.library.custom_op("complexformer::cmha_fused", mutates_args=())
+def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
+                freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
+                cu_seqlens: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
+                layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Lq, _ = q.shape
+    out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Lq, dtype=_acc_dtype(q.dtype), device=q.device)
+    fn = _C.attn_fwd_cuda if q.device.type == "cuda" else _C.attn_fwd_cpu
+    fn(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
+       _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(lse),
+       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q))
+    return out, lse
+
+
+@_cmha_fused.register_fake
+def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
+    B, H, Lq, _ = q.shape
+    return q.new_empty(B, H, Lq, v.shape[3]), q.new_empty(B, H, Lq, dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("complexformer::cmha_fused_bwd", mutates_args=())
+def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
+                    freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                    causal: bool, scale: float, q_offset: int,
+                    layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. the ROTATED q~ and k~ (per query head) and v (per query head)."""
+    B, H, Lq, d = q.shape
+    Lk, dv = k.shape[2], v.shape[3]
+    acc = _acc_dtype(q.dtype)
+    dq_rot = torch.empty(B, H, Lq, d, dtype=acc, device=q.device)
+    dk_rot = torch.empty(B, H, Lk, d, dtype=acc, device=q.device)
+    dv_full = torch.empty(B, H, Lk, dv, dtype=acc, device=q.device)
+    fn = _C.attn_bwd_cuda if q.device.type == "cuda" else _C.attn_bwd_cpu
+    fn(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
+       _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(dout), _ext.dl(lse),
+       _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full),
+       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q))
+    return dq_rot, dk_rot, dv_full
+
+
+@_cmha_fused_bwd.register_fake
+def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, causal, scale, q_offset, layout):
+    B, H, Lq, d = q.shape
+    acc = _acc_dtype(q.dtype)
+    return (q.new_empty(B, H, Lq, d, dtype=acc), q.new_empty(B, H, k.shape[2], d, dtype=acc),
+            q.new_empty(B, H, k.shape[2], v.shape[3], dtype=acc))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, causal, scale, q_offset, layout = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse)
+    ctx.args = (causal, scale, q_offset, layout)
+
+
+def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
+    """(dx, ddelta, dbeta | None, dfreqs | None) through the rotation helper's registered backward
+    op (traceable by torch.compile), or its Python function where no op is registered."""
+    op = getattr(torch.ops.complexformer, "euler_rotate_backward", None)
+    if op is not None:
+        dx, dd, db, df = op(x, grad, delta, beta, freqs, pos, layout, need_freqs)
+        return dx, dd, (db if beta is not None else None), (df if need_freqs else None)
+    from .rotate import _rotate_backward
+
+    return _rotate_backward(x, grad, delta, beta, freqs, pos, layout=layout, need_freqs_grad=need_freqs)
+
+
+def _fused_backward(ctx, dout, dlse):
+    q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse = ctx.saved_tensors
+    causal, scale, q_offset, layout = ctx.args
+    dq_rot, dk_rot, dv_full = _cmha_fused_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out,
+                                              dout.contiguous(), lse, causal, scale, q_offset, layout)
+    B, H, Lk, dv = dv_full.shape
+    Hkv = k.shape[1]
+    # fixed-order sum over the G query heads of each kv head (deterministic)
+    dvv = dv_full.view(B, Hkv, H // Hkv, Lk, dv).sum(2).to(v.dtype)
+    need_freqs = ctx.needs_input_grad[5]
+    dq, ddq, dbeta, dfq = _rotate_bwd(q, dq_rot, delta, beta, freqs, q_pos, layout, need_freqs)
+    dk, ddk, _, dfk = _rotate_bwd(k, dk_rot, delta, None, freqs, k_pos, layout, need_freqs)
+    dfreqs = dfq + dfk if need_freqs else None
+    return dq, dk, dvv, ddq + ddk, dbeta, dfreqs, None, None, None, None, None, None, None, None
+
+
+_cmha_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+def _attention_fused(q, k, v, delta, beta, freqs, p):
+    q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
+    out, _ = _cmha_fused(q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
+                         p.kpm.contiguous() if p.kpm is not None else None, p.cu, p.causal, p.scale,
+                         p.q_offset, LAYOUTS[p.layout])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# "auto": THE place to adjust backend choice.
+# --------------------------------------------------------------------------------------------
+# CPU: the fused kernel whenever it serves the case (float32/float64, d, dv <= 256): measured
+#   faster than rotate + SDPA for causal fwd+bwd at every length tried (numbers in
+#   benchmarks/cmha_backends.py's output, quoted in README); else sdpa, else reference.
+# CUDA: sdpa by default (torch's flash kernel), until the GPU measurements say the fused kernel wins
+#   (then set _AUTO_FUSED_ON_CUDA = True, or narrow by shape in _auto_backend). With a key padding
+#   mask or cu_seqlens the fused kernel is taken whenever it serves the case: SDPA would then need
+#   a dense (B, 1, Lq, Lk) boolean mask and lose its flash path.
+_AUTO_FUSED_ON_CPU = True
+_AUTO_FUSED_ON_CUDA = False
+
+
+def _sdpa_unsupported(q, p):
+    if not hasattr(_C, "rotate_fwd"):
+        return "no rotation kernel in this build of complexformer._C"
+    return None
+
+
+def _auto_backend(q, p):
+    """The backend "auto" runs for this (validated) case."""
+    if q.device.type == "cuda":
+        use_fused = _AUTO_FUSED_ON_CUDA or p.kpm is not None or p.cu is not None
+    else:
+        use_fused = _AUTO_FUSED_ON_CPU
+    if use_fused and _fused_unsupported(q, p) is None:
+        return "fused"
+    if _sdpa_unsupported(q, p) is None:
+        return "sdpa"
+    return "reference"
+
+
+_IMPL = {"fused": _attention_fused, "sdpa": _attention_sdpa, "reference": _attention_reference}
+
+
+def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset=None, key_padding_mask=None,
+                   cu_seqlens=None, layout="half", backend="auto", positions=None):
+    """Complex Multi-Head Attention (SPEC section 1): out (B, H, Lq, dv).
+
+    Args:
+        q: (B, H, Lq, d) queries; k: (B, Hkv, Lk, d) keys; v: (B, Hkv, Lk, dv) values. Same dtype
+            and device; d even; H % Hkv == 0 (GQA/MQA: query head i reads kv head i // (H // Hkv)).
+        delta, beta: (H, d/2) semantic-angle scale and phase bias. freqs: (d/2,) shared or
+            (H, d/2) per head. Computed in float64 for float64 q, else float32 (gradients flow back
+            in the parameters' own dtype, to all of q, k, v, delta, beta and freqs).
+        causal: key n visible to query m iff n <= m + q_offset.
+        scale: score scale, default 1/sqrt(d) (``scale=1.0`` reproduces the authors' code).
+        q_offset: position of query 0 relative to key 0, default Lk - Lq (bottom-right aligned:
+            decoding with a KV cache, chunked prefill). Enters the causal mask and the default
+            query positions.
+        key_padding_mask: (B, Lk) bool, True = attend. A query with no visible key outputs 0.
+        cu_seqlens: (S+1,) int32 packed-sequence boundaries (0 = cu[0] <= ... <= cu[S] = Lq);
+            needs B == 1 and Lq == Lk, excludes q_offset. No attention across sequences; positions
+            restart at 0 in each sequence.
+        layout: "half" (re = x[:d/2], im = x[d/2:], the authors' layout) or "interleaved".
+        backend: "auto", "fused", "sdpa" or "reference" (see the module docstring). "auto" picks,
+            in order: "fused" where the fused kernel serves the case and is the faster path (CPU:
+            float32/float64, d, dv <= 256; CUDA: currently off, pending GPU measurements); "sdpa"
+            where the rotation kernel serves the dtype; else "reference".
+        positions: optional (q_positions, k_positions), each (L,) or (B, L) integer tensors, the
+            absolute positions used by the rotation (e.g. a module's position_ids and KV-cache key
+            positions). Masks stay index-based (causal by index with q_offset, padding,
+            cu_seqlens); positions replace only the defaults q_offset + arange(Lq) / arange(Lk).
+    """
+    p = _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
+                  layout, backend, positions)
+    delta, beta, freqs = delta.to(p.pdtype), beta.to(p.pdtype), freqs.to(p.pdtype)
+    if p.Lq == 0 or p.Lk == 0:
+        # Nothing to attend to (or nobody asking): the reference math gives the empty / zero
+        # result, still attached to the graph so .backward() works and yields zero gradients.
+        return _attention_reference(q, k, v, delta, beta, freqs, p)
+    if backend == "auto":
+        backend = _auto_backend(q, p)
+    elif backend == "fused":
+        why = _fused_unsupported(q, p)
+        if why is not None:
+            raise RuntimeError(f"cmha_attention(backend='fused'): {why}; use backend='auto' or 'sdpa'")
+    elif backend == "sdpa":
+        why = _sdpa_unsupported(q, p)
+        if why is not None:
+            raise RuntimeError(f"cmha_attention(backend='sdpa'): {why}; use backend='reference'")
+    return _IMPL[backend](q, k, v, delta, beta, freqs, p)
+
+
+# --------------------------------------------------------------------------------------------
+# Self-check for `python -m complexformer.info`: every backend on every device, against the
+# pair-by-pair float64 reference.
+# --------------------------------------------------------------------------------------------
+def _selfcheck_backend(backend):
+    def check(device):
+        from .reference import cmha_attention_pairwise, default_freqs
+
+        g = torch.Generator().manual_seed(0)
+        B, H, Hkv, Lq, Lk, d = 2, 4, 2, 5, 9, 64
+        dtype = torch.float32
+        q = torch.randn(B, H, Lq, d, generator=g)
+        k = torch.randn(B, Hkv, Lk, d, generator=g)
+        v = torch.randn(B, Hkv, Lk, d, generator=g)
+        delta = torch.randn(H, d // 2, generator=g) / math.sqrt(d // 2)
+        beta = 0.3 * torch.randn(H, d // 2, generator=g)
+        freqs = default_freqs(d)
+        kpm = torch.rand(B, Lk, generator=g) > 0.2
+        ref, _ = cmha_attention_pairwise(q, k, v, delta, beta, freqs, key_padding_mask=kpm)
+        args = [t.to(device=device, dtype=dtype) for t in (q, k, v, delta, beta, freqs)]
+        out = cmha_attention(*args, key_padding_mask=kpm.to(device), backend=backend)
+        return (out.double().cpu() - ref).abs().max().item()
+
+    return check
+
+
+# sdpa / fused are checked when this build has their kernels (a build without them still passes).
+for _b in ["reference", "auto"] + (["sdpa"] if hasattr(_C, "rotate_fwd") else []) + (
+        ["fused"] if _has_fused("cpu") else []):
+    selfcheck(f"cmha_attention[{_b}]", 1e-4)(_selfcheck_backend(_b))

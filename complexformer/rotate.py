@@ -1,5 +1,464 @@
-"""Placeholder: euler_rotate."""
+"""The Euler rotation of CMHA (SPEC section 1) as a PyTorch op with C and CUDA kernels.
+
+Every (re, im) pair j of head i at position p becomes
+
+    (r cos phi, r sin phi),   r = sqrt(re^2 + im^2 + 1e-9),   theta = atan2(im, re),
+    phi = delta[i, j] * theta + beta[i, j] + omega[i, j] * p          (beta: queries only)
+
+so that the CMHA score is the plain dot product of rotated queries and keys. RoPE is the case
+delta = 1, beta = 0.
+
+Layers of this file:
+  * ``euler_rotate`` (public): validates, normalises positions, calls the registered op
+    ``complexformer::euler_rotate`` (autograd, torch.compile, CUDA graphs).
+  * ``euler_rotate_qk`` (internal, for the "sdpa" attention backend): q and k in one launch.
+  * ``_rotate_forward`` / ``_rotate_backward`` (internal, see CMHA_CONTRACT.md): raw kernel calls
+    without autograd; the fused-attention glue calls ``_rotate_backward`` with float32 gradients.
+  * ``rotate_reference`` / ``_rotate_backward_torch``: the same math in plain PyTorch, used where no
+    kernel exists (float64 on CUDA) and as the baseline of benchmarks and self-checks.
+"""
+import math
+from typing import Optional
+
+import torch
+
+from . import _C, _ext
+from ._selfcheck import selfcheck
+
+EPS_R = 1e-9
+LAYOUTS = {"half": 0, "interleaved": 1}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CPU_CHUNKS = 64  # token chunks of the CPU backward reduction
+_CUDA_BLOCKS = 2048  # target number of CUDA backward blocks (column blocks x token chunks)
+_CUDA_COLS = 64  # (kv head, pair) columns per CUDA backward block
+_CUDA_MAX_GROUP = 128  # query heads per kv head the CUDA backward takes (keys are expanded beyond)
 
 
-def euler_rotate(*a, **k):
-    raise NotImplementedError
+def _layout_id(layout):
+    if isinstance(layout, int) and layout in (0, 1):
+        return layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected 'half' or 'interleaved', got {layout!r}")
+    return LAYOUTS[layout]
+
+
+def _compute_dtype(dtype):
+    """Parameters (and the math) are float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _uses_kernel(x):
+    """C kernels: CPU float32/float64 (half types are widened), CUDA float32/float16/bfloat16."""
+    if x.device.type == "cuda":
+        return x.dtype != torch.float64
+    return True
+
+
+def _as_param(t, dtype):
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _prep_x(x, dtype):
+    """The tensor the kernel reads: dtype it supports, last dimension contiguous (other strides kept)."""
+    x = x.detach()
+    if x.numel() == 0:  # torch calls any empty tensor contiguous, whatever its strides
+        return torch.empty(x.shape, dtype=dtype, device=x.device)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def _kernel_dtype(x):
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
+def _prep_pos(pos, device):
+    pos = pos.detach()
+    if pos.dim() == 1:
+        pos = pos[None]
+    return pos.to(device=device, dtype=torch.int64).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain PyTorch math (reference, float64-on-CUDA path, benchmark baseline)
+
+def _pos_angle(freqs, pos):
+    """omega * p reduced to [-pi, pi] in float64: (Bp, H or 1, L, h)."""
+    f = freqs.double()
+    f = f[None, None] if f.dim() == 1 else f[None]  # (1, H|1, h)
+    a = f[:, :, None, :] * pos.double()[:, None, :, None]
+    return a - 2 * math.pi * torch.round(a / (2 * math.pi))
+
+
+def _split(x, layout):
+    h = x.shape[-1] // 2
+    return (x[..., :h], x[..., h:]) if layout == 0 else (x[..., 0::2], x[..., 1::2])
+
+
+def _merge(a, b, layout):
+    return torch.cat([a, b], -1) if layout == 0 else torch.stack([a, b], -1).flatten(-2)
+
+
+def rotate_reference(x, delta, beta, freqs, pos, *, layout="half", dtype=None):
+    """The rotation in plain PyTorch (math in ``dtype``, default the kernel's compute dtype).
+
+    Same arguments as ``_rotate_forward``; returns (B, H, L, d) in ``dtype``."""
+    layout = _layout_id(layout)
+    dt = dtype or _compute_dtype(x.dtype)
+    H = delta.shape[0]
+    xe = x.to(dt).repeat_interleave(H // x.shape[1], 1)
+    re, im = _split(xe, layout)
+    r = torch.sqrt(re * re + im * im + EPS_R)
+    off = _pos_angle(freqs, _prep_pos(pos, x.device))
+    if beta is not None:
+        off = off + beta.double()[None, :, None, :]
+    phi = delta.to(dt)[None, :, None, :] * torch.atan2(im, re) + off.to(dt)
+    return _merge(r * torch.cos(phi), r * torch.sin(phi), layout)
+
+
+def _rotate_backward_torch(x, grad, delta, beta, freqs, pos, *, layout, need_freqs_grad):
+    """The bounded backward of rotate_math.h in plain PyTorch (same outputs as _rotate_backward)."""
+    layout = _layout_id(layout)
+    dt = _compute_dtype(x.dtype)
+    B, Hx, L, d = x.shape
+    H = delta.shape[0]
+    pos = _prep_pos(pos, x.device)
+    xe = x.to(dt).repeat_interleave(H // Hx, 1)
+    re, im = _split(xe, layout)
+    g_re, g_im = _split(grad.to(dt), layout)
+    r = torch.sqrt(re * re + im * im + EPS_R)
+    c, s, th = re / r, im / r, torch.atan2(im, re)
+    off = _pos_angle(freqs, pos)
+    if beta is not None:
+        off = off + beta.double()[None, :, None, :]
+    dl = delta.to(dt)[None, :, None, :]
+    phi = dl * th + off.to(dt)
+    sp, cp = torch.sin(phi), torch.cos(phi)
+    A = g_re * cp + g_im * sp
+    Bq = g_re * sp - g_im * cp
+    dx = _merge(c * A + dl * s * Bq, s * A - dl * c * Bq, layout)
+    dx = dx.view(B, Hx, H // Hx, L, d).sum(2).to(x.dtype)
+    dphi = -r * Bq
+    ddelta = (dphi * th).sum((0, 2))
+    dbeta = dphi.sum((0, 2)) if beta is not None else None
+    dfreqs = None
+    if need_freqs_grad:
+        dfreqs = (dphi * pos.to(dt)[:, None, :, None]).sum((0, 2))
+        if freqs.dim() == 1:
+            dfreqs = dfreqs.sum(0)
+    return dx, ddelta, dbeta, dfreqs
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw kernel calls (no autograd): the internal API of CMHA_CONTRACT.md
+
+def _rotate_forward(x, delta, beta, freqs, pos, *, layout):
+    """x (B, Hx, L, d), Hx | H -> x~ (B, H, L, d) in x's dtype. beta None for keys; pos (Bp, L) int."""
+    layout = _layout_id(layout)
+    if not _uses_kernel(x):
+        return rotate_reference(x, delta, beta, freqs, pos, layout=layout).to(x.dtype)
+    _ext.require_cuda_kernels("euler_rotate", x)
+    pd = _compute_dtype(x.dtype)
+    xk = _prep_x(x, _kernel_dtype(x))
+    B, _, L, d = x.shape
+    out = torch.empty((B, delta.shape[0], L, d), dtype=xk.dtype, device=x.device)
+    if out.numel() == 0:
+        return out.to(x.dtype)
+    _C.rotate_fwd(_ext.dl(xk), _ext.dl(_as_param(delta, pd)), _ext.dl_opt(_as_param(beta, pd)),
+                  _ext.dl(_as_param(freqs, pd)), _ext.dl(_prep_pos(pos, x.device)), _ext.dl(out),
+                  layout, _ext.num_threads(), _ext.stream(x))
+    return out.to(x.dtype)
+
+
+def _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, *, layout):
+    """(q~, k~) in one kernel launch on CUDA: q with beta, k without; both (B, H, L*, d)."""
+    layout = _layout_id(layout)
+    if not _uses_kernel(q) or q.dtype != k.dtype or q.numel() == 0 or k.numel() == 0:
+        return (_rotate_forward(q, delta, beta, freqs, q_pos, layout=layout),
+                _rotate_forward(k, delta, None, freqs, k_pos, layout=layout))
+    _ext.require_cuda_kernels("euler_rotate", q)
+    pd = _compute_dtype(q.dtype)
+    qk, kk = _prep_x(q, _kernel_dtype(q)), _prep_x(k, _kernel_dtype(k))
+    H = delta.shape[0]
+    q_out = torch.empty((q.shape[0], H, q.shape[2], q.shape[3]), dtype=qk.dtype, device=q.device)
+    k_out = torch.empty((k.shape[0], H, k.shape[2], k.shape[3]), dtype=kk.dtype, device=k.device)
+    fr = _ext.dl(_as_param(freqs, pd))
+    dlt = _as_param(delta, pd)
+    _C.rotate_fwd_qk(_ext.dl(qk), _ext.dl(kk), _ext.dl(dlt), _ext.dl_opt(_as_param(beta, pd)), fr,
+                     _ext.dl(_prep_pos(q_pos, q.device)), _ext.dl(_prep_pos(k_pos, k.device)),
+                     _ext.dl(q_out), _ext.dl(k_out), layout, _ext.num_threads(), _ext.stream(q))
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def _bwd_chunk(x, H):
+    """Tokens per reduction chunk: a function of the shape only, so results never depend on the
+    thread count or the timing (deterministic parameter gradients)."""
+    ntok = x.shape[0] * x.shape[2]
+    if x.device.type == "cuda":
+        col_blocks = -(-x.shape[1] * (x.shape[3] // 2) // _CUDA_COLS)
+        target = max(1, _CUDA_BLOCKS // max(col_blocks, 1))
+        return max(16, -(-ntok // target))
+    return max(1, -(-ntok // _CPU_CHUNKS))
+
+
+def _rotate_backward(x, grad, delta, beta, freqs, pos, *, layout, need_freqs_grad):
+    """Gradients of _rotate_forward for an upstream ``grad`` (B, H, L, d) of any float dtype.
+
+    Returns (dx (B, Hx, L, d) in x's dtype, ddelta (H, h), dbeta (H, h) or None (keys),
+    dfreqs (shape of freqs) or None) with the parameter gradients in the compute dtype (float64
+    for float64 x, else float32). dx sums over the G query heads sharing a kv head. The parameter
+    gradients are deterministic (fixed-order two-stage reductions, no atomics)."""
+    layout = _layout_id(layout)
+    B, Hx, L, d = x.shape
+    H = delta.shape[0]
+    if not _uses_kernel(x):
+        return _rotate_backward_torch(x, grad, delta, beta, freqs, pos, layout=layout,
+                                      need_freqs_grad=need_freqs_grad)
+    _ext.require_cuda_kernels("euler_rotate", x)
+    pd = _compute_dtype(x.dtype)
+    if x.numel() == 0:  # no tokens: zero parameter gradients
+        z = torch.zeros((H, d // 2), dtype=pd, device=x.device)
+        return (torch.zeros_like(x), z, z.clone() if beta is not None else None,
+                torch.zeros(freqs.shape, dtype=pd, device=x.device) if need_freqs_grad else None)
+    if x.device.type == "cuda" and H // max(Hx, 1) > _CUDA_MAX_GROUP:
+        # very wide groups: rotate expanded keys (G = 1), then add the group's gradients in order
+        xe = x.repeat_interleave(H // Hx, 1)
+        dx, dd, db, df = _rotate_backward(xe, grad, delta, beta, freqs, pos, layout=layout,
+                                          need_freqs_grad=need_freqs_grad)
+        return dx.float().view(B, Hx, H // Hx, L, d).sum(2).to(x.dtype), dd, db, df
+    kd = _kernel_dtype(x)
+    xk = _prep_x(x, kd)
+    cuda = x.device.type == "cuda"
+    # CUDA reads float32 or x's dtype directly; anything else (and every CPU case) is converted
+    g = _prep_x(grad, grad.dtype if cuda and grad.dtype in (torch.float32, kd) else
+                (torch.float32 if cuda else kd))
+    chunk = _bwd_chunk(x, H)
+    P = -(-(B * L) // chunk)
+    ws = torch.empty((P, 3, H, d // 2), dtype=torch.float32 if cuda else torch.float64, device=x.device)
+    dx = torch.empty((B, Hx, L, d), dtype=kd, device=x.device)
+    ddelta = torch.empty((H, d // 2), dtype=pd, device=x.device)
+    dbeta = torch.empty_like(ddelta) if beta is not None else None
+    dfreqs = torch.empty(freqs.shape, dtype=pd, device=x.device) if need_freqs_grad else None
+    _C.rotate_bwd(_ext.dl(xk), _ext.dl(g), _ext.dl(_as_param(delta, pd)), _ext.dl_opt(_as_param(beta, pd)),
+                  _ext.dl(_as_param(freqs, pd)), _ext.dl(_prep_pos(pos, x.device)), _ext.dl(dx), _ext.dl(ws),
+                  _ext.dl(ddelta), _ext.dl_opt(dbeta), _ext.dl_opt(dfreqs), chunk, layout,
+                  _ext.num_threads(), _ext.stream(x))
+    return dx.to(x.dtype), ddelta, dbeta, dfreqs
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered ops
+
+def _empty0(like):
+    return like.new_empty((0,))
+
+
+@torch.library.custom_op("complexformer::euler_rotate", mutates_args=())
+def _rotate_op(x: torch.Tensor, delta: torch.Tensor, beta: Optional[torch.Tensor], freqs: torch.Tensor,
+               positions: torch.Tensor, layout: int) -> torch.Tensor:
+    return _rotate_forward(x, delta, beta, freqs, positions, layout=layout)
+
+
+@_rotate_op.register_fake
+def _(x, delta, beta, freqs, positions, layout):
+    return x.new_empty((x.shape[0], delta.shape[0], x.shape[2], x.shape[3]))
+
+
+@torch.library.custom_op("complexformer::euler_rotate_backward", mutates_args=())
+def _rotate_bwd_op(x: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor, beta: Optional[torch.Tensor],
+                   freqs: torch.Tensor, positions: torch.Tensor, layout: int,
+                   need_freqs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dd, db, df = _rotate_backward(x, grad, delta, beta, freqs, positions, layout=layout,
+                                      need_freqs_grad=need_freqs_grad)
+    return dx, dd, _empty0(dd) if db is None else db, _empty0(dd) if df is None else df
+
+
+@_rotate_bwd_op.register_fake
+def _(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad):
+    pd = _compute_dtype(x.dtype)
+    dd = delta.new_empty(delta.shape, dtype=pd)
+    db = delta.new_empty(delta.shape if beta is not None else (0,), dtype=pd)
+    df = freqs.new_empty(freqs.shape if need_freqs_grad else (0,), dtype=pd)
+    return x.new_empty(x.shape), dd, db, df
+
+
+def _param_grads(ctx, dd, db, df, delta, beta, freqs, first):
+    """Cast the kernel's parameter gradients to the parameters' dtypes (None where not needed)."""
+    n = ctx.needs_input_grad
+    return (dd.to(delta.dtype) if n[first] else None,
+            db.to(beta.dtype) if beta is not None and n[first + 1] else None,
+            df.to(freqs.dtype) if n[first + 2] else None)
+
+
+def _rotate_setup(ctx, inputs, output):
+    x, delta, beta, freqs, positions, layout = inputs
+    ctx.save_for_backward(x, delta, beta, freqs, positions)
+    ctx.layout = layout
+
+
+def _rotate_grad(ctx, grad):
+    x, delta, beta, freqs, positions = ctx.saved_tensors
+    dx, dd, db, df = _rotate_bwd_op(x, grad, delta, beta, freqs, positions, ctx.layout,
+                                    ctx.needs_input_grad[3])
+    return (dx if ctx.needs_input_grad[0] else None,) + _param_grads(ctx, dd, db, df, delta, beta, freqs, 1) \
+        + (None, None)
+
+
+_rotate_op.register_autograd(_rotate_grad, setup_context=_rotate_setup)
+
+
+@torch.library.custom_op("complexformer::euler_rotate_qk", mutates_args=())
+def _rotate_qk_op(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
+                  freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                  layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, layout=layout)
+
+
+@_rotate_qk_op.register_fake
+def _(q, k, delta, beta, freqs, q_pos, k_pos, layout):
+    H = delta.shape[0]
+    return (q.new_empty((q.shape[0], H, q.shape[2], q.shape[3])),
+            k.new_empty((k.shape[0], H, k.shape[2], k.shape[3])))
+
+
+def _rotate_qk_setup(ctx, inputs, output):
+    q, k, delta, beta, freqs, q_pos, k_pos, layout = inputs
+    ctx.save_for_backward(q, k, delta, beta, freqs, q_pos, k_pos)
+    ctx.layout = layout
+
+
+def _rotate_qk_grad(ctx, gq, gk):
+    q, k, delta, beta, freqs, q_pos, k_pos = ctx.saved_tensors
+    nf = ctx.needs_input_grad[4]
+    dq, ddq, db, dfq = _rotate_bwd_op(q, gq, delta, beta, freqs, q_pos, ctx.layout, nf)
+    dk, ddk, _, dfk = _rotate_bwd_op(k, gk, delta, None, freqs, k_pos, ctx.layout, nf)
+    n = ctx.needs_input_grad
+    return ((dq if n[0] else None, dk if n[1] else None)
+            + _param_grads(ctx, ddq + ddk, db, dfq + dfk if nf else dfq, delta, beta, freqs, 2)
+            + (None, None, None))
+
+
+_rotate_qk_op.register_autograd(_rotate_qk_grad, setup_context=_rotate_qk_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+def _check_params(x, delta, beta, freqs, H_name="delta"):
+    _ext.check_tensor("delta", delta, dtypes=_FLOATS, ndim=2, device=x.device)
+    h = x.shape[-1] // 2
+    H = delta.shape[0]
+    if delta.shape[1] != h:
+        raise ValueError(f"delta: expected shape (H, {h}) for head dimension {x.shape[-1]}, got {tuple(delta.shape)}")
+    if H == 0:
+        raise ValueError("delta: needs at least one head")
+    if beta is not None:
+        _ext.check_tensor("beta", beta, dtypes=_FLOATS, ndim=2, device=x.device)
+        if tuple(beta.shape) != tuple(delta.shape):
+            raise ValueError(f"beta: expected shape {tuple(delta.shape)} like delta, got {tuple(beta.shape)}")
+    _ext.check_tensor("freqs", freqs, dtypes=_FLOATS, ndim=(1, 2), device=x.device)
+    if tuple(freqs.shape) not in ((h,), (H, h)):
+        raise ValueError(f"freqs: expected shape ({h},) or ({H}, {h}), got {tuple(freqs.shape)}")
+    return H
+
+
+def _check_x(name, x):
+    _ext.check_tensor(name, x, dtypes=_FLOATS, ndim=4)
+    d = x.shape[-1]
+    if d == 0 or d % 2:
+        raise ValueError(f"{name}: the head dimension (last) must be a positive even number, got {d}")
+
+
+def _check_heads(name, x, H):
+    Hx = x.shape[1]
+    if Hx == 0 or H % Hx:
+        raise ValueError(f"{name}: its {Hx} heads must divide the {H} query heads of delta")
+
+
+def _resolve_positions(name, positions, B, L, device):
+    if positions is None:
+        return torch.arange(L, device=device)[None]
+    _ext.check_tensor(name, positions, dtypes=(torch.int32, torch.int64), ndim=(1, 2), device=device)
+    if positions.dim() == 1:
+        positions = positions[None]
+    if positions.shape[1] != L or positions.shape[0] not in (1, B):
+        raise ValueError(f"{name}: expected shape ({L},) or ({B}, {L}), got {tuple(positions.shape)}")
+    return positions.to(torch.int64)
+
+
+def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout="half"):
+    """Euler-rotate queries or keys for CMHA (SPEC section 1).
+
+    Args:
+        x: (B, Hx, L, d) float16 / bfloat16 / float32 / float64; d even. Keys may have fewer heads
+            than delta (GQA): Hx must divide H, and the output has H heads, kv head i // (H/Hx)
+            rotated with query head i's parameters.
+        delta: (H, h) semantic-angle scale, h = d/2.
+        beta: (H, h) phase bias, added for queries only (``is_query=False`` ignores it; may be None).
+        freqs: (h,) shared or (H, h) per-head positional frequencies (learnable if it requires grad).
+        positions: (L,) or (B, L) int32/int64 token positions; default ``arange(L)``.
+        is_query: add beta (queries) or not (keys).
+        layout: "half" (re = x[:h], im = x[h:]) or "interleaved" (re = x[0::2], im = x[1::2]).
+
+    Returns:
+        (B, H, L, d) in x's dtype. The math runs in float32 (float64 for float64 inputs).
+        Differentiable with respect to x, delta, beta and freqs.
+    """
+    layout_id = _layout_id(layout)
+    _check_x("x", x)
+    if is_query and beta is None:
+        raise ValueError("beta: required for queries (is_query=True); pass is_query=False for keys")
+    H = _check_params(x, delta, beta if is_query else None, freqs)
+    _check_heads("x", x, H)
+    pos = _resolve_positions("positions", positions, x.shape[0], x.shape[2], x.device)
+    return _rotate_op(x, delta, beta if is_query else None, freqs, pos, layout_id)
+
+
+def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=None, layout="half"):
+    """Rotate queries (with beta) and keys (without) together: one kernel launch on CUDA.
+
+    q (B, H or a divisor, Lq, d), k (B, Hkv, Lk, d) -> (q~ (B, H, Lq, d), k~ (B, H, Lk, d)).
+    Used by the "sdpa" attention backend; differentiable like ``euler_rotate``."""
+    layout_id = _layout_id(layout)
+    _check_x("q", q)
+    _check_x("k", k)
+    if k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head dimension")
+    if k.device != q.device:
+        raise ValueError(f"k: on {k.device}, but q is on {q.device}")
+    if beta is None:
+        raise ValueError("beta: required (queries get the phase bias)")
+    H = _check_params(q, delta, beta, freqs)
+    _check_heads("q", q, H)
+    _check_heads("k", k, H)
+    qp = _resolve_positions("q_positions", q_positions, q.shape[0], q.shape[2], q.device)
+    kp = _resolve_positions("k_positions", k_positions, k.shape[0], k.shape[2], k.device)
+    return _rotate_qk_op(q, k, delta, beta, freqs, qp, kp, layout_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-check for `python -m complexformer.info`
+
+@selfcheck("euler_rotate fwd+bwd (fp32)", 1e-5)
+def _selfcheck_rotate(device):
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, d = 2, 4, 2, 37, 32
+    x = torch.randn(B, Hkv, L, d, generator=g, dtype=torch.float64)
+    delta = torch.randn(H, d // 2, generator=g, dtype=torch.float64) / math.sqrt(d // 2)
+    beta = 0.1 * torch.randn(H, d // 2, generator=g, dtype=torch.float64)
+    freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    pos = torch.arange(L)[None] + 5
+    gy = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
+    ref = rotate_reference(x, delta, beta, freqs, pos, layout="half")
+    rdx, rdd, rdb, _ = _rotate_backward_torch(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=False)
+    dev = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
+    out = _rotate_forward(dev(x), dev(delta), dev(beta), dev(freqs), pos.to(device), layout="half")
+    dx, dd, db, _ = _rotate_backward(dev(x), dev(gy), dev(delta), dev(beta), dev(freqs), pos.to(device),
+                                     layout="half", need_freqs_grad=False)
+    errs = [(a.double().cpu() - b).abs().max().item() / max(1.0, b.abs().max().item())
+            for a, b in ((out, ref), (dx, rdx), (dd, rdd), (db, rdb))]
+    return max(errs)

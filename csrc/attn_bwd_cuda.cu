@@ -1,0 +1,307 @@
+/* Fused CMHA attention backward on CUDA: FlashAttention-2 structure, deterministic (no atomics),
+ * rotated Q~/K~ tiles recomputed on load exactly as in the forward (attn_cuda_tile.cuh).
+ * Outputs are gradients with respect to the ROTATED q~ and k~ (scale applied) and v, per query head
+ * (contract: CMHA_CONTRACT.md); the glue sums over GQA groups and back-rotates.
+ *
+ * Three launches on the caller's stream:
+ *  1. dot:  D_m = sum_c dO_mc O_mc, one warp per row. D is parked in dq_rot[b, h, m, 0]: dq_rot is
+ *     not written before launch 3, and there every CTA reads D of its own rows (then a barrier)
+ *     before it overwrites them, so no extra workspace crosses the C boundary.
+ *  2. dkdv: a CTA per (key tile of 128, query head, batch), 8 warps x 16 keys. It keeps dK~ and dV of
+ *     its keys in registers while query tiles stream by; computing the transposed products
+ *     S^T = K~ Q~^T and dP^T = V dO^T makes P^T and dS^T land directly in A-operand layout for
+ *     dV += P^T dO and dK~ += dS^T Q~.
+ *  3. dq: a CTA per (query tile of 128, query head, batch) streams key tiles and recomputes S, P and
+ *     dP: dQ~ += dS K~ (instead of atomics from launch 2).
+ * P = exp(scale * S - lse) from the forward's lse; a row with lse = -inf (no visible key) has P = 0. */
+#include "attn_cuda_tile.cuh"
+
+namespace cfattn {
+
+template <typename T>
+__global__ void __launch_bounds__(256) attn_bwd_dot_kernel(const CfAttnArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5), hq = blockIdx.y, b = blockIdx.z;
+  if (row >= a.Lq) return;
+  const T *o = (const T *)a.out + b * a.o_sb + hq * a.o_sh + row * a.o_sl;
+  const T *g = (const T *)a.dout + b * a.do_sb + hq * a.do_sh + row * a.do_sl;
+  float acc = 0.f;
+  for (int64_t c = lane; c < a.dv; c += 32) acc += Ty<T>::to_float(o[c]) * Ty<T>::to_float(g[c]);
+#pragma unroll
+  for (int w = 16; w > 0; w >>= 1) acc += __shfl_xor_sync(kFull, acc, w);
+  if (lane == 0) a.dq_rot[((b * a.H + hq) * a.Lq + row) * a.d] = acc;
+}
+
+/* Shared memory of the two main kernels: two tiles of ROWS_A rows (K, V or Q, dO, as owned),
+ * two of ROWS_B rows (streamed), parameters, and per-streamed-row / per-owned-row scalars. */
+template <int D, int ROWS_A, int ROWS_B> struct BwdSmem {
+  static constexpr int LDS = D + 8;
+  static constexpr size_t tiles = (size_t)(2 * ROWS_A + 2 * ROWS_B) * LDS * 2;
+  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)2 * (ROWS_A + ROWS_B) * 4;
+};
+
+/* Per-row softmax statistics of query rows [m0, m0 + rows): lse * log2(e) (+inf where the row is
+ * outside the range or saw no key, so exp2(x - lse2) = 0 there) and D (0 outside). */
+__device__ __forceinline__ void stage_row_stats(const CfAttnArgs &a, int64_t b, int64_t hq, int64_t m0, int64_t nvalid,
+                                                int rows, float *s_lse2, float *s_D, int tid, int nthr) {
+  const int64_t base = (b * a.H + hq) * a.Lq + m0;
+  for (int i = tid; i < rows; i += nthr) {
+    float l2 = INFINITY, dd = 0.f;
+    if (i < nvalid) {
+      const float l = a.lse[base + i];
+      l2 = l == -INFINITY ? INFINITY : l * kLog2e;
+      dd = a.dq_rot[(base + i) * a.d];
+    }
+    s_lse2[i] = l2;
+    s_D[i] = dd;
+  }
+}
+
+template <typename T, int D, int BK, int BQ>
+__global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_kernel(const CfAttnArgs a) {
+  constexpr int NTHR = BK * 2, LDS = D + 8, H2 = D / 2, NTQ = BQ / 8, NTD = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sK = reinterpret_cast<T *>(smem);
+  T *sV = sK + BK * LDS;
+  T *sQ = sV + BK * LDS;
+  T *sdO = sQ + BQ * LDS;
+  double *s_omega = reinterpret_cast<double *>(smem + BwdSmem<D, BK, BQ>::tiles);
+  float *s_delta = reinterpret_cast<float *>(s_omega + H2);
+  float *s_beta = s_delta + H2;
+  float *s_kvalid = s_beta + H2;
+  float *s_lse2 = s_kvalid + BK;
+  float *s_D = s_lse2 + BQ;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t hq = blockIdx.y, b = blockIdx.z, hk = hq / (a.H / a.Hkv);
+  Span ks;
+  if (!map_tile(a, blockIdx.x, BK, a.Lk, ks)) return;
+  const bool packed = a.cu_seqlens != nullptr;
+  const int64_t q_lo = packed ? ks.seq_lo : 0, q_hi = packed ? ks.seq_hi : a.Lq;
+  const int64_t qoff = packed ? 0 : a.q_offset;
+  const bool vec = a.vec != 0;
+  const int64_t nvk = ks.hi - ks.lo;
+
+  stage_params(a, hq, H2, s_delta, s_beta, s_omega, tid, NTHR);
+  __syncthreads();
+  const RotParams rp = {s_delta, s_beta, s_omega};
+  stage_rotated<T, BK, D, false>(sK, (const T *)a.k + b * a.k_sb + hk * a.k_sh + ks.lo * a.k_sl, a.k_sl, nvk,
+                                 a.k_pos + b * a.kpos_sb + ks.lo * a.kpos_sl, a.kpos_sl, rp, a.layout, vec, tid, NTHR);
+  stage_plain<T, BK, D>(sV, (const T *)a.v + b * a.v_sb + hk * a.v_sh + ks.lo * a.v_sl, a.v_sl, nvk, vec, tid, NTHR);
+  stage_key_valid(a, b, ks.lo, nvk, BK, s_kvalid, tid, NTHR);
+
+  const T *qg = (const T *)a.q + b * a.q_sb + hq * a.q_sh;
+  const T *dog = (const T *)a.dout + b * a.do_sb + hq * a.do_sh;
+  const int64_t *qp = a.q_pos + b * a.qpos_sb;
+  const int kl0 = warp * 16 + (lane >> 2); /* this thread's key rows (local): kl0, kl0 + 8 */
+  const float sl2 = (float)a.scale * kLog2e;
+
+  float dk[NTD][4], dv[NTD][4];
+#pragma unroll
+  for (int i = 0; i < NTD; i++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) dk[i][e] = dv[i][e] = 0.f;
+
+  /* causal: queries m < ks.lo - qoff see none of these keys */
+  const int64_t m_start = a.causal ? imax64(q_lo, ks.lo - qoff) : q_lo;
+  for (int64_t m0 = m_start; m0 < q_hi; m0 += BQ) {
+    const int64_t nvq = imin64(BQ, q_hi - m0);
+    __syncthreads(); /* previous sQ/sdO reads done; first pass: sK/sV/s_kvalid published */
+    stage_rotated<T, BQ, D, true>(sQ, qg + m0 * a.q_sl, a.q_sl, nvq, qp + m0 * a.qpos_sl, a.qpos_sl, rp, a.layout,
+                                  vec, tid, NTHR);
+    stage_plain<T, BQ, D>(sdO, dog + m0 * a.do_sl, a.do_sl, nvq, vec, tid, NTHR);
+    stage_row_stats(a, b, hq, m0, nvq, BQ, s_lse2, s_D, tid, NTHR);
+    __syncthreads();
+
+    float st[NTQ][4]; /* S^T: 16 keys x BQ queries */
+#pragma unroll
+    for (int i = 0; i < NTQ; i++) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+    warp_gemm_abt<T, NTQ, D>(st, sK + warp * 16 * LDS, LDS, sQ, LDS, lane);
+#pragma unroll
+    for (int nt = 0; nt < NTQ; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
+        const int kl = kl0 + (e >> 1) * 8;
+        const bool vis = s_kvalid[kl] != 0.f && (!a.causal || ks.lo + kl <= m0 + cq + qoff);
+        st[nt][e] = vis ? exp2f(st[nt][e] * sl2 - s_lse2[cq]) : 0.f;
+      }
+    uint32_t pa[NTQ / 2][4];
+    acc_to_a<T, NTQ / 2>(pa, st);
+    warp_gemm_pv<T, NTD, NTQ / 2>(dv, pa, sdO, LDS, lane);
+
+    float dpt[NTQ][4]; /* dP^T = V dO^T */
+#pragma unroll
+    for (int i = 0; i < NTQ; i++) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+    warp_gemm_abt<T, NTQ, D>(dpt, sV + warp * 16 * LDS, LDS, sdO, LDS, lane);
+#pragma unroll
+    for (int nt = 0; nt < NTQ; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
+        dpt[nt][e] = st[nt][e] * (dpt[nt][e] - s_D[cq]); /* dS^T */
+      }
+    acc_to_a<T, NTQ / 2>(pa, dpt);
+    warp_gemm_pv<T, NTD, NTQ / 2>(dk, pa, sQ, LDS, lane);
+  }
+
+  const float scale = (float)a.scale;
+  float *dkg = a.dk_rot + (b * a.H + hq) * a.Lk * a.d;
+  float *dvg = a.dv_full + (b * a.H + hq) * a.Lk * a.dv;
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    const int64_t n = ks.lo + kl0 + i * 8;
+    if (n < ks.hi) {
+#pragma unroll
+      for (int nt = 0; nt < NTD; nt++) {
+        const int c = nt * 8 + 2 * (lane & 3);
+        *reinterpret_cast<float2 *>(dkg + n * a.d + c) = make_float2(dk[nt][2 * i] * scale, dk[nt][2 * i + 1] * scale);
+        *reinterpret_cast<float2 *>(dvg + n * a.dv + c) = make_float2(dv[nt][2 * i], dv[nt][2 * i + 1]);
+      }
+    }
+  }
+}
+
+template <typename T, int D, int BQ, int BK>
+__global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_kernel(const CfAttnArgs a) {
+  constexpr int NTHR = BQ * 2, LDS = D + 8, H2 = D / 2, NTK = BK / 8, NTD = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sQ = reinterpret_cast<T *>(smem);
+  T *sdO = sQ + BQ * LDS;
+  T *sK = sdO + BQ * LDS;
+  T *sV = sK + BK * LDS;
+  double *s_omega = reinterpret_cast<double *>(smem + BwdSmem<D, BQ, BK>::tiles);
+  float *s_delta = reinterpret_cast<float *>(s_omega + H2);
+  float *s_beta = s_delta + H2;
+  float *s_lse2 = s_beta + H2;   /* BQ owned rows */
+  float *s_D = s_lse2 + BQ;      /* BQ owned rows */
+  float *s_kvalid = s_D + BQ;    /* BK streamed keys */
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t hq = blockIdx.y, b = blockIdx.z, hk = hq / (a.H / a.Hkv);
+  Span qs;
+  if (!map_tile(a, blockIdx.x, BQ, a.Lq, qs)) return;
+  const bool packed = a.cu_seqlens != nullptr;
+  const int64_t k_lo = packed ? qs.seq_lo : 0, k_hi = packed ? qs.seq_hi : a.Lk;
+  const int64_t qoff = packed ? 0 : a.q_offset;
+  const int64_t k_end = a.causal ? imin64(k_hi, imax64(k_lo, qs.hi + qoff)) : k_hi;
+  const bool vec = a.vec != 0;
+  const int64_t nvq = qs.hi - qs.lo;
+
+  stage_params(a, hq, H2, s_delta, s_beta, s_omega, tid, NTHR);
+  __syncthreads();
+  const RotParams rp = {s_delta, s_beta, s_omega};
+  stage_rotated<T, BQ, D, true>(sQ, (const T *)a.q + b * a.q_sb + hq * a.q_sh + qs.lo * a.q_sl, a.q_sl, nvq,
+                                a.q_pos + b * a.qpos_sb + qs.lo * a.qpos_sl, a.qpos_sl, rp, a.layout, vec, tid, NTHR);
+  stage_plain<T, BQ, D>(sdO, (const T *)a.dout + b * a.do_sb + hq * a.do_sh + qs.lo * a.do_sl, a.do_sl, nvq, vec,
+                        tid, NTHR);
+  stage_row_stats(a, b, hq, qs.lo, nvq, BQ, s_lse2, s_D, tid, NTHR);
+  /* every thread has read D (parked in dq_rot[..., 0]) before any thread overwrites dq_rot below */
+  __syncthreads();
+
+  const int rl0 = warp * 16 + (lane >> 2); /* this thread's rows (local): rl0, rl0 + 8 */
+  const float lse2[2] = {s_lse2[rl0], s_lse2[rl0 + 8]};
+  const float Drow[2] = {s_D[rl0], s_D[rl0 + 8]};
+  const T *kg = (const T *)a.k + b * a.k_sb + hk * a.k_sh;
+  const T *vg = (const T *)a.v + b * a.v_sb + hk * a.v_sh;
+  const int64_t *kp = a.k_pos + b * a.kpos_sb;
+  const float sl2 = (float)a.scale * kLog2e;
+
+  float dq[NTD][4];
+#pragma unroll
+  for (int i = 0; i < NTD; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int64_t n0 = k_lo; n0 < k_end; n0 += BK) {
+    const int64_t nv = imin64(BK, k_hi - n0);
+    __syncthreads(); /* the previous tile's sK/sV reads are done */
+    stage_rotated<T, BK, D, false>(sK, kg + n0 * a.k_sl, a.k_sl, nv, kp + n0 * a.kpos_sl, a.kpos_sl, rp, a.layout,
+                                   vec, tid, NTHR);
+    stage_plain<T, BK, D>(sV, vg + n0 * a.v_sl, a.v_sl, nv, vec, tid, NTHR);
+    stage_key_valid(a, b, n0, nv, BK, s_kvalid, tid, NTHR);
+    __syncthreads();
+
+    float s[NTK][4], dp[NTK][4];
+#pragma unroll
+    for (int i = 0; i < NTK; i++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.f;
+    warp_gemm_abt<T, NTK, D>(s, sQ + warp * 16 * LDS, LDS, sK, LDS, lane);
+    warp_gemm_abt<T, NTK, D>(dp, sdO + warp * 16 * LDS, LDS, sV, LDS, lane);
+#pragma unroll
+    for (int nt = 0; nt < NTK; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
+        const int64_t row = qs.lo + rl0 + (e >> 1) * 8;
+        const bool vis = s_kvalid[cc] != 0.f && (!a.causal || n0 + cc <= row + qoff);
+        const float p = vis ? exp2f(s[nt][e] * sl2 - lse2[e >> 1]) : 0.f;
+        s[nt][e] = p * (dp[nt][e] - Drow[e >> 1]); /* dS */
+      }
+    uint32_t pa[NTK / 2][4];
+    acc_to_a<T, NTK / 2>(pa, s);
+    warp_gemm_pv<T, NTD, NTK / 2>(dq, pa, sK, LDS, lane);
+  }
+
+  const float scale = (float)a.scale;
+  float *dqg = a.dq_rot + (b * a.H + hq) * a.Lq * a.d;
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    const int64_t m = qs.lo + rl0 + i * 8;
+    if (m < qs.hi) {
+#pragma unroll
+      for (int nt = 0; nt < NTD; nt++) {
+        const int c = nt * 8 + 2 * (lane & 3);
+        *reinterpret_cast<float2 *>(dqg + m * a.d + c) = make_float2(dq[nt][2 * i] * scale, dq[nt][2 * i + 1] * scale);
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
+  /* d = 128 streams 32 query rows per step in dkdv: dK~ and dV (2 x 64 fp32 per thread) stay in
+   * registers next to S^T and dP^T without spilling */
+  /* 128 owned rows per CTA (8 warps): each streamed tile's rotation is shared by 128 rows */
+  constexpr int BK = 128, BQS = D == 64 ? 64 : 32;
+  constexpr int BQ = 128, BKS = 64;
+  const unsigned H = (unsigned)a.H, B = (unsigned)a.B;
+  if (a.Lq > 0) {
+    const dim3 grid((unsigned)((a.Lq + 7) / 8), H, B);
+    attn_bwd_dot_kernel<T><<<grid, 256, 0, st>>>(a);
+    CF_LAUNCH_CHECK();
+  }
+  {
+    const size_t smem = BwdSmem<D, BK, BQS>::bytes;
+    auto kern = attn_bwd_dkdv_kernel<T, D, BK, BQS>;
+    CF_CUDA_TRY(allow_smem(kern, smem));
+    const dim3 grid(num_tiles(a, BK, a.Lk), H, B);
+    if (grid.x > 0) {
+      kern<<<grid, BK * 2, smem, st>>>(a);
+      CF_LAUNCH_CHECK();
+    }
+  }
+  {
+    const size_t smem = BwdSmem<D, BQ, BKS>::bytes;
+    auto kern = attn_bwd_dq_kernel<T, D, BQ, BKS>;
+    CF_CUDA_TRY(allow_smem(kern, smem));
+    const dim3 grid(num_tiles(a, BQ, a.Lq), H, B);
+    if (grid.x > 0) {
+      kern<<<grid, BQ * 2, smem, st>>>(a);
+      CF_LAUNCH_CHECK();
+    }
+  }
+  return NULL;
+}
+
+}  // namespace cfattn
+
+extern "C" const char *cf_attn_bwd_cuda(const CfAttnArgs *a, int device, void *stream) {
+  using namespace cfattn;
+  if (!cf_attn_cuda_supported(a->dtype, a->d, a->dv)) return "unsupported dtype or head dim (d = dv in {64, 128}, float16/bfloat16)";
+  if (a->H > 65535 || a->B > 65535) return "batch and head counts must be at most 65535";
+  if (a->H == 0 || a->B == 0) return NULL;
+  CfDeviceGuard guard(device);
+  cudaStream_t st = (cudaStream_t)stream;
+  if (a->dtype == CF_BF16) return a->d == 64 ? launch_bwd<__nv_bfloat16, 64>(*a, st) : launch_bwd<__nv_bfloat16, 128>(*a, st);
+  return a->d == 64 ? launch_bwd<__half, 64>(*a, st) : launch_bwd<__half, 128>(*a, st);
+}

@@ -1,0 +1,125 @@
+/* Fused CMHA attention on the CPU: FlashAttention-style tiles with the Euler rotation fused into
+ * the tile loads (SPEC section 1, CMHA_CONTRACT.md).
+ *
+ * Forward. Work items are (batch, query head, run of query tiles), OpenMP-scheduled. An item
+ * rotates the keys its rows can see once, with its query head's delta and positions, into a
+ * per-thread buffer of transposed BK-key tiles (so GQA never needs a per-query-head copy of K in
+ * memory), then streams its BQ-row query tiles over the visible key tiles with an online softmax
+ * (running max and sum). Key tiles wholly hidden by causality or packed-sequence boundaries are
+ * never touched, which halves causal work.
+ *
+ * Backward (FlashAttention-2 order). Work items are (batch, query head, run of key tiles). An item
+ * recomputes the rotated keys of its run once, then visits every query tile that can see them:
+ * P is recomputed from the saved lse, D = rowsum(dout * out), and dk~ / dv accumulate in the
+ * item's own rows of dk_rot / dv_full while the item's dq~ contribution goes to its own buffer.
+ * With one run per (batch, head) - the usual case - that buffer is dq_rot itself; otherwise the
+ * partial buffers are summed in a fixed order afterwards. No atomics, deterministic.
+ *
+ * Memory: per thread O(Lk * (d + dv)) rotated keys / values plus a few tiles; nothing is O(L^2).
+ * The element-type-generic code is in attn_cpu_tmpl.h, included below for float and double. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "attn.h"
+#include "fast_exp.h"
+#include "rotate_math.h"
+
+enum {
+  BQ = 64, /* query rows per tile */
+  BK = 64, /* keys per tile */
+  MR = 4,  /* register block of the tile GEMMs: MR rows x NR columns */
+  NR = 16,
+};
+
+/* The per-item functions get an AVX-512 and an AVX2 clone (picked at load time); the portable
+ * default stays. They hold the whole tile loop so the dispatch cost is paid once per item. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
+#define CF_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CF_HOT CF_CLONES
+#endif
+
+static void *cf_aligned_alloc(size_t bytes) {
+  size_t n = (bytes + 63) / 64 * 64;
+  return aligned_alloc(64, n ? n : 64);
+}
+static void cf_aligned_free(void *ptr) { free(ptr); }
+
+/* The query rows of one tile and, per row, the half-open index range of keys it may see
+ * (causality and packed-sequence boundaries; the key-padding mask is applied on top). */
+typedef struct {
+  int64_t m0, nq;
+  int64_t rlo[BQ], rhi[BQ];
+  int64_t lo, hi;         /* union of the non-empty rows' ranges (hi <= lo: nothing visible) */
+  int64_t lo_max, hi_min; /* over all rows: a key tile inside [lo_max, hi_min) needs no mask */
+  int need_mask;          /* a key-padding mask is present */
+} AttnRows;
+
+static void rows_init(const CfAttnParams *p, int64_t t, AttnRows *rows) {
+  rows->m0 = t * BQ;
+  rows->nq = p->Lq - rows->m0 < BQ ? p->Lq - rows->m0 : BQ;
+  rows->lo = p->Lk;
+  rows->hi = 0;
+  rows->lo_max = 0;
+  rows->hi_min = p->Lk;
+  rows->need_mask = p->kpm != NULL;
+  for (int64_t r = 0; r < rows->nq; r++) {
+    int64_t m = rows->m0 + r, lo = 0, hi = p->Lk;
+    if (p->cu_seqlens) {
+      /* the sequence s with cu[s] <= m < cu[s + 1] (empty sequences are skipped over) */
+      int64_t a = 0, z = p->nseq;
+      while (z - a > 1) {
+        int64_t mid = (a + z) / 2;
+        if (p->cu_seqlens[mid] <= m) a = mid; else z = mid;
+      }
+      lo = p->cu_seqlens[a];
+      hi = p->cu_seqlens[a + 1];
+      if (p->causal && hi > m + 1) hi = m + 1;
+    } else if (p->causal) {
+      int64_t lim = m + p->q_offset + 1;
+      hi = lim < 0 ? 0 : lim < p->Lk ? lim : p->Lk;
+    }
+    rows->rlo[r] = lo;
+    rows->rhi[r] = hi;
+    if (lo > rows->lo_max) rows->lo_max = lo;
+    if (hi < rows->hi_min) rows->hi_min = hi;
+    if (hi > lo) {
+      if (lo < rows->lo) rows->lo = lo;
+      if (hi > rows->hi) rows->hi = hi;
+    }
+  }
+}
+
+static inline int visible(const CfAttnParams *p, int64_t b, const AttnRows *rows, int64_t r,
+                          int64_t n) {
+  return n >= rows->rlo[r] && n < rows->rhi[r] &&
+         (!p->kpm || p->kpm[b * p->kpm_str[0] + n * p->kpm_str[1]]);
+}
+
+#define T float
+#define SUF f32
+#define CF_EXP(x) cf_fast_expf(x)
+#define CF_ROT_FWD cf_rot_fwd_f32
+#include "attn_cpu_tmpl.h"
+#undef T
+#undef SUF
+#undef CF_EXP
+#undef CF_ROT_FWD
+
+#define T double
+#define SUF f64
+#define CF_EXP(x) exp(x)
+#define CF_ROT_FWD cf_rot_fwd_f64
+#include "attn_cpu_tmpl.h"
+#undef T
+#undef SUF
+#undef CF_EXP
+#undef CF_ROT_FWD
+
+int cf_attn_fwd_cpu(const CfAttnParams *p, int dtype) {
+  return dtype == CF_F64 ? attn_fwd_f64(p) : attn_fwd_f32(p);
+}
+
+int cf_attn_bwd_cpu(const CfAttnParams *p, int dtype) {
+  return dtype == CF_F64 ? attn_bwd_f64(p) : attn_bwd_f32(p);
+}

@@ -1,0 +1,425 @@
+/* The element-type-generic body of the CPU fused attention (attn_cpu.c includes it once per type).
+ * Expects: T (float | double), SUF (f32 | f64), CF_EXP(x) (an exp that is exactly 0 for -inf),
+ * CF_ROT_FWD (cf_rot_fwd_f32 | cf_rot_fwd_f64), and from attn_cpu.c: BQ, BK, MR, NR, CF_HOT,
+ * AttnRows, rows_init(), visible(). Every function below is `FN(name)` = name_SUF. */
+
+#define FN_CAT2(a, b) a##_##b
+#define FN_CAT(a, b) FN_CAT2(a, b)
+#define FN(name) FN_CAT(name, SUF)
+
+/* C[M][N] (+)= A[M][K] B[K][N]. A(i, k) = A[i*sar + k*sac] (so A may be a transposed view);
+ * rows of B and C are contiguous with strides ldb, ldc. The MR x NR register block vectorises
+ * over N (one broadcast of A per row, one load of B per k), which is why every operand of the
+ * attention tiles is laid out so that the "N" side is contiguous. */
+static inline void FN(gemm)(int64_t M, int64_t N, int64_t K, const T *restrict A, int64_t sar,
+                            int64_t sac, const T *restrict B, int64_t ldb, T *restrict C,
+                            int64_t ldc, int accumulate) {
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) {
+    int64_t j = 0;
+    for (; j + NR <= N; j += NR) {
+      T c[MR][NR];
+      for (int r = 0; r < MR; r++)
+        for (int n = 0; n < NR; n++) c[r][n] = accumulate ? C[(i + r) * ldc + j + n] : (T)0;
+      for (int64_t kk = 0; kk < K; kk++) {
+        const T *restrict b = B + kk * ldb + j;
+        for (int r = 0; r < MR; r++) {
+          T a = A[(i + r) * sar + kk * sac];
+          for (int n = 0; n < NR; n++) c[r][n] += a * b[n];
+        }
+      }
+      for (int r = 0; r < MR; r++)
+        for (int n = 0; n < NR; n++) C[(i + r) * ldc + j + n] = c[r][n];
+    }
+    const int64_t rem = N - j;
+    if (rem > 0) {  /* column remainder (odd head sizes) */
+      for (int r = 0; r < MR; r++) {
+        T *restrict crow = C + (i + r) * ldc + j;
+        if (!accumulate)
+          for (int64_t n = 0; n < rem; n++) crow[n] = 0;
+        for (int64_t kk = 0; kk < K; kk++) {
+          T a = A[(i + r) * sar + kk * sac];
+          const T *restrict b = B + kk * ldb + j;
+          for (int64_t n = 0; n < rem; n++) crow[n] += a * b[n];
+        }
+      }
+    }
+  }
+  for (; i < M; i++) {  /* row remainder */
+    T *restrict crow = C + i * ldc;
+    if (!accumulate)
+      for (int64_t n = 0; n < N; n++) crow[n] = 0;
+    for (int64_t kk = 0; kk < K; kk++) {
+      T a = A[i * sar + kk * sac];
+      const T *restrict b = B + kk * ldb;
+      for (int64_t n = 0; n < N; n++) crow[n] += a * b[n];
+    }
+  }
+}
+
+/* Rotate one token row of q (with beta, times scale) or k (beta NULL) of head `hq`, writing the
+ * rotated pair j to dst[re_j * dst_stride] / dst[im_j * dst_stride]: dst_stride 1 gives a row,
+ * BK gives a column of a transposed key tile. The internal layout equals the input layout, so the
+ * gradients with respect to q~ and k~ come out in the caller's layout with no permutation. */
+static inline void FN(rotate_row)(const CfAttnParams *p, const T *restrict x, int64_t hq,
+                                  int64_t pos, int with_beta, T mul, T *restrict dst,
+                                  int64_t dst_stride) {
+  const int64_t h = p->d / 2;
+  const T *delta = (const T *)p->delta + hq * h;
+  const T *beta = (const T *)p->beta + hq * h;
+  const T *omega = (const T *)p->freqs + hq * p->freqs_head_stride;
+  for (int64_t j = 0; j < h; j++) {
+    int64_t ire = cf_re_index(p->layout, j, h), iim = cf_im_index(p->layout, j, h);
+    double off = cf_pos_angle((double)omega[j], (double)pos);
+    if (with_beta) off += (double)beta[j];
+    T re, im;
+    CF_ROT_FWD(x[ire], x[iim], delta[j], (T)off, &re, &im);
+    dst[ire * dst_stride] = mul * re;
+    dst[iim * dst_stride] = mul * im;
+  }
+}
+
+/* Rotate keys [n0, n1) of kv head hk with query head hq's parameters into transposed tiles
+ * kt[(n - n0) / BK][c][(n - n0) % BK] (n0 a multiple of BK) and, when krow != NULL, into rows
+ * krow[(n - n0) * d + c]. Padding columns of the last tile are zero. */
+static inline void FN(rotate_keys)(const CfAttnParams *p, int64_t b, int64_t hq, int64_t n0,
+                                   int64_t n1, T *restrict kt, T *restrict krow) {
+  const int64_t d = p->d, hk = hq / (p->H / p->Hkv);
+  const T *kb = (const T *)p->k + b * p->k_str[0] + hk * p->k_str[1];
+  const int64_t *kpos = p->k_pos + b * p->pos_batch * p->Lk;
+  int64_t ntile = (n1 - n0 + BK - 1) / BK;
+  for (int64_t t = 0; t < ntile; t++) {
+    T *tile = kt + t * d * BK;
+    int64_t nk = n1 - n0 - t * BK < BK ? n1 - n0 - t * BK : BK;
+    if (nk < BK)
+      for (int64_t c = 0; c < d; c++)
+        for (int64_t n = nk; n < BK; n++) tile[c * BK + n] = 0;
+    for (int64_t n = 0; n < nk; n++) {
+      int64_t key = n0 + t * BK + n;
+      FN(rotate_row)(p, kb + key * p->k_str[2], hq, kpos[key], 0, (T)1, tile + n, BK);
+    }
+  }
+  if (krow)
+    for (int64_t n = n0; n < n1; n++) {
+      const T *tile = kt + ((n - n0) / BK) * d * BK + (n - n0) % BK;
+      for (int64_t c = 0; c < d; c++) krow[(n - n0) * d + c] = tile[c * BK];
+    }
+}
+
+/* Rotate the query rows of a tile (times scale) into q[r * d + c]; rows >= rows->nq are zero. */
+static inline void FN(rotate_queries)(const CfAttnParams *p, int64_t b, int64_t hq,
+                                      const AttnRows *rows, T *restrict q) {
+  const int64_t d = p->d;
+  const T *qb = (const T *)p->q + b * p->q_str[0] + hq * p->q_str[1];
+  const int64_t *qpos = p->q_pos + b * p->pos_batch * p->Lq;
+  for (int64_t r = 0; r < rows->nq; r++) {
+    int64_t m = rows->m0 + r;
+    FN(rotate_row)(p, qb + m * p->q_str[2], hq, qpos[m], 1, (T)p->scale, q + r * d, 1);
+  }
+  for (int64_t r = rows->nq; r < BQ; r++)
+    for (int64_t c = 0; c < d; c++) q[r * d + c] = 0;
+}
+
+/* Set s[r][n] = -inf where key n0 + n is hidden from query row r (only called for tiles that
+ * touch a mask boundary or when a key-padding mask is present). */
+static inline void FN(mask_tile)(const CfAttnParams *p, int64_t b, const AttnRows *rows,
+                                 int64_t n0, int64_t nk, T *restrict s) {
+  for (int64_t r = 0; r < rows->nq; r++)
+    for (int64_t n = 0; n < nk; n++)
+      if (!visible(p, b, rows, r, n0 + n)) s[r * BK + n] = (T)-INFINITY;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Forward: one work item = (b, query head, a run of query tiles). */
+
+typedef struct {
+  T *kt;             /* rotated key tiles of the item's key range, (ntile, d, BK) */
+  T *q, *s, *o;      /* (BQ, d), (BQ, BK), (BQ, dv) */
+  T *mrow, *lrow;    /* running max and sum, (BQ,) */
+} FN(FwdWs);
+
+CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b, int64_t hq,
+                                int64_t t0, int64_t t1) {
+  const int64_t d = p->d, dv = p->dv, hk = hq / (p->H / p->Hkv);
+  const T *vb = (const T *)p->v + b * p->v_str[0] + hk * p->v_str[1];
+  const int64_t vs = p->v_str[2];
+  T *out = (T *)p->out + (b * p->H + hq) * p->Lq * dv;
+  T *lse = (T *)p->lse + (b * p->H + hq) * p->Lq;
+
+  /* The item's visible key range, rotated once for all its query tiles. */
+  int64_t nlo = p->Lk, nhi = 0;
+  for (int64_t t = t0; t < t1; t++) {
+    AttnRows rows;
+    rows_init(p, t, &rows);
+    if (rows.lo < nlo) nlo = rows.lo;
+    if (rows.hi > nhi) nhi = rows.hi;
+  }
+  int64_t k0 = 0;
+  if (nhi > nlo) {
+    k0 = nlo / BK * BK;
+    FN(rotate_keys)(p, b, hq, k0, nhi, ws->kt, NULL);
+  }
+
+  for (int64_t t = t0; t < t1; t++) {
+    AttnRows rows;
+    rows_init(p, t, &rows);
+    const int64_t nq = rows.nq;
+    for (int64_t r = 0; r < nq; r++) { ws->mrow[r] = (T)-INFINITY; ws->lrow[r] = 0; }
+    for (int64_t x = 0; x < nq * dv; x++) ws->o[x] = 0;
+    if (rows.hi > rows.lo) {
+      FN(rotate_queries)(p, b, hq, &rows, ws->q);
+      for (int64_t n0 = rows.lo / BK * BK; n0 < rows.hi; n0 += BK) {
+        const int64_t nk = p->Lk - n0 < BK ? p->Lk - n0 : BK;
+        T *s = ws->s;
+        FN(gemm)(nq, BK, d, ws->q, d, 1, ws->kt + (n0 - k0) * d, BK, s, BK, 0);
+        if (rows.need_mask || rows.lo_max > n0 || rows.hi_min < n0 + nk)
+          FN(mask_tile)(p, b, &rows, n0, nk, s);
+        /* online softmax: s becomes P = exp(s - m_new); o and l are rescaled by exp(m_old - m_new) */
+        for (int64_t r = 0; r < nq; r++) {
+          T *sr = s + r * BK;
+          T mx = (T)-INFINITY;
+          for (int64_t n = 0; n < nk; n++) mx = sr[n] > mx ? sr[n] : mx;
+          T mold = ws->mrow[r];
+          T mnew = mx > mold ? mx : mold;
+          if (mnew == (T)-INFINITY) {  /* nothing visible yet in this row */
+            for (int64_t n = 0; n < nk; n++) sr[n] = 0;
+            continue;
+          }
+          T sum = 0;
+          for (int64_t n = 0; n < nk; n++) {
+            T e = CF_EXP(sr[n] - mnew);
+            sr[n] = e;
+            sum += e;
+          }
+          if (mnew != mold) {
+            T alpha = CF_EXP(mold - mnew);
+            T *orow = ws->o + r * dv;
+            for (int64_t c = 0; c < dv; c++) orow[c] *= alpha;
+            ws->lrow[r] *= alpha;
+            ws->mrow[r] = mnew;
+          }
+          ws->lrow[r] += sum;
+        }
+        FN(gemm)(nq, dv, nk, s, BK, 1, vb + n0 * vs, vs, ws->o, dv, 1);
+      }
+    }
+    for (int64_t r = 0; r < nq; r++) {
+      T l = ws->lrow[r];
+      T inv = l > 0 ? (T)1 / l : (T)0;
+      T *orow = out + (rows.m0 + r) * dv;
+      for (int64_t c = 0; c < dv; c++) orow[c] = ws->o[r * dv + c] * inv;
+      lse[rows.m0 + r] = l > 0 ? ws->mrow[r] + (T)log((double)l) : (T)-INFINITY;
+    }
+  }
+}
+
+static int FN(attn_fwd)(const CfAttnParams *p) {
+  const int64_t nqt = (p->Lq + BQ - 1) / BQ;
+  const int64_t BH = p->B * p->H;
+  if (BH == 0 || p->Lq == 0) return CF_ATTN_OK;
+  /* Split each (b, head) into query chunks only when B*H alone cannot feed the threads: each
+   * chunk re-rotates the keys it needs, so fewer, longer chunks do less transcendental work. */
+  int64_t split = 1;
+  if (BH < 2 * (int64_t)p->nthreads) split = (2 * p->nthreads + BH - 1) / BH;
+  if (split > nqt) split = nqt;
+  const int64_t per = (nqt + split - 1) / split;
+  split = (nqt + per - 1) / per;
+  const int64_t nitems = BH * split;
+  const int64_t ktiles = (p->Lk + BK - 1) / BK;
+  const size_t ws_elems = (size_t)(ktiles * p->d * BK + BQ * p->d + BQ * BK + BQ * p->dv + 2 * BQ);
+  int failed = 0;
+#pragma omp parallel num_threads(p->nthreads)
+  {
+    T *buf = (T *)cf_aligned_alloc(ws_elems * sizeof(T));
+    if (!buf) {
+#pragma omp atomic write
+      failed = 1;
+    }
+    FN(FwdWs) ws;
+    if (buf) {
+      ws.kt = buf;
+      ws.q = ws.kt + ktiles * p->d * BK;
+      ws.s = ws.q + BQ * p->d;
+      ws.o = ws.s + BQ * BK;
+      ws.mrow = ws.o + BQ * p->dv;
+      ws.lrow = ws.mrow + BQ;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nitems; it++) {
+      if (!buf) continue;
+      /* last chunks first: under causal masking they carry the most keys */
+      int64_t c = split - 1 - it % split, bh = it / split;
+      int64_t t0 = c * per, t1 = t0 + per < nqt ? t0 + per : nqt;
+      FN(fwd_item)(p, &ws, bh / p->H, bh % p->H, t0, t1);
+    }
+    cf_aligned_free(buf);
+  }
+  return failed ? CF_ATTN_ENOMEM : CF_ATTN_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Backward (FlashAttention-2 order): one work item = (b, query head, a run of key tiles). It owns
+ * dk_rot / dv_full for its keys outright and writes its dq contribution to its own buffer, so no
+ * two threads ever add into the same memory and the result is deterministic. */
+
+typedef struct {
+  T *krow, *kt, *vt;  /* rotated keys as rows (nk, d) and tiles (ntile, d, BK); values (ntile, dv, BK) */
+  T *q, *s, *dp, *dq; /* (BQ, d), (BQ, BK), (BQ, BK), (BQ, d) */
+  T *drow, *lrow;     /* D = rowsum(dout * out) and lse of the tile, (BQ,) */
+} FN(BwdWs);
+
+CF_HOT static void FN(bwd_item)(const CfAttnParams *p, FN(BwdWs) *ws, int64_t b, int64_t hq,
+                                int64_t kt0, int64_t kt1, T *dq_dst) {
+  const int64_t d = p->d, dv = p->dv, H = p->H, hk = hq / (p->H / p->Hkv);
+  const int64_t n0c = kt0 * BK, n1c = kt1 * BK < p->Lk ? kt1 * BK : p->Lk;
+  const T *vb = (const T *)p->v + b * p->v_str[0] + hk * p->v_str[1];
+  const T *dob = (const T *)p->dout + b * p->dout_str[0] + hq * p->dout_str[1];
+  const int64_t dos = p->dout_str[2];
+  const T *ob = (const T *)p->out + (b * H + hq) * p->Lq * dv;
+  const T *lseb = (const T *)p->lse + (b * H + hq) * p->Lq;
+  T *dk = (T *)p->dk_rot + (b * H + hq) * p->Lk * d;
+  T *dvf = (T *)p->dv_full + (b * H + hq) * p->Lk * dv;
+
+  for (int64_t x = n0c * d; x < n1c * d; x++) dk[x] = 0;
+  for (int64_t x = n0c * dv; x < n1c * dv; x++) dvf[x] = 0;
+  for (int64_t x = 0; x < p->Lq * d; x++) dq_dst[x] = 0;
+  if (n1c <= n0c) return;
+
+  FN(rotate_keys)(p, b, hq, n0c, n1c, ws->kt, ws->krow);
+  for (int64_t n = n0c; n < n1c; n++) {  /* V^T tiles, zero padded, for dP = dO V^T */
+    T *tile = ws->vt + ((n - n0c) / BK) * dv * BK + (n - n0c) % BK;
+    for (int64_t c = 0; c < dv; c++) tile[c * BK] = vb[n * p->v_str[2] + c];
+  }
+  for (int64_t n = n1c; n < n0c + (kt1 - kt0) * BK; n++) {
+    T *tile = ws->vt + ((n - n0c) / BK) * dv * BK + (n - n0c) % BK;
+    for (int64_t c = 0; c < dv; c++) tile[c * BK] = 0;
+  }
+
+  const int64_t nqt = (p->Lq + BQ - 1) / BQ;
+  for (int64_t t = 0; t < nqt; t++) {
+    AttnRows rows;
+    rows_init(p, t, &rows);
+    if (rows.hi <= rows.lo || rows.hi <= n0c || rows.lo >= n1c) continue;
+    const int64_t nq = rows.nq;
+    FN(rotate_queries)(p, b, hq, &rows, ws->q);
+    const T *dot = dob + rows.m0 * dos;
+    for (int64_t r = 0; r < nq; r++) {
+      const T *dor = dot + r * dos, *orow = ob + (rows.m0 + r) * dv;
+      T acc = 0;
+      for (int64_t c = 0; c < dv; c++) acc += dor[c] * orow[c];
+      ws->drow[r] = acc;
+      ws->lrow[r] = lseb[rows.m0 + r];
+    }
+    for (int64_t x = 0; x < nq * d; x++) ws->dq[x] = 0;
+    int64_t nbeg = rows.lo > n0c ? rows.lo / BK * BK : n0c;
+    int64_t nend = rows.hi < n1c ? rows.hi : n1c;
+    for (int64_t n0 = nbeg; n0 < nend; n0 += BK) {
+      const int64_t nk = n1c - n0 < BK ? n1c - n0 : BK;
+      const T *kt = ws->kt + (n0 - n0c) * d, *krow = ws->krow + (n0 - n0c) * d;
+      T *s = ws->s, *dp = ws->dp;
+      FN(gemm)(nq, BK, d, ws->q, d, 1, kt, BK, s, BK, 0);
+      if (rows.need_mask || rows.lo_max > n0 || rows.hi_min < n0 + nk)
+        FN(mask_tile)(p, b, &rows, n0, nk, s);
+      for (int64_t r = 0; r < nq; r++) {  /* P = exp(S - lse), 0 where masked */
+        T *sr = s + r * BK;
+        T l = ws->lrow[r];
+        if (l == (T)-INFINITY) {
+          for (int64_t n = 0; n < BK; n++) sr[n] = 0;
+          continue;
+        }
+        for (int64_t n = 0; n < nk; n++) sr[n] = CF_EXP(sr[n] - l);
+        for (int64_t n = nk; n < BK; n++) sr[n] = 0;
+      }
+      FN(gemm)(nq, BK, dv, dot, dos, 1, ws->vt + (n0 - n0c) * dv, BK, dp, BK, 0);
+      /* dV += P^T dO, before s is overwritten by dS */
+      FN(gemm)(nk, dv, nq, s, 1, BK, dot, dos, dvf + n0 * dv, dv, 1);
+      for (int64_t r = 0; r < nq; r++) {  /* dS = P (dP - D) */
+        T *sr = s + r * BK;
+        const T *dpr = dp + r * BK;
+        T D = ws->drow[r];
+        for (int64_t n = 0; n < BK; n++) sr[n] = sr[n] * (dpr[n] - D);
+      }
+      FN(gemm)(nk, d, nq, s, 1, BK, ws->q, d, dk + n0 * d, d, 1);  /* dk~ += dS^T (scale q~) */
+      FN(gemm)(nq, d, nk, s, BK, 1, krow, d, ws->dq, d, 1);          /* dq~ += dS k~ (times scale below) */
+    }
+    T sc = (T)p->scale;
+    for (int64_t x = 0; x < nq * d; x++) dq_dst[rows.m0 * d + x] = sc * ws->dq[x];
+  }
+}
+
+static int FN(attn_bwd)(const CfAttnParams *p) {
+  const int64_t BH = p->B * p->H, ktiles = (p->Lk + BK - 1) / BK;
+  const int64_t d = p->d, dv = p->dv;
+  if (BH == 0) return CF_ATTN_OK;
+  if (p->Lq == 0 || ktiles == 0) {  /* nothing to attend: every gradient is zero */
+    memset(p->dq_rot, 0, (size_t)(BH * p->Lq * d) * sizeof(T));
+    memset(p->dk_rot, 0, (size_t)(BH * p->Lk * d) * sizeof(T));
+    memset(p->dv_full, 0, (size_t)(BH * p->Lk * dv) * sizeof(T));
+    return CF_ATTN_OK;
+  }
+  /* Split the keys of a (b, head) only when B*H cannot feed the threads; every extra split costs
+   * one partial dq (B*H*Lq*d) that is summed afterwards in a fixed order. */
+  int64_t split = 1;
+  if (BH < 2 * (int64_t)p->nthreads) split = (2 * p->nthreads + BH - 1) / BH;
+  if (split > ktiles) split = ktiles;
+  const size_t dq_bytes = (size_t)(BH * p->Lq * d) * sizeof(T);
+  while (split > 1 && (size_t)(split - 1) * dq_bytes > ((size_t)256 << 20)) split--;
+  const int64_t per = (ktiles + split - 1) / split;
+  split = (ktiles + per - 1) / per;
+  T *partial = NULL;
+  if (split > 1) {
+    partial = (T *)cf_aligned_alloc((size_t)(split - 1) * dq_bytes);
+    if (!partial) return CF_ATTN_ENOMEM;
+  }
+  const int64_t nitems = BH * split;
+  const size_t ws_elems = (size_t)(2 * per * BK * d + per * BK * dv + 2 * BQ * d + 2 * BQ * BK + 2 * BQ);
+  int failed = 0;
+#pragma omp parallel num_threads(p->nthreads)
+  {
+    T *buf = (T *)cf_aligned_alloc(ws_elems * sizeof(T));
+    if (!buf) {
+#pragma omp atomic write
+      failed = 1;
+    }
+    FN(BwdWs) ws;
+    if (buf) {
+      ws.krow = buf;
+      ws.kt = ws.krow + per * BK * d;
+      ws.vt = ws.kt + per * BK * d;
+      ws.q = ws.vt + per * BK * dv;
+      ws.dq = ws.q + BQ * d;
+      ws.s = ws.dq + BQ * d;
+      ws.dp = ws.s + BQ * BK;
+      ws.drow = ws.dp + BQ * BK;
+      ws.lrow = ws.drow + BQ;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nitems; it++) {
+      if (!buf) continue;
+      /* first key chunks first: under causal masking they meet the most queries */
+      int64_t c = it % split, bh = it / split;
+      int64_t kt0 = c * per, kt1 = kt0 + per < ktiles ? kt0 + per : ktiles;
+      T *dst = c == 0 ? (T *)p->dq_rot + bh * p->Lq * d
+                      : partial + ((c - 1) * BH + bh) * p->Lq * d;
+      FN(bwd_item)(p, &ws, bh / p->H, bh % p->H, kt0, kt1, dst);
+    }
+    cf_aligned_free(buf);
+    if (split > 1 && !failed) {
+      /* dq_rot += partials, in split order (deterministic) */
+      const int64_t total = BH * p->Lq * d;
+      T *dq = (T *)p->dq_rot;
+#pragma omp for schedule(static)
+      for (int64_t x = 0; x < total; x++) {
+        T acc = dq[x];
+        for (int64_t c = 1; c < split; c++) acc += partial[(c - 1) * total + x];
+        dq[x] = acc;
+      }
+    }
+  }
+  cf_aligned_free(partial);
+  return failed ? CF_ATTN_ENOMEM : CF_ATTN_OK;
+}
+
+#undef FN
+#undef FN_CAT
+#undef FN_CAT2

@@ -1,0 +1,485 @@
+/* Building blocks of the fused CMHA attention kernels (attn_fwd_cuda.cu, attn_bwd_cuda.cu):
+ * tensor-core warp GEMMs (mma.sync m16n8k16, fp32 accumulate, operands through ldmatrix),
+ * tile staging global -> shared memory with the Euler rotation fused in, and the mapping of
+ * CTAs to (packed) sequence tiles.
+ *
+ * Shared-memory tiles are row-major [rows][D + 8]: the 16-byte pad shifts consecutive rows by
+ * one 16-byte bank group, so the eight row addresses of every ldmatrix hit distinct banks.
+ *
+ * Register fragments (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
+ *   accumulator C (16 x 8):  c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1)
+ *   A (16 x 16, row-major):  a0 = (g, 2t..), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+ *   B (16 x 8, "col"):       b0 = (k 2t, 2t+1; col g), b1 = (k 2t+8, 2t+9; col g)
+ * so two adjacent accumulator tiles (16 x 16) are exactly one A operand: P never leaves registers. */
+#ifndef CF_ATTN_CUDA_TILE_CUH
+#define CF_ATTN_CUDA_TILE_CUH
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <string.h>
+#include "attn_cuda.h"
+#include "cuda_util.cuh"
+#include "rotate_math.h"
+
+namespace cfattn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* ---- element types: packing, conversion and the matching mma instruction ---- */
+template <typename T> struct Ty;
+
+template <> struct Ty<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {
+    __nv_bfloat162 v;
+    memcpy(&v, &u, 4);
+    return __bfloat1622float2(v);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <> struct Ty<__half> {
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {
+    __half2 v;
+    memcpy(&v, &u, 4);
+    return __half22float2(v);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+/* Two raw 16-bit elements as one 32-bit word (element at the lower address in the low half). */
+template <typename T> __device__ __forceinline__ uint32_t raw_pair(const T *p) {
+  uint16_t lo, hi;
+  memcpy(&lo, p, 2);
+  memcpy(&hi, p + 1, 2);
+  return (uint32_t)lo | ((uint32_t)hi << 16);
+}
+
+/* ---- ldmatrix ---- */
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+/* ---- warp GEMMs (one warp, 16 output rows) ----
+ * acc (16 x NT*8) += A (16 x K) . B^T, with A = sA[16][K] and B = sB[NT*8][K], both row-major in
+ * shared memory: S = Q K^T, dP = dO V^T and their transposes. NT even. */
+template <typename T, int NT, int K>
+__device__ __forceinline__ void warp_gemm_abt(float (&acc)[NT][4], const T *sA, int lda, const T *sB, int ldb,
+                                              int lane) {
+  static_assert(NT % 2 == 0 && K % 16 == 0, "tile shape");
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    uint32_t a[4];
+    /* matrices (rows 0-7 | 8-15) x (cols k0 | k0+8) in the order a0, a1, a2, a3 */
+    ldsm_x4(a, sA + (lane & 15) * lda + k0 + (lane >> 4) * 8);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      /* matrices: (n-tile nt, k0), (nt, k0+8), (nt+1, k0), (nt+1, k0+8) = b0, b1 of nt and nt+1 */
+      ldsm_x4(b, sB + (nt * 8 + (lane & 7) + (lane >> 4) * 8) * ldb + k0 + ((lane >> 3) & 1) * 8);
+      Ty<T>::mma(acc[nt], a, b[0], b[1]);
+      Ty<T>::mma(acc[nt + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+/* acc (16 x NT*8) += P (16 x KT*16, A fragments in registers) . B, B = sB[KT*16][NT*8] row-major in
+ * shared memory (loaded transposed): O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K. */
+template <typename T, int NT, int KT>
+__device__ __forceinline__ void warp_gemm_pv(float (&acc)[NT][4], const uint32_t (&pa)[KT][4], const T *sB, int ldb,
+                                             int lane) {
+  static_assert(NT % 2 == 0, "tile shape");
+#pragma unroll
+  for (int kk = 0; kk < KT; kk++) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      /* matrices: (k rows kk*16 | +8) x (cols nt*8 | +8) -> b0, b1 of nt, then b0, b1 of nt+1 */
+      ldsm_x4_t(b, sB + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + nt * 8 + (lane >> 4) * 8);
+      Ty<T>::mma(acc[nt], pa[kk], b[0], b[1]);
+      Ty<T>::mma(acc[nt + 1], pa[kk], b[2], b[3]);
+    }
+  }
+}
+
+/* Accumulator tiles (16 x KT*16, fp32) -> A fragments (16-bit) for warp_gemm_pv. */
+template <typename T, int KT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&pa)[KT][4], const float (&s)[2 * KT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < KT; kk++) {
+    pa[kk][0] = Ty<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = Ty<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = Ty<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = Ty<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+/* ---- staging global -> shared ---- */
+
+/* Eight consecutive elements as floats: one 16-byte load when rows are aligned, else eight. */
+template <typename T> __device__ __forceinline__ void load8(float (&x)[8], const T *g, bool vec) {
+  if (vec) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(g);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float2 f = Ty<T>::unpack(w[i]);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; i++) x[i] = Ty<T>::to_float(g[i]);
+  }
+}
+
+__device__ __forceinline__ void store16(void *s, const uint32_t (&w)[4]) {
+  *reinterpret_cast<uint4 *>(s) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* The Euler rotation of one pair on the hot path. Every CTA rotates every key tile it visits (once
+ * per query head) and, in the backward, every query tile, so this is the attention's main cost
+ * besides the tensor-core work. Same math as cf_rot_fwd_f32 (rotate_math.h), with cheaper parts:
+ * r = x * rsqrt(x) (x >= eps_r > 0), atan2 from a degree-6 minimax polynomial in (min/max)^2
+ * (|error| < 1e-6 rad, checked against float64 over 2M normal pairs and the signed-zero /
+ * quadrant edges), phi reduced to [-pi, pi] and sin/cos from the hardware approximations
+ * (|error| ~ 4e-7). These errors sit far below the 16-bit rounding of the rotated value, and the
+ * forward and the backward use this same function, so P recomputed in the backward matches the
+ * forward's lse. */
+__device__ __forceinline__ float fast_atan2(float y, float x) {
+  const float ax = fabsf(x), ay = fabsf(y);
+  const float mx = fmaxf(ax, ay), mn = fminf(ax, ay);
+  const float a = mx > 0.f ? __fdividef(mn, mx) : 0.f;
+  const float s = a * a;
+  float p = 0.008006897754967213f;
+  p = fmaf(p, s, -0.03744296729564667f);
+  p = fmaf(p, s, 0.08435407280921936f);
+  p = fmaf(p, s, -0.13512174785137177f);
+  p = fmaf(p, s, 0.19887320697307587f);
+  p = fmaf(p, s, -0.3332701325416565f);
+  p = fmaf(p, s, 0.9999994039535522f);
+  float r = a * p;                                   /* atan(min / max) in [0, pi/4] */
+  if (ay > ax) r = 1.57079632679489662f - r;
+  if (x < 0.f) r = 3.14159265358979324f - r;
+  return copysignf(r, y);
+}
+
+__device__ __forceinline__ void rot_fast(float re, float im, float delta, float offset, float *o_re, float *o_im) {
+  const float x = fmaf(re, re, fmaf(im, im, (float)CF_EPS_R));
+  const float r = x * rsqrtf(x);
+  float phi = fmaf(delta, fast_atan2(im, re), offset);
+  phi = fmaf(-6.28318530717958647f, rintf(phi * 0.159154943091895336f), phi);
+  float sn, cs;
+  __sincosf(phi, &sn, &cs);
+  *o_re = r * cs;
+  *o_im = r * sn;
+}
+
+/* Per-head rotation parameters of one CTA, staged once: delta_j, beta_j (queries), omega_j (double,
+ * for cf_pos_angle's exact reduction of omega * p). */
+struct RotParams {
+  const float *delta, *beta;
+  const double *omega;
+};
+
+/* offset = beta_j (queries only) + cf_pos_angle(omega_j, p), as the contract defines it */
+template <bool IS_Q>
+__device__ __forceinline__ void rot_one(const RotParams &rp, int j, double p, float re, float im, float *o_re,
+                                        float *o_im) {
+  const float pa = (float)cf_pos_angle(rp.omega[j], p);
+  rot_fast(re, im, rp.delta[j], IS_Q ? rp.beta[j] + pa : pa, o_re, o_im);
+}
+
+/* Rows [0, ROWS) of a (L, D) slice at g (row stride gs) into s[ROWS][D+8], Euler-rotated with the
+ * positions pos[r * ps]; rows >= nvalid become zeros (never garbage: 0 * NaN would poison P V). */
+template <typename T, int ROWS, int D, bool IS_Q>
+__device__ __forceinline__ void stage_rotated(T *s, const T *g, int64_t gs, int64_t nvalid, const int64_t *pos,
+                                              int64_t ps, const RotParams &rp, int layout, bool vec, int tid,
+                                              int nthr) {
+  constexpr int LDS = D + 8, H2 = D / 2;
+  if (layout == CF_LAYOUT_HALF) {
+    constexpr int UPR = H2 / 8; /* units per row: 8 pairs, re at [c, c+8), im at [H2+c, H2+c+8) */
+    for (int u = tid; u < ROWS * UPR; u += nthr) {
+      const int r = u / UPR, c = (u % UPR) * 8;
+      uint32_t wre[4] = {0, 0, 0, 0}, wim[4] = {0, 0, 0, 0};
+      if (r < nvalid) {
+        float re[8], im[8];
+        const T *row = g + r * gs;
+        load8(re, row + c, vec);
+        load8(im, row + H2 + c, vec);
+        const double p = (double)pos[r * ps];
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          float a0, b0, a1, b1;
+          rot_one<IS_Q>(rp, c + e, p, re[e], im[e], &a0, &b0);
+          rot_one<IS_Q>(rp, c + e + 1, p, re[e + 1], im[e + 1], &a1, &b1);
+          wre[e / 2] = Ty<T>::pack(a0, a1);
+          wim[e / 2] = Ty<T>::pack(b0, b1);
+        }
+      }
+      store16(s + r * LDS + c, wre);
+      store16(s + r * LDS + H2 + c, wim);
+    }
+  } else {
+    constexpr int UPR = D / 8; /* units per row: 4 interleaved pairs (re, im) at [c, c+8) */
+    for (int u = tid; u < ROWS * UPR; u += nthr) {
+      const int r = u / UPR, c = (u % UPR) * 8;
+      uint32_t w[4] = {0, 0, 0, 0};
+      if (r < nvalid) {
+        float x[8];
+        load8(x, g + r * gs + c, vec);
+        const double p = (double)pos[r * ps];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          float a, b;
+          rot_one<IS_Q>(rp, c / 2 + e, p, x[2 * e], x[2 * e + 1], &a, &b);
+          w[e] = Ty<T>::pack(a, b);
+        }
+      }
+      store16(s + r * LDS + c, w);
+    }
+  }
+}
+
+/* Rows [0, ROWS) of a (L, D) slice into s[ROWS][D+8] unchanged (V, dO); rows >= nvalid are zeros. */
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void stage_plain(T *s, const T *g, int64_t gs, int64_t nvalid, bool vec, int tid,
+                                            int nthr) {
+  constexpr int LDS = D + 8, UPR = D / 8;
+  for (int u = tid; u < ROWS * UPR; u += nthr) {
+    const int r = u / UPR, c = (u % UPR) * 8;
+    uint32_t w[4] = {0, 0, 0, 0};
+    if (r < nvalid) {
+      const T *src = g + r * gs + c;
+      if (vec) {
+        const uint4 v = *reinterpret_cast<const uint4 *>(src);
+        w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) w[i] = raw_pair(src + 2 * i);
+      }
+    }
+    store16(s + r * LDS + c, w);
+  }
+}
+
+/* One 16-byte chunk: a vector load when rows are aligned, else eight 2-byte loads; zeros if !ok. */
+template <typename T> __device__ __forceinline__ uint4 load_chunk(const T *g, bool ok, bool vec) {
+  if (!ok) return make_uint4(0, 0, 0, 0);
+  if (vec) return __ldg(reinterpret_cast<const uint4 *>(g));
+  return make_uint4(raw_pair(g), raw_pair(g + 2), raw_pair(g + 4), raw_pair(g + 6));
+}
+
+/* Rotate the four packed pairs of a chunk for the "half" layout: re chunk wr, im chunk wi hold
+ * pairs j0 .. j0+7; the results are packed back in place. */
+template <typename T, bool IS_Q>
+__device__ __forceinline__ void rotate_half_chunks(uint4 &wr, uint4 &wi, const RotParams &rp, int j0, double p) {
+  uint32_t r4[4] = {wr.x, wr.y, wr.z, wr.w}, i4[4] = {wi.x, wi.y, wi.z, wi.w};
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const float2 re = Ty<T>::unpack(r4[e]), im = Ty<T>::unpack(i4[e]);
+    float a0, b0, a1, b1;
+    rot_one<IS_Q>(rp, j0 + 2 * e, p, re.x, im.x, &a0, &b0);
+    rot_one<IS_Q>(rp, j0 + 2 * e + 1, p, re.y, im.y, &a1, &b1);
+    r4[e] = Ty<T>::pack(a0, a1);
+    i4[e] = Ty<T>::pack(b0, b1);
+  }
+  wr = make_uint4(r4[0], r4[1], r4[2], r4[3]);
+  wi = make_uint4(i4[0], i4[1], i4[2], i4[3]);
+}
+
+/* The same for an "interleaved" chunk: four (re, im) pairs j0 .. j0+3. */
+template <typename T, bool IS_Q>
+__device__ __forceinline__ void rotate_inter_chunk(uint4 &w, const RotParams &rp, int j0, double p) {
+  uint32_t x4[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const float2 x = Ty<T>::unpack(x4[e]);
+    float a, b;
+    rot_one<IS_Q>(rp, j0 + e, p, x.x, x.y, &a, &b);
+    x4[e] = Ty<T>::pack(a, b);
+  }
+  w = make_uint4(x4[0], x4[1], x4[2], x4[3]);
+}
+
+/* A key tile (rotated when staged) and its value tile, held raw in registers between the global
+ * loads and the staging into shared memory. The forward issues the loads of tile i+1 right after
+ * staging tile i, so their latency hides behind tile i's tensor-core work (one CTA per SM leaves
+ * no other CTA to cover it). Thread tid owns units u = tid + i * NTHR:
+ *   K, half layout:        unit = (row u / (H2/8), cols c and H2 + c), c = (u % (H2/8)) * 8
+ *   K, interleaved layout: unit = (row u / (D/8), cols c .. c+7),    c = (u % (D/8)) * 8
+ *   V:                     chunk = (row u / (D/8), cols c .. c+7)
+ * Both K mappings use NCH chunks per thread; key tid's validity is held by thread tid. */
+template <typename T, int ROWS, int D, int NTHR>
+struct KVPrefetch {
+  static constexpr int H2 = D / 2, NCH = ROWS * D / 8 / NTHR, LDS = D + 8;
+  static_assert((ROWS * D / 8) % (2 * NTHR) == 0 && ROWS <= NTHR, "tile must split evenly over the threads");
+  uint4 kc[NCH], vc[NCH];
+  int64_t kpos[NCH];
+  bool kvalid;
+
+  __device__ __forceinline__ void load(const CfAttnArgs &a, const T *kg, const T *vg, const int64_t *kp, int64_t b,
+                                       int64_t n0, int64_t nv, bool vec, int tid) {
+    if (a.layout == CF_LAYOUT_HALF) {
+#pragma unroll
+      for (int i = 0; i < NCH / 2; i++) {
+        const int u = tid + i * NTHR, r = u / (H2 / 8), c = (u % (H2 / 8)) * 8;
+        const T *row = kg + (n0 + r) * a.k_sl;
+        kc[2 * i] = load_chunk(row + c, r < nv, vec);
+        kc[2 * i + 1] = load_chunk(row + H2 + c, r < nv, vec);
+        kpos[i] = r < nv ? kp[(n0 + r) * a.kpos_sl] : 0;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < NCH; i++) {
+        const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
+        kc[i] = load_chunk(kg + (n0 + r) * a.k_sl + c, r < nv, vec);
+        kpos[i] = r < nv ? kp[(n0 + r) * a.kpos_sl] : 0;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < NCH; i++) {
+      const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
+      vc[i] = load_chunk(vg + (n0 + r) * a.v_sl + c, r < nv, vec);
+    }
+    kvalid = tid < nv && (!a.kpm || a.kpm[b * a.kpm_sb + (n0 + tid) * a.kpm_sl]);
+  }
+
+  /* Rotate K into sK, copy V into sV, key validity into s_kvalid. Rows >= nv become zeros. */
+  __device__ __forceinline__ void store(T *sK, T *sV, float *s_kvalid, const RotParams &rp, int layout, int64_t nv,
+                                        int tid) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    if (layout == CF_LAYOUT_HALF) {
+#pragma unroll
+      for (int i = 0; i < NCH / 2; i++) {
+        const int u = tid + i * NTHR, r = u / (H2 / 8), c = (u % (H2 / 8)) * 8;
+        uint4 wr = zero, wi = zero;
+        if (r < nv) {
+          wr = kc[2 * i], wi = kc[2 * i + 1];
+          rotate_half_chunks<T, false>(wr, wi, rp, c, (double)kpos[i]);
+        }
+        *reinterpret_cast<uint4 *>(sK + r * LDS + c) = wr;
+        *reinterpret_cast<uint4 *>(sK + r * LDS + H2 + c) = wi;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < NCH; i++) {
+        const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
+        uint4 w = zero;
+        if (r < nv) {
+          w = kc[i];
+          rotate_inter_chunk<T, false>(w, rp, c / 2, (double)kpos[i]);
+        }
+        *reinterpret_cast<uint4 *>(sK + r * LDS + c) = w;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < NCH; i++) {
+      const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
+      *reinterpret_cast<uint4 *>(sV + r * LDS + c) = vc[i];
+    }
+    if (tid < ROWS) s_kvalid[tid] = kvalid ? 1.f : 0.f;
+  }
+};
+
+/* Per-head parameters into shared memory (h = D/2 entries each). */
+__device__ __forceinline__ void stage_params(const CfAttnArgs &a, int64_t head, int h2, float *s_delta,
+                                             float *s_beta, double *s_omega, int tid, int nthr) {
+  for (int j = tid; j < h2; j += nthr) {
+    s_delta[j] = a.delta[head * a.delta_sh + j];
+    s_beta[j] = a.beta[head * a.beta_sh + j];
+    s_omega[j] = (double)a.freqs[head * a.freqs_sh + j];
+  }
+}
+
+/* Key validity of keys [n0, n0 + rows) (1 = may attend): inside the sequence and not padded. */
+__device__ __forceinline__ void stage_key_valid(const CfAttnArgs &a, int64_t b, int64_t n0, int64_t nvalid, int rows,
+                                                float *s_valid, int tid, int nthr) {
+  for (int i = tid; i < rows; i += nthr)
+    s_valid[i] = (i < nvalid && (!a.kpm || a.kpm[b * a.kpm_sb + (n0 + i) * a.kpm_sl])) ? 1.f : 0.f;
+}
+
+/* ---- CTA -> tile ---- */
+struct Span {
+  int64_t lo, hi;          /* rows of this tile */
+  int64_t seq_lo, seq_hi;  /* the sequence it lies in (packed batches), else [0, L) */
+};
+
+/* Tile t of R rows along a dimension of length L. Packed batches (cu_seqlens): tiles never straddle
+ * two sequences; the grid has ceil(L / R) + nseq CTAs (an upper bound), the surplus returns false.
+ * cu_seqlens is clamped to [0, L] so a malformed table cannot send a CTA out of bounds. */
+__device__ __forceinline__ bool map_tile(const CfAttnArgs &a, int64_t t, int R, int64_t L, Span &s) {
+  if (!a.cu_seqlens) {
+    s.lo = t * R;
+    s.hi = imin64(s.lo + R, L);
+    s.seq_lo = 0;
+    s.seq_hi = L;
+    return s.lo < L;
+  }
+  int64_t acc = 0;
+  for (int64_t i = 0; i < a.nseq; i++) {
+    const int64_t b0 = imin64(imax64(a.cu_seqlens[i], 0), L);
+    const int64_t e0 = imin64(imax64(a.cu_seqlens[i + 1], b0), L);
+    const int64_t n = (e0 - b0 + R - 1) / R;
+    if (t < acc + n) {
+      s.lo = b0 + (t - acc) * R;
+      s.hi = imin64(s.lo + R, e0);
+      s.seq_lo = b0;
+      s.seq_hi = e0;
+      return true;
+    }
+    acc += n;
+  }
+  return false;
+}
+
+static inline unsigned num_tiles(const CfAttnArgs &a, int R, int64_t L) {
+  return (unsigned)((L + R - 1) / R + (a.cu_seqlens ? a.nseq : 0));
+}
+
+/* Raise the dynamic shared-memory limit of a kernel (needed above 48 KB). */
+template <typename K> static inline cudaError_t allow_smem(K kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+}
+
+}  // namespace cfattn
+#endif

@@ -1,0 +1,324 @@
+"""Kernel-level tests of the CPU fused CMHA attention (_C.attn_fwd_cpu / _C.attn_bwd_cpu).
+
+Forward: against the pair-by-pair float64 reference (complexformer.reference), which never uses the
+factorized rotation the kernel implements. Backward: against float64 autograd through an explicit
+rotate-then-attention (the gradients with respect to the rotated q~, k~ per query head and v per
+query head, as CMHA_CONTRACT.md defines them). float32: the FlashAttention rule, i.e. the kernel's
+error against float64 is at most 2x that of the same math done by PyTorch in float32, plus a floor.
+"""
+import math
+
+import pytest
+import torch
+
+from complexformer import _C
+from complexformer._ext import dl, dl_opt
+from complexformer.reference import (cmha_attention_pairwise, default_freqs, default_positions,
+                                     split_pairs, visible_mask)
+
+LAYOUTS = {"half": 0, "interleaved": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# calling the kernels
+
+def _resolve(q, k, *, causal, scale, q_offset, cu_seqlens, q_pos, k_pos):
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_offset = Lk - Lq if q_offset is None else q_offset
+    dq_pos, dk_pos = default_positions(B, Lq, Lk, q_offset=q_offset, cu_seqlens=cu_seqlens)
+    q_pos = dq_pos if q_pos is None else q_pos
+    k_pos = dk_pos if k_pos is None else k_pos
+    return scale, q_offset, q_pos.contiguous(), k_pos.contiguous()
+
+
+def kernel_fwd(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset=None, kpm=None,
+               cu_seqlens=None, layout="half", q_pos=None, k_pos=None, nthreads=None):
+    B, H, Lq, _ = q.shape
+    scale, q_offset, q_pos, k_pos = _resolve(q, k, causal=causal, scale=scale, q_offset=q_offset,
+                                             cu_seqlens=cu_seqlens, q_pos=q_pos, k_pos=k_pos)
+    out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype)
+    lse = torch.empty(B, H, Lq, dtype=q.dtype)
+    _C.attn_fwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
+                    dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(lse), int(causal), float(scale),
+                    int(q_offset), LAYOUTS[layout], nthreads or torch.get_num_threads())
+    return out, lse
+
+
+def kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, *, causal=True, scale=None, q_offset=None,
+               kpm=None, cu_seqlens=None, layout="half", q_pos=None, k_pos=None, nthreads=None):
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    scale, q_offset, q_pos, k_pos = _resolve(q, k, causal=causal, scale=scale, q_offset=q_offset,
+                                             cu_seqlens=cu_seqlens, q_pos=q_pos, k_pos=k_pos)
+    dq = torch.full((B, H, Lq, d), float("nan"), dtype=q.dtype)
+    dk = torch.full((B, H, Lk, d), float("nan"), dtype=q.dtype)
+    dvf = torch.full((B, H, Lk, v.shape[3]), float("nan"), dtype=q.dtype)
+    _C.attn_bwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
+                    dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf),
+                    int(causal), float(scale), int(q_offset), LAYOUTS[layout],
+                    nthreads or torch.get_num_threads())
+    return dq, dk, dvf
+
+
+# ------------------------------------------------------------------------------------------------
+# references
+
+def rotate_ref(x, delta, beta, freqs, pos, layout):
+    """Explicit Euler rotation of x (B, H, L, d) with per-head params; beta None for keys."""
+    H, h = delta.shape
+    re, im = split_pairs(x, layout)
+    r = torch.sqrt(re * re + im * im + 1e-9)
+    omega = freqs.expand(H, h) if freqs.dim() == 1 else freqs
+    # positions reduced to [-pi, pi] as the kernels do (cf_pos_angle) - exact in float64 anyway
+    ang = omega.double()[None, :, None, :] * pos.double()[:, None, :, None]
+    ang = ang - 2 * math.pi * torch.round(ang / (2 * math.pi))
+    phi = delta[None, :, None, :] * torch.atan2(im, re) + ang.to(x.dtype)
+    if beta is not None:
+        phi = phi + beta[None, :, None, :]
+    ore, oim = r * torch.cos(phi), r * torch.sin(phi)
+    if layout == "half":
+        return torch.cat([ore, oim], -1)
+    return torch.stack([ore, oim], -1).flatten(-2)
+
+
+def attention_ref(qr, kr, v_full, vis, scale):
+    """Softmax attention on rotated q~ (B,H,Lq,d), k~ (B,H,Lk,d), v (B,H,Lk,dv); empty rows -> 0."""
+    s = scale * qr @ kr.transpose(-1, -2)
+    s = s.masked_fill(~vis, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v_full
+
+
+def ref_grads(q, k, v, delta, beta, freqs, dout, *, causal, scale, q_offset, kpm, cu_seqlens, layout,
+              q_pos, k_pos):
+    """float64 (dq_rot, dk_rot, dv_full) by autograd through rotate-then-attention."""
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    G = H // k.shape[1]
+    q, k, v = q.double(), k.double(), v.double()
+    delta, beta, freqs = delta.double(), beta.double(), freqs.double()
+    qr = rotate_ref(q, delta, beta, freqs, q_pos.expand(B, Lq), layout).detach().requires_grad_()
+    kr = rotate_ref(k.repeat_interleave(G, 1), delta, None, freqs, k_pos.expand(B, Lk), layout)
+    kr = kr.detach().requires_grad_()
+    vf = v.repeat_interleave(G, 1).detach().requires_grad_()
+    vis = visible_mask(B, Lq, Lk, causal=causal, q_offset=q_offset, key_padding_mask=kpm,
+                       cu_seqlens=cu_seqlens)
+    out = attention_ref(qr, kr, vf, vis, scale)
+    out.backward(dout.double())
+    return qr.grad, kr.grad, vf.grad
+
+
+def make_inputs(B=2, H=4, Hkv=2, Lq=17, Lk=17, d=16, dv=None, dtype=torch.float64, per_head_freqs=False,
+                strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    h = d // 2
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if strided:  # as sliced from a (B, L, heads, d) projection: q.stride(2) != d
+        q = rnd(B, Lq, H, d).to(dtype).transpose(1, 2)
+        k = rnd(B, Lk, Hkv, d).to(dtype).transpose(1, 2)
+        v = rnd(B, Lk, Hkv, dv).to(dtype).transpose(1, 2)
+    else:
+        q, k, v = rnd(B, H, Lq, d).to(dtype), rnd(B, Hkv, Lk, d).to(dtype), rnd(B, Hkv, Lk, dv).to(dtype)
+    delta = (1.0 + 0.5 * rnd(H, h)).to(dtype)
+    beta = (0.3 * rnd(H, h)).to(dtype)
+    if per_head_freqs:
+        freqs = (default_freqs(d, dtype=torch.float64)[None] * (1 + 0.1 * rnd(H, 1).abs())).to(dtype)
+    else:
+        freqs = default_freqs(d, dtype=dtype)
+    return q, k, v, delta, beta, freqs
+
+
+# ------------------------------------------------------------------------------------------------
+# the test cases: (name, make_inputs kwargs, mask kwargs)
+
+CASES = [
+    ("L1", dict(B=1, H=1, Hkv=1, Lq=1, Lk=1, d=32), dict(causal=True)),
+    ("L17_gqa", dict(B=3, H=4, Hkv=2, Lq=17, Lk=17, d=64), dict(causal=True)),
+    ("L127_mqa_nc", dict(B=1, H=8, Hkv=1, Lq=127, Lk=127, d=32), dict(causal=False)),
+    ("L129_d128", dict(B=1, H=2, Hkv=2, Lq=129, Lk=129, d=128), dict(causal=True)),
+    ("L300", dict(B=1, H=2, Hkv=1, Lq=300, Lk=300, d=32, per_head_freqs=True), dict(causal=True)),
+    ("d6_odd_dv", dict(B=3, H=2, Hkv=1, Lq=70, Lk=70, d=6, dv=5), dict(causal=True)),
+    ("interleaved", dict(B=1, H=4, Hkv=2, Lq=65, Lk=65, d=16), dict(causal=True, layout="interleaved")),
+    ("decode", dict(B=2, H=4, Hkv=2, Lq=1, Lk=100, d=32), dict(causal=True)),
+    ("chunked_prefill", dict(B=1, H=2, Hkv=1, Lq=40, Lk=150, d=32), dict(causal=True)),
+    ("q_offset_neg", dict(B=1, H=2, Hkv=1, Lq=70, Lk=70, d=16), dict(causal=True, q_offset=-5)),
+    ("q_offset_big", dict(B=1, H=2, Hkv=2, Lq=20, Lk=90, d=16), dict(causal=True, q_offset=100)),
+    ("lq_gt_lk_nc", dict(B=2, H=2, Hkv=1, Lq=90, Lk=33, d=16), dict(causal=False)),
+    ("kpm", dict(B=3, H=2, Hkv=1, Lq=80, Lk=80, d=16), dict(causal=True, kpm=True)),
+    ("kpm_nc", dict(B=3, H=4, Hkv=4, Lq=80, Lk=130, d=16), dict(causal=False, kpm=True)),
+    ("varlen", dict(B=1, H=4, Hkv=2, Lq=150, Lk=150, d=16), dict(causal=True, cu=[0, 5, 5, 70, 71, 150])),
+    ("varlen_nc", dict(B=1, H=2, Hkv=1, Lq=150, Lk=150, d=16), dict(causal=False, cu=[0, 64, 100, 150])),
+    ("strided", dict(B=2, H=4, Hkv=2, Lq=67, Lk=67, d=32, strided=True), dict(causal=True)),
+    ("scale1", dict(B=1, H=2, Hkv=1, Lq=33, Lk=33, d=16), dict(causal=True, scale=1.0)),
+]
+
+
+def _mask_args(B, Lq, Lk, mask, seed=0):
+    kw = dict(causal=mask["causal"], scale=mask.get("scale"), q_offset=mask.get("q_offset"),
+              layout=mask.get("layout", "half"))
+    kw["kpm"] = None
+    kw["cu_seqlens"] = None
+    if mask.get("kpm"):
+        g = torch.Generator().manual_seed(seed + 1)
+        kpm = torch.rand(B, Lk, generator=g) > 0.3
+        kpm[0, :] = False            # a batch row with nothing visible: out 0, lse -inf
+        kpm[-1, : Lk // 2] = False    # causal rows of the first half see nothing
+        kw["kpm"] = kpm
+    if "cu" in mask:
+        kw["cu_seqlens"] = torch.tensor(mask["cu"], dtype=torch.int32)
+    return kw
+
+
+@pytest.mark.parametrize("name,shape,mask", CASES, ids=[c[0] for c in CASES])
+def test_forward_backward_float64(name, shape, mask):
+    q, k, v, delta, beta, freqs = make_inputs(**shape)
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    kw = _mask_args(B, Lq, Lk, mask)
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, **kw)
+    ref_out, ref_lse = cmha_attention_pairwise(q, k, v, delta, beta, freqs, causal=kw["causal"],
+                                               scale=kw["scale"], q_offset=kw["q_offset"],
+                                               key_padding_mask=kw["kpm"], cu_seqlens=kw["cu_seqlens"],
+                                               layout=kw["layout"])
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-9)  # -inf where nothing is visible
+
+    dout = torch.randn(B, H, Lq, v.shape[3], dtype=torch.float64)
+    dq, dk, dvf = kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, **kw)
+    scale, q_offset, q_pos, k_pos = _resolve(q, k, causal=kw["causal"], scale=kw["scale"],
+                                             q_offset=kw["q_offset"], cu_seqlens=kw["cu_seqlens"],
+                                             q_pos=None, k_pos=None)
+    rdq, rdk, rdv = ref_grads(q, k, v, delta, beta, freqs, dout, causal=kw["causal"], scale=scale,
+                              q_offset=q_offset, kpm=kw["kpm"], cu_seqlens=kw["cu_seqlens"],
+                              layout=kw["layout"], q_pos=q_pos, k_pos=k_pos)
+    torch.testing.assert_close(dq, rdq, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(dk, rdk, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(dvf, rdv, atol=1e-10, rtol=1e-9)
+
+
+FLOAT32_CASES = ["L17_gqa", "L129_d128", "L300", "kpm", "varlen", "strided", "decode", "d6_odd_dv"]
+
+
+@pytest.mark.parametrize("name", FLOAT32_CASES)
+def test_float32_flash_rule(name):
+    shape, mask = next((s, m) for n, s, m in CASES if n == name)
+    q, k, v, delta, beta, freqs = make_inputs(**shape, dtype=torch.float32)
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    G = H // k.shape[1]
+    kw = _mask_args(B, Lq, Lk, mask)
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, **kw)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    dout = torch.randn(B, H, Lq, v.shape[3])
+    dq, dk, dvf = kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, **kw)
+
+    scale, q_offset, q_pos, k_pos = _resolve(q, k, causal=kw["causal"], scale=kw["scale"],
+                                             q_offset=kw["q_offset"], cu_seqlens=kw["cu_seqlens"],
+                                             q_pos=None, k_pos=None)
+    vis = visible_mask(B, Lq, Lk, causal=kw["causal"], q_offset=q_offset, key_padding_mask=kw["kpm"],
+                       cu_seqlens=kw["cu_seqlens"])
+
+    def torch_math(dtype):
+        """rotate-then-attention in `dtype` with autograd: (out, dq_rot, dk_rot, dv_full)."""
+        qr = rotate_ref(q.to(dtype), delta.to(dtype), beta.to(dtype), freqs.to(dtype),
+                        q_pos.expand(B, Lq), kw["layout"]).detach().requires_grad_()
+        kr = rotate_ref(k.to(dtype).repeat_interleave(G, 1), delta.to(dtype), None, freqs.to(dtype),
+                        k_pos.expand(B, Lk), kw["layout"]).detach().requires_grad_()
+        vf = v.to(dtype).repeat_interleave(G, 1).detach().requires_grad_()
+        o = attention_ref(qr, kr, vf, vis, scale)
+        o.backward(dout.to(dtype))
+        return o.detach(), qr.grad, kr.grad, vf.grad
+
+    ref = torch_math(torch.float64)
+    low = torch_math(torch.float32)
+    for name_, got, r, l in zip(["out", "dq_rot", "dk_rot", "dv_full"], (out, dq, dk, dvf), ref, low):
+        err = (got.double() - r).abs().max().item()
+        torch_err = (l.double() - r).abs().max().item()
+        assert err <= 2 * torch_err + 1e-5, f"{name_}: kernel error {err:.3g} vs torch float32 {torch_err:.3g}"
+    assert torch.equal(torch.isfinite(lse), vis.expand(B, H, Lq, Lk).any(-1))
+
+
+def test_per_head_freqs_and_explicit_positions():
+    """Per-head freqs and arbitrary (per-batch) position tensors enter the rotation only."""
+    q, k, v, delta, beta, freqs = make_inputs(B=2, H=4, Hkv=2, Lq=30, Lk=50, d=16, per_head_freqs=True)
+    q_pos = torch.stack([torch.arange(30) + 7, torch.arange(30) * 3])
+    k_pos = torch.stack([torch.arange(50), torch.arange(50) * 2 + 1])
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, causal=True, q_pos=q_pos, k_pos=k_pos)
+    ref_out, ref_lse = cmha_attention_pairwise(q, k, v, delta, beta, freqs, causal=True, q_pos=q_pos,
+                                               k_pos=k_pos)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-9)
+
+
+def test_long_positions_float32_phase():
+    """Positions ~1e6: the positional angle is reduced in double, so float32 keeps its accuracy."""
+    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=20, Lk=20, d=16, dtype=torch.float32)
+    q_pos = (torch.arange(20) + 1_000_000)[None]
+    k_pos = q_pos.clone()
+    out, _ = kernel_fwd(q, k, v, delta, beta, freqs, causal=True, q_pos=q_pos, k_pos=k_pos)
+    ref_out, _ = cmha_attention_pairwise(q.double(), k.double(), v.double(), delta.double(), beta.double(),
+                                         freqs.double(), causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert (out.double() - ref_out).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("nthreads", [1, 3])
+def test_threads_and_determinism(nthreads):
+    """Small B*H splits the work (query chunks forward, key chunks + partial dq backward)."""
+    q, k, v, delta, beta, freqs = make_inputs(B=1, H=1, Hkv=1, Lq=300, Lk=300, d=16)
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, nthreads=nthreads)
+    ref_out, _ = cmha_attention_pairwise(q, k, v, delta, beta, freqs, causal=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
+    dout = torch.randn_like(out)
+    g1 = kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, nthreads=nthreads)
+    g2 = kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, nthreads=nthreads)
+    g0 = kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, nthreads=1)
+    for a, b, c in zip(g1, g2, g0):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
+
+
+def test_empty_keys():
+    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=5, Lk=0, d=16)
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, causal=False)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all() and (lse < 0).all()
+    dq, dk, dvf = kernel_bwd(q, k, v, delta, beta, freqs, out, torch.randn_like(out), lse, causal=False)
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.numel() == 0 and dvf.numel() == 0
+
+
+def _call_fwd_with(**over):
+    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=8, Lk=8, d=16)
+    args = dict(q=q, k=k, v=v, delta=delta, beta=beta, freqs=freqs, q_pos=torch.arange(8)[None],
+                k_pos=torch.arange(8)[None], kpm=None, cu=None, out=torch.empty(1, 2, 8, 16, dtype=q.dtype),
+                lse=torch.empty(1, 2, 8, dtype=q.dtype))
+    args.update(over)
+    a = args
+    _C.attn_fwd_cpu(dl(a["q"]), dl(a["k"]), dl(a["v"]), dl(a["delta"]), dl(a["beta"]), dl(a["freqs"]),
+                    dl(a["q_pos"]), dl(a["k_pos"]), dl_opt(a["kpm"]), dl_opt(a["cu"]), dl(a["out"]),
+                    dl(a["lse"]), 1, 0.25, 0, over.get("layout", 0), 1)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(k=torch.randn(1, 1, 8, 16, dtype=torch.float32)), TypeError, "^k: dtype"),
+    (dict(q=torch.randn(1, 2, 8, 7, dtype=torch.float64)), ValueError, "^q: head dim"),
+    (dict(k=torch.randn(1, 3, 8, 16, dtype=torch.float64)), ValueError, "^k: 3 kv heads"),
+    (dict(v=torch.randn(1, 1, 9, 16, dtype=torch.float64)), ValueError, "^v: expected size"),
+    (dict(q=torch.randn(1, 2, 16, 8, dtype=torch.float64).transpose(2, 3)), ValueError, "^q: the last dim"),
+    (dict(delta=torch.randn(2, 7, dtype=torch.float64)), ValueError, "^delta"),
+    (dict(freqs=torch.randn(3, 8, dtype=torch.float64)), ValueError, "^freqs"),
+    (dict(q_pos=torch.arange(8, dtype=torch.int32)[None]), TypeError, "^q_pos"),
+    (dict(kpm=torch.ones(1, 8)), TypeError, "^key_padding_mask"),
+    (dict(cu=torch.tensor([0, 3, 9], dtype=torch.int32)), ValueError, "^cu_seqlens"),
+    (dict(out=torch.empty(1, 2, 8, 16, dtype=torch.float64).transpose(1, 2)), ValueError, "^out"),
+    (dict(lse=torch.empty(1, 2, 8, dtype=torch.float32)), TypeError, "^lse"),
+    (dict(layout=2), ValueError, "^layout"),
+])
+def test_validation(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _call_fwd_with(**over)
