@@ -5,7 +5,8 @@ What it measures, per (N, V), on the same inputs in the same run:
       pdl     complexformer.pdl_loss(z, y, w); loss.backward()
       eager   F.cross_entropy(z, y, weight=w); loss.backward()
       compile torch.compile(F.cross_entropy)(z, y, weight=w); loss.backward()
-  * peak extra memory of one forward + backward (above the inputs; see _util.peak_memory)
+  * peak extra memory of one forward + backward (above the inputs; see _util.peak_bytes: CUDA
+    allocator statistics, CPU resident-set high-water mark)
   * ratios: time(baseline) / time(pdl) (> 1: pdl is faster) and memory in units of one N x V
     buffer of the logits' dtype
   * CUDA: achieved HBM bandwidth of pdl's forward + backward against the roofline traffic
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import fmt_bytes, peak_memory, print_table, time_fn  # noqa: E402
+from _util import fmt_bytes, markdown_table, peak_bytes, time_ms  # noqa: E402
 
 import complexformer as cf  # noqa: E402
 
@@ -73,7 +74,7 @@ def eager_fn(z, y, w):
 def copy_bandwidth(nbytes, device, warmup, reps):
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), warmup, reps, device)
+    t = time_ms(lambda: dst.copy_(src), device=device, reps=reps, warmup=warmup) / 1e3
     return 2 * nbytes / t
 
 
@@ -93,8 +94,8 @@ def bench_loss(args, dtype, device):
         res = {}
         for name, fn in fns.items():
             try:
-                t = time_fn(fn, args.warmup, args.reps, device)
-                m = peak_memory(fn, device)
+                t = time_ms(fn, device=device, reps=args.reps, warmup=args.warmup) / 1e3
+                m = peak_bytes(fn, device=device)
                 res[name] = (t, m)
             except torch.OutOfMemoryError:
                 res[name] = None
@@ -126,7 +127,7 @@ def bench_loss(args, dtype, device):
     print(f"pdl_loss forward+backward, {str(dtype).replace('torch.', '')} on {device}"
           f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
           "ratios > 1: pdl faster; mem/buf: peak extra memory in N x V buffers of the logits' dtype")
-    print_table(rows, headers)
+    print(markdown_table(headers, [[f"{c:.3g}" if isinstance(c, float) else c for c in r] for r in rows]))
 
 
 def bench_counts(args, device):
@@ -135,12 +136,12 @@ def bench_counts(args, device):
     for V in sorted({v for _, v in sizes}):
         n = args.count_tokens
         ids = torch.randint(0, V, (n,), device=device)
-        t_cf = time_fn(lambda: cf.token_counts(ids, V), args.warmup, args.reps, device)
-        t_bc = time_fn(lambda: torch.bincount(ids, minlength=V), args.warmup, args.reps, device)
-        rows.append([n, V, n / t_cf / 1e9, n / t_bc / 1e9, t_bc / t_cf])
+        t_cf = time_ms(lambda: cf.token_counts(ids, V), device=device, reps=args.reps, warmup=args.warmup)
+        t_bc = time_ms(lambda: torch.bincount(ids, minlength=V), device=device, reps=args.reps, warmup=args.warmup)
+        rows.append([n, V, f"{n / t_cf / 1e6:.3g}", f"{n / t_bc / 1e6:.3g}", f"{t_bc / t_cf:.2f}"])
     print()
     print(f"token_counts vs torch.bincount on {device} (int64 ids; CUDA token_counts includes its one host sync)")
-    print_table(rows, ["ids", "V", "token_counts Gid/s", "bincount Gid/s", "bincount/ours"])
+    print(markdown_table(["ids", "V", "token_counts Gid/s", "bincount Gid/s", "bincount time / ours"], rows))
 
 
 def main(argv=None):

@@ -70,7 +70,8 @@ __device__ __forceinline__ void visit_row(const T *z, int64_t V, F &&f) {
     f(c, &x, 1);
   }
   const uint4 *zp = reinterpret_cast<const uint4 *>(z + head);
-#pragma unroll 2
+
+#pragma unroll 1
   for (int64_t i = threadIdx.x; i < npack; i += BLOCK) {
     Pack<T> p;
     p.u = STREAM ? __ldcs(zp + i) : zp[i];
@@ -84,11 +85,13 @@ __device__ __forceinline__ void visit_row(const T *z, int64_t V, F &&f) {
   }
 }
 
-/* (max, sum of 2^(x - max)) pairs in base 2; an empty side has max = -inf, sum = 0 */
+/* (max, sum of 2^(x - max)) pairs in base 2; an empty side has max = -inf, sum = 0. A NaN sum
+ * survives (NaN * 0 = NaN), so a NaN logit anywhere makes the row NaN, as in torch. */
 __device__ __forceinline__ void combine(float &m, float &s, float m2, float s2) {
-  float mn = fmaxf(m, m2);
-  if (mn == -CUDART_INF_F) return;  // both empty (or all -inf so far): nothing to add
-  s = (m == -CUDART_INF_F ? 0.f : s * fast_exp2(m - mn)) + (m2 == -CUDART_INF_F ? 0.f : s2 * fast_exp2(m2 - mn));
+  const float mn = fmaxf(m, m2);
+  const float a = (m == -CUDART_INF_F) ? 0.f : fast_exp2(m - mn);
+  const float b = (m2 == -CUDART_INF_F) ? 0.f : fast_exp2(m2 - mn);
+  s = s * a + s2 * b;
   m = mn;
 }
 
@@ -178,7 +181,7 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
       float lm = -CUDART_INF_F;
       for (int i = 0; i < n; i++) lm = fmaxf(lm, x[i] * kLog2e);
       if (lm > m) {
-        s = (m == -CUDART_INF_F) ? 0.f : s * fast_exp2(m - lm);
+        s *= fast_exp2(m - lm);  // 2^-inf = 0 when m is still -inf (NaN stays NaN)
         m = lm;
       }
       if (m != -CUDART_INF_F)
@@ -229,7 +232,8 @@ __global__ void pdl_scale_kernel(T *g, int64_t rows, int64_t V, const float *gp)
   const float s = gp[0];
   if (s == 1.0f) return;  // the usual loss.backward(): no bytes moved
   constexpr int K = Pack<T>::K;
-  const int64_t n = rows * V, npack = n / K;  // torch allocations are 16-byte aligned
+  const int64_t n = rows * V;
+  const int64_t npack = ((uintptr_t)g & 15) ? 0 : n / K;  // 16-byte packs when aligned
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   uint4 *gv = reinterpret_cast<uint4 *>(g);
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < npack; i += stride) {
