@@ -58,6 +58,10 @@ template <typename T> __device__ __forceinline__ int64_t align_head(const T *p, 
   return h < V ? h : V;
 }
 
+/* Loops over the n (1 or K) values a row visitor gets, with compile-time indices so the arrays
+ * stay in registers (a runtime bound would put them in local memory). */
+#define CF_FOR_N(i) _Pragma("unroll") for (int i = 0; i < K; i++) if (i < n)
+
 /* Visit a row as [scalar head | 16-byte packs | scalar tail]: f(c, x, n) gets n floats from c. */
 template <typename T, int BLOCK, bool STREAM, typename F>
 __device__ __forceinline__ void visit_row(const T *z, int64_t V, F &&f) {
@@ -65,9 +69,10 @@ __device__ __forceinline__ void visit_row(const T *z, int64_t V, F &&f) {
   const int64_t head = align_head(z, V);
   const int64_t npack = (V - head) / K;
   const int64_t tail = head + npack * K;
+  float x1[K] = {};
   for (int64_t c = threadIdx.x; c < head; c += BLOCK) {
-    float x = to_f<T>(z[c]);
-    f(c, &x, 1);
+    x1[0] = to_f<T>(z[c]);
+    f(c, x1, 1);
   }
   const uint4 *zp = reinterpret_cast<const uint4 *>(z + head);
 
@@ -80,8 +85,8 @@ __device__ __forceinline__ void visit_row(const T *z, int64_t V, F &&f) {
     f(head + i * K, x, K);
   }
   for (int64_t c = tail + threadIdx.x; c < V; c += BLOCK) {
-    float x = to_f<T>(z[c]);
-    f(c, &x, 1);
+    x1[0] = to_f<T>(z[c]);
+    f(c, x1, 1);
   }
 }
 
@@ -179,17 +184,17 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
     float m = -CUDART_INF_F, s = 0.f, swz = 0.f;
     visit_row<T, BLOCK, false>(z, V, [&](int64_t c, const float *x, int n) {
       float lm = -CUDART_INF_F;
-      for (int i = 0; i < n; i++) lm = fmaxf(lm, x[i] * kLog2e);
+      CF_FOR_N(i) lm = fmaxf(lm, x[i] * kLog2e);
       if (lm > m) {
         s *= fast_exp2(m - lm);  // 2^-inf = 0 when m is still -inf (NaN stays NaN)
         m = lm;
       }
       if (m != -CUDART_INF_F)
-        for (int i = 0; i < n; i++) s += fast_exp2(fmaf(x[i], kLog2e, -m));
+        CF_FOR_N(i) s += fast_exp2(fmaf(x[i], kLog2e, -m));
       else  // every value so far is -inf (p = 0), unless a NaN hides here: keep it
-        for (int i = 0; i < n; i++) s += (x[i] != x[i]) ? x[i] : 0.f;
+        CF_FOR_N(i) s += (x[i] != x[i]) ? x[i] : 0.f;
       if (smooth)
-        for (int i = 0; i < n; i++) swz = fmaf(__ldg(w + c + i), x[i], swz);
+        CF_FOR_N(i) swz = fmaf(__ldg(w + c + i), x[i], swz);
     });
     block_reduce<BLOCK>(m, s, swz);
     const float lse2 = m + log2f(s);  // log2 sum exp(z) (NaN / inf propagate)
@@ -210,18 +215,18 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
     if ((((uintptr_t)g ^ (uintptr_t)z) & 15) == 0) {  // same head: 16-byte stores line up
       visit_row<T, BLOCK, true>(z, V, [&](int64_t c, const float *x, int n) {
         float d[K];
-        for (int i = 0; i < n; i++) d[i] = grad_of(c + i, x[i]);
+        CF_FOR_N(i) d[i] = grad_of(c + i, x[i]);
         if (n == K) {
           Pack<T> p;
           p.from_float(d);
           __stcs(reinterpret_cast<uint4 *>(g + c), p.u);
         } else {
-          for (int i = 0; i < n; i++) g[c + i] = from_f<T>(d[i]);
+          CF_FOR_N(i) g[c + i] = from_f<T>(d[i]);
         }
       });
     } else {  // gradient rows align differently from the (strided) logits rows: scalar stores
       visit_row<T, BLOCK, true>(z, V, [&](int64_t c, const float *x, int n) {
-        for (int i = 0; i < n; i++) g[c + i] = from_f<T>(grad_of(c + i, x[i]));
+        CF_FOR_N(i) g[c + i] = from_f<T>(grad_of(c + i, x[i]));
       });
     }
   }
