@@ -83,9 +83,6 @@ def _worker(rank, world, port, init_file, out_dir, what):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from hf_testutil import install_pdl_standin_if_needed
-
-    install_pdl_standin_if_needed()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         if "counts" in what:

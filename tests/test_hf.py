@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_testutil import (  # noqa: E402
-    TINY_VOCAB, hand_counts, hand_pdl_step, install_pdl_standin_if_needed, max_param_diff, pad_collate,
+    TINY_VOCAB, hand_counts, hand_pdl_step, max_param_diff, pad_collate,
     ragged_examples, tiny_gpt2, training_args,
 )
 
@@ -15,7 +15,6 @@ import complexformer  # noqa: E402
 from complexformer import pdl as _pdl  # noqa: E402
 from complexformer.hf import PDLTrainer, label_token_counts  # noqa: E402
 
-install_pdl_standin_if_needed()
 
 LR = 0.5
 
