@@ -136,7 +136,7 @@ setup(
             sources=sorted(glob.glob(os.path.join(CSRC, "*.c"))),
             include_dirs=[CSRC],
             extra_compile_args=c_flags,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", "-lm"],  # -lm: glibc libmvec (vector atan2f/sinf/cosf, rotate_cpu.c)
         )
     ],
     cmdclass={"build_ext": BuildExt},

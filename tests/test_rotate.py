@@ -23,9 +23,9 @@ def polar_rotate(x, delta, beta, freqs, pos, layout="half"):
     B, Hx, L, d = x.shape
     H, h = delta.shape
     G = H // Hx
-    pos = pos.double().reshape(-1, L).expand(B, L)
-    out = torch.empty(B, H, L, d, dtype=F64)
-    idx_re = torch.arange(h) if layout == "half" else 2 * torch.arange(h)
+    pos = pos.to(x.device).double().reshape(-1, L).expand(B, L)
+    out = torch.empty(B, H, L, d, dtype=F64, device=x.device)
+    idx_re = torch.arange(h, device=x.device) * (1 if layout == "half" else 2)
     idx_im = idx_re + h if layout == "half" else idx_re + 1
     for i in range(H):
         re, im = x[:, i // G][..., idx_re], x[:, i // G][..., idx_im]  # (B, L, h)
