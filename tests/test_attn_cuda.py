@@ -386,3 +386,33 @@ def test_errors_are_clear():
         _C.attn_fwd_cuda(*args(x["q"], torch.empty(2, 4, 16, 64, device="cuda", dtype=x["q"].dtype)))
     assert _C.attn_cuda_supported("bfloat16", 128, 128) and not _C.attn_cuda_supported("bfloat16", 96, 96)
     assert not _C.attn_cuda_supported("float32", 64, 64)
+
+
+_WS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import test_attn_cuda as t
+cases = [t.Case(L=129, d=64), t.Case(L=300, d=128, H=8, Hkv=1), t.Case(L=127, d=128, kpm=True, causal=False),
+         t.Case(Lq=17, Lk=129, d=64, layout="interleaved", dtype="float16"), t.Case(d=128, cu=(1, 70, 0, 129, 200)),
+         t.Case(L=1, d=64), t.Case(Lq=129, Lk=64, d=128)]
+for c in cases:
+    t.check_forward(c)
+    print("ok", c.id(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_forward_variant_ws_subprocess():
+    """The experimental warp-specialized forward (CF_ATTN_FWD_VARIANT=ws) on a few cases, in a child
+    process with a time limit: a hang (named-barrier mismatch) fails this test instead of the run."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CF_ATTN_FWD_VARIANT="ws")
+    script = _WS_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"variant ws timed out (hang?); output so far: {e.stdout!r}")
+    assert r.returncode == 0, f"variant ws failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
