@@ -48,6 +48,8 @@ FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 @pytest.mark.parametrize("grad_dtype", ["float32", "same"])
 def test_forward_backward_vs_float64(dtype, layout, H, Hx, d, grad_dtype):
     """d = 6 takes the scalar path, the others the vector path; H/Hx = 96 the 32-column backward."""
+    if dtype == torch.float32 and grad_dtype == "same":
+        pytest.skip("same as float32 gradients")
     x, delta, beta, freqs, pos = make_cuda(H=H, Hx=Hx, d=d, dtype=dtype, layout=layout, per_head=True,
                                            batch_pos=True)
     xd = x.double()
@@ -117,6 +119,7 @@ def test_very_wide_group_falls_back_to_expanded_keys():
         assert err(u, v) <= 1e-4 * max(1.0, v.abs().max().item())
 
 
+@pytest.mark.slow
 def test_long_sequence_many_chunks():
     x, delta, beta, freqs, pos = make_cuda(B=2, H=8, Hx=8, L=4096, d=128, batch_pos=True)
     gy = torch.randn(2, 8, 4096, 128, device="cuda")
