@@ -62,6 +62,8 @@ CASES = {
     "chunked_prefill": (dict(Lq=4, Lk=11), dict()),
     "lq_gt_lk": (dict(Lq=7, Lk=4), dict()),  # q_offset = -3: first rows see nothing
     "q_offset": (dict(Lq=5, Lk=8), dict(q_offset=1)),
+    "q_offset_zero_rect": (dict(Lq=3, Lk=6), dict(q_offset=0)),  # top-left: SDPA's own alignment
+    "q_offset_large": (dict(Lq=3, Lk=5), dict(q_offset=10)),  # every key visible
     "q_offset_neg_noncausal": (dict(Lq=3, Lk=5), dict(q_offset=-2, causal=False)),
     "kpm": (dict(Lq=5, Lk=7), dict(key_padding_mask="kpm")),
     "kpm_noncausal": (dict(), dict(key_padding_mask="kpm", causal=False)),
