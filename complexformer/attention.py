@@ -37,7 +37,7 @@ _POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in
 # --------------------------------------------------------------------------------------------
 class _Plan:
     __slots__ = ("B", "H", "Hkv", "Lq", "Lk", "d", "dv", "causal", "scale", "q_offset", "layout",
-                 "kpm", "cu", "q_pos", "k_pos", "pdtype", "custom_pos")
+                 "kpm", "cu", "q_pos", "k_pos", "pdtype")
 
 
 def _as_positions(name, p, B, L, device):
@@ -113,8 +113,10 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
             raise ValueError(f"cu_seqlens: packed sequences need B == 1 and Lq == Lk, got B={B}, Lq={Lq}, Lk={Lk}")
         if cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens: expected (num_seqs + 1,) boundaries, at least 2 entries")
-        # Data-dependent checks (a host sync): skipped while torch.compile traces.
-        if not torch.compiler.is_compiling():
+        # Data-dependent checks (a host sync): skipped while torch.compile traces or a CUDA graph
+        # is being captured (the kernels then treat out-of-range boundaries as empty sequences).
+        capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing:
             cu = cu_seqlens.cpu()
             if int(cu[0]) != 0 or int(cu[-1]) != Lq:
                 raise ValueError(f"cu_seqlens: must start at 0 and end at the total length {Lq}, got {cu[0]}..{cu[-1]}")
@@ -127,7 +129,6 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     p.q_offset = (Lk - Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
     p.pdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if positions is None:
-        p.custom_pos = False
         if cu_seqlens is not None:
             cu = cu_seqlens.to(torch.int64)
             idx = torch.arange(Lq, device=dev)
@@ -140,7 +141,6 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     else:
         if not isinstance(positions, (tuple, list)) or len(positions) != 2:
             raise TypeError("positions: expected a pair (q_positions, k_positions) of integer tensors, or None")
-        p.custom_pos = True
         p.q_pos = _as_positions("positions[0] (query positions)", positions[0], B, Lq, dev)
         p.k_pos = _as_positions("positions[1] (key positions)", positions[1], B, Lk, dev)
         if p.q_pos.shape[0] != p.k_pos.shape[0]:  # kernels take both per batch or both shared
@@ -222,14 +222,15 @@ def _sdpa_mask(p, device):
     """(attn_mask, is_causal, row_ok) for F.scaled_dot_product_attention.
 
     SDPA's is_causal is TOP-LEFT aligned (n <= m); ours is n <= m + q_offset. So is_causal is
-    used only when q_offset == 0; q_offset >= Lk - 1 means every key is visible; anything else gets
-    an explicit boolean mask. SDPA returns NaN on a row with no visible key: such rows (only
+    used only for the square case q_offset == 0, Lq == Lk (where every SDPA kernel agrees on the
+    alignment); q_offset >= Lk - 1 means every key is visible (decoding); anything else gets an
+    explicit boolean mask. SDPA returns NaN on a row with no visible key: such rows (only
     possible with a key padding mask or q_offset < 0) are unmasked before the call and zeroed
     after it (row_ok), which also zeroes their gradients."""
     if p.kpm is None and p.cu is None:
         if not p.causal or p.q_offset >= p.Lk - 1:
             return None, False, None
-        if p.q_offset == 0:
+        if p.q_offset == 0 and p.Lq == p.Lk:
             return None, True, None
     vis = _visible(p, device)
     if p.kpm is None and p.q_offset >= 0:
@@ -498,7 +499,8 @@ def _selfcheck_backend(backend):
 
         g = torch.Generator().manual_seed(0)
         B, H, Hkv, Lq, Lk, d = 2, 4, 2, 5, 9, 64
-        dtype = torch.float32
+        # float32 on CPU; float16 on CUDA (the fused CUDA kernel is tensor-core only): tol 5e-3
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         q = torch.randn(B, H, Lq, d, generator=g)
         k = torch.randn(B, Hkv, Lk, d, generator=g)
         v = torch.randn(B, Hkv, Lk, d, generator=g)
@@ -507,7 +509,8 @@ def _selfcheck_backend(backend):
         freqs = default_freqs(d)
         kpm = torch.rand(B, Lk, generator=g) > 0.2
         ref, _ = cmha_attention_pairwise(q, k, v, delta, beta, freqs, key_padding_mask=kpm)
-        args = [t.to(device=device, dtype=dtype) for t in (q, k, v, delta, beta, freqs)]
+        args = [t.to(device=device, dtype=dtype if i < 3 else torch.float32)
+                for i, t in enumerate((q, k, v, delta, beta, freqs))]
         out = cmha_attention(*args, key_padding_mask=kpm.to(device), backend=backend)
         return (out.double().cpu() - ref).abs().max().item()
 
@@ -517,4 +520,4 @@ def _selfcheck_backend(backend):
 # sdpa / fused are checked when this build has their kernels (a build without them still passes).
 for _b in ["reference", "auto"] + (["sdpa"] if hasattr(_C, "rotate_fwd") else []) + (
         ["fused"] if _has_fused("cpu") else []):
-    selfcheck(f"cmha_attention[{_b}]", 1e-4)(_selfcheck_backend(_b))
+    selfcheck(f"cmha_attention[{_b}]", 5e-3)(_selfcheck_backend(_b))

@@ -149,7 +149,7 @@ static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
   constexpr int BR = 128, BC = 64;
   const size_t smem = FwdSmem<D, BR, BC>::bytes;
   auto kern = attn_fwd_kernel<T, D, BR, BC>;
-  CF_CUDA_TRY(allow_smem(kern, smem));
+  if (const char *err = allow_smem(kern, smem)) return err;
   const dim3 grid(num_tiles(a, BR, a.Lq), (unsigned)a.H, (unsigned)a.B);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return NULL;
   kern<<<grid, BR * 2, smem, st>>>(a);

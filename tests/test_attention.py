@@ -226,14 +226,17 @@ def fa_rule(backend, ts64, kw, floor=2e-6):
     causal=st.booleans(),
     layout=st.sampled_from(["half", "interleaved"]),
     use_kpm=st.booleans(),
+    bshd=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 @settings(max_examples=12, deadline=None)
-def test_hypothesis_float32_fa_rule(backend, L, Lk_extra, d, heads, B, causal, layout, use_kpm, seed):
+def test_hypothesis_float32_fa_rule(backend, L, Lk_extra, d, heads, B, causal, layout, use_kpm, bshd, seed):
     need(backend)
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
     ts = make(B=B, H=H, Hkv=Hkv, Lq=L, Lk=L + Lk_extra, d=d, per_head=bool(seed % 2), gen=g)
+    if bshd:  # (B, L, H, d) storage viewed as (B, H, L, d): what a projection + view gives
+        ts[:3] = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in ts[:3]]
     kw = dict(causal=causal, layout=layout)
     if use_kpm:
         kw["key_padding_mask"] = torch.rand(B, L + Lk_extra, generator=g) > 0.3
@@ -283,15 +286,20 @@ def test_compile_fullgraph(backend):
     def f(q, k, v, delta, beta, freqs):
         return cmha_attention(q, k, v, delta, beta, freqs, key_padding_mask=kpm, backend=backend)
 
+    def g(q, k, v, delta, beta, freqs, cu):
+        return cmha_attention(q, k, v, delta, beta, freqs, cu_seqlens=cu, backend=backend)
+
     torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    out = cf(*ts)
-    ref = f(*ts)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
-    g1 = torch.autograd.grad(out.sum(), ts)
-    g2 = torch.autograd.grad(ref.sum(), ts)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    cu = torch.tensor([0, 2, 5, 9], dtype=torch.int32)
+    ts9 = make(B=1, H=4, Hkv=2, Lq=9, Lk=9, d=16, dtype=torch.float32, grad=True)
+    for fn, args in [(f, ts), (g, (*ts9, cu))]:
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+        ref = fn(*args)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        g1 = torch.autograd.grad(out.sum(), args[:6])
+        g2 = torch.autograd.grad(ref.sum(), args[:6])
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -368,6 +376,11 @@ def _bad_cases():
         ({}, dict(positions=(torch.arange(6.0), torch.arange(6))), "positions[0]"),
         ({}, dict(positions=(torch.arange(6), torch.arange(5))), "positions[1]"),
         (dict(q="q"), {}, "q: expected a torch.Tensor"),
+        (dict(k=k.to("meta")), {}, "k: on meta"),
+        (dict(delta=delta.to("meta")), {}, "delta"),
+        ({}, dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool, device="meta")), "key_padding_mask: on meta"),
+        (dict(q=q[..., :0], k=k[..., :0], v=v[..., :0]), {}, "positive even"),
+        (dict(k=k[:, :0], v=v[:, :0]), {}, "divide"),
     ]
 
 
@@ -385,3 +398,7 @@ def test_fused_unsupported_dtype_raises():
     q, k, v, delta, beta, freqs = make(dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="fused"):
         cmha_attention(q, k, v, delta, beta, freqs, backend="fused")
+    q, k, v, delta, beta, freqs = make(B=1, H=1, Hkv=1, Lq=2, Lk=2, d=258, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="head dims"):
+        cmha_attention(q, k, v, delta, beta, freqs, backend="fused")
+    assert torch.isfinite(cmha_attention(q, k, v, delta, beta, freqs)).all()  # auto still serves it

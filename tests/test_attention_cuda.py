@@ -107,15 +107,20 @@ def test_cuda_fused_unsupported_raises_and_auto_falls_back():
 
 
 @pytest.mark.parametrize("backend", ["fused", "sdpa"])
-def test_cuda_graph_capture(backend):
-    ts = make(B=2, H=4, Hkv=2, Lq=96, Lk=96, d=64, device=DEV)
+@pytest.mark.parametrize("masking", ["kpm", "cu_seqlens"])
+def test_cuda_graph_capture(backend, masking):
+    B = 2 if masking == "kpm" else 1
+    ts = make(B=B, H=4, Hkv=2, Lq=96, Lk=96, d=64, device=DEV)
     q, k, v = (t.half().requires_grad_() for t in ts[:3])
     delta, beta, freqs = (t.float().requires_grad_() for t in ts[3:])
-    kpm = _kpm(2, 96).to(DEV)
+    if masking == "kpm":
+        kw = dict(key_padding_mask=_kpm(2, 96).to(DEV))
+    else:  # no host sync while capturing: cu_seqlens' value checks are skipped then
+        kw = dict(cu_seqlens=torch.tensor([0, 10, 50, 96], dtype=torch.int32, device=DEV))
     args = (q, k, v, delta, beta, freqs)
 
     def step():
-        out = cmha_attention(*args, key_padding_mask=kpm, backend=backend)
+        out = cmha_attention(*args, backend=backend, **kw)
         return out, torch.autograd.grad(out.float().square().sum(), args)
 
     s = torch.cuda.Stream()

@@ -1,0 +1,175 @@
+"""Benchmark: complexformer.pdl_loss vs F.cross_entropy(weight=w), eager and torch.compile'd.
+
+What it measures, per (N, V), on the same inputs in the same run:
+  * forward + backward time (median over --reps, after --warmup) of
+      pdl     complexformer.pdl_loss(z, y, w); loss.backward()
+      eager   F.cross_entropy(z, y, weight=w); loss.backward()
+      compile torch.compile(F.cross_entropy)(z, y, weight=w); loss.backward()
+  * peak extra memory of one forward + backward (above the inputs; see _util.peak_bytes: CUDA
+    allocator statistics, CPU resident-set high-water mark)
+  * ratios: time(baseline) / time(pdl) (> 1: pdl is faster) and memory in units of one N x V
+    buffer of the logits' dtype
+  * CUDA: achieved HBM bandwidth of pdl's forward + backward against the roofline traffic
+    (read the logits once + write the gradient once), in GB/s and as a fraction of a measured
+    device-to-device copy of the same size.
+  * token_counts vs torch.bincount throughput on N * 256 random ids per vocabulary size.
+
+Usage:
+  python benchmarks/pdl.py                                  # CPU, float32, sizes that fit
+  python benchmarks/pdl.py --device cuda --dtype bfloat16   # GPU, all issue sizes
+  python benchmarks/pdl.py --sizes 4096x32000 --threads 2 --no-compile
+CPU sizes above --max-elems (default 2^28 logits: 1 GB per float32 buffer; N=16384 x V=128256
+is 8.4 GB per buffer and eager needs several) are skipped unless --allow-large.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import fmt_bytes, markdown_table, peak_bytes, time_ms  # noqa: E402
+
+import complexformer as cf  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+ISSUE_SIZES = [(4096, 32000), (4096, 128256), (16384, 32000), (16384, 128256)]
+
+
+def parse_sizes(text):
+    out = []
+    for part in text.split(","):
+        n, v = part.lower().split("x")
+        out.append((int(n), int(v)))
+    return out
+
+
+def make_inputs(N, V, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = (torch.randn(N, V, generator=g, dtype=torch.float32) * 2).to(dtype).to(device).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::10] = -100  # some padding
+    counts = torch.randint(0, 10_000, (V,), generator=g)
+    w = cf.pdl_weights(counts, max_weight=100.0)
+    return z, y.to(device), w.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+
+
+def fwd_bwd(loss_fn, z, y, w):
+    def run():
+        loss = loss_fn(z, y, w)
+        loss.backward()
+        z.grad = None
+    return run
+
+
+def pdl_fn(z, y, w):
+    return cf.pdl_loss(z, y, w)
+
+
+def eager_fn(z, y, w):
+    return F.cross_entropy(z, y, weight=w.to(z.dtype))
+
+
+def copy_bandwidth(nbytes, device, warmup, reps):
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device=device, reps=reps, warmup=warmup) / 1e3
+    return 2 * nbytes / t
+
+
+def bench_loss(args, dtype, device):
+    sizes = parse_sizes(args.sizes) if args.sizes else ISSUE_SIZES
+    compiled_ce = None if args.no_compile else torch.compile(eager_fn)
+    rows = []
+    for N, V in sizes:
+        if device.type == "cpu" and N * V > args.max_elems and not args.allow_large:
+            print(f"skip N={N} V={V}: {N * V} logits > --max-elems {args.max_elems} on the CPU (use --allow-large)")
+            continue
+        z, y, w = make_inputs(N, V, dtype, device)
+        buf = N * V * z.element_size()
+        fns = {"pdl": fwd_bwd(pdl_fn, z, y, w), "eager": fwd_bwd(eager_fn, z, y, w)}
+        if compiled_ce is not None:
+            fns["compile"] = fwd_bwd(compiled_ce, z, y, w)
+        res = {}
+        for name, fn in fns.items():
+            try:
+                t = time_ms(fn, device=device, reps=args.reps, warmup=args.warmup) / 1e3
+                m = peak_bytes(fn, device=device)
+                res[name] = (t, m)
+            except torch.OutOfMemoryError:
+                res[name] = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(f"  N={N} V={V} {name:8s} " + ("OOM" if res[name] is None else
+                  f"{res[name][0] * 1e3:9.2f} ms  peak +{fmt_bytes(res[name][1])}"), flush=True)
+        t_pdl, m_pdl = res["pdl"]
+        row = [N, V, t_pdl * 1e3]
+        for base in ("eager", "compile"):
+            if base in res and res[base] is not None:
+                row += [res[base][0] * 1e3, res[base][0] / t_pdl]
+            else:
+                row += ["-", "-"]
+        row += [m_pdl / buf if m_pdl is not None else "n/a",
+                res["eager"][1] / buf if res["eager"] and res["eager"][1] is not None else "n/a"]
+        if device.type == "cuda":
+            roof = 2 * buf  # read the logits once + write the gradient once
+            bw = roof / t_pdl
+            row += [bw / 1e9, bw / copy_bandwidth(buf, device, args.warmup, args.reps)]
+        rows.append(row)
+        del z, y, w, fns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    headers = ["N", "V", "pdl ms", "eager ms", "eager/pdl", "compile ms", "compile/pdl", "pdl mem/buf", "eager mem/buf"]
+    if device.type == "cuda":
+        headers += ["pdl GB/s", "of copy BW"]
+    print()
+    print(f"pdl_loss forward+backward, {str(dtype).replace('torch.', '')} on {device}"
+          f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
+          "ratios > 1: pdl faster; mem/buf: peak extra memory in N x V buffers of the logits' dtype")
+    print(markdown_table(headers, [[f"{c:.3g}" if isinstance(c, float) else c for c in r] for r in rows]))
+
+
+def bench_counts(args, device):
+    sizes = parse_sizes(args.sizes) if args.sizes else ISSUE_SIZES
+    rows = []
+    for V in sorted({v for _, v in sizes}):
+        n = args.count_tokens
+        ids = torch.randint(0, V, (n,), device=device)
+        t_cf = time_ms(lambda: cf.token_counts(ids, V), device=device, reps=args.reps, warmup=args.warmup)
+        t_bc = time_ms(lambda: torch.bincount(ids, minlength=V), device=device, reps=args.reps, warmup=args.warmup)
+        rows.append([n, V, f"{n / t_cf / 1e6:.3g}", f"{n / t_bc / 1e6:.3g}", f"{t_bc / t_cf:.2f}"])
+    print()
+    print(f"token_counts vs torch.bincount on {device} (int64 ids; CUDA token_counts includes its one host sync)")
+    print(markdown_table(["ids", "V", "token_counts Gid/s", "bincount Gid/s", "bincount time / ours"], rows))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--sizes", default=None, help="comma-separated NxV, default: N in {4096,16384} x V in {32000,128256}")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--max-elems", type=int, default=2**28, help="CPU: skip sizes with more logits than this")
+    p.add_argument("--allow-large", action="store_true", help="CPU: run sizes above --max-elems")
+    p.add_argument("--count-tokens", type=int, default=1 << 24, help="ids per token_counts measurement")
+    p.add_argument("--skip-counts", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
+    else:
+        print(f"device: CPU, {torch.get_num_threads()} threads (timings on a shared machine are noisy)")
+    bench_loss(args, dtype, device)
+    if not args.skip_counts:
+        bench_counts(args, device)
+
+
+if __name__ == "__main__":
+    main()

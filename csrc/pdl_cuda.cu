@@ -1,0 +1,378 @@
+/* PDL on CUDA: token counting, the fused loss + gradient, and the backward's rescale.
+ *
+ * pdl_loss: one block per row (Liger-Kernel style). Sweep 1 reads the row once with 16-byte
+ * loads and keeps an online (max, sum of exp) per thread in base 2; sweep 2 re-reads the row
+ * (mostly from L2: the first sweep just brought it in; the re-read is marked evict-first) and
+ * writes the gradient with streaming stores. float32 accumulation for every dtype. No host
+ * synchronisation anywhere: the mean's denominator and sum_c w_c are computed on the device by a
+ * one-block prologue (fixed-order reduction, deterministic) and read from device memory.
+ * Out-of-range targets make the row's loss and gradient NaN (the host cannot be told without a
+ * sync; complexformer/pdl.py offers COMPLEXFORMER_SYNC_CHECKS=1 to raise instead).
+ * All offsets are int64. */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+#include "cuda_util.cuh"
+#include "pdl.h"
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2 ulp, -inf -> 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+/* 16 bytes of T as K floats and back */
+template <typename T> struct Pack {
+  static constexpr int K = 16 / sizeof(T);
+  union {
+    uint4 u;
+    T v[K];
+  };
+  __device__ __forceinline__ void to_float(float *x) const {
+#pragma unroll
+    for (int i = 0; i < K; i++) x[i] = to_f<T>(v[i]);
+  }
+  __device__ __forceinline__ void from_float(const float *x) {
+#pragma unroll
+    for (int i = 0; i < K; i++) v[i] = from_f<T>(x[i]);
+  }
+};
+
+/* Elements before the first 16-byte aligned one (all of them when the row never aligns). */
+template <typename T> __device__ __forceinline__ int64_t align_head(const T *p, int64_t V) {
+  int64_t h = (int64_t)(((16 - ((uintptr_t)p & 15)) & 15) / sizeof(T));
+  return h < V ? h : V;
+}
+
+/* Loops over the n (1 or K) values a row visitor gets, with compile-time indices so the arrays
+ * stay in registers (a runtime bound would put them in local memory). */
+#define CF_FOR_N(i) _Pragma("unroll") for (int i = 0; i < K; i++) if (i < n)
+
+/* Visit a row as [scalar head | 16-byte packs | scalar tail]: f(c, x, n) gets n floats from c. */
+template <typename T, int BLOCK, bool STREAM, typename F>
+__device__ __forceinline__ void visit_row(const T *z, int64_t V, F &&f) {
+  constexpr int K = Pack<T>::K;
+  const int64_t head = align_head(z, V);
+  const int64_t npack = (V - head) / K;
+  const int64_t tail = head + npack * K;
+  float x1[K] = {};
+  for (int64_t c = threadIdx.x; c < head; c += BLOCK) {
+    x1[0] = to_f<T>(z[c]);
+    f(c, x1, 1);
+  }
+  const uint4 *zp = reinterpret_cast<const uint4 *>(z + head);
+
+#pragma unroll 1
+  for (int64_t i = threadIdx.x; i < npack; i += BLOCK) {
+    Pack<T> p;
+    p.u = STREAM ? __ldcs(zp + i) : zp[i];
+    float x[K];
+    p.to_float(x);
+    f(head + i * K, x, K);
+  }
+  for (int64_t c = tail + threadIdx.x; c < V; c += BLOCK) {
+    x1[0] = to_f<T>(z[c]);
+    f(c, x1, 1);
+  }
+}
+
+/* (max, sum of 2^(x - max)) pairs in base 2; an empty side has max = -inf, sum = 0. A NaN sum
+ * survives (NaN * 0 = NaN), so a NaN logit anywhere makes the row NaN, as in torch. */
+__device__ __forceinline__ void combine(float &m, float &s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  const float a = (m == -CUDART_INF_F) ? 0.f : fast_exp2(m - mn);
+  const float b = (m2 == -CUDART_INF_F) ? 0.f : fast_exp2(m2 - mn);
+  s = s * a + s2 * b;
+  m = mn;
+}
+
+template <int BLOCK> __device__ void block_reduce(float &m, float &s, float &swz) {
+  __shared__ float sm[BLOCK / 32], ss[BLOCK / 32], sw[BLOCK / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    swz += __shfl_xor_sync(0xffffffffu, swz, o);
+    combine(m, s, m2, s2);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // the shared arrays may still be read from the previous row
+  if (lane == 0) sm[warp] = m, ss[warp] = s, sw[warp] = swz;
+  __syncthreads();
+  m = -CUDART_INF_F, s = 0.f, swz = 0.f;
+  for (int k = 0; k < BLOCK / 32; k++) {  // fixed order: deterministic
+    combine(m, s, sm[k], ss[k]);
+    swz += sw[k];
+  }
+}
+
+template <typename T> __device__ __forceinline__ int64_t load_target(const CfPdlArgs &a, int64_t r) {
+  return a.targets_i64 ? ((const int64_t *)a.targets)[r] : (int64_t)((const int32_t *)a.targets)[r];
+}
+
+/* Write `value` over a gradient row (zeros for ignored rows, NaN for out-of-range targets). */
+template <typename T, int BLOCK> __device__ void fill_row(T *g, int64_t V, float value) {
+  for (int64_t c = threadIdx.x; c < V; c += BLOCK) g[c] = from_f<T>(value);
+}
+
+/* ws[0] = 1 / (mean's denominator) (1 for sum / none), ws[1] = sum_c w_c. One block, fixed order. */
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) pdl_prologue_kernel(CfPdlArgs a, const float *norm, float *ws) {
+  const int64_t N = a.B * a.T;
+  const float *w = (const float *)a.weights;
+  double wsum = 0.0, W = 0.0;
+  if (a.reduction == CF_PDL_MEAN && a.norm_mode == CF_PDL_NORM_BATCH)
+    for (int64_t r = threadIdx.x; r < N; r += BLOCK) {
+      int64_t y = load_target<float>(a, r);
+      if (y != a.ignore_index && y >= 0 && y < a.V) wsum += (double)w[y];
+    }
+  if (a.eps > 0.0)
+    for (int64_t c = threadIdx.x; c < a.V; c += BLOCK) W += (double)w[c];
+  __shared__ double s1[BLOCK], s2[BLOCK];
+  s1[threadIdx.x] = wsum, s2[threadIdx.x] = W;
+  __syncthreads();
+  for (int o = BLOCK / 2; o > 0; o >>= 1) {
+    if ((int)threadIdx.x < o) s1[threadIdx.x] += s1[threadIdx.x + o], s2[threadIdx.x] += s2[threadIdx.x + o];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double inv = 1.0;
+    if (a.reduction == CF_PDL_MEAN) {
+      if (a.norm_mode == CF_PDL_NORM_BATCH) inv = cf_pdl_inv_norm(s1[0], 1);
+      else inv = cf_pdl_inv_norm((double)*norm, a.norm_mode == CF_PDL_NORM_PRECOMPUTED);
+    }
+    ws[0] = (float)inv;
+    ws[1] = (float)s2[0];
+  }
+}
+
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const float *ws) {
+  constexpr int K = Pack<T>::K;
+  const int64_t N = a.B * a.T, V = a.V;
+  const float *w = (const float *)a.weights;
+  const float inv_norm = ws[0], W = ws[1];
+  const bool smooth = a.eps > 0.0;
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const T *z = (const T *)a.logits + (r / a.T) * a.sb + (r % a.T) * a.st;
+    T *g = (T *)a.grad + r * V;
+    float *row_loss = (float *)a.row_loss + r;
+    const int64_t y = load_target<T>(a, r);
+    if (y == a.ignore_index) {
+      fill_row<T, BLOCK>(g, V, 0.f);
+      if (threadIdx.x == 0) *row_loss = 0.f;
+      continue;
+    }
+    if (y < 0 || y >= V) {  // never silent: NaN loss and gradient (see the file comment)
+      fill_row<T, BLOCK>(g, V, CUDART_NAN_F);
+      if (threadIdx.x == 0) *row_loss = CUDART_NAN_F;
+      continue;
+    }
+    /* sweep 1: online max and sum of 2^(x log2e - max) per thread; sum_c w_c z_c for smoothing */
+    float m = -CUDART_INF_F, s = 0.f, swz = 0.f;
+    visit_row<T, BLOCK, false>(z, V, [&](int64_t c, const float *x, int n) {
+      float lm = -CUDART_INF_F;
+      CF_FOR_N(i) lm = fmaxf(lm, x[i] * kLog2e);
+      if (lm > m) {
+        s *= fast_exp2(m - lm);  // 2^-inf = 0 when m is still -inf (NaN stays NaN)
+        m = lm;
+      }
+      if (m != -CUDART_INF_F)
+        CF_FOR_N(i) s += fast_exp2(fmaf(x[i], kLog2e, -m));
+      else  // every value so far is -inf (p = 0), unless a NaN hides here: keep it
+        CF_FOR_N(i) s += (x[i] != x[i]) ? x[i] : 0.f;
+      if (smooth)
+        CF_FOR_N(i) swz = fmaf(__ldg(w + c + i), x[i], swz);
+    });
+    block_reduce<BLOCK>(m, s, swz);
+    const float lse2 = m + log2f(s);  // log2 sum exp(z) (NaN / inf propagate)
+    const float wy = __ldg(w + y);
+    const CfPdlCoef co = cf_pdl_coef(wy, W, (double)V, a.eps, inv_norm);
+    const float A = (float)co.A_times_s, Bc = (float)co.B, C = (float)co.C;
+    if (threadIdx.x == 0) {
+      const float zy = to_f<T>(z[y]);
+      *row_loss = (float)cf_pdl_row_loss((double)lse2 * kLn2, zy, wy, W, swz, (double)V, a.eps, inv_norm);
+    }
+    /* sweep 2: dz_c = p_c A - B w_c - [c == y] C, p_c = 2^(z_c log2e - lse2) */
+    auto grad_of = [&](int64_t c, float x) {
+      float d = fast_exp2(fmaf(x, kLog2e, -lse2)) * A;
+      if (smooth) d -= Bc * __ldg(w + c);
+      if (c == y) d -= C;
+      return d;
+    };
+    if ((((uintptr_t)g ^ (uintptr_t)z) & 15) == 0) {  // same head: 16-byte stores line up
+      visit_row<T, BLOCK, true>(z, V, [&](int64_t c, const float *x, int n) {
+        float d[K];
+        CF_FOR_N(i) d[i] = grad_of(c + i, x[i]);
+        if (n == K) {
+          Pack<T> p;
+          p.from_float(d);
+          __stcs(reinterpret_cast<uint4 *>(g + c), p.u);
+        } else {
+          CF_FOR_N(i) g[c + i] = from_f<T>(d[i]);
+        }
+      });
+    } else {  // gradient rows align differently from the (strided) logits rows: scalar stores
+      visit_row<T, BLOCK, true>(z, V, [&](int64_t c, const float *x, int n) {
+        CF_FOR_N(i) g[c + i] = from_f<T>(grad_of(c + i, x[i]));
+      });
+    }
+  }
+}
+
+template <typename T>
+__global__ void pdl_scale_kernel(T *g, int64_t rows, int64_t V, const float *gp) {
+  const float s = gp[0];
+  if (s == 1.0f) return;  // the usual loss.backward(): no bytes moved
+  constexpr int K = Pack<T>::K;
+  const int64_t n = rows * V;
+  const int64_t npack = ((uintptr_t)g & 15) ? 0 : n / K;  // 16-byte packs when aligned
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  uint4 *gv = reinterpret_cast<uint4 *>(g);
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < npack; i += stride) {
+    Pack<T> p;
+    p.u = gv[i];
+    float x[K];
+    p.to_float(x);
+    for (int k = 0; k < K; k++) x[k] *= s;
+    p.from_float(x);
+    gv[i] = p.u;
+  }
+  for (int64_t i = npack * K + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    g[i] = from_f<T>(to_f<T>(g[i]) * s);
+}
+
+template <typename T>
+__global__ void pdl_scale_rows_kernel(T *g, int64_t rows, int64_t V, const float *gp) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float s = gp[r];
+    T *gr = g + r * V;
+    for (int64_t c = threadIdx.x; c < V; c += blockDim.x) gr[c] = from_f<T>(to_f<T>(gr[c]) * s);
+  }
+}
+
+template <typename I, bool SHARED>
+__global__ void token_counts_kernel(const I *ids, int64_t n, int64_t ignore, unsigned long long *counts,
+                                    int64_t V, long long *bad) {
+  extern __shared__ unsigned int hist[];
+  if (SHARED) {
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) hist[v] = 0;
+    __syncthreads();
+  }
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const int64_t id = (int64_t)ids[i];
+    if (id == ignore) continue;
+    if (id < 0 || id >= V) {
+      atomicAdd((unsigned long long *)bad, 1ull);
+      atomicExch((unsigned long long *)bad + 1, (unsigned long long)id);
+      continue;
+    }
+    if (SHARED) atomicAdd(hist + id, 1u);
+    else atomicAdd(counts + id, 1ull);
+  }
+  if (SHARED) {
+    __syncthreads();
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+      if (hist[v]) atomicAdd(counts + v, (unsigned long long)hist[v]);
+  }
+}
+
+int sm_count(int device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n < 1) n = 80;
+  return n;
+}
+
+template <typename T>
+const char *launch_loss(const CfPdlArgs *a, const float *norm, float *ws, cudaStream_t st) {
+  const int64_t N = a->B * a->T;
+  pdl_prologue_kernel<1024><<<1, 1024, 0, st>>>(*a, norm, ws);
+  CF_LAUNCH_CHECK();
+  const unsigned grid = (unsigned)(N < 0x7fffffff ? N : 0x7fffffff);
+  /* a block per row: 1024 threads for long rows, 256 for short ones */
+  if (a->V >= 8192) pdl_loss_kernel<T, 1024><<<grid, 1024, 0, st>>>(*a, ws);
+  else pdl_loss_kernel<T, 256><<<grid, 256, 0, st>>>(*a, ws);
+  CF_LAUNCH_CHECK();
+  return NULL;
+}
+
+template <typename T>
+const char *launch_scale(void *grad, int64_t rows, int64_t V, const float *g, int per_row, int device,
+                         cudaStream_t st) {
+  if (per_row) {
+    const unsigned grid = (unsigned)(rows < 65535 * 16 ? rows : 65535 * 16);
+    pdl_scale_rows_kernel<T><<<grid, 256, 0, st>>>((T *)grad, rows, V, g);
+  } else {
+    /* enough blocks to fill the GPU; each returns at once when g == 1 */
+    const int64_t packs = rows * V / Pack<T>::K + 1;
+    int64_t want = (packs + 255) / 256, cap = (int64_t)sm_count(device) * 8;
+    pdl_scale_kernel<T><<<(unsigned)(want < cap ? want : cap), 256, 0, st>>>((T *)grad, rows, V, g);
+  }
+  CF_LAUNCH_CHECK();
+  return NULL;
+}
+
+}  // namespace
+
+extern "C" const char *cf_pdl_loss_cuda(const CfPdlArgs *a, int dtype, const float *norm, float *ws,
+                                        int device, void *stream) {
+  CfDeviceGuard guard(device);
+  cudaStream_t st = (cudaStream_t)stream;
+  if (a->B * a->T == 0) return NULL;
+  switch (dtype) {
+    case CF_F32: return launch_loss<float>(a, norm, ws, st);
+    case CF_F16: return launch_loss<__half>(a, norm, ws, st);
+    case CF_BF16: return launch_loss<__nv_bfloat16>(a, norm, ws, st);
+    default: return "pdl_loss: unsupported logits dtype on CUDA";
+  }
+}
+
+extern "C" const char *cf_pdl_scale_cuda(void *grad, int dtype, int64_t n_rows, int64_t V, const float *g,
+                                         int per_row, int device, void *stream) {
+  CfDeviceGuard guard(device);
+  cudaStream_t st = (cudaStream_t)stream;
+  if (n_rows * V == 0) return NULL;
+  switch (dtype) {
+    case CF_F32: return launch_scale<float>(grad, n_rows, V, g, per_row, device, st);
+    case CF_F16: return launch_scale<__half>(grad, n_rows, V, g, per_row, device, st);
+    case CF_BF16: return launch_scale<__nv_bfloat16>(grad, n_rows, V, g, per_row, device, st);
+    default: return "pdl_loss backward: unsupported gradient dtype on CUDA";
+  }
+}
+
+extern "C" const char *cf_pdl_token_counts_cuda(const void *ids, int ids_i64, int64_t n, int64_t ignore_index,
+                                                int64_t *counts, int64_t V, int64_t *bad, int device,
+                                                void *stream) {
+  CfDeviceGuard guard(device);
+  cudaStream_t st = (cudaStream_t)stream;
+  CF_CUDA_TRY(cudaMemsetAsync(counts, 0, (size_t)V * sizeof(int64_t), st));
+  if (n == 0) return NULL;
+  const int64_t want = (n + 255) / 256, cap = (int64_t)sm_count(device) * 8;
+  const unsigned grid = (unsigned)(want < cap ? want : cap);
+  const bool shared = V <= 12288;  // 48 KB of uint32 bins per block
+  const size_t smem = shared ? (size_t)V * sizeof(unsigned int) : 0;
+  unsigned long long *cnt = (unsigned long long *)counts;
+  long long *b = (long long *)bad;
+  if (ids_i64) {
+    if (shared) token_counts_kernel<int64_t, true><<<grid, 256, smem, st>>>((const int64_t *)ids, n, ignore_index, cnt, V, b);
+    else token_counts_kernel<int64_t, false><<<grid, 256, 0, st>>>((const int64_t *)ids, n, ignore_index, cnt, V, b);
+  } else {
+    if (shared) token_counts_kernel<int32_t, true><<<grid, 256, smem, st>>>((const int32_t *)ids, n, ignore_index, cnt, V, b);
+    else token_counts_kernel<int32_t, false><<<grid, 256, 0, st>>>((const int32_t *)ids, n, ignore_index, cnt, V, b);
+  }
+  CF_LAUNCH_CHECK();
+  return NULL;
+}

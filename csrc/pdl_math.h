@@ -1,0 +1,88 @@
+/* Per-row math of the Power-Law Decay Loss (SPEC section 2), shared by the CPU kernels (gcc) and
+ * the CUDA kernels (nvcc), so the CPU tests exercise the formulas the GPU runs.
+ *
+ * Row t, logits z (V,), target y, class weights w, smoothing eps, denominator `norm`:
+ *   lse   = log sum_c exp(z_c)
+ *   loss  = [ (1-eps) w_y (lse - z_y) + (eps/V) sum_c w_c (lse - z_c) ] / norm
+ *         = [ (1-eps) w_y (lse - z_y) + (eps/V) (lse W - sum_c w_c z_c) ] / norm,   W = sum_c w_c
+ * which is torch's weighted cross-entropy with label smoothing (the smoothing term weights each
+ * class by its own w_c; the mean divides by sum_t w_{y_t}, not by a token count). Its gradient is
+ *   dz_c  = [ ((1-eps) w_y + eps W / V) p_c - (eps/V) w_c - (1-eps) w_y [c == y] ] / norm.
+ * With p_c = e_c / s, e_c = exp(z_c - max), s = sum e_c, every kernel computes
+ *   dz_c  = e_c * A - B w_c - [c == y] C,   A = ((1-eps) w_y + eps W / V) / (s norm),
+ *                                          B = eps / (V norm),  C = (1-eps) w_y / norm.
+ */
+#ifndef CF_PDL_MATH_H
+#define CF_PDL_MATH_H
+#include <math.h>
+#include <string.h>
+#include "cf_common.h"
+
+/* reduction codes shared with complexformer/pdl.py */
+enum { CF_PDL_NONE = 0, CF_PDL_SUM = 1, CF_PDL_MEAN = 2 };
+
+typedef struct {
+  double A_times_s; /* ((1-eps) w_y + eps W / V) / norm: divide by s to get A */
+  double B;         /* eps / (V norm) */
+  double C;         /* (1-eps) w_y / norm */
+} CfPdlCoef;
+
+CF_INLINE CfPdlCoef cf_pdl_coef(double wy, double W, double V, double eps, double inv_norm) {
+  CfPdlCoef c;
+  c.A_times_s = ((1.0 - eps) * wy + eps * W / V) * inv_norm;
+  c.B = eps / V * inv_norm;
+  c.C = (1.0 - eps) * wy * inv_norm;
+  return c;
+}
+
+/* swz = sum_c w_c z_c (only read when eps > 0) */
+CF_INLINE double cf_pdl_row_loss(double lse, double zy, double wy, double W, double swz, double V,
+                                 double eps, double inv_norm) {
+  double l = (1.0 - eps) * wy * (lse - zy);
+  if (eps > 0.0) l += eps / V * (lse * W - swz);
+  return l * inv_norm;
+}
+
+/* 1 / norm. A denominator the kernel computed itself (sum of the batch's target weights) may be
+ * 0 when the batch has no counted token: the loss is then 0 with a zero gradient, as the
+ * reference trainer does. A caller-given normalizer that is not positive is a bug upstream:
+ * NaN, never a silent 0. */
+CF_INLINE double cf_pdl_inv_norm(double norm, int zero_ok) {
+  if (norm > 0.0) return 1.0 / norm;
+  return zero_ok ? 0.0 : NAN;
+}
+
+/* exp(x) for float32 in a form gcc auto-vectorises (no calls, no branches: the selects become
+ * blends). Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for an exact
+ * reduction), a degree-7 polynomial for e^r, and 2^n built in the exponent bits. Max error
+ * about 1 ulp over the range used here (x <= 0 in the softmax). n is rounded with the
+ * 1.5 * 2^23 trick rather than floorf/rintf, which need SSE4.1 to vectorise. Inputs below
+ * -87.3 return 0 (the true value is < 1.2e-38, a denormal); NaN propagates (NaN in, NaN out),
+ * so a NaN logit makes the row's loss NaN as in torch. */
+CF_INLINE float cf_exp_f32(float x) {
+  const float lo = -87.33654f, hi = 88.37626f;
+  float xc = x < lo ? lo : x;  /* NaN compares false: stays NaN */
+  xc = xc > hi ? hi : xc;
+  const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
+  float t = xc * 1.44269504088896341f + magic;
+  float n = t - magic;
+  int32_t ti;
+  memcpy(&ti, &t, sizeof ti);
+  int32_t ni = ti - 0x4B400000; /* bits of magic: the integer n */
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  uint32_t sbits = (uint32_t)(ni + 127) << 23;
+  float scale;
+  memcpy(&scale, &sbits, sizeof scale);
+  float y = p * scale;
+  return x < lo ? 0.0f : y;
+}
+
+#endif
