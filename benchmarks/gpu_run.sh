@@ -31,7 +31,7 @@ step cuda tests
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$REPO/tests" -m cuda -q -rfE --tb=short -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt" | tail -40
 
 fi
-if [ "$MODE" = "sanitize" ] || [ "$MODE" = "full" ]; then
+if [ "$MODE" = "sanitize" ] || { [ "$MODE" = "full" ] && [ -z "${NO_SAN:-}" ]; }; then
   step memcheck
   # Without the caching allocator every tensor is its own cudaMalloc, so overruns are caught.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
