@@ -348,7 +348,7 @@ _rotate_qk_op.register_autograd(_rotate_qk_grad, setup_context=_rotate_qk_setup)
 # ----------------------------------------------------------------------------------------------
 # Public API
 
-def _check_params(x, delta, beta, freqs, H_name="delta"):
+def _check_params(x, delta, beta, freqs):
     _ext.check_tensor("delta", delta, dtypes=_FLOATS, ndim=2, device=x.device)
     h = x.shape[-1] // 2
     H = delta.shape[0]

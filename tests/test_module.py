@@ -359,12 +359,7 @@ def test_bad_forward_inputs():
 
 
 # ---------------------------------------------------------------------------------------- compile
-_FUSED_COMPILE_BUG = pytest.mark.xfail(
-    strict=True, reason="attention._fused_backward calls rotate._rotate_backward (raw _C call) instead of a "
-    "registered op, so AOT autograd traces into the kernel ('Cannot access data pointer of Tensor')")
-
-
-@pytest.mark.parametrize("backend", ["sdpa", "reference", pytest.param("auto", marks=_FUSED_COMPILE_BUG)])
+@pytest.mark.parametrize("backend", ["auto", "fused", "sdpa", "reference"])
 def test_compile_fullgraph_no_cache(backend):
     # aot_eager traces the full graph through the registered ops (fake kernels, autograd) without
     # paying for inductor code generation on a 2-core CI box; the CUDA test below uses inductor.
