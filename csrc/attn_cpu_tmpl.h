@@ -166,18 +166,19 @@ CF_AI T FN(row_max)(const T *restrict x) {
   return r;
 }
 
-/* x = exp(x - sub) in place; returns the sum. */
-CF_AI T FN(row_exp_sum)(T *restrict x, T sub) {
-  T acc[NR] = {0};
+/* x = exp(x - sub) in place, its NR-lane partial sums added to lanes[]. The running softmax
+ * denominator stays lane-wise for a whole query tile, so the horizontal sum happens once per row
+ * and tile instead of once per row and key tile. */
+CF_AI void FN(row_exp_sum)(T *restrict x, T sub, T *restrict lanes) {
+  T acc[NR];
+  for (int l = 0; l < NR; l++) acc[l] = lanes[l];
   for (int64_t n = 0; n < BK; n += NR)
     for (int l = 0; l < NR; l++) {
       T e = CF_EXP(x[n + l] - sub);
       x[n + l] = e;
       acc[l] += e;
     }
-  T r = 0;
-  for (int l = 0; l < NR; l++) r += acc[l];
-  return r;
+  for (int l = 0; l < NR; l++) lanes[l] = acc[l];
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -186,7 +187,8 @@ CF_AI T FN(row_exp_sum)(T *restrict x, T sub) {
 typedef struct {
   T *kt;             /* rotated key tiles of the item's key range, (ntile, d, BK) */
   T *q, *s, *o;      /* (BQ, d), (BQ, BK), (BQ, dv) */
-  T *mrow, *lrow;    /* running max and sum, (BQ,) */
+  T *mrow;           /* running max, (BQ,) */
+  T *lsum;           /* running sum as NR lane-wise partial sums, (BQ, NR) */
 } FN(FwdWs);
 
 CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b, int64_t hq,
@@ -215,7 +217,8 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
     AttnRows rows;
     rows_init(p, t, &rows);
     const int64_t nq = rows.nq;
-    for (int64_t r = 0; r < nq; r++) { ws->mrow[r] = (T)-INFINITY; ws->lrow[r] = 0; }
+    for (int64_t r = 0; r < nq; r++) ws->mrow[r] = (T)-INFINITY;
+    for (int64_t x = 0; x < nq * NR; x++) ws->lsum[x] = 0;
     for (int64_t x = 0; x < nq * dv; x++) ws->o[x] = 0;
     if (rows.hi > rows.lo) {
       FN(rotate_queries)(p, b, hq, &rows, ws->q);
@@ -237,21 +240,22 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
             for (int64_t n = 0; n < BK; n++) sr[n] = 0;
             continue;
           }
-          T sum = FN(row_exp_sum)(sr, mnew);
+          T *lanes = ws->lsum + r * NR;
           if (mnew != mold) {
             T alpha = CF_EXP(mold - mnew);
             T *orow = ws->o + r * dv;
             for (int64_t c = 0; c < dv; c++) orow[c] *= alpha;
-            ws->lrow[r] *= alpha;
+            for (int l = 0; l < NR; l++) lanes[l] *= alpha;
             ws->mrow[r] = mnew;
           }
-          ws->lrow[r] += sum;
+          FN(row_exp_sum)(sr, mnew, lanes);
         }
         FN(gemm)(nq, dv, nk, s, BK, 1, vb + n0 * vs, vs, ws->o, dv, 1);
       }
     }
     for (int64_t r = 0; r < nq; r++) {
-      T l = ws->lrow[r];
+      T l = 0;
+      for (int c = 0; c < NR; c++) l += ws->lsum[r * NR + c];
       T inv = l > 0 ? (T)1 / l : (T)0;
       T *orow = out + (rows.m0 + r) * dv;
       for (int64_t c = 0; c < dv; c++) orow[c] = ws->o[r * dv + c] * inv;
@@ -273,7 +277,7 @@ static int FN(attn_fwd)(const CfAttnParams *p) {
   split = (nqt + per - 1) / per;
   const int64_t nitems = BH * split;
   const int64_t ktiles = (p->Lk + BK - 1) / BK;
-  const size_t ws_elems = (size_t)(ktiles * p->d * BK + BQ * p->d + BQ * BK + BQ * p->dv + 2 * BQ);
+  const size_t ws_elems = (size_t)(ktiles * p->d * BK + BQ * p->d + BQ * BK + BQ * p->dv + BQ + BQ * NR);
   int failed = 0;
 #pragma omp parallel num_threads(p->nthreads)
   {
@@ -289,7 +293,7 @@ static int FN(attn_fwd)(const CfAttnParams *p) {
       ws.s = ws.q + BQ * p->d;
       ws.o = ws.s + BQ * BK;
       ws.mrow = ws.o + BQ * p->dv;
-      ws.lrow = ws.mrow + BQ;
+      ws.lsum = ws.mrow + BQ;
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nitems; it++) {
