@@ -1,7 +1,7 @@
 /* The element-type-generic body of the CPU fused attention (attn_cpu.c includes it once per type).
  * Expects: T (float | double), SUF (f32 | f64), CF_EXP(x) (an exp that is exactly 0 for -inf),
- * CF_ROT_FWD (cf_rot_fwd_f32 | cf_rot_fwd_f64), and from attn_cpu.c: BQ, BK, MR, NR, CF_HOT,
- * AttnRows, rows_init(), visible(). Every function below is `FN(name)` = name_SUF. */
+ * and from attn_cpu.c: BQ, BK, MR, NR, CF_AI, CF_HOT, AttnRows, rows_init(), visible(),
+ * rotate_pairs_SUF(). Every function below is `FN(name)` = name_SUF. */
 
 #define FN_CAT2(a, b) a##_##b
 #define FN_CAT(a, b) FN_CAT2(a, b)
