@@ -202,15 +202,17 @@ int cf_pdl_loss_cpu(const CfPdlArgs *a, int is_f64, double norm, int nthreads, i
     const int64_t zoff = b * a->sb + t * a->st;
     const int64_t y = target_at(a, r);
     double loss = 0.0;
+    /* ignored rows, and V = 1 (log softmax is identically 0): loss 0, gradient 0 */
+    const int zero_row = y == a->ignore_index || V == 1;
     if (is_f64) {
       double *g = (double *)a->grad + r * V;
-      if (y == a->ignore_index) memset(g, 0, (size_t)V * sizeof(double));
+      if (zero_row) memset(g, 0, (size_t)V * sizeof(double));
       else loss = row_f64((const double *)a->logits + zoff, g, (const double *)a->weights, V, y, W,
                           a->eps, inv_norm);
       ((double *)a->row_loss)[r] = loss;
     } else {
       float *g = (float *)a->grad + r * V;
-      if (y == a->ignore_index) memset(g, 0, (size_t)V * sizeof(float));
+      if (zero_row) memset(g, 0, (size_t)V * sizeof(float));
       else loss = row_f32((const float *)a->logits + zoff, g, (const float *)a->weights, V, y, W,
                           a->eps, inv_norm);
       ((float *)a->row_loss)[r] = (float)loss;
