@@ -23,6 +23,8 @@ rc=$?; grep -E "complexformer:|error|warning" "$OUT/build.log" | grep -v "^ *gcc
 [ $rc -eq 0 ] || { echo "BUILD FAILED rc=$rc"; tail -60 "$OUT/build.log"; exit 1; }
 
 cd /tmp  # import the installed package, not the source tree
+# scripts that put the repo root on sys.path (benchmarks) must find the extension there too
+cp "$(python3 -c 'import complexformer._C as c; print(c.__file__)')" "$REPO/complexformer/"
 step info
 timeout 120 python3 -m complexformer.info 2>&1 | tee "$OUT/info.txt"
 

@@ -260,6 +260,7 @@ _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
 _FUSED_CPU_MAX_D = 256
 
 
+@torch.compiler.assume_constant_result  # a C call dynamo cannot trace; its answer is fixed per build
 def _fused_cuda_supported(dtype, d, dv):
     """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
     name = str(dtype).replace("torch.", "")

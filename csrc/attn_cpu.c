@@ -83,9 +83,13 @@ static void rows_init(const CfAttnParams *p, int64_t t, AttnRows *rows) {
       lo = p->cu_seqlens[a];
       hi = p->cu_seqlens[a + 1];
       if (p->causal && hi > m + 1) hi = m + 1;
-    } else if (p->causal) {
-      int64_t lim = m + p->q_offset + 1;
-      hi = lim < 0 ? 0 : lim < p->Lk ? lim : p->Lk;
+    } else if (p->causal) {  /* n <= m + q_offset, with no int64 overflow for extreme offsets */
+      if (p->q_offset >= p->Lk) hi = p->Lk;
+      else if (p->q_offset < -p->Lq - 1) hi = 0;
+      else {
+        int64_t lim = m + p->q_offset + 1;
+        hi = lim < 0 ? 0 : lim < p->Lk ? lim : p->Lk;
+      }
     }
     rows->rlo[r] = lo;
     rows->rhi[r] = hi;
