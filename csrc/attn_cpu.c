@@ -24,8 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include "attn.h"
-#include "fast_exp.h"
 #include "fast_trig.h"
+#include "pdl_math.h" /* cf_exp_f32: the vectorisable float32 exp, shared with the PDL kernels */
 #include "rotate_math.h"
 
 enum {
@@ -147,7 +147,7 @@ CF_AI void rotate_pairs_f32(int layout, int64_t h, const float *restrict x,
 
 #define T float
 #define SUF f32
-#define CF_EXP(x) cf_fast_expf(x)
+#define CF_EXP(x) cf_exp_f32(x)
 #define CF_ROT_FWD cf_rot_fwd_f32
 #include "attn_cpu_tmpl.h"
 #undef T
