@@ -31,13 +31,15 @@ def main():
     ap.add_argument("--Hkv", type=int, default=None)
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--backends", nargs="+", default=["fused", "sdpa", "reference"])
+    ap.add_argument("--mask", choices=["causal", "kpm", "varlen"], default="causal",
+                    help="causal only; + a key padding mask (20%% padded); packed: 4 sequences in B=1")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-seconds", type=float, default=10.0, help="cap per case (fewer reps when slow)")
     a = ap.parse_args()
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
     Hkv = a.Hkv or a.H
-    print(f"cmha_attention causal {'fwd' if a.fwd_only else 'fwd+bwd'}: B={a.B} H={a.H} Hkv={Hkv} d={a.d} "
+    print(f"cmha_attention {a.mask} {'fwd' if a.fwd_only else 'fwd+bwd'}: B={a.B} H={a.H} Hkv={Hkv} d={a.d} "
           f"{a.dtype} on {dev} (threads {torch.get_num_threads()}); median ms of {a.reps} runs")
     rows = []
     for L in a.L:
@@ -49,13 +51,20 @@ def main():
         beta = torch.zeros(a.H, a.d // 2, device=dev, requires_grad=True)
         freqs = default_freqs(a.d, device=dev)
         gout = torch.randn(a.B, a.H, L, a.d, generator=g).to(dev, dtype)
+        kw = {}
+        if a.mask == "kpm":
+            kw["key_padding_mask"] = (torch.rand(a.B, L, generator=g) > 0.2).to(dev)
+        elif a.mask == "varlen":
+            if a.B != 1:
+                ap.error("--mask varlen needs --B 1")
+            kw["cu_seqlens"] = torch.tensor([0, L // 8, L // 2, 3 * L // 4, L], dtype=torch.int32, device=dev)
         res = {}
         for b in a.backends:
             if b == "reference" and L > 2048:
                 continue
 
             def step(b=b):
-                out = cmha_attention(q, k, v, delta, beta, freqs, backend=b)
+                out = cmha_attention(q, k, v, delta, beta, freqs, backend=b, **kw)
                 if not a.fwd_only:
                     torch.autograd.grad(out, (q, k, v, delta, beta), gout)
 

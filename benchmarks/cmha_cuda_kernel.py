@@ -10,11 +10,15 @@ glue's back-rotation and GQA sum are not included. SDPA fwd+bwd is one autograd 
 Shapes: bf16, B * L = 16k tokens (L = 2048 by default), H * d = 2048, d in {64, 128}, causal.
 FLOPs: forward 4 B H L^2 d, halved for causal; backward 2.5 x forward (the FlashAttention convention).
 Peak memory: extra bytes held by the CUDA caching allocator during one call (inputs excluded).
+The experimental warp-specialized forward (CF_ATTN_FWD_VARIANT=ws) is timed afterwards in a child
+process with a time limit (forward only), so a fault in it cannot take this run down.
 Usage: python benchmarks/cmha_cuda_kernel.py [--seqlen 2048] [--tokens 16384] [--hd 2048] [--dims 64 128]
+                                             [--variant ws] [--fwd-only]
 """
 import argparse
 import math
 import os
+import subprocess
 import sys
 
 import torch
@@ -93,8 +97,10 @@ def bench(d, args):
 
     flops_fwd = 4.0 * B * H * L * L * d / 2
     rows = []
-    for name, fn_f, fn_s, fl in (("fwd", fused_fwd, sdpa_fwd, flops_fwd),
-                                 ("fwd+bwd", fused_fwd_bwd, sdpa_fwd_bwd, 3.5 * flops_fwd)):
+    passes = [("fwd", fused_fwd, sdpa_fwd, flops_fwd)]
+    if not args.fwd_only:
+        passes.append(("fwd+bwd", fused_fwd_bwd, sdpa_fwd_bwd, 3.5 * flops_fwd))
+    for name, fn_f, fn_s, fl in passes:
         tf = time_ms(fn_f, device=dev, reps=args.reps, warmup=3, max_seconds=4)
         ts = time_ms(fn_s, device=dev, reps=args.reps, warmup=3, max_seconds=4)
         pf, ps = peak_bytes(fn_f, device=dev), peak_bytes(fn_s, device=dev)
@@ -110,11 +116,15 @@ def main():
     ap.add_argument("--hd", type=int, default=2048, help="H * d")
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--variant", default=None, help="forward kernel variant (CF_ATTN_FWD_VARIANT), e.g. ws")
+    ap.add_argument("--fwd-only", action="store_true")
     args = ap.parse_args()
+    if args.variant:
+        os.environ["CF_ATTN_FWD_VARIANT"] = args.variant
     if not torch.cuda.is_available() or not _ext.HAS_CUDA_KERNELS:
         sys.exit("needs a CUDA GPU and a build of complexformer with CUDA kernels")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16, causal, "
-          f"B*L={args.tokens}, H*d={args.hd}")
+          f"B*L={args.tokens}, H*d={args.hd}, forward variant: {args.variant or 'default'}")
     rows = []
     for d in args.dims:
         r, diff = bench(d, args)
@@ -123,7 +133,17 @@ def main():
     print("fused = CMHA kernel with the rotation fused in; sdpa = FlashAttention on pre-rotated inputs; "
           "ratio = fused TFLOP/s / sdpa TFLOP/s")
     print(markdown_table(["shape", "pass", "fused ms", "fused TFLOP/s", "sdpa ms", "sdpa TFLOP/s", "ratio",
-                          "fused peak", "sdpa peak"], rows))
+                          "fused peak", "sdpa peak"], rows), flush=True)
+    if args.variant is None:
+        print("\nexperimental forward variant 'ws' (warp-specialized), child process, 90 s limit:", flush=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", "ws", "--fwd-only", "--seqlen", str(args.seqlen),
+               "--tokens", str(args.tokens), "--hd", str(args.hd), "--reps", str(args.reps), "--dims"] + [
+                   str(d) for d in args.dims]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+            print(r.stdout[-3000:] + (f"\n(rc={r.returncode}) " + r.stderr[-1500:] if r.returncode else ""))
+        except subprocess.TimeoutExpired:
+            print("variant 'ws' timed out (hang or too slow)")
 
 
 if __name__ == "__main__":

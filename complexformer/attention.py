@@ -37,7 +37,7 @@ _POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in
 # --------------------------------------------------------------------------------------------
 class _Plan:
     __slots__ = ("B", "H", "Hkv", "Lq", "Lk", "d", "dv", "causal", "scale", "q_offset", "layout",
-                 "kpm", "cu", "q_pos", "k_pos", "pdtype", "custom_pos")
+                 "kpm", "cu", "q_pos", "k_pos", "pdtype")
 
 
 def _as_positions(name, p, B, L, device):
@@ -129,7 +129,6 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     p.q_offset = (Lk - Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
     p.pdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if positions is None:
-        p.custom_pos = False
         if cu_seqlens is not None:
             cu = cu_seqlens.to(torch.int64)
             idx = torch.arange(Lq, device=dev)
@@ -142,7 +141,6 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     else:
         if not isinstance(positions, (tuple, list)) or len(positions) != 2:
             raise TypeError("positions: expected a pair (q_positions, k_positions) of integer tensors, or None")
-        p.custom_pos = True
         p.q_pos = _as_positions("positions[0] (query positions)", positions[0], B, Lq, dev)
         p.k_pos = _as_positions("positions[1] (key positions)", positions[1], B, Lk, dev)
         if p.q_pos.shape[0] != p.k_pos.shape[0]:  # kernels take both per batch or both shared
@@ -224,14 +222,15 @@ def _sdpa_mask(p, device):
     """(attn_mask, is_causal, row_ok) for F.scaled_dot_product_attention.
 
     SDPA's is_causal is TOP-LEFT aligned (n <= m); ours is n <= m + q_offset. So is_causal is
-    used only when q_offset == 0; q_offset >= Lk - 1 means every key is visible; anything else gets
-    an explicit boolean mask. SDPA returns NaN on a row with no visible key: such rows (only
+    used only for the square case q_offset == 0, Lq == Lk (where every SDPA kernel agrees on the
+    alignment); q_offset >= Lk - 1 means every key is visible (decoding); anything else gets an
+    explicit boolean mask. SDPA returns NaN on a row with no visible key: such rows (only
     possible with a key padding mask or q_offset < 0) are unmasked before the call and zeroed
     after it (row_ok), which also zeroes their gradients."""
     if p.kpm is None and p.cu is None:
         if not p.causal or p.q_offset >= p.Lk - 1:
             return None, False, None
-        if p.q_offset == 0:
+        if p.q_offset == 0 and p.Lq == p.Lk:
             return None, True, None
     vis = _visible(p, device)
     if p.kpm is None and p.q_offset >= 0:
@@ -261,6 +260,7 @@ _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
 _FUSED_CPU_MAX_D = 256
 
 
+@torch.compiler.assume_constant_result  # a C call dynamo cannot trace; its answer is fixed per build
 def _fused_cuda_supported(dtype, d, dv):
     """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
     name = str(dtype).replace("torch.", "")

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import pdl as _pdl
+from .pdl import fused_linear_pdl_loss, pdl_loss, token_counts
 
 __all__ = ["PDLTrainer", "label_token_counts"]
 
@@ -86,7 +86,7 @@ def _count_rows(rows, counts, vocab_size, ignore_index, shift):
         raise TypeError(f"label_token_counts: label ids must be integers, got dtype {ids.dtype}")
     ids = ids.to(torch.int64)
     _check_label_range(ids, vocab_size, ignore_index, "label_token_counts", "vocab_size")
-    counts += _pdl.token_counts(ids, vocab_size, ignore_index=ignore_index)
+    counts += token_counts(ids, vocab_size, ignore_index=ignore_index)
 
 
 def _check_label_range(ids, vocab_size, ignore_index, who, what):
@@ -428,9 +428,9 @@ if _Trainer is not None:
                 scale = num_items_in_batch.loss_scale
             if fused:
                 head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-                loss = _pdl.fused_linear_pdl_loss(x, head.to(x.dtype), targets, w, **kw)
+                loss = fused_linear_pdl_loss(x, head.to(x.dtype), targets, w, **kw)
             else:
-                loss = _pdl.pdl_loss(x, targets, w, **kw)
+                loss = pdl_loss(x, targets, w, **kw)
             self.loss_is_scaled_for_ga = "normalizer" in kw
             return (loss * scale, outputs) if return_outputs else loss * scale
 

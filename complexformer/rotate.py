@@ -31,6 +31,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CPU_CHUNKS = 64  # token chunks of the CPU backward reduction
 _CUDA_BLOCKS = 2048  # target number of CUDA backward blocks (column blocks x token chunks)
 _CUDA_COLS = 64  # (kv head, pair) columns per CUDA backward block
+_CUDA_WS_ELEMS = 1 << 22  # cap of the CUDA backward's partial-sum workspace (16 MiB)
 _CUDA_MAX_GROUP = 128  # query heads per kv head the CUDA backward takes (keys are expanded beyond)
 
 
@@ -201,6 +202,8 @@ def _bwd_chunk(x, H):
     if x.device.type == "cuda":
         col_blocks = -(-x.shape[1] * (x.shape[3] // 2) // _CUDA_COLS)
         target = max(1, _CUDA_BLOCKS // max(col_blocks, 1))
+        # and the (P, 3, H, h) float32 workspace stays under _CUDA_WS_ELEMS elements
+        target = min(target, max(1, _CUDA_WS_ELEMS // (3 * H * (x.shape[3] // 2))))
         return max(16, -(-ntok // target))
     return max(1, -(-ntok // _CPU_CHUNKS))
 
@@ -348,7 +351,7 @@ _rotate_qk_op.register_autograd(_rotate_qk_grad, setup_context=_rotate_qk_setup)
 # ----------------------------------------------------------------------------------------------
 # Public API
 
-def _check_params(x, delta, beta, freqs, H_name="delta"):
+def _check_params(x, delta, beta, freqs):
     _ext.check_tensor("delta", delta, dtypes=_FLOATS, ndim=2, device=x.device)
     h = x.shape[-1] // 2
     H = delta.shape[0]

@@ -39,6 +39,8 @@ typedef struct {
   void *dq_rot, *dk_rot, *dv_full;         /* (B,H,Lq,d), (B,H,Lk,d), (B,H,Lk,dv) contiguous */
 } CfAttnParams;
 
+#define CF_ATTN_MAX_D 256 /* largest head dim (d and dv) the CPU kernels accept */
+
 /* Status codes of the CPU kernels. */
 enum { CF_ATTN_OK = 0, CF_ATTN_ENOMEM = 1 };
 

@@ -273,7 +273,7 @@ static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
   {
     const size_t smem = BwdSmem<D, BK, BQS>::bytes;
     auto kern = attn_bwd_dkdv_kernel<T, D, BK, BQS>;
-    CF_CUDA_TRY(allow_smem(kern, smem));
+    if (const char *err = allow_smem(kern, smem)) return err;
     const dim3 grid(num_tiles(a, BK, a.Lk), H, B);
     if (grid.x > 0) {
       kern<<<grid, BK * 2, smem, st>>>(a);
@@ -283,7 +283,7 @@ static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
   {
     const size_t smem = BwdSmem<D, BQ, BKS>::bytes;
     auto kern = attn_bwd_dq_kernel<T, D, BQ, BKS>;
-    CF_CUDA_TRY(allow_smem(kern, smem));
+    if (const char *err = allow_smem(kern, smem)) return err;
     const dim3 grid(num_tiles(a, BQ, a.Lq), H, B);
     if (grid.x > 0) {
       kern<<<grid, BQ * 2, smem, st>>>(a);

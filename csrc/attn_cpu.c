@@ -17,18 +17,22 @@
  *
  * Memory: per thread O(Lk * (d + dv)) rotated keys / values plus a few tiles; nothing is O(L^2).
  * The element-type-generic code is in attn_cpu_tmpl.h, included below for float and double. */
+/* -std=c11 turns floating-point contraction off; the tile GEMMs need a*b+c fused into one FMA
+ * (twice the throughput, and one rounding instead of two). */
+#pragma GCC optimize("fp-contract=fast")
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "attn.h"
 #include "fast_exp.h"
+#include "fast_trig.h"
 #include "rotate_math.h"
 
 enum {
   BQ = 64, /* query rows per tile */
   BK = 64, /* keys per tile */
-  MR = 4,  /* register block of the tile GEMMs: MR rows x NR columns */
-  NR = 16,
+  MR = 6,  /* register block of the tile GEMMs: MR rows x NR columns (6 x 16 floats: 12 of the */
+  NR = 16, /* 16 ymm registers under AVX2, 6 zmm under AVX-512) */
 };
 
 /* The per-item functions get an AVX-512 and an AVX2 clone (picked at load time); the portable
@@ -38,6 +42,10 @@ enum {
 #else
 #define CF_HOT CF_CLONES
 #endif
+
+/* Helpers of the hot loops must inline into each clone: an out-of-line static helper would be
+ * compiled once, for the portable default target. */
+#define CF_AI static inline __attribute__((always_inline))
 
 static void *cf_aligned_alloc(size_t bytes) {
   size_t n = (bytes + 63) / 64 * 64;
@@ -94,6 +102,43 @@ static inline int visible(const CfAttnParams *p, int64_t b, const AttnRows *rows
                           int64_t n) {
   return n >= rows->rlo[r] && n < rows->rhi[r] &&
          (!p->kpm || p->kpm[b * p->kpm_str[0] + n * p->kpm_str[1]]);
+}
+
+/* Rotate the h pairs of one token row: dst = mul * rot(x) with phase offsets off[j]
+ * (positional angle, plus beta for queries). float64 is the reference-accuracy path through
+ * rotate_math.h; float32 evaluates the same formula with the vectorisable atan2 / sincos of
+ * fast_trig.h, because scalar libm calls here cost as much as the attention arithmetic. */
+CF_AI void rotate_pairs_f64(int layout, int64_t h, const double *restrict x,
+                            const double *restrict delta, const double *restrict off, double mul,
+                            double *restrict dst) {
+  for (int64_t j = 0; j < h; j++) {
+    int64_t ire = cf_re_index(layout, j, h), iim = cf_im_index(layout, j, h);
+    double re, im;
+    cf_rot_fwd_f64(x[ire], x[iim], delta[j], off[j], &re, &im);
+    dst[ire] = mul * re;
+    dst[iim] = mul * im;
+  }
+}
+
+CF_AI void rotate_pair_f32(float re, float im, float delta, float off, float mul, float *out_re,
+                           float *out_im) {
+  float r = sqrtf(re * re + im * im + (float)CF_EPS_R);
+  float s, c;
+  cf_fast_sincosf(delta * cf_fast_atan2f(im, re) + off, &s, &c);
+  *out_re = mul * r * c;
+  *out_im = mul * r * s;
+}
+
+CF_AI void rotate_pairs_f32(int layout, int64_t h, const float *restrict x,
+                            const float *restrict delta, const float *restrict off, float mul,
+                            float *restrict dst) {
+  if (layout == CF_LAYOUT_HALF) { /* separate loops so each has unit-stride (or stride-2) access */
+    for (int64_t j = 0; j < h; j++)
+      rotate_pair_f32(x[j], x[j + h], delta[j], off[j], mul, &dst[j], &dst[j + h]);
+  } else {
+    for (int64_t j = 0; j < h; j++)
+      rotate_pair_f32(x[2 * j], x[2 * j + 1], delta[j], off[j], mul, &dst[2 * j], &dst[2 * j + 1]);
+  }
 }
 
 #define T float

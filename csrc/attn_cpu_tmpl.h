@@ -7,87 +7,93 @@
 #define FN_CAT(a, b) FN_CAT2(a, b)
 #define FN(name) FN_CAT(name, SUF)
 
+/* One NR-wide vector of T (GCC vector extension: one zmm for float under AVX-512, two ymm under
+ * AVX2, four xmm in the portable clone). Plain loops left gcc vectorising the wrong dimension and
+ * spilling the accumulators; explicit vectors keep the register block in registers. */
+typedef T FN(vec) __attribute__((vector_size(NR * sizeof(T))));
+
+/* The MR x NR register block: rows [0, mr) of C[.][0, NR) (+)= A[.][0, K) B[0, K)[0, NR). */
+CF_AI void FN(ukernel)(
+    const int mr, int64_t K, const T *restrict A, int64_t sar, int64_t sac, const T *restrict B,
+    int64_t ldb, T *restrict C, int64_t ldc, int accumulate) {
+  FN(vec) c[MR];
+  for (int r = 0; r < mr; r++) {
+    if (accumulate) memcpy(&c[r], C + r * ldc, sizeof(FN(vec)));
+    else c[r] = (FN(vec)){0};
+  }
+  for (int64_t kk = 0; kk < K; kk++) {
+    FN(vec) b;
+    memcpy(&b, B + kk * ldb, sizeof b);
+    for (int r = 0; r < mr; r++) c[r] += A[r * sar + kk * sac] * b;
+  }
+  for (int r = 0; r < mr; r++) memcpy(C + r * ldc, &c[r], sizeof(FN(vec)));
+}
+
 /* C[M][N] (+)= A[M][K] B[K][N]. A(i, k) = A[i*sar + k*sac] (so A may be a transposed view);
- * rows of B and C are contiguous with strides ldb, ldc. The MR x NR register block vectorises
- * over N (one broadcast of A per row, one load of B per k), which is why every operand of the
+ * rows of B and C are contiguous with strides ldb, ldc. The register block vectorises over N
+ * (one broadcast of A per row, one load of B per k), which is why every operand of the
  * attention tiles is laid out so that the "N" side is contiguous. */
-static inline void FN(gemm)(int64_t M, int64_t N, int64_t K, const T *restrict A, int64_t sar,
+CF_AI void FN(gemm)(int64_t M, int64_t N, int64_t K, const T *restrict A, int64_t sar,
                             int64_t sac, const T *restrict B, int64_t ldb, T *restrict C,
                             int64_t ldc, int accumulate) {
-  int64_t i = 0;
-  for (; i + MR <= M; i += MR) {
-    int64_t j = 0;
-    for (; j + NR <= N; j += NR) {
-      T c[MR][NR];
-      for (int r = 0; r < MR; r++)
-        for (int n = 0; n < NR; n++) c[r][n] = accumulate ? C[(i + r) * ldc + j + n] : (T)0;
-      for (int64_t kk = 0; kk < K; kk++) {
-        const T *restrict b = B + kk * ldb + j;
-        for (int r = 0; r < MR; r++) {
-          T a = A[(i + r) * sar + kk * sac];
-          for (int n = 0; n < NR; n++) c[r][n] += a * b[n];
-        }
-      }
-      for (int r = 0; r < MR; r++)
-        for (int n = 0; n < NR; n++) C[(i + r) * ldc + j + n] = c[r][n];
-    }
-    const int64_t rem = N - j;
-    if (rem > 0) {  /* column remainder (odd head sizes) */
-      for (int r = 0; r < MR; r++) {
-        T *restrict crow = C + (i + r) * ldc + j;
-        if (!accumulate)
-          for (int64_t n = 0; n < rem; n++) crow[n] = 0;
-        for (int64_t kk = 0; kk < K; kk++) {
-          T a = A[(i + r) * sar + kk * sac];
-          const T *restrict b = B + kk * ldb + j;
-          for (int64_t n = 0; n < rem; n++) crow[n] += a * b[n];
-        }
-      }
+  const int64_t Nv = N / NR * NR;
+  for (int64_t j = 0; j < Nv; j += NR) {
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR)
+      FN(ukernel)(MR, K, A + i * sar, sar, sac, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    const T *Ai = A + i * sar;
+    T *Ci = C + i * ldc + j;
+    switch (M - i) {  /* row remainder, each with its own unrolled block */
+      case 5: FN(ukernel)(5, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
+      case 4: FN(ukernel)(4, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
+      case 3: FN(ukernel)(3, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
+      case 2: FN(ukernel)(2, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
+      case 1: FN(ukernel)(1, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
+      default: break;
     }
   }
-  for (; i < M; i++) {  /* row remainder */
-    T *restrict crow = C + i * ldc;
-    if (!accumulate)
-      for (int64_t n = 0; n < N; n++) crow[n] = 0;
-    for (int64_t kk = 0; kk < K; kk++) {
-      T a = A[i * sar + kk * sac];
-      const T *restrict b = B + kk * ldb;
-      for (int64_t n = 0; n < N; n++) crow[n] += a * b[n];
+  if (Nv < N) {  /* column remainder (head sizes that are not a multiple of NR) */
+    const int64_t rem = N - Nv;
+    for (int64_t i = 0; i < M; i++) {
+      T *restrict crow = C + i * ldc + Nv;
+      if (!accumulate)
+        for (int64_t n = 0; n < rem; n++) crow[n] = 0;
+      for (int64_t kk = 0; kk < K; kk++) {
+        T a = A[i * sar + kk * sac];
+        const T *restrict b = B + kk * ldb + Nv;
+        for (int64_t n = 0; n < rem; n++) crow[n] += a * b[n];
+      }
     }
   }
 }
 
-/* Rotate one token row of q (with beta, times scale) or k (beta NULL) of head `hq`, writing the
- * rotated pair j to dst[re_j * dst_stride] / dst[im_j * dst_stride]: dst_stride 1 gives a row,
- * BK gives a column of a transposed key tile. The internal layout equals the input layout, so the
- * gradients with respect to q~ and k~ come out in the caller's layout with no permutation. */
-static inline void FN(rotate_row)(const CfAttnParams *p, const T *restrict x, int64_t hq,
-                                  int64_t pos, int with_beta, T mul, T *restrict dst,
-                                  int64_t dst_stride) {
+/* Rotate one token row of q (with beta, times scale) or k (beta NULL) of head `hq` into the
+ * contiguous row dst. The internal layout equals the input layout, so the gradients with respect
+ * to q~ and k~ come out in the caller's layout with no permutation. */
+CF_AI void FN(rotate_row)(const CfAttnParams *p, const T *restrict x, int64_t hq, int64_t pos,
+                          int with_beta, T mul, T *restrict dst) {
   const int64_t h = p->d / 2;
   const T *delta = (const T *)p->delta + hq * h;
   const T *beta = (const T *)p->beta + hq * h;
   const T *omega = (const T *)p->freqs + hq * p->freqs_head_stride;
-  for (int64_t j = 0; j < h; j++) {
-    int64_t ire = cf_re_index(p->layout, j, h), iim = cf_im_index(p->layout, j, h);
-    double off = cf_pos_angle((double)omega[j], (double)pos);
-    if (with_beta) off += (double)beta[j];
-    T re, im;
-    CF_ROT_FWD(x[ire], x[iim], delta[j], (T)off, &re, &im);
-    dst[ire * dst_stride] = mul * re;
-    dst[iim * dst_stride] = mul * im;
+  T off[CF_ATTN_MAX_D / 2];
+  for (int64_t j = 0; j < h; j++) {  /* the positional angle is reduced in double (cf_pos_angle) */
+    double o = cf_pos_angle((double)omega[j], (double)pos);
+    off[j] = (T)(with_beta ? o + (double)beta[j] : o);
   }
+  FN(rotate_pairs)(p->layout, h, x, delta, off, mul, dst);
 }
 
 /* Rotate keys [n0, n1) of kv head hk with query head hq's parameters into transposed tiles
  * kt[(n - n0) / BK][c][(n - n0) % BK] (n0 a multiple of BK) and, when krow != NULL, into rows
  * krow[(n - n0) * d + c]. Padding columns of the last tile are zero. */
-static inline void FN(rotate_keys)(const CfAttnParams *p, int64_t b, int64_t hq, int64_t n0,
+CF_AI void FN(rotate_keys)(const CfAttnParams *p, int64_t b, int64_t hq, int64_t n0,
                                    int64_t n1, T *restrict kt, T *restrict krow) {
   const int64_t d = p->d, hk = hq / (p->H / p->Hkv);
   const T *kb = (const T *)p->k + b * p->k_str[0] + hk * p->k_str[1];
   const int64_t *kpos = p->k_pos + b * p->pos_batch * p->Lk;
   int64_t ntile = (n1 - n0 + BK - 1) / BK;
+  T tmp[CF_ATTN_MAX_D];
   for (int64_t t = 0; t < ntile; t++) {
     T *tile = kt + t * d * BK;
     int64_t nk = n1 - n0 - t * BK < BK ? n1 - n0 - t * BK : BK;
@@ -96,25 +102,22 @@ static inline void FN(rotate_keys)(const CfAttnParams *p, int64_t b, int64_t hq,
         for (int64_t n = nk; n < BK; n++) tile[c * BK + n] = 0;
     for (int64_t n = 0; n < nk; n++) {
       int64_t key = n0 + t * BK + n;
-      FN(rotate_row)(p, kb + key * p->k_str[2], hq, kpos[key], 0, (T)1, tile + n, BK);
+      T *row = krow ? krow + (key - n0) * d : tmp;
+      FN(rotate_row)(p, kb + key * p->k_str[2], hq, kpos[key], 0, (T)1, row);
+      for (int64_t c = 0; c < d; c++) tile[c * BK + n] = row[c];
     }
   }
-  if (krow)
-    for (int64_t n = n0; n < n1; n++) {
-      const T *tile = kt + ((n - n0) / BK) * d * BK + (n - n0) % BK;
-      for (int64_t c = 0; c < d; c++) krow[(n - n0) * d + c] = tile[c * BK];
-    }
 }
 
 /* Rotate the query rows of a tile (times scale) into q[r * d + c]; rows >= rows->nq are zero. */
-static inline void FN(rotate_queries)(const CfAttnParams *p, int64_t b, int64_t hq,
+CF_AI void FN(rotate_queries)(const CfAttnParams *p, int64_t b, int64_t hq,
                                       const AttnRows *rows, T *restrict q) {
   const int64_t d = p->d;
   const T *qb = (const T *)p->q + b * p->q_str[0] + hq * p->q_str[1];
   const int64_t *qpos = p->q_pos + b * p->pos_batch * p->Lq;
   for (int64_t r = 0; r < rows->nq; r++) {
     int64_t m = rows->m0 + r;
-    FN(rotate_row)(p, qb + m * p->q_str[2], hq, qpos[m], 1, (T)p->scale, q + r * d, 1);
+    FN(rotate_row)(p, qb + m * p->q_str[2], hq, qpos[m], 1, (T)p->scale, q + r * d);
   }
   for (int64_t r = rows->nq; r < BQ; r++)
     for (int64_t c = 0; c < d; c++) q[r * d + c] = 0;
@@ -122,11 +125,37 @@ static inline void FN(rotate_queries)(const CfAttnParams *p, int64_t b, int64_t 
 
 /* Set s[r][n] = -inf where key n0 + n is hidden from query row r (only called for tiles that
  * touch a mask boundary or when a key-padding mask is present). */
-static inline void FN(mask_tile)(const CfAttnParams *p, int64_t b, const AttnRows *rows,
+CF_AI void FN(mask_tile)(const CfAttnParams *p, int64_t b, const AttnRows *rows,
                                  int64_t n0, int64_t nk, T *restrict s) {
   for (int64_t r = 0; r < rows->nq; r++)
     for (int64_t n = 0; n < nk; n++)
       if (!visible(p, b, rows, r, n0 + n)) s[r * BK + n] = (T)-INFINITY;
+}
+
+/* Row reductions over a BK-wide score row, written lane-wise (NR independent partial results)
+ * so gcc vectorises them without reassociating a single accumulator. */
+CF_AI T FN(row_max)(const T *restrict x) {
+  T m[NR];
+  for (int l = 0; l < NR; l++) m[l] = x[l];
+  for (int64_t n = NR; n < BK; n += NR)
+    for (int l = 0; l < NR; l++) m[l] = x[n + l] > m[l] ? x[n + l] : m[l];
+  T r = m[0];
+  for (int l = 1; l < NR; l++) r = m[l] > r ? m[l] : r;
+  return r;
+}
+
+/* x = exp(x - sub) in place; returns the sum. */
+CF_AI T FN(row_exp_sum)(T *restrict x, T sub) {
+  T acc[NR] = {0};
+  for (int64_t n = 0; n < BK; n += NR)
+    for (int l = 0; l < NR; l++) {
+      T e = CF_EXP(x[n + l] - sub);
+      x[n + l] = e;
+      acc[l] += e;
+    }
+  T r = 0;
+  for (int l = 0; l < NR; l++) r += acc[l];
+  return r;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -174,23 +203,19 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
         FN(gemm)(nq, BK, d, ws->q, d, 1, ws->kt + (n0 - k0) * d, BK, s, BK, 0);
         if (rows.need_mask || rows.lo_max > n0 || rows.hi_min < n0 + nk)
           FN(mask_tile)(p, b, &rows, n0, nk, s);
+        if (nk < BK)  /* padding keys of the last tile take no part in the row statistics */
+          for (int64_t r = 0; r < nq; r++)
+            for (int64_t n = nk; n < BK; n++) s[r * BK + n] = (T)-INFINITY;
         /* online softmax: s becomes P = exp(s - m_new); o and l are rescaled by exp(m_old - m_new) */
         for (int64_t r = 0; r < nq; r++) {
           T *sr = s + r * BK;
-          T mx = (T)-INFINITY;
-          for (int64_t n = 0; n < nk; n++) mx = sr[n] > mx ? sr[n] : mx;
-          T mold = ws->mrow[r];
+          T mold = ws->mrow[r], mx = FN(row_max)(sr);
           T mnew = mx > mold ? mx : mold;
           if (mnew == (T)-INFINITY) {  /* nothing visible yet in this row */
-            for (int64_t n = 0; n < nk; n++) sr[n] = 0;
+            for (int64_t n = 0; n < BK; n++) sr[n] = 0;
             continue;
           }
-          T sum = 0;
-          for (int64_t n = 0; n < nk; n++) {
-            T e = CF_EXP(sr[n] - mnew);
-            sr[n] = e;
-            sum += e;
-          }
+          T sum = FN(row_exp_sum)(sr, mnew);
           if (mnew != mold) {
             T alpha = CF_EXP(mold - mnew);
             T *orow = ws->o + r * dv;
@@ -327,8 +352,8 @@ CF_HOT static void FN(bwd_item)(const CfAttnParams *p, FN(BwdWs) *ws, int64_t b,
           for (int64_t n = 0; n < BK; n++) sr[n] = 0;
           continue;
         }
-        for (int64_t n = 0; n < nk; n++) sr[n] = CF_EXP(sr[n] - l);
-        for (int64_t n = nk; n < BK; n++) sr[n] = 0;
+        for (int64_t n = nk; n < BK; n++) sr[n] = (T)-INFINITY;
+        for (int64_t n = 0; n < BK; n++) sr[n] = CF_EXP(sr[n] - l);
       }
       FN(gemm)(nq, BK, dv, dot, dos, 1, ws->vt + (n0 - n0c) * dv, BK, dp, BK, 0);
       /* dV += P^T dO, before s is overwritten by dS */

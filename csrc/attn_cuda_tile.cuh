@@ -476,9 +476,19 @@ static inline unsigned num_tiles(const CfAttnArgs &a, int R, int64_t L) {
   return (unsigned)((L + R - 1) / R + (a.cu_seqlens ? a.nseq : 0));
 }
 
-/* Raise the dynamic shared-memory limit of a kernel (needed above 48 KB). */
-template <typename K> static inline cudaError_t allow_smem(K kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+/* Raise the dynamic shared-memory limit of a kernel (needed above 48 KB); NULL or an error message.
+ * The largest configuration (backward dq, d = 128) needs 104 KB: fine on sm_80 / sm_90 data-center
+ * GPUs (163 / 227 KB), too much for sm_86 / sm_89 (99 KB), which get a clear error instead. */
+template <typename K> static inline const char *allow_smem(K kernel, size_t bytes) {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return "cannot query the device's shared-memory limit";
+  if ((size_t)optin < bytes)
+    return "this GPU allows too little shared memory per block for the fused attention kernel (it needs up to "
+           "104 KB at d = 128); use backend='sdpa'";
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  return e == cudaSuccess ? NULL : cudaGetErrorString(e);
 }
 
 }  // namespace cfattn

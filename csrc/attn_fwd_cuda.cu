@@ -9,150 +9,267 @@
  * fp32 registers (scores pre-scaled by scale * log2(e), exp2), then O += P V with P kept in
  * registers. Causal CTAs stop at their last visible key tile. The log-sum-exp (natural log) is
  * saved for the backward; a row that sees no key writes out = 0, lse = -inf. */
+#include <stdlib.h>
+#include <string.h>
 #include "attn_cuda_tile.cuh"
 
 namespace cfattn {
 
-template <int D, int BR, int BC> struct FwdSmem {
+template <int D, int BR, int BC, int NBUF> struct FwdSmem {
   static constexpr int LDS = D + 8;
-  static constexpr size_t tiles = (size_t)(BR + 2 * BC) * LDS * 2; /* 16-bit elements */
-  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)BC * 4;
+  static constexpr size_t tiles = (size_t)(BR + 2 * NBUF * BC) * LDS * 2; /* 16-bit elements */
+  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)NBUF * BC * 4;
 };
 
+/* One warp's 16 query rows: O accumulator, running max (log2 units) and partial row sums. */
+template <int D> struct FwdRows {
+  float o[D / 8][4];
+  float mrow[2], lrow[2];
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    mrow[0] = mrow[1] = -INFINITY;
+    lrow[0] = lrow[1] = 0.f;
+  }
+};
+
+/* One key tile for one warp: S = Q~ K~^T, mask, online softmax, O += P V. sQw = the warp's 16 rows. */
+template <typename T, int D, int BC>
+__device__ __forceinline__ void fwd_tile(FwdRows<D> &st, const CfAttnArgs &a, const T *sQw, const T *sK, const T *sV,
+                                         const float *s_kvalid, int64_t n0, int64_t nv, int64_t q_lo, int64_t qoff,
+                                         int64_t r0, float sl2, int lane) {
+  constexpr int LDS = D + 8, NTS = BC / 8, NTO = D / 8;
+  float s[NTS][4];
+#pragma unroll
+  for (int i = 0; i < NTS; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+  warp_gemm_abt<T, NTS, D>(s, sQw, LDS, sK, LDS, lane);
+
+  /* uniform per CTA: interior tiles of an unpadded, non-causal-diagonal range skip the mask */
+  const bool need_mask = a.kpm != nullptr || nv < BC || (a.causal && n0 + BC - 1 > q_lo + qoff);
+#pragma unroll
+  for (int nt = 0; nt < NTS; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      float x = s[nt][e] * sl2;
+      if (need_mask) {
+        const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
+        const int64_t row = r0 + (e >> 1) * 8;
+        const bool vis = s_kvalid[cc] != 0.f && (!a.causal || n0 + cc <= row + qoff);
+        if (!vis) x = -INFINITY;
+      }
+      s[nt][e] = x;
+    }
+
+  /* online softmax: rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3), each spread over a lane quad */
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < NTS; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+    const float mnew = fmaxf(st.mrow[i], mx);
+    const float muse = mnew == -INFINITY ? 0.f : mnew; /* all masked so far: avoid -inf - -inf */
+    const float alpha = exp2f(st.mrow[i] - muse);
+    st.mrow[i] = mnew;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NTS; nt++) {
+      const float p0 = exp2f(s[nt][2 * i] - muse), p1 = exp2f(s[nt][2 * i + 1] - muse);
+      s[nt][2 * i] = p0;
+      s[nt][2 * i + 1] = p1;
+      sum += p0 + p1;
+    }
+    st.lrow[i] = st.lrow[i] * alpha + sum; /* this lane's partial row sum; the quad is summed at the end */
+#pragma unroll
+    for (int nt = 0; nt < NTO; nt++) {
+      st.o[nt][2 * i] *= alpha;
+      st.o[nt][2 * i + 1] *= alpha;
+    }
+  }
+
+  uint32_t pa[NTS / 2][4];
+  acc_to_a<T, NTS / 2>(pa, s);
+  warp_gemm_pv<T, NTO, NTS / 2>(st.o, pa, sV, LDS, lane);
+}
+
+/* out = O / l (0 for a row that saw no key), lse = ln(sum exp) (-inf for such a row). */
+template <typename T, int D>
+__device__ __forceinline__ void fwd_finalize(const FwdRows<D> &st, const CfAttnArgs &a, int64_t b, int64_t hq,
+                                             int64_t r0, int64_t q_hi, int lane) {
+  T *og = (T *)a.out + b * a.o_sb + hq * a.o_sh;
+  float *lse = a.lse + (b * a.H + hq) * a.Lq;
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    float l = st.lrow[i];
+    l += __shfl_xor_sync(kFull, l, 1);
+    l += __shfl_xor_sync(kFull, l, 2);
+    const int64_t row = r0 + i * 8;
+    if (row < q_hi) {
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      T *orow = og + row * a.o_sl;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; nt++) {
+        const uint32_t w = Ty<T>::pack(st.o[nt][2 * i] * inv, st.o[nt][2 * i + 1] * inv);
+        memcpy(orow + nt * 8 + 2 * (lane & 3), &w, 4);
+      }
+      if ((lane & 3) == 0) lse[row] = l > 0.f ? (st.mrow[i] + log2f(l)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+/* What every forward CTA sets up first: its query tile, key range, per-head parameters, and the
+ * rotated Q tile in shared memory (published by the caller's next barrier). False: no tile. */
+struct FwdCta {
+  Span qs;
+  int64_t b, hq, hk, k_lo, k_hi, k_end, qoff;
+};
+
+template <typename T, int D, int BR>
+__device__ __forceinline__ bool fwd_setup(const CfAttnArgs &a, FwdCta &c, T *sQ, RotParams &rp, double *s_omega,
+                                          float *s_delta, float *s_beta, int tid, int nthr) {
+  c.hq = blockIdx.y, c.b = blockIdx.z, c.hk = c.hq / (a.H / a.Hkv);
+  if (!map_tile(a, blockIdx.x, BR, a.Lq, c.qs)) return false;
+  const bool packed = a.cu_seqlens != nullptr;
+  c.k_lo = packed ? c.qs.seq_lo : 0, c.k_hi = packed ? c.qs.seq_hi : a.Lk;
+  c.qoff = packed ? 0 : a.q_offset; /* key n visible to query m iff n <= m + qoff */
+  c.k_end = a.causal ? imin64(c.k_hi, imax64(c.k_lo, c.qs.hi + c.qoff)) : c.k_hi;
+  stage_params(a, c.hq, D / 2, s_delta, s_beta, s_omega, tid, nthr);
+  __syncthreads();
+  rp = {s_delta, s_beta, s_omega};
+  stage_rotated<T, BR, D, true>(sQ, (const T *)a.q + c.b * a.q_sb + c.hq * a.q_sh + c.qs.lo * a.q_sl, a.q_sl,
+                                c.qs.hi - c.qs.lo, a.q_pos + c.b * a.qpos_sb + c.qs.lo * a.qpos_sl, a.qpos_sl, rp,
+                                a.layout, a.vec != 0, tid, nthr);
+  return true;
+}
+
+/* Default kernel: all 8 warps stage every key tile (rotating it), then all compute on it. */
 template <typename T, int D, int BR, int BC>
 __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a) {
-  constexpr int NTHR = BR * 2, LDS = D + 8, H2 = D / 2, NTS = BC / 8, NTO = D / 8;
+  constexpr int NTHR = BR * 2, LDS = D + 8, H2 = D / 2;
+  using Smem = FwdSmem<D, BR, BC, 1>;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
   T *sK = sQ + BR * LDS;
   T *sV = sK + BC * LDS;
-  double *s_omega = reinterpret_cast<double *>(smem + FwdSmem<D, BR, BC>::tiles);
+  double *s_omega = reinterpret_cast<double *>(smem + Smem::tiles);
   float *s_delta = reinterpret_cast<float *>(s_omega + H2);
   float *s_beta = s_delta + H2;
   float *s_kvalid = s_beta + H2;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t hq = blockIdx.y, b = blockIdx.z, hk = hq / (a.H / a.Hkv);
-  Span qs;
-  if (!map_tile(a, blockIdx.x, BR, a.Lq, qs)) return;
-  const bool packed = a.cu_seqlens != nullptr;
-  const int64_t k_lo = packed ? qs.seq_lo : 0, k_hi = packed ? qs.seq_hi : a.Lk;
-  const int64_t qoff = packed ? 0 : a.q_offset; /* key n visible to query m iff n <= m + qoff */
-  const int64_t k_end = a.causal ? imin64(k_hi, imax64(k_lo, qs.hi + qoff)) : k_hi;
+  FwdCta c;
+  RotParams rp;
+  if (!fwd_setup<T, D, BR>(a, c, sQ, rp, s_omega, s_delta, s_beta, tid, NTHR)) return;
   const bool vec = a.vec != 0;
-
-  stage_params(a, hq, H2, s_delta, s_beta, s_omega, tid, NTHR);
-  __syncthreads();
-  const RotParams rp = {s_delta, s_beta, s_omega};
-  stage_rotated<T, BR, D, true>(sQ, (const T *)a.q + b * a.q_sb + hq * a.q_sh + qs.lo * a.q_sl, a.q_sl,
-                                qs.hi - qs.lo, a.q_pos + b * a.qpos_sb + qs.lo * a.qpos_sl, a.qpos_sl, rp,
-                                a.layout, vec, tid, NTHR);
-
-  const T *kg = (const T *)a.k + b * a.k_sb + hk * a.k_sh;
-  const T *vg = (const T *)a.v + b * a.v_sb + hk * a.v_sh;
-  const int64_t *kp = a.k_pos + b * a.kpos_sb;
-  const int64_t r0 = qs.lo + warp * 16 + (lane >> 2); /* this thread's rows: r0 and r0 + 8 */
+  const T *kg = (const T *)a.k + c.b * a.k_sb + c.hk * a.k_sh;
+  const T *vg = (const T *)a.v + c.b * a.v_sb + c.hk * a.v_sh;
+  const int64_t *kp = a.k_pos + c.b * a.kpos_sb;
+  const int64_t r0 = c.qs.lo + warp * 16 + (lane >> 2); /* this thread's rows: r0 and r0 + 8 */
   const float sl2 = (float)a.scale * kLog2e;
-
-  float o[NTO][4];
-#pragma unroll
-  for (int i = 0; i < NTO; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  FwdRows<D> st;
+  st.init();
 
   KVPrefetch<T, BC, D, NTHR> pf;
-  if (k_lo < k_end) pf.load(a, kg, vg, kp, b, k_lo, imin64(BC, k_hi - k_lo), vec, tid);
-  for (int64_t n0 = k_lo; n0 < k_end; n0 += BC) {
-    const int64_t nv = imin64(BC, k_hi - n0);
+  if (c.k_lo < c.k_end) pf.load(a, kg, vg, kp, c.b, c.k_lo, imin64(BC, c.k_hi - c.k_lo), vec, tid);
+  for (int64_t n0 = c.k_lo; n0 < c.k_end; n0 += BC) {
+    const int64_t nv = imin64(BC, c.k_hi - n0);
     __syncthreads(); /* the previous tile's sK/sV reads are done (and sQ is published) */
     pf.store(sK, sV, s_kvalid, rp, a.layout, nv, tid);
     __syncthreads();
     /* the next tile's loads fly while this tile's tensor-core work runs */
-    if (n0 + BC < k_end) pf.load(a, kg, vg, kp, b, n0 + BC, imin64(BC, k_hi - n0 - BC), vec, tid);
-
-    float s[NTS][4];
-#pragma unroll
-    for (int i = 0; i < NTS; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    warp_gemm_abt<T, NTS, D>(s, sQ + warp * 16 * LDS, LDS, sK, LDS, lane);
-
-    /* uniform per CTA: interior tiles of an unpadded, non-causal-diagonal range skip the mask */
-    const bool need_mask = a.kpm != nullptr || nv < BC || (a.causal && n0 + BC - 1 > qs.lo + qoff);
-#pragma unroll
-    for (int nt = 0; nt < NTS; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        float x = s[nt][e] * sl2;
-        if (need_mask) {
-          const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
-          const int64_t row = r0 + (e >> 1) * 8;
-          const bool vis = s_kvalid[cc] != 0.f && (!a.causal || n0 + cc <= row + qoff);
-          if (!vis) x = -INFINITY;
-        }
-        s[nt][e] = x;
-      }
-
-    /* online softmax: rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3), each spread over a lane quad */
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < NTS; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-      const float mnew = fmaxf(mrow[i], mx);
-      const float muse = mnew == -INFINITY ? 0.f : mnew; /* all masked so far: avoid -inf - -inf */
-      const float alpha = exp2f(mrow[i] - muse);
-      mrow[i] = mnew;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NTS; nt++) {
-        const float p0 = exp2f(s[nt][2 * i] - muse), p1 = exp2f(s[nt][2 * i + 1] - muse);
-        s[nt][2 * i] = p0;
-        s[nt][2 * i + 1] = p1;
-        sum += p0 + p1;
-      }
-      lrow[i] = lrow[i] * alpha + sum; /* this lane's partial row sum; the quad is summed at the end */
-#pragma unroll
-      for (int nt = 0; nt < NTO; nt++) {
-        o[nt][2 * i] *= alpha;
-        o[nt][2 * i + 1] *= alpha;
-      }
-    }
-
-    uint32_t pa[NTS / 2][4];
-    acc_to_a<T, NTS / 2>(pa, s);
-    warp_gemm_pv<T, NTO, NTS / 2>(o, pa, sV, LDS, lane);
+    if (n0 + BC < c.k_end) pf.load(a, kg, vg, kp, c.b, n0 + BC, imin64(BC, c.k_hi - n0 - BC), vec, tid);
+    fwd_tile<T, D, BC>(st, a, sQ + warp * 16 * LDS, sK, sV, s_kvalid, n0, nv, c.qs.lo, c.qoff, r0, sl2, lane);
   }
+  fwd_finalize<T, D>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
+}
 
-  T *og = (T *)a.out + b * a.o_sb + hq * a.o_sh;
-  float *lse = a.lse + (b * a.H + hq) * a.Lq;
-#pragma unroll
-  for (int i = 0; i < 2; i++) {
-    float l = lrow[i];
-    l += __shfl_xor_sync(kFull, l, 1);
-    l += __shfl_xor_sync(kFull, l, 2);
-    const int64_t row = r0 + i * 8;
-    if (row < qs.hi) {
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      T *orow = og + row * a.o_sl;
-#pragma unroll
-      for (int nt = 0; nt < NTO; nt++) {
-        const uint32_t w = Ty<T>::pack(o[nt][2 * i] * inv, o[nt][2 * i + 1] * inv);
-        memcpy(orow + nt * 8 + 2 * (lane & 3), &w, 4);
-      }
-      if ((lane & 3) == 0) lse[row] = l > 0.f ? (mrow[i] + log2f(l)) * kLn2 : -INFINITY;
+/* ---- experimental warp-specialized variant (CF_ATTN_FWD_VARIANT=ws; not the default) ----
+ * 8 consumer warps only compute; 4 producer warps rotate key tile i+1 into the second shared-memory
+ * buffer while the consumers work on tile i, so the rotation overlaps the tensor-core work instead
+ * of alternating with it. Hand-off with named barriers (ids 1-4; 0 is __syncthreads):
+ *   FULL[buf]:  producers bar.arrive after filling buf, consumers bar.sync before reading it;
+ *   EMPTY[buf]: consumers bar.arrive after reading buf (only when a later tile refills it),
+ *               producers bar.sync before refilling it (tiles >= 2).
+ * Every barrier phase has exactly 128 + 256 = 384 arrivals, and a producer can only re-arrive on
+ * FULL[buf] after every consumer released buf, so phases never overlap. */
+__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+template <typename T, int D, int BR, int BC>
+__global__ void __launch_bounds__(BR * 2 + 128, 1) attn_fwd_ws_kernel(const CfAttnArgs a) {
+  constexpr int NCONS = BR * 2, NPROD = 128, NALL = NCONS + NPROD, LDS = D + 8, H2 = D / 2;
+  constexpr int FULL0 = 1, EMPTY0 = 3;
+  using Smem = FwdSmem<D, BR, BC, 2>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sQ = reinterpret_cast<T *>(smem);
+  T *sK0 = sQ + BR * LDS;           /* buffers: sK0 + buf * 2 * BC * LDS, sV = sK + BC * LDS */
+  double *s_omega = reinterpret_cast<double *>(smem + Smem::tiles);
+  float *s_delta = reinterpret_cast<float *>(s_omega + H2);
+  float *s_beta = s_delta + H2;
+  float *s_kvalid0 = s_beta + H2;   /* buffers: s_kvalid0 + buf * BC */
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  FwdCta c;
+  RotParams rp;
+  if (!fwd_setup<T, D, BR>(a, c, sQ, rp, s_omega, s_delta, s_beta, tid, NALL)) return;
+  __syncthreads(); /* sQ published */
+  const int64_t ntile = (c.k_end - c.k_lo + BC - 1) / BC;
+
+  if (tid >= NCONS) { /* producers */
+    const int ptid = tid - NCONS;
+    const bool vec = a.vec != 0;
+    const T *kg = (const T *)a.k + c.b * a.k_sb + c.hk * a.k_sh;
+    const T *vg = (const T *)a.v + c.b * a.v_sb + c.hk * a.v_sh;
+    const int64_t *kp = a.k_pos + c.b * a.kpos_sb;
+    for (int64_t it = 0; it < ntile; it++) {
+      const int buf = (int)(it & 1);
+      const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
+      T *sK = sK0 + buf * 2 * BC * LDS;
+      if (it >= 2) named_sync(EMPTY0 + buf, NALL);
+      stage_rotated<T, BC, D, false>(sK, kg + n0 * a.k_sl, a.k_sl, nv, kp + n0 * a.kpos_sl, a.kpos_sl, rp, a.layout,
+                                     vec, ptid, NPROD);
+      stage_plain<T, BC, D>(sK + BC * LDS, vg + n0 * a.v_sl, a.v_sl, nv, vec, ptid, NPROD);
+      stage_key_valid(a, c.b, n0, nv, BC, s_kvalid0 + buf * BC, ptid, NPROD);
+      named_arrive(FULL0 + buf, NALL);
     }
+    return;
   }
+  const int64_t r0 = c.qs.lo + warp * 16 + (lane >> 2);
+  const float sl2 = (float)a.scale * kLog2e;
+  FwdRows<D> st;
+  st.init();
+  for (int64_t it = 0; it < ntile; it++) {
+    const int buf = (int)(it & 1);
+    const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
+    const T *sK = sK0 + buf * 2 * BC * LDS;
+    named_sync(FULL0 + buf, NALL);
+    fwd_tile<T, D, BC>(st, a, sQ + warp * 16 * LDS, sK, sK + BC * LDS, s_kvalid0 + buf * BC, n0, nv, c.qs.lo, c.qoff,
+                       r0, sl2, lane);
+    if (it + 2 < ntile) named_arrive(EMPTY0 + buf, NALL);
+  }
+  fwd_finalize<T, D>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
 
 template <typename T, int D>
 static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
   constexpr int BR = 128, BC = 64;
-  const size_t smem = FwdSmem<D, BR, BC>::bytes;
-  auto kern = attn_fwd_kernel<T, D, BR, BC>;
-  CF_CUDA_TRY(allow_smem(kern, smem));
   const dim3 grid(num_tiles(a, BR, a.Lq), (unsigned)a.H, (unsigned)a.B);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return NULL;
-  kern<<<grid, BR * 2, smem, st>>>(a);
+  const char *variant = getenv("CF_ATTN_FWD_VARIANT");
+  if (variant && !strcmp(variant, "ws")) {
+    const size_t smem = FwdSmem<D, BR, BC, 2>::bytes;
+    auto kern = attn_fwd_ws_kernel<T, D, BR, BC>;
+    if (const char *err = allow_smem(kern, smem)) return err;
+    kern<<<grid, BR * 2 + 128, smem, st>>>(a);
+  } else {
+    const size_t smem = FwdSmem<D, BR, BC, 1>::bytes;
+    auto kern = attn_fwd_kernel<T, D, BR, BC>;
+    if (const char *err = allow_smem(kern, smem)) return err;
+    kern<<<grid, BR * 2, smem, st>>>(a);
+  }
   CF_LAUNCH_CHECK();
   return NULL;
 }

@@ -7,7 +7,6 @@
 #include "rotate_math.h"
 #include "tensor.h"
 
-#define CF_ATTN_MAX_D 256
 
 /* A float tensor input of the given rank, on the CPU, with dtype `dtype`, last dim contiguous. */
 static int check_input(const CfTensor *t, const char *name, int ndim, int dtype) {

@@ -62,6 +62,8 @@ CASES = {
     "chunked_prefill": (dict(Lq=4, Lk=11), dict()),
     "lq_gt_lk": (dict(Lq=7, Lk=4), dict()),  # q_offset = -3: first rows see nothing
     "q_offset": (dict(Lq=5, Lk=8), dict(q_offset=1)),
+    "q_offset_zero_rect": (dict(Lq=3, Lk=6), dict(q_offset=0)),  # top-left: SDPA's own alignment
+    "q_offset_large": (dict(Lq=3, Lk=5), dict(q_offset=10)),  # every key visible
     "q_offset_neg_noncausal": (dict(Lq=3, Lk=5), dict(q_offset=-2, causal=False)),
     "kpm": (dict(Lq=5, Lk=7), dict(key_padding_mask="kpm")),
     "kpm_noncausal": (dict(), dict(key_padding_mask="kpm", causal=False)),
@@ -376,6 +378,11 @@ def _bad_cases():
         ({}, dict(positions=(torch.arange(6.0), torch.arange(6))), "positions[0]"),
         ({}, dict(positions=(torch.arange(6), torch.arange(5))), "positions[1]"),
         (dict(q="q"), {}, "q: expected a torch.Tensor"),
+        (dict(k=k.to("meta")), {}, "k: on meta"),
+        (dict(delta=delta.to("meta")), {}, "delta"),
+        ({}, dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool, device="meta")), "key_padding_mask: on meta"),
+        (dict(q=q[..., :0], k=k[..., :0], v=v[..., :0]), {}, "positive even"),
+        (dict(k=k[:, :0], v=v[:, :0]), {}, "divide"),
     ]
 
 
@@ -393,3 +400,7 @@ def test_fused_unsupported_dtype_raises():
     q, k, v, delta, beta, freqs = make(dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="fused"):
         cmha_attention(q, k, v, delta, beta, freqs, backend="fused")
+    q, k, v, delta, beta, freqs = make(B=1, H=1, Hkv=1, Lq=2, Lk=2, d=258, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="head dims"):
+        cmha_attention(q, k, v, delta, beta, freqs, backend="fused")
+    assert torch.isfinite(cmha_attention(q, k, v, delta, beta, freqs)).all()  # auto still serves it

@@ -257,6 +257,29 @@ def test_per_head_freqs_and_explicit_positions():
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_float32_special_pairs(layout):
+    """Pairs on the branch cut (negative re, +-0 im), at the origin, signed zeros and large norms:
+    the float32 tile loader's atan2 / sincos must follow the libm conventions of the reference."""
+    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=24, Lk=24, d=8, dtype=torch.float32)
+    special = torch.tensor([[-1.0, 0.0], [-1.0, -0.0], [0.0, 0.0], [-0.0, 0.0], [-0.0, -0.0], [0.0, -0.0],
+                            [3.0, -2.0], [-1e-20, 1e-20], [0.5, -0.0], [-2.0, 1e-30], [-2.0, -1e-30], [1.0, 1.0]])
+    for x in (q, k):
+        re, im = split_pairs(x, layout)  # views into x
+        n = min(re.shape[2], special.shape[0])
+        re[:, :, :n, 0] = special[:n, 0]
+        im[:, :, :n, 0] = special[:n, 1]
+        re[:, :, :n, 2] = special[:n, 0].flip(0)
+        im[:, :, :n, 2] = special[:n, 1].flip(0)
+    q64 = [t.double() for t in (q, k, v, delta, beta, freqs)]
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, causal=True, layout=layout)
+    ref_out, ref_lse = cmha_attention_pairwise(*q64, causal=True, layout=layout)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
+    out64, lse64 = kernel_fwd(*q64, causal=True, layout=layout)
+    torch.testing.assert_close(out64, ref_out, atol=1e-10, rtol=1e-9)
+
+
 def test_long_positions_float32_phase():
     """Positions ~1e6: the positional angle is reduced in double, so float32 keeps its accuracy."""
     q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=20, Lk=20, d=16, dtype=torch.float32)

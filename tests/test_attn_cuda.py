@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from hypothesis import given, note
+from hypothesis import strategies as st
 
 from complexformer import _C, _ext
 from complexformer.reference import cmha_attention_pairwise, default_freqs, default_positions, split_pairs, visible_mask
@@ -294,18 +296,43 @@ for d in (64, 128):
     ]
 
 
-@pytest.mark.parametrize("c", FWD_SWEEP + FEATURES, ids=lambda c: c.id())
+def _params(cases):
+    """Long cases are marked slow, so a compute-sanitizer pass can run the short ones only."""
+    return [pytest.param(c, id=c.id(), marks=[pytest.mark.slow] if max(c.lq, c.lk) >= 300 else []) for c in cases]
+
+
+@pytest.mark.parametrize("c", _params(FWD_SWEEP + FEATURES))
 def test_forward(c):
     check_forward(c)
 
 
-@pytest.mark.parametrize("c", BWD_CASES, ids=lambda c: c.id())
+@pytest.mark.parametrize("c", _params(BWD_CASES))
 def test_backward(c):
+    check_backward(c)
+
+
+@st.composite
+def _cases(draw):
+    heads = draw(st.sampled_from([(1, 1), (2, 1), (4, 2), (6, 3), (8, 1)]))
+    lq, lk = draw(st.integers(1, 200)), draw(st.integers(1, 200))
+    causal = draw(st.booleans())
+    return Case(Lq=lq, Lk=lk, d=draw(st.sampled_from([64, 128])), H=heads[0], Hkv=heads[1], causal=causal,
+                B=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(["bfloat16", "float16"])),
+                layout=draw(st.sampled_from(["half", "interleaved"])), kpm=draw(st.booleans()),
+                q_offset=draw(st.one_of(st.none(), st.integers(-20, 20))) if causal else None,
+                per_head_freqs=draw(st.booleans()), strided=draw(st.booleans()))
+
+
+@given(c=_cases())
+def test_property_forward_backward(c):
+    """Random shapes, odd sizes, GQA ratios, dtypes, layouts, masks, offsets: forward and backward."""
+    note(c.id())
     check_backward(c)
 
 
 @pytest.mark.parametrize("c", [Case(L=300, d=128, kpm=True), Case(d=64, cu=(1, 70, 0, 129, 200))],
                          ids=lambda c: c.id())
+@pytest.mark.slow
 def test_deterministic(c):
     """Same inputs, same bits: no atomics, no order-dependent reductions."""
     x = make_inputs(c)
@@ -329,6 +356,7 @@ def test_empty_lengths(Lq, Lk):
     assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
 
 
+@pytest.mark.slow
 def test_long_sequence_many_heads():
     """L = 2048, 16 heads (GQA 4:1), d = 128: many tiles per head, skipped causal tiles, against a
     float64 attention on the rotated inputs (the pairwise reference would need ~100 GB here)."""
@@ -358,3 +386,33 @@ def test_errors_are_clear():
         _C.attn_fwd_cuda(*args(x["q"], torch.empty(2, 4, 16, 64, device="cuda", dtype=x["q"].dtype)))
     assert _C.attn_cuda_supported("bfloat16", 128, 128) and not _C.attn_cuda_supported("bfloat16", 96, 96)
     assert not _C.attn_cuda_supported("float32", 64, 64)
+
+
+_WS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import test_attn_cuda as t
+cases = [t.Case(L=129, d=64), t.Case(L=300, d=128, H=8, Hkv=1), t.Case(L=127, d=128, kpm=True, causal=False),
+         t.Case(Lq=17, Lk=129, d=64, layout="interleaved", dtype="float16"), t.Case(d=128, cu=(1, 70, 0, 129, 200)),
+         t.Case(L=1, d=64), t.Case(Lq=129, Lk=64, d=128)]
+for c in cases:
+    t.check_forward(c)
+    print("ok", c.id(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_forward_variant_ws_subprocess():
+    """The experimental warp-specialized forward (CF_ATTN_FWD_VARIANT=ws) on a few cases, in a child
+    process with a time limit: a hang (named-barrier mismatch) fails this test instead of the run."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CF_ATTN_FWD_VARIANT="ws")
+    script = _WS_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"variant ws timed out (hang?); output so far: {e.stdout!r}")
+    assert r.returncode == 0, f"variant ws failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"

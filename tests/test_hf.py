@@ -1,13 +1,12 @@
 """complexformer.hf: label_token_counts and PDLTrainer against hand-written float64 references."""
 import copy
+import importlib.util
 
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
 from hf_testutil import (  # noqa: E402
-    TINY_VOCAB, hand_counts, hand_pdl_step, install_pdl_standin_if_needed, max_param_diff, pad_collate,
+    TINY_VOCAB, hand_counts, hand_pdl_step, max_param_diff, pad_collate,
     ragged_examples, tiny_gpt2, training_args,
 )
 
@@ -15,9 +14,10 @@ import complexformer  # noqa: E402
 from complexformer import pdl as _pdl  # noqa: E402
 from complexformer.hf import PDLTrainer, label_token_counts  # noqa: E402
 
-install_pdl_standin_if_needed()
 
 LR = 0.5
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="needs transformers")
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,6 @@ def test_counts_list_of_dicts_match_hand_count(data):
 def test_counts_all_input_kinds_agree(data):
     examples, _ = data
     want = hand_counts(examples, TINY_VOCAB)
-    datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_list(examples)
-    assert torch.equal(label_token_counts(ds, TINY_VOCAB, batch_size=3, progress=False), want)
     seqs = [ex["labels"] for ex in examples]
     assert torch.equal(label_token_counts(seqs, TINY_VOCAB, progress=False), want)
     tensors = [torch.tensor(s) for s in seqs]
@@ -62,12 +59,25 @@ def test_counts_all_input_kinds_agree(data):
     padded = pad_collate(examples)["labels"]
     assert torch.equal(label_token_counts((b for b in padded.split(3)), TINY_VOCAB, progress=False), want)
     assert torch.equal(label_token_counts(padded, TINY_VOCAB, progress=False), want)
-    # another column and another ignore_index
-    ids_want = hand_counts(examples, TINY_VOCAB, key="input_ids")
-    assert torch.equal(label_token_counts(ds, TINY_VOCAB, label_column="input_ids", progress=False), ids_want)
+    # another ignore_index
     shifted5 = [[5 if t == -100 else t for t in s] for s in seqs]
     assert torch.equal(label_token_counts(shifted5, TINY_VOCAB, ignore_index=5, progress=False),
                        hand_counts(shifted5, TINY_VOCAB, ignore_index=5))
+
+
+def test_counts_hf_dataset(data):
+    examples, _ = data
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(examples)
+    assert torch.equal(label_token_counts(ds, TINY_VOCAB, batch_size=3, progress=False),
+                       hand_counts(examples, TINY_VOCAB))
+    # another column; a torch-formatted dataset gives tensors instead of lists
+    ids_want = hand_counts(examples, TINY_VOCAB, key="input_ids")
+    assert torch.equal(label_token_counts(ds, TINY_VOCAB, label_column="input_ids", progress=False), ids_want)
+    assert torch.equal(label_token_counts(ds.with_format("torch"), TINY_VOCAB, label_column="input_ids",
+                                          batch_size=2, progress=False), ids_want)
+    with pytest.raises(KeyError, match="label_column"):
+        label_token_counts(ds.remove_columns("labels"), TINY_VOCAB, progress=False)
 
 
 def test_counts_reject_bad_input(data):
@@ -109,6 +119,7 @@ def _hand_loss(model, examples, weights, label_smoothing=0.0):
         weight=weights.to(logits.dtype), label_smoothing=label_smoothing).item()
 
 
+@needs_transformers
 def test_one_step_equals_hand_written_step(tmp_path, data):
     examples, weights = data
     model = tiny_gpt2()
@@ -122,6 +133,7 @@ def test_one_step_equals_hand_written_step(tmp_path, data):
     assert seen and all("labels" not in kw for kw in seen)  # the model never computes its own CE
 
 
+@needs_transformers
 def test_gradient_accumulation_is_exact(tmp_path, data):
     """2 x 4 accumulation == one batch of 8, with ragged sequences whose micro-batches have very
     different weight sums. Averaging per-micro-batch means, or normalising by the token count,
@@ -143,6 +155,7 @@ def test_gradient_accumulation_is_exact(tmp_path, data):
     assert max_param_diff(tokens, ref) > 1e-4
 
 
+@needs_transformers
 def test_fused_linear_path_is_exact_too(tmp_path, data):
     """use_fused_linear=True (fused_linear_pdl_loss on the final hidden states and the tied LM
     head) takes the same step as the hand-written one, under accumulation."""
@@ -159,6 +172,7 @@ def test_fused_linear_path_is_exact_too(tmp_path, data):
                    pdl_weights=weights, use_fused_linear=True)
 
 
+@needs_transformers
 def test_label_smoothing_and_uneven_last_window(tmp_path, data):
     """label_smoothing_factor goes into pdl_loss; a window of 3 micro-batches of unequal size
     (7 examples, batch 3: 3 + 3 + 1) still equals the big batch."""
@@ -182,6 +196,32 @@ def test_label_smoothing_and_uneven_last_window(tmp_path, data):
     assert out.training_loss == pytest.approx(loss.item(), rel=1e-6)  # the Trainer sums logged losses in float32
 
 
+@needs_transformers
+def test_shift_labels_from_the_collator_and_empty_window(tmp_path, data):
+    """A collator that emits already-shifted ``shift_labels`` (padding-free style) gives the same
+    step; a window whose targets are all ignored trains on loss 0 (no NaN, no update)."""
+    examples, weights = data
+    model = tiny_gpt2()
+
+    def shifted_collate(features):
+        b = pad_collate(features)
+        labels = b.pop("labels")
+        b["shift_labels"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        return b
+
+    trained = copy.deepcopy(model)
+    trainer = PDLTrainer(model=trained, args=training_args(tmp_path, batch=4, accum=2, lr=LR),
+                         train_dataset=examples, data_collator=shifted_collate, pdl_weights=weights)
+    trainer.train()
+    assert max_param_diff(trained, hand_pdl_step(model, examples, weights, LR)) < 1e-12
+
+    masked = [{"input_ids": ex["input_ids"], "labels": [-100] * len(ex["labels"])} for ex in examples]
+    still, out, _ = _train(tmp_path, model, masked, weights, batch=2, accum=4)
+    assert out.training_loss == 0.0
+    assert max_param_diff(still, model) == 0.0
+
+
+@needs_transformers
 def test_evaluate_reports_pdl_mean(tmp_path, data):
     examples, weights = data
     model = tiny_gpt2()
@@ -191,6 +231,7 @@ def test_evaluate_reports_pdl_mean(tmp_path, data):
     assert metrics["eval_loss"] == pytest.approx(_hand_loss(model, examples, weights), rel=1e-10)
 
 
+@needs_transformers
 def test_trainer_rejects_bad_setup(tmp_path, data):
     examples, weights = data
     model = tiny_gpt2()

@@ -38,7 +38,7 @@ def ce(z, y, w, **kw):
 
 
 def loss_and_grad(fn, z, *args, **kw):
-    z = z.detach().clone().requires_grad_()
+    z = z.detach().requires_grad_()  # detach keeps the strides (clone would compact them)
     out = fn(z, *args, **kw)
     # a non-uniform grad_output exercises the backward's scaling
     go = torch.rand(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5)) + 0.5
@@ -536,3 +536,21 @@ def test_more_than_2_31_elements():
     zr = z.detach()[-2:].clone().requires_grad_()
     F.cross_entropy(zr, y[-2:], reduction="sum").backward()
     torch.testing.assert_close(z.grad[-2:], zr.grad)
+
+
+def test_row_offsets_past_2_31_elements():
+    """Rows that start beyond element 2^31 of their storage (a strided view: only the two rows'
+    pages of the 8 GB virtual allocation are ever touched) exercise the int64 row offsets."""
+    V = 1000
+    big = torch.empty(2**31 + 2 * V + 64, dtype=torch.float32)
+    rows = big.as_strided((2, V), (2**31 + 17, 1), storage_offset=5)
+    rows.copy_(torch.randn(2, V))
+    y = torch.tensor([3, V - 1])
+    w = torch.rand(V) + 0.5
+    a, ga = loss_and_grad(cf.pdl_loss, rows, y, w, reduction="none", label_smoothing=0.1)
+    b, gb = loss_and_grad(ce, rows.clone(), y, w, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+    z3 = big.as_strided((2, 1, V), (2**31 + 17, V, 1), storage_offset=5)  # the same rows, 3-D
+    torch.testing.assert_close(cf.pdl_loss(z3, y.view(2, 1), w, reduction="none", label_smoothing=0.1).view(2), a)
+    del big, rows, z3

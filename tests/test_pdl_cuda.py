@@ -35,7 +35,7 @@ def ce(z, y, w, **kw):
 
 
 def loss_and_grad(fn, z, *args, go_seed=5, **kw):
-    z = z.detach().clone().requires_grad_()
+    z = z.detach().requires_grad_()  # detach keeps the strides (clone would compact them)
     out = fn(z, *args, **kw)
     go = torch.rand(out.shape, generator=torch.Generator().manual_seed(go_seed), dtype=torch.float32) + 0.5
     (g,) = torch.autograd.grad(out, z, go.to(out.device, out.dtype))
@@ -297,4 +297,20 @@ def test_more_than_2_31_elements():
     F.cross_entropy(zr, y[-2:], reduction="sum").backward()
     torch.testing.assert_close(z.grad[-2:].float(), zr.grad, rtol=2e-2, atol=1e-6)
     del z, out
+    torch.cuda.empty_cache()
+
+
+def test_row_offsets_past_2_31_elements():
+    V = 1003
+    big = torch.empty(2**31 + 2 * V + 64, dtype=torch.bfloat16, device=DEV)  # 4 GB
+    rows = big.as_strided((2, V), (2**31 + 17, 1), storage_offset=5)
+    rows.copy_(torch.randn(2, V, device=DEV))
+    y = torch.tensor([3, V - 1], device=DEV)
+    w = torch.rand(V, device=DEV) + 0.5
+    a, ga = loss_and_grad(cf.pdl_loss, rows, y, w, reduction="none")
+    b, gb = loss_and_grad(cf.pdl_loss, rows.clone(), y, w, reduction="none")
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    ref = F.cross_entropy(rows.float(), y, weight=w, reduction="none")
+    torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-4)
+    del big, rows
     torch.cuda.empty_cache()

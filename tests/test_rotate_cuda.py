@@ -31,7 +31,12 @@ def make_cuda(B=2, H=8, Hx=2, L=33, d=64, *, dtype=torch.float32, layout="half",
 
 
 def err(a, ref):
-    return (a.double() - ref.double()).abs().max().item()
+    return (a.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
+
+
+def cpu64(*ts):
+    """float64 CPU copies: the references run there (few GPU launches, fast under memcheck)."""
+    return [t.detach().double().cpu() if t.is_floating_point() else t.cpu() for t in ts]
 
 
 def check_fa(name, out, ref, same_math, floor):
@@ -52,8 +57,7 @@ def test_forward_backward_vs_float64(dtype, layout, H, Hx, d, grad_dtype):
         pytest.skip("same as float32 gradients")
     x, delta, beta, freqs, pos = make_cuda(H=H, Hx=Hx, d=d, dtype=dtype, layout=layout, per_head=True,
                                            batch_pos=True)
-    xd = x.double()
-    ref = polar_rotate(xd, delta.double(), beta.double(), freqs.double(), pos, layout)
+    ref = polar_rotate(*cpu64(x, delta, beta, freqs, pos), layout)
     out = R._rotate_forward(x, delta, beta, freqs, pos, layout=layout)
     assert out.dtype == dtype and out.shape == (2, H, 33, d)
     same = R.rotate_reference(x, delta, beta, freqs, pos, layout=layout, dtype=torch.float32).to(dtype)
@@ -61,8 +65,7 @@ def test_forward_backward_vs_float64(dtype, layout, H, Hx, d, grad_dtype):
 
     gy = torch.randn(2, H, 33, d, device="cuda", dtype=torch.float64)
     gk = gy.float() if grad_dtype == "float32" else gy.to(dtype)
-    refs = R._rotate_backward_torch(xd, gk.double(), delta.double(), beta.double(), freqs.double(), pos,
-                                    layout=layout, need_freqs_grad=True)
+    refs = R._rotate_backward_torch(*cpu64(x, gk, delta, beta, freqs, pos), layout=layout, need_freqs_grad=True)
     same = R._rotate_backward_torch(x, gk, delta, beta, freqs, pos, layout=layout, need_freqs_grad=True)
     outs = R._rotate_backward(x, gk, delta, beta, freqs, pos, layout=layout, need_freqs_grad=True)
     assert outs[0].dtype == dtype and outs[0].shape == x.shape
@@ -75,7 +78,7 @@ def test_forward_backward_vs_float64(dtype, layout, H, Hx, d, grad_dtype):
 def test_float32_matches_polar_form_closely(layout):
     x, delta, beta, freqs, pos = make_cuda(layout=layout, per_head=True)
     out = euler_rotate(x, delta, beta, freqs, positions=pos[0], layout=layout)
-    ref = polar_rotate(x.double(), delta.double(), beta.double(), freqs.double(), pos, layout)
+    ref = polar_rotate(*cpu64(x, delta, beta, freqs, pos), layout)
     assert err(out, ref) < 1e-5
 
 
@@ -97,7 +100,7 @@ def test_strided_and_misaligned_inputs():
     big[..., 1:] = x.transpose(1, 2)
     xv = big[..., 1:].transpose(1, 2)
     assert not xv.is_contiguous()
-    ref = polar_rotate(x.double(), delta.double(), beta.double(), freqs.double(), pos, "half")
+    ref = polar_rotate(*cpu64(x, delta, beta, freqs, pos), "half")
     for xin in (xv, x.transpose(1, 2).contiguous().transpose(1, 2)):
         out = euler_rotate(xin, delta, beta, freqs, positions=pos)
         assert err(out, ref) < 1e-5
@@ -113,8 +116,7 @@ def test_very_wide_group_falls_back_to_expanded_keys():
     x, delta, beta, freqs, pos = make_cuda(H=160, Hx=1, L=5, d=8)
     gy = torch.randn(2, 160, 5, 8, device="cuda")
     got = R._rotate_backward(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=True)
-    ref = R._rotate_backward_torch(x.double(), gy.double(), delta.double(), beta.double(), freqs.double(), pos,
-                                   layout="half", need_freqs_grad=True)
+    ref = R._rotate_backward_torch(*cpu64(x, gy, delta, beta, freqs, pos), layout="half", need_freqs_grad=True)
     for u, v in zip(got, ref):
         assert err(u, v) <= 1e-4 * max(1.0, v.abs().max().item())
 
@@ -155,12 +157,16 @@ def test_q_and_k_in_one_launch():
     assert torch.equal(qr, euler_rotate(q, delta, beta, freqs, positions=pos))
     assert torch.equal(kr, euler_rotate(k, delta, None, freqs, positions=kp, is_query=False))
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        R.euler_rotate_qk(q, k, delta, beta, freqs, q_positions=pos, k_positions=kp)
-        torch.cuda.synchronize()
-    launches = [e for e in prof.events() if "rot_fwd_kernel" in e.name]
-    if prof.events():  # profiler without CUPTI records nothing: nothing to count then
-        assert len(launches) == 1, [e.name for e in prof.events()]
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            R.euler_rotate_qk(q, k, delta, beta, freqs, q_positions=pos, k_positions=kp)
+            torch.cuda.synchronize()
+        events = prof.events()
+    except Exception:  # no CUPTI, or a sanitizer holding it: the equalities above still ran
+        return
+    launches = [e for e in events if "rot_fwd_kernel" in e.name]
+    if events:  # a profiler that records nothing has nothing to count
+        assert len(launches) == 1, [e.name for e in events]
 
 
 def test_cuda_graph_capture_forward_backward():
