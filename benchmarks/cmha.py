@@ -251,8 +251,10 @@ def main(argv=None):
             continue
         try:
             if is_cuda:
-                r = run_case(c)
-                torch.cuda.empty_cache()
+                try:
+                    r = run_case(c)
+                finally:  # also after an out-of-memory error: the next case starts clean
+                    torch.cuda.empty_cache()
             else:  # a fresh process per case: its RSS high-water mark is this case's alone
                 r = run_worker(os.path.abspath(__file__), c, timeout=600)
         except Exception as e:

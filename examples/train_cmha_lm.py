@@ -80,7 +80,9 @@ def main():
     ap.add_argument("--backend", default="auto", choices=["auto", "fused", "sdpa", "reference"])
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--loss", default="pdl", choices=["pdl", "ce"])
-    ap.add_argument("--pdl-alpha", type=float, default=1.0, help="PDL exponent (1.0: the paper's default)")
+    ap.add_argument("--pdl-alpha", type=float, default=0.25,
+                    help="PDL exponent. The paper's default 1.0 is meant for finetuning a pretrained model; "
+                         "from scratch it up-weights rare bytes so much that greedy text fills with them")
     ap.add_argument("--val-batches", type=int, default=4)
     ap.add_argument("--prompt", default="And God said")
     ap.add_argument("--gen-tokens", type=int, default=120)
