@@ -175,16 +175,16 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
   const bool smooth = a.eps > 0.0;
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     const T *z = (const T *)a.logits + (r / a.T) * a.sb + (r % a.T) * a.st;
-    T *g = (T *)a.grad + r * V;
+    T *g = a.grad ? (T *)a.grad + r * V : nullptr;  // null: loss only
     float *row_loss = (float *)a.row_loss + r;
     const int64_t y = load_target<T>(a, r);
     if (y == a.ignore_index || (V == 1 && y == 0)) {  // V = 1: log softmax is identically 0
-      fill_row<T, BLOCK>(g, V, 0.f);
+      if (g) fill_row<T, BLOCK>(g, V, 0.f);
       if (threadIdx.x == 0) *row_loss = 0.f;
       continue;
     }
     if (y < 0 || y >= V) {  // never silent: NaN loss and gradient (see the file comment)
-      fill_row<T, BLOCK>(g, V, CUDART_NAN_F);
+      if (g) fill_row<T, BLOCK>(g, V, CUDART_NAN_F);
       if (threadIdx.x == 0) *row_loss = CUDART_NAN_F;
       continue;
     }
@@ -215,6 +215,7 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
       const float zy = to_f<T>(z[y]);
       *row_loss = (float)cf_pdl_row_loss(lse, zy, wy, W, swz, (double)V, a.eps, inv_norm);
     }
+    if (!g) continue;  // loss only (block-uniform)
     /* sweep 2: dz_c = p_c A - B w_c - [c == y] C, p_c = 2^(z_c log2e - lse2) */
     auto grad_of = [&](int64_t c, float x) {
       float d = fast_exp2(to_log2(x) - lse2) * A;
