@@ -31,13 +31,17 @@ def rotate(x, delta, beta, freqs, pos):
 
 
 def timeit(fn, reps):
+    """(median wall seconds, median process CPU seconds) per call. On a shared, oversubscribed
+    machine the wall time mostly measures the neighbours; CPU time (summed over threads) is the
+    steadier estimate of the cost on an idle machine."""
     fn()
-    ts = []
+    ws, cs = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        ws.append(time.perf_counter() - t)
+        cs.append(time.process_time() - c)
+    return statistics.median(ws), statistics.median(cs)
 
 
 def main():
@@ -49,12 +53,16 @@ def main():
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-causal", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
     a = ap.parse_args()
     causal = not a.no_causal
+    if a.threads:
+        torch.set_num_threads(a.threads)
     nt = torch.get_num_threads()
     print(f"B={a.B} H={a.H} Hkv={a.Hkv} d={a.d} float32 causal={causal} threads={nt}")
-    print(f"{'L':>6} {'fused fwd':>10} {'sdpa fwd':>10} {'ratio':>6} {'fused f+b':>10} {'sdpa f+b':>10} {'ratio':>6}"
-          f" {'fused peak MB':>13}")
+    print("times: wall ms / process CPU ms; ratio = sdpa / fused (> 1: fused faster), wall and CPU")
+    print(f"{'L':>6} {'fused fwd':>15} {'sdpa fwd':>15} {'ratio':>11} {'fused f+b':>15} {'sdpa f+b':>15}"
+          f" {'ratio':>11} {'fused peak MB':>13}")
     for L in map(int, a.lengths.split(",")):
         B, H, Hkv, d = a.B, a.H, a.Hkv, a.d
         G = H // Hkv
@@ -101,8 +109,14 @@ def main():
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         ts = timeit(sdpa_fwd, a.reps)
         tsb = timeit(sdpa_fb, a.reps)
-        print(f"{L:>6} {tf*1e3:>8.1f}ms {ts*1e3:>8.1f}ms {ts/tf:>6.2f} {tfb*1e3:>8.1f}ms {tsb*1e3:>8.1f}ms "
-              f"{tsb/tfb:>6.2f} {peak:>13.1f}")
+        def fmt(t):
+            return f"{t[0]*1e3:.1f}/{t[1]*1e3:.1f}"
+
+        def ratio(a_, b_):
+            return f"{a_[0]/b_[0]:.2f}/{a_[1]/b_[1]:.2f}"
+
+        print(f"{L:>6} {fmt(tf):>15} {fmt(ts):>15} {ratio(ts, tf):>11} {fmt(tfb):>15} {fmt(tsb):>15}"
+              f" {ratio(tsb, tfb):>11} {peak:>13.1f}")
 
 
 if __name__ == "__main__":

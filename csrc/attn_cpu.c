@@ -24,8 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include "attn.h"
-#include "fast_exp.h"
 #include "fast_trig.h"
+#include "pdl_math.h" /* cf_exp_f32: the vectorisable float32 exp, shared with the PDL kernels */
 #include "rotate_math.h"
 
 enum {
@@ -83,9 +83,13 @@ static void rows_init(const CfAttnParams *p, int64_t t, AttnRows *rows) {
       lo = p->cu_seqlens[a];
       hi = p->cu_seqlens[a + 1];
       if (p->causal && hi > m + 1) hi = m + 1;
-    } else if (p->causal) {
-      int64_t lim = m + p->q_offset + 1;
-      hi = lim < 0 ? 0 : lim < p->Lk ? lim : p->Lk;
+    } else if (p->causal) {  /* n <= m + q_offset, with no int64 overflow for extreme offsets */
+      if (p->q_offset >= p->Lk) hi = p->Lk;
+      else if (p->q_offset < -p->Lq - 1) hi = 0;
+      else {
+        int64_t lim = m + p->q_offset + 1;
+        hi = lim < 0 ? 0 : lim < p->Lk ? lim : p->Lk;
+      }
     }
     rows->rlo[r] = lo;
     rows->rhi[r] = hi;
@@ -143,7 +147,7 @@ CF_AI void rotate_pairs_f32(int layout, int64_t h, const float *restrict x,
 
 #define T float
 #define SUF f32
-#define CF_EXP(x) cf_fast_expf(x)
+#define CF_EXP(x) cf_exp_f32(x)
 #define CF_ROT_FWD cf_rot_fwd_f32
 #include "attn_cpu_tmpl.h"
 #undef T

@@ -12,21 +12,44 @@
  * spilling the accumulators; explicit vectors keep the register block in registers. */
 typedef T FN(vec) __attribute__((vector_size(NR * sizeof(T))));
 
-/* The MR x NR register block: rows [0, mr) of C[.][0, NR) (+)= A[.][0, K) B[0, K)[0, NR). */
-CF_AI void FN(ukernel)(
-    const int mr, int64_t K, const T *restrict A, int64_t sar, int64_t sac, const T *restrict B,
-    int64_t ldb, T *restrict C, int64_t ldc, int accumulate) {
-  FN(vec) c[MR];
-  for (int r = 0; r < mr; r++) {
-    if (accumulate) memcpy(&c[r], C + r * ldc, sizeof(FN(vec)));
-    else c[r] = (FN(vec)){0};
-  }
+/* The register block: rows [0, mr) of C[.][0, nv*NR) (+)= A[.][0, K) B[0, K)[0, nv*NR).
+ * mr and nv are compile-time constants at every call site (the function is always inlined), so
+ * the accumulators live in registers; mr * nv <= 6 keeps them within 12 ymm under AVX2. */
+CF_AI void FN(ukernel)(const int mr, const int nv, int64_t K, const T *restrict A, int64_t sar,
+                       int64_t sac, const T *restrict B, int64_t ldb, T *restrict C, int64_t ldc,
+                       int accumulate) {
+  FN(vec) c[MR][4];
+  for (int r = 0; r < mr; r++)
+    for (int v = 0; v < nv; v++) {
+      if (accumulate) memcpy(&c[r][v], C + r * ldc + v * NR, sizeof(FN(vec)));
+      else c[r][v] = (FN(vec)){0};
+    }
   for (int64_t kk = 0; kk < K; kk++) {
-    FN(vec) b;
-    memcpy(&b, B + kk * ldb, sizeof b);
-    for (int r = 0; r < mr; r++) c[r] += A[r * sar + kk * sac] * b;
+    FN(vec) b[4];
+    for (int v = 0; v < nv; v++) memcpy(&b[v], B + kk * ldb + v * NR, sizeof(FN(vec)));
+    for (int r = 0; r < mr; r++) {
+      T a = A[r * sar + kk * sac];
+      for (int v = 0; v < nv; v++) c[r][v] += a * b[v];
+    }
   }
-  for (int r = 0; r < mr; r++) memcpy(C + r * ldc, &c[r], sizeof(FN(vec)));
+  for (int r = 0; r < mr; r++)
+    for (int v = 0; v < nv; v++) memcpy(C + r * ldc + v * NR, &c[r][v], sizeof(FN(vec)));
+}
+
+/* Rows [0, mr) (mr < MR, a row remainder or a decode step) over all full NR columns: fewer rows
+ * get more column vectors at once, so the FMA chains stay independent enough to hide latency. */
+CF_AI void FN(gemm_rows)(const int mr, int64_t Nv, int64_t K, const T *restrict A, int64_t sar,
+                         int64_t sac, const T *restrict B, int64_t ldb, T *restrict C,
+                         int64_t ldc, int accumulate) {
+  const int wide = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
+  int64_t j = 0;
+  if (wide == 4)
+    for (; j + 4 * NR <= Nv; j += 4 * NR)
+      FN(ukernel)(mr, 4, K, A, sar, sac, B + j, ldb, C + j, ldc, accumulate);
+  if (wide >= 2)
+    for (; j + 2 * NR <= Nv; j += 2 * NR)
+      FN(ukernel)(mr, 2, K, A, sar, sac, B + j, ldb, C + j, ldc, accumulate);
+  for (; j < Nv; j += NR) FN(ukernel)(mr, 1, K, A, sar, sac, B + j, ldb, C + j, ldc, accumulate);
 }
 
 /* C[M][N] (+)= A[M][K] B[K][N]. A(i, k) = A[i*sar + k*sac] (so A may be a transposed view);
@@ -34,32 +57,31 @@ CF_AI void FN(ukernel)(
  * (one broadcast of A per row, one load of B per k), which is why every operand of the
  * attention tiles is laid out so that the "N" side is contiguous. */
 CF_AI void FN(gemm)(int64_t M, int64_t N, int64_t K, const T *restrict A, int64_t sar,
-                            int64_t sac, const T *restrict B, int64_t ldb, T *restrict C,
-                            int64_t ldc, int accumulate) {
+                    int64_t sac, const T *restrict B, int64_t ldb, T *restrict C, int64_t ldc,
+                    int accumulate) {
   const int64_t Nv = N / NR * NR;
-  for (int64_t j = 0; j < Nv; j += NR) {
-    int64_t i = 0;
-    for (; i + MR <= M; i += MR)
-      FN(ukernel)(MR, K, A + i * sar, sar, sac, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-    const T *Ai = A + i * sar;
-    T *Ci = C + i * ldc + j;
-    switch (M - i) {  /* row remainder, each with its own unrolled block */
-      case 5: FN(ukernel)(5, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
-      case 4: FN(ukernel)(4, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
-      case 3: FN(ukernel)(3, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
-      case 2: FN(ukernel)(2, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
-      case 1: FN(ukernel)(1, K, Ai, sar, sac, B + j, ldb, Ci, ldc, accumulate); break;
-      default: break;
-    }
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR)
+    for (int64_t j = 0; j < Nv; j += NR)
+      FN(ukernel)(MR, 1, K, A + i * sar, sar, sac, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+  const T *Ai = A + i * sar;
+  T *Ci = C + i * ldc;
+  switch (M - i) {  /* row remainder, each size with its own unrolled block */
+    case 5: FN(gemm_rows)(5, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 4: FN(gemm_rows)(4, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 3: FN(gemm_rows)(3, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 2: FN(gemm_rows)(2, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 1: FN(gemm_rows)(1, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    default: break;
   }
   if (Nv < N) {  /* column remainder (head sizes that are not a multiple of NR) */
     const int64_t rem = N - Nv;
-    for (int64_t i = 0; i < M; i++) {
-      T *restrict crow = C + i * ldc + Nv;
+    for (int64_t r = 0; r < M; r++) {
+      T *restrict crow = C + r * ldc + Nv;
       if (!accumulate)
         for (int64_t n = 0; n < rem; n++) crow[n] = 0;
       for (int64_t kk = 0; kk < K; kk++) {
-        T a = A[i * sar + kk * sac];
+        T a = A[r * sar + kk * sac];
         const T *restrict b = B + kk * ldb + Nv;
         for (int64_t n = 0; n < rem; n++) crow[n] += a * b[n];
       }

@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from complexformer import _C
 from complexformer._ext import dl, dl_opt
@@ -243,6 +245,46 @@ def test_float32_flash_rule(name):
         torch_err = (l.double() - r).abs().max().item()
         assert err <= 2 * torch_err + 1e-5, f"{name_}: kernel error {err:.3g} vs torch float32 {torch_err:.3g}"
     assert torch.equal(torch.isfinite(lse), vis.expand(B, H, Lq, Lk).any(-1))
+
+
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 2), G=st.integers(1, 3), Lq=st.integers(1, 80),
+       extra=st.integers(0, 70), h=st.integers(1, 20), dv=st.integers(1, 40), causal=st.booleans(),
+       q_offset=st.one_of(st.none(), st.integers(-100, 100)), layout=st.sampled_from(["half", "interleaved"]),
+       strided=st.booleans(), use_kpm=st.booleans(), nthreads=st.integers(1, 3))
+def test_property_float64(B, Hkv, G, Lq, extra, h, dv, causal, q_offset, layout, strided, use_kpm, nthreads):
+    """Random shapes / masks / layouts: forward vs the pair-by-pair reference, backward vs autograd."""
+    Lk = Lq + extra
+    q, k, v, delta, beta, freqs = make_inputs(B=B, H=Hkv * G, Hkv=Hkv, Lq=Lq, Lk=Lk, d=2 * h, dv=dv,
+                                              strided=strided, seed=Lq * 131 + Lk)
+    kpm = (torch.arange(Lk)[None, :] % (B + 2) != torch.arange(B)[:, None]) if use_kpm else None
+    kw = dict(causal=causal, scale=None, q_offset=q_offset, kpm=kpm, cu_seqlens=None, layout=layout)
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, nthreads=nthreads, **kw)
+    ref_out, ref_lse = cmha_attention_pairwise(q, k, v, delta, beta, freqs, causal=causal, q_offset=q_offset,
+                                               key_padding_mask=kpm, layout=layout)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-9)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    got = kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, nthreads=nthreads, **kw)
+    scale, q_off, q_pos, k_pos = _resolve(q, k, causal=causal, scale=None, q_offset=q_offset, cu_seqlens=None,
+                                          q_pos=None, k_pos=None)
+    ref = ref_grads(q, k, v, delta, beta, freqs, dout, causal=causal, scale=scale, q_offset=q_off, kpm=kpm,
+                    cu_seqlens=None, layout=layout, q_pos=q_pos, k_pos=k_pos)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_extreme_q_offset():
+    """q_offset near the int64 limits: everything visible / nothing visible, no overflow."""
+    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=5, Lk=7, d=8)
+    pos = (torch.arange(5)[None], torch.arange(7)[None])
+    for off in (2**62, -(2**62)):
+        out, lse = kernel_fwd(q, k, v, delta, beta, freqs, causal=True, q_offset=off, q_pos=pos[0], k_pos=pos[1])
+        ref_out, ref_lse = cmha_attention_pairwise(q, k, v, delta, beta, freqs, causal=False, q_pos=pos[0],
+                                                   k_pos=pos[1])
+        if off > 0:
+            torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
+        else:
+            assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
 def test_per_head_freqs_and_explicit_positions():

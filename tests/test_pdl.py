@@ -310,6 +310,32 @@ def test_retain_graph_double_backward(reduction):
     torch.testing.assert_close(g1, zr.grad)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_grad_path_matches(reduction):
+    """Without autograd (no_grad / logits not requiring grad) only the loss is computed."""
+    z, y, w = make(21, 77, dtype=torch.float32, ignore_every=4)
+    want = cf.pdl_loss(z.clone().requires_grad_(), y, w, reduction=reduction, label_smoothing=0.1).detach()
+    with torch.no_grad():
+        a = cf.pdl_loss(z.clone().requires_grad_(), y, w, reduction=reduction, label_smoothing=0.1)
+    b = cf.pdl_loss(z, y, w, reduction=reduction, label_smoothing=0.1)
+    assert not a.requires_grad and not b.requires_grad
+    assert torch.equal(a, want) and torch.equal(b, want)
+    torch.library.opcheck(torch.ops.complexformer.pdl_loss_value, (z, y, w, None, -100, _RED[reduction], 0.1))
+
+
+def test_no_grad_path_allocates_no_gradient():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from _util import peak_bytes
+
+    z, y, w = make(2048, 4096, dtype=torch.float32)  # 32 MB of logits
+    peak = peak_bytes(lambda: cf.pdl_loss(z, y, w), device="cpu")
+    assert peak < z.numel() * 4 / 4, peak
+
+
+_RED = {"none": 0, "sum": 1, "mean": 2}
+
+
 def test_threads_are_deterministic():
     z, y, w = make(67, 301, dtype=torch.float32, ignore_every=6)
     n = torch.get_num_threads()

@@ -91,6 +91,18 @@ def test_strided_and_misaligned_rows(dtype, layout):
     fa_rule(g_ours, g_low, gref, FLOOR[dtype], "grad")
 
 
+def test_no_grad_path():
+    z, y, w = make(64, 32000, torch.bfloat16, ignore_every=3)
+    want = cf.pdl_loss(z.clone().requires_grad_(), y, w, reduction="none", label_smoothing=0.1).detach()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        got = cf.pdl_loss(z, y, w, reduction="none", label_smoothing=0.1)
+    assert torch.cuda.max_memory_allocated() - base < z.numel() * z.element_size() // 4  # no gradient buffer
+    assert torch.equal(got, want)
+
+
 def test_int32_targets_and_all_ignored():
     z, y, w = make(20, 100, torch.bfloat16, ignore_every=3)
     torch.testing.assert_close(cf.pdl_loss(z, y.int(), w), cf.pdl_loss(z, y, w))
