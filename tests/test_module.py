@@ -384,6 +384,10 @@ def test_compile_fullgraph_no_cache(backend):
     torch.testing.assert_close(cm(x), m(x))
     cm(x).sum().backward()
     assert m.delta.grad is not None
+    if backend == "auto":  # a left-padded batch (mask + position_ids) compiles too
+        xp, mask, pos = _left_padded([torch.randn(1, 6, 32), torch.randn(1, 3, 32)], 32)
+        torch.testing.assert_close(cm(xp, key_padding_mask=mask, position_ids=pos),
+                                   m(xp, key_padding_mask=mask, position_ids=pos))
 
 
 # ---------------------------------------------------------------------------------------- CUDA
