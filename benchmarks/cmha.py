@@ -58,6 +58,8 @@ def authors_cmha(q, k, v, delta, beta, freqs, *, causal=True, scale=None, chunk=
     B, H, Lq, d = q.shape
     Lk, h = k.shape[2], d // 2
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if k.shape[1] != H:  # GQA: every query head reads its kv head (a full copy, as such code does)
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
     rq, tq = torch.sqrt(q[..., :h] ** 2 + q[..., h:] ** 2 + EPS_R), torch.atan2(q[..., h:], q[..., :h])
     rk, tk = torch.sqrt(k[..., :h] ** 2 + k[..., h:] ** 2 + EPS_R), torch.atan2(k[..., h:], k[..., :h])
     dl, bt = delta[None, :, None, None, :], beta[None, :, None, None, :]
@@ -90,6 +92,11 @@ def rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
+def _sdpa(q, k, v, causal):
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # torch >= 2.5 for GQA
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+
+
 def make_path(name, causal=True):
     """fn(q, k, v, delta, beta, freqs, tables) -> out, and whether delta/beta get gradients."""
     if name in CMHA_BACKENDS:
@@ -97,11 +104,9 @@ def make_path(name, causal=True):
     if name == "authors":
         return (lambda q, k, v, dl, bt, fr, tb: authors_cmha(q, k, v, dl, bt, fr, causal=causal)), True
     if name == "rope+sdpa":
-        return (lambda q, k, v, dl, bt, fr, tb: F.scaled_dot_product_attention(
-            rope(q, *tb), rope(k, *tb), v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])), False
+        return (lambda q, k, v, dl, bt, fr, tb: _sdpa(rope(q, *tb), rope(k, *tb), v, causal)), False
     if name == "sdpa-only":
-        return (lambda q, k, v, dl, bt, fr, tb: F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])), False
+        return (lambda q, k, v, dl, bt, fr, tb: _sdpa(q, k, v, causal)), False
     raise ValueError(name)
 
 
@@ -191,7 +196,7 @@ def case_list(args):
 def check_paths(args):
     """Max error of every path against the float64 pair-by-pair reference at a small size."""
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    q, k, v, _, delta, beta, freqs = make_inputs(1, 96, 2, 2, 64, dev, dtype, seed=1)
+    q, k, v, _, delta, beta, freqs = make_inputs(1, 96, 4, 2, 64, dev, dtype, seed=1)  # GQA too
     want, _ = cmha_attention_pairwise(q.cpu(), k.cpu(), v.cpu(), delta.cpu(), beta.cpu(), freqs.cpu(), causal=True)
     errs = {}
     for p in args.backends:
@@ -234,7 +239,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     checks = check_paths(args)
-    print(f"check vs float64 pair-by-pair reference (B=1, H=2, L=96, d=64, {args.dtype}): "
+    print(f"check vs float64 pair-by-pair reference (B=1, H=4, Hkv=2, L=96, d=64, {args.dtype}): "
           + ", ".join(f"{k} {v}" for k, v in checks.items()), flush=True)
 
     budget = memory_budget(dev)
@@ -251,8 +256,10 @@ def main(argv=None):
             continue
         try:
             if is_cuda:
-                r = run_case(c)
-                torch.cuda.empty_cache()
+                try:
+                    r = run_case(c)
+                finally:  # also after an out-of-memory error: the next case starts clean
+                    torch.cuda.empty_cache()
             else:  # a fresh process per case: its RSS high-water mark is this case's alone
                 r = run_worker(os.path.abspath(__file__), c, timeout=600)
         except Exception as e:
