@@ -87,6 +87,16 @@ def test_float32_flash_attention_rule(reduction, smoothing, N, V):
     fa_rule_check(g_ours, g_low, gref, 2e-7)
 
 
+def test_large_common_offset():
+    z64, y, w = make(40, 5000, ignore_every=5)
+    z64 = z64 + 40
+    ref, gref = loss_and_grad(ce, z64, y, w.double(), reduction="sum", label_smoothing=0.1)
+    ours, g_ours = loss_and_grad(cf.pdl_loss, z64.float(), y, w, reduction="sum", label_smoothing=0.1)
+    low, g_low = loss_and_grad(ce, z64.float(), y, w, reduction="sum", label_smoothing=0.1)
+    fa_rule_check(ours, low, ref, 2e-7)
+    fa_rule_check(g_ours, g_low, gref, 2e-7)
+
+
 def test_exp_polynomial_accuracy():
     """cf_exp_f32 (the vectorised float32 exp in pdl_math.h) through the kernel: one-hot-like
     rows make p_c = exp(z_c - max) / s with s ~ 1, so the gradient exposes exp's error."""

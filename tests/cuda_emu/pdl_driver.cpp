@@ -38,7 +38,7 @@ template <> double tol<__nv_bfloat16>() { return 1e-2; }
 
 template <typename T>
 void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, int64_t shift, int reduction,
-               double eps, int norm_mode, float norm_given, bool i64, bool with_bad, bool no_grad = false) {
+               double eps, int norm_mode, float norm_given, bool i64, bool with_bad, bool no_grad = false, float offset = 0.f) {
   cases++;
   const int64_t N = B * Tn, st = V + pad, sb = Tn * st + 3;
   std::vector<T> zs(shift + B * sb + 16);
@@ -46,7 +46,7 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
   for (int64_t b = 0; b < B; b++)
     for (int64_t t = 0; t < Tn; t++)
       for (int64_t c = 0; c < V; c++) {
-        T v = cvt<T>(3 * rnd());
+        T v = cvt<T>(3 * rnd() + offset);
         zs[shift + b * sb + t * st + c] = v;
         zf[(b * Tn + t) * V + c] = back(v);
       }
@@ -173,6 +173,7 @@ template <typename T> void all_loss_cases(const char *name) {
   loss_case<T>(name, 1, 4, 1031, 0, 0, CF_PDL_MEAN, 0.0, CF_PDL_NORM_PRECOMPUTED, 0.f, true, false);  // 0 -> loss 0
   loss_case<T>(name, 1, 4, 33, 5, 2, CF_PDL_MEAN, 0.0, CF_PDL_NORM_PRECOMPUTED, 3.f, false, false);
   loss_case<T>(name, 2, 2, 1031, 3, 1, CF_PDL_MEAN, 0.1, CF_PDL_NORM_BATCH, 0.f, true, true, /*no_grad=*/true);
+  loss_case<T>(name, 1, 3, 1031, 0, 0, CF_PDL_SUM, 0.1, CF_PDL_NORM_BATCH, 0.f, true, false, false, 40.f);
   scale_case<T>(name, 3, 1031);
   scale_case<T>(name, 2, 8);
 }
