@@ -319,7 +319,9 @@ def _build_pdl_trainer():
         ``average_tokens_across_devices`` says. Tensor / context / sequence parallelism are not
         supported.
 
-        Verified with transformers 5.x; 4.46 <= transformers < 5 uses the same hooks, untested.
+        Verified (tests) with transformers 5.x, single process and 2-process DDP (gloo). FSDP and
+        DeepSpeed ZeRO average gradients the same way, and 4.46 <= transformers < 5 has the same
+        hooks; those combinations are untested.
 
         Evaluation (``evaluate``/``predict``) reports the PDL mean of each eval batch; the Trainer
         averages those per batch.
@@ -365,7 +367,7 @@ def _build_pdl_trainer():
             sizes = [getattr(self, f"get_{p}_size", lambda: 1)() for p in ("tp", "cp", "sp")]
             if any(s > 1 for s in sizes):
                 raise NotImplementedError(
-                    "PDLTrainer supports data parallelism (DDP, FSDP, DeepSpeed ZeRO); tensor, "
+                    "PDLTrainer supports data parallelism (DDP; FSDP / DeepSpeed ZeRO untested); tensor, "
                     "context and sequence parallelism are not supported"
                 )
             if not hasattr(_Trainer, "loss_is_scaled_for_ga"):
@@ -386,8 +388,9 @@ def _build_pdl_trainer():
 
         def pdl_weight_sum(self, batches, device):
             """Sum of w[target] over the shifted, non-ignored targets of ``batches`` (this process)."""
-            w = self._weights(device, torch.float64)
-            total = torch.zeros((), dtype=torch.float64, device=device)
+            acc = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS: no float64
+            w = self._weights(device, acc)
+            total = torch.zeros((), dtype=acc, device=device)
             for batch in batches:
                 targets = _shifted_targets(batch, self.pdl_ignore_index).to(device)
                 ids = targets[targets != self.pdl_ignore_index]
