@@ -15,6 +15,7 @@ Masks are by index, positions only enter the rotation (CMHA_CONTRACT). A query r
 visible key outputs 0 (never NaN) in every backend, and its gradients are 0.
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -320,8 +321,6 @@ _CUDA_VARIANTS = {"FWD": ("fused", "prerot", "ws"), "BWD": ("fused", "prerot")}
 
 def _cuda_variant(kind):
     """The variant the CUDA "fused" backend runs for kind "FWD" or "BWD" (env var over the default)."""
-    import os
-
     v = os.environ.get(f"CF_ATTN_{kind}_VARIANT") or (_CUDA_FWD_VARIANT if kind == "FWD" else _CUDA_BWD_VARIANT)
     if v in ("default", ""):
         v = "fused"
