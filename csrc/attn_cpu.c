@@ -31,8 +31,8 @@
 enum {
   BQ = 64, /* query rows per tile */
   BK = 64, /* keys per tile */
-  MR = 6,  /* register block of the tile GEMMs: MR rows x NR columns (6 x 16 floats: 12 of the */
-  NR = 16, /* 16 ymm registers under AVX2, 6 zmm under AVX-512) */
+  MR = 6,  /* rows of the tile GEMMs' register block (6 rows x 2 ymm: 12 accumulators) */
+  NR = 16, /* lanes of the row reductions (softmax max / sum); BK is a multiple */
 };
 
 /* The per-item functions get an AVX-512 and an AVX2 clone (picked at load time); the portable
