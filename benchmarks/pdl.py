@@ -46,13 +46,14 @@ def parse_sizes(text):
 
 
 def make_inputs(N, V, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    z = (torch.randn(N, V, generator=g, dtype=torch.float32) * 2).to(dtype).to(device).requires_grad_()
-    y = torch.randint(0, V, (N,), generator=g)
+    torch.manual_seed(0)
+    with torch.no_grad():  # generated where they live, in their dtype (no 8 GB float32 host staging)
+        z = torch.randn(N, V, device=device, dtype=dtype).mul_(2).requires_grad_()
+    y = torch.randint(0, V, (N,), device=device)
     y[::10] = -100  # some padding
-    counts = torch.randint(0, 10_000, (V,), generator=g)
+    counts = torch.randint(0, 10_000, (V,), device=device)
     w = cf.pdl_weights(counts, max_weight=100.0)
-    return z, y.to(device), w.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+    return z, y, w.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def fwd_bwd(loss_fn, z, y, w):
@@ -104,18 +105,19 @@ def bench_loss(args, dtype, device):
             print(f"  N={N} V={V} {name:8s} " + ("OOM" if res[name] is None else
                   f"{res[name][0] * 1e3:9.2f} ms  peak +{fmt_bytes(res[name][1])}"), flush=True)
         t_pdl, m_pdl = res["pdl"]
-        row = [N, V, t_pdl * 1e3]
+        ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
+        row = [N, V, ms(t_pdl)]
         for base in ("eager", "compile"):
-            if base in res and res[base] is not None:
-                row += [res[base][0] * 1e3, res[base][0] / t_pdl]
+            if res.get(base) is not None:
+                row += [ms(res[base][0]), f"{res[base][0] / t_pdl:.2f}"]
             else:
                 row += ["-", "-"]
-        row += [m_pdl / buf if m_pdl is not None else "n/a",
-                res["eager"][1] / buf if res["eager"] and res["eager"][1] is not None else "n/a"]
+        mem = lambda m: "n/a" if m is None else f"{m / buf:.2f}"  # noqa: E731
+        row += [mem(m_pdl), mem(res["eager"][1]) if res.get("eager") else "-"]
         if device.type == "cuda":
             roof = 2 * buf  # read the logits once + write the gradient once
             bw = roof / t_pdl
-            row += [bw / 1e9, bw / copy_bandwidth(buf, device, args.warmup, args.reps)]
+            row += [f"{bw / 1e9:.0f}", f"{bw / copy_bandwidth(buf, device, args.warmup, args.reps):.2f}"]
         rows.append(row)
         del z, y, w, fns
         if device.type == "cuda":
@@ -127,7 +129,7 @@ def bench_loss(args, dtype, device):
     print(f"pdl_loss forward+backward, {str(dtype).replace('torch.', '')} on {device}"
           f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
           "ratios > 1: pdl faster; mem/buf: peak extra memory in N x V buffers of the logits' dtype")
-    print(markdown_table(headers, [[f"{c:.3g}" if isinstance(c, float) else c for c in r] for r in rows]))
+    print(markdown_table(headers, rows))
 
 
 def bench_counts(args, device):

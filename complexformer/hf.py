@@ -44,8 +44,10 @@ def _dist_info(group=None):
     return 0, 1
 
 
-def _as_rows(value, label_column):
-    """One item's labels as a list of 1-D int tensors (a 2-D value is a batch of rows)."""
+def _as_blocks(value, label_column):
+    """One item's labels as blocks: a Python list (one sequence), a 1-D tensor (one sequence) or a
+    2-D tensor (a batch of rows). Python lists stay lists: one torch.tensor call per chunk of
+    sequences is much faster than one per sequence."""
     if isinstance(value, Mapping):
         if label_column not in value:
             raise KeyError(
@@ -54,37 +56,48 @@ def _as_rows(value, label_column):
                 f"input_ids to labels)"
             )
         value = value[label_column]
-    if not isinstance(value, torch.Tensor):
-        if hasattr(value, "__array__") and not isinstance(value, (list, tuple)):
-            value = torch.as_tensor(value)
-        elif isinstance(value, (list, tuple)):
-            if len(value) == 0:
-                return []
-            first = value[0]
-            if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) > 0:
-                return [r for v in value for r in _as_rows(v, label_column)]
-            value = torch.as_tensor(value)
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            return []
+        first = value[0]
+        if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) > 0:
+            return [b for v in value for b in _as_blocks(v, label_column)]
+        if isinstance(first, torch.Tensor):  # a list of 0-d tensors
+            value = torch.stack(list(value))
         else:
+            return [list(value)]
+    elif not isinstance(value, torch.Tensor):
+        if not hasattr(value, "__array__"):
             raise TypeError(
                 f"label_token_counts: expected label ids as a list, tensor or array, got {type(value).__name__}"
             )
+        value = torch.as_tensor(value)
     if value.dim() == 0:
         raise ValueError("label_token_counts: a label sequence must be 1-D, got a scalar")
-    if value.dim() == 1:
-        return [value]
-    return list(value.reshape(-1, value.shape[-1]))
+    return [value if value.dim() <= 2 else value.reshape(-1, value.shape[-1])]
 
 
-def _count_rows(rows, counts, vocab_size, ignore_index, shift):
-    """Add the (shifted) ids of ``rows`` to ``counts`` with one token_counts call."""
-    parts = [r[1:] if shift else r for r in rows]
-    parts = [p.reshape(-1) for p in parts if p.numel()]
+def _num_sequences(blocks):
+    return sum(b.shape[0] if isinstance(b, torch.Tensor) and b.dim() == 2 else 1 for b in blocks)
+
+
+def _count_blocks(blocks, counts, vocab_size, ignore_index, shift):
+    """Add the (shifted) ids of ``blocks`` to ``counts`` with one token_counts call."""
+    start = 1 if shift else 0
+    parts = []
+    flat = list(itertools.chain.from_iterable(b[start:] for b in blocks if isinstance(b, list)))
+    if flat:
+        parts.append(torch.tensor(flat))
+    for b in blocks:
+        if isinstance(b, torch.Tensor):
+            parts.append((b[..., start:]).reshape(-1).to("cpu"))
+    for ids in parts:
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"label_token_counts: label ids must be integers, got dtype {ids.dtype}")
+    parts = [p for p in parts if p.numel()]
     if not parts:
         return
-    ids = torch.cat([p.to("cpu") for p in parts])
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"label_token_counts: label ids must be integers, got dtype {ids.dtype}")
-    ids = ids.to(torch.int64)
+    ids = torch.cat([p.to(torch.int64) for p in parts])
     _check_label_range(ids, vocab_size, ignore_index, "label_token_counts", "vocab_size")
     counts += token_counts(ids, vocab_size, ignore_index=ignore_index)
 
@@ -105,7 +118,7 @@ def _check_label_range(ids, vocab_size, ignore_index, who, what):
 
 
 def _items(data, label_column, shard, rank, world):
-    """(iterator over items, number of sequences or None). Items are fed to _as_rows."""
+    """(iterator over items, number of sequences or None). Items are fed to _as_blocks."""
     if isinstance(data, torch.Tensor):
         rows = data.reshape(-1, data.shape[-1]) if data.dim() > 1 else data.reshape(1, -1)
         if shard:
@@ -195,15 +208,17 @@ def label_token_counts(
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     show = (rank == 0) if progress is None else bool(progress)
     with tqdm(total=total, desc=desc, unit="seq", disable=not show, dynamic_ncols=True) as bar:
-        pending = []
+        pending, n = [], 0
         for item in items:
-            pending.extend(_as_rows(item, label_column))
-            if len(pending) >= batch_size:
-                _count_rows(pending, counts, vocab_size, ignore_index, shift)
-                bar.update(len(pending))
-                pending = []
-        _count_rows(pending, counts, vocab_size, ignore_index, shift)
-        bar.update(len(pending))
+            blocks = _as_blocks(item, label_column)
+            pending.extend(blocks)
+            n += _num_sequences(blocks)
+            if n >= batch_size:
+                _count_blocks(pending, counts, vocab_size, ignore_index, shift)
+                bar.update(n)
+                pending, n = [], 0
+        _count_blocks(pending, counts, vocab_size, ignore_index, shift)
+        bar.update(n)
 
     if world > 1:
         backend = dist.get_backend(group)
@@ -217,12 +232,6 @@ def label_token_counts(
 # --------------------------------------------------------------------------------------------------
 # The Trainer
 # --------------------------------------------------------------------------------------------------
-
-try:
-    from transformers import Trainer as _Trainer
-except ImportError:  # transformers is optional for the rest of complexformer
-    _Trainer = None
-
 
 class _WindowNormalizer(NamedTuple):
     """What PDLTrainer passes through the Trainer's ``num_items_in_batch`` slot.
@@ -278,7 +287,20 @@ def _check_fused_linear_support(model):
             )
 
 
-if _Trainer is not None:
+def __getattr__(name):
+    # PDLTrainer is built on first use, so that importing complexformer.hf (label_token_counts)
+    # does not import transformers, which takes seconds.
+    if name == "PDLTrainer":
+        cls = globals()["PDLTrainer"] = _build_pdl_trainer()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _build_pdl_trainer():
+    try:
+        from transformers import Trainer as _Trainer
+    except ImportError as e:
+        raise ImportError("complexformer.hf.PDLTrainer needs transformers: pip install transformers") from e
 
     class PDLTrainer(_Trainer):
         """A ``transformers.Trainer`` that trains a causal LM with the Power-Law Decay Loss.
@@ -297,7 +319,9 @@ if _Trainer is not None:
         ``average_tokens_across_devices`` says. Tensor / context / sequence parallelism are not
         supported.
 
-        Verified with transformers 5.x; 4.46 <= transformers < 5 uses the same hooks, untested.
+        Verified (tests) with transformers 5.x, single process and 2-process DDP (gloo). FSDP and
+        DeepSpeed ZeRO average gradients the same way, and 4.46 <= transformers < 5 has the same
+        hooks; those combinations are untested.
 
         Evaluation (``evaluate``/``predict``) reports the PDL mean of each eval batch; the Trainer
         averages those per batch.
@@ -343,7 +367,7 @@ if _Trainer is not None:
             sizes = [getattr(self, f"get_{p}_size", lambda: 1)() for p in ("tp", "cp", "sp")]
             if any(s > 1 for s in sizes):
                 raise NotImplementedError(
-                    "PDLTrainer supports data parallelism (DDP, FSDP, DeepSpeed ZeRO); tensor, "
+                    "PDLTrainer supports data parallelism (DDP; FSDP / DeepSpeed ZeRO untested); tensor, "
                     "context and sequence parallelism are not supported"
                 )
             if not hasattr(_Trainer, "loss_is_scaled_for_ga"):
@@ -364,8 +388,9 @@ if _Trainer is not None:
 
         def pdl_weight_sum(self, batches, device):
             """Sum of w[target] over the shifted, non-ignored targets of ``batches`` (this process)."""
-            w = self._weights(device, torch.float64)
-            total = torch.zeros((), dtype=torch.float64, device=device)
+            acc = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS: no float64
+            w = self._weights(device, acc)
+            total = torch.zeros((), dtype=acc, device=device)
             for batch in batches:
                 targets = _shifted_targets(batch, self.pdl_ignore_index).to(device)
                 ids = targets[targets != self.pdl_ignore_index]
@@ -434,8 +459,6 @@ if _Trainer is not None:
             self.loss_is_scaled_for_ga = "normalizer" in kw
             return (loss * scale, outputs) if return_outputs else loss * scale
 
-else:  # pragma: no cover
-
-    class PDLTrainer:  # noqa: D101
-        def __init__(self, *args, **kwargs):
-            raise ImportError("complexformer.hf.PDLTrainer needs transformers: pip install transformers")
+    PDLTrainer.__module__ = __name__
+    PDLTrainer.__qualname__ = "PDLTrainer"
+    return PDLTrainer

@@ -7,7 +7,9 @@
 The loss kernel computes the loss and the gradient in one pass per row (Liger-Kernel style): the
 forward writes d(loss)/d(logits) while the row is in cache, and the backward only rescales it by
 grad_output, in place, or not at all when grad_output is exactly 1 (the usual ``loss.backward()``).
-Peak memory is the gradient buffer itself: no N x V softmax or log-probability temporary.
+Peak memory is the gradient buffer itself: no N x V softmax or log-probability temporary; when no
+gradient is wanted (``torch.no_grad()``, or logits that do not require grad) only the loss is
+computed and no N x V buffer is allocated at all.
 ``fused_linear_pdl_loss`` also fuses the LM head, so all N x V logits never exist at once.
 
 Semantics (SPEC section 2):
@@ -150,23 +152,25 @@ def pdl_weights(counts, alpha=1.0, eps=1e-7, *, max_weight=None):
 # --------------------------------------------------------------------------------------------
 
 
-def _run_kernel(logits, targets, weights, norm, norm_mode, ignore_index, reduction, label_smoothing, grad=None):
-    """Launch the fused kernel: returns (row_loss (N,), grad (logits.shape, contiguous)).
+def _run_kernel(logits, targets, weights, norm, norm_mode, ignore_index, reduction, label_smoothing, grad=None,
+                want_grad=True):
+    """Launch the fused kernel: returns (row_loss (N,), grad (logits.shape, contiguous) or None
+    when not want_grad: the loss alone, no N x V write).
     logits: last-dim stride 1, 2-D or 3-D; targets: flat contiguous; weights: the kernel's dtype;
     norm: None, or the mean's denominator (CUDA: float32 device scalar; CPU: any scalar tensor)."""
     n = targets.numel()
     row_loss = torch.empty(n, dtype=_acc_dtype(logits.dtype), device=logits.device)
-    if grad is None:
+    if grad is None and want_grad:
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n == 0:
         return row_loss, grad
     if logits.is_cuda:
         ws = torch.empty(4, dtype=torch.float32, device=logits.device)
-        _C.pdl_loss_fwd(dl(logits), dl(targets), dl(weights), dl_opt(norm), dl(row_loss), dl(grad),
+        _C.pdl_loss_fwd(dl(logits), dl(targets), dl(weights), dl_opt(norm), dl(row_loss), dl_opt(grad),
                         ignore_index, reduction, label_smoothing, 0.0, norm_mode, 1, stream(logits), dl(ws))
     else:
         norm_value = float(norm) if norm is not None else -1.0
-        _C.pdl_loss_fwd(dl(logits), dl(targets), dl(weights), None, dl(row_loss), dl(grad),
+        _C.pdl_loss_fwd(dl(logits), dl(targets), dl(weights), None, dl(row_loss), dl_opt(grad),
                         ignore_index, reduction, label_smoothing, norm_value, norm_mode, num_threads(), 0, None)
     return row_loss, grad
 
@@ -198,6 +202,28 @@ def _(logits, targets, weights, normalizer, ignore_index, reduction, label_smoot
     acc = _acc_dtype(logits.dtype)
     loss = logits.new_empty(logits.shape[:-1] if reduction == _NONE else (), dtype=acc)
     return loss, logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("complexformer::pdl_loss_value", mutates_args=())
+def _pdl_loss_value(
+    logits: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    normalizer: Optional[Tensor],
+    ignore_index: int,
+    reduction: int,
+    label_smoothing: float,
+) -> Tensor:
+    """The loss alone (no gradient wanted: evaluation, torch.no_grad): no N x V buffer at all."""
+    mode = _NORM_BATCH if normalizer is None else _NORM_GIVEN
+    row_loss, _ = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing,
+                              want_grad=False)
+    return _reduce(row_loss, reduction, logits.shape[:-1])
+
+
+@_pdl_loss_value.register_fake
+def _(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
+    return logits.new_empty(logits.shape[:-1] if reduction == _NONE else (), dtype=_acc_dtype(logits.dtype))
 
 
 @torch.library.custom_op("complexformer::pdl_scale_", mutates_args=("grad",))
@@ -368,7 +394,10 @@ def pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", l
     if logits.is_cuda and _sync_checks():
         _check_targets_in_range(targets, V, ignore_index)
     w = weights.detach().to(kdtype).contiguous()
-    loss, _ = _pdl_loss_fwd(logits, targets, w, norm, ignore_index, _REDUCTIONS[reduction], float(label_smoothing))
+    args = (logits, targets, w, norm, ignore_index, _REDUCTIONS[reduction], float(label_smoothing))
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _pdl_loss_value(*args)  # evaluation: the loss alone, no gradient buffer
+    loss, _ = _pdl_loss_fwd(*args)
     return loss
 
 
@@ -440,14 +469,14 @@ def _fused_linear_fwd(
     grad_weight = torch.zeros((V, h) if need_grad else (0,), dtype=gw_dtype, device=dev)
     chunk = max(1, min(chunk_size, n))
     logits_buf = torch.empty((chunk, V), dtype=hidden.dtype, device=dev)
-    grad_buf = torch.empty((chunk, V), dtype=hidden.dtype, device=dev)
+    grad_buf = torch.empty((chunk, V), dtype=hidden.dtype, device=dev) if need_grad else None
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         hc = hidden[s:e]
         lc = logits_buf[: e - s]
         torch.mm(hc, weight.t(), out=lc)
         row_loss, g = _run_kernel(lc, targets[s:e], weights, norm, mode, ignore_index, reduction, label_smoothing,
-                                  grad=grad_buf[: e - s])
+                                  grad=grad_buf[: e - s] if need_grad else None, want_grad=need_grad)
         losses[s:e] = row_loss
         if need_grad:
             if row_scale is not None:

@@ -68,7 +68,8 @@ static PyObject *pdl_token_counts(PyObject *self, PyObject *args) {
 /* pdl_loss_fwd(logits, targets, weights, norm, row_loss, grad, ignore_index, reduction,
  *              label_smoothing, norm_value, norm_mode, nthreads, stream, ws) -> None
  * logits (N, V) or (B, T, V) with last-dim stride 1; targets (B*T,) contiguous int32/int64;
- * weights (V,); row_loss (B*T,); grad (B*T, V) contiguous (any shape with that many elements).
+ * weights (V,); row_loss (B*T,); grad (B*T, V) contiguous (any shape with that many elements),
+ * or None to compute the loss only.
  * norm_mode (CF_PDL_NORM_*): BATCH, or the denominator is given: on the CPU as norm_value, on
  * CUDA as `norm`, a float32 scalar tensor on the device. ws: CUDA float32 [4] workspace. */
 static PyObject *pdl_loss_fwd(PyObject *self, PyObject *args) {
@@ -83,7 +84,7 @@ static PyObject *pdl_loss_fwd(PyObject *self, PyObject *args) {
   CfTensor z, y, w, norm, loss, grad, ws;
   if (cf_tensor_arg(o_z, "logits", &z) || cf_tensor_arg(o_y, "targets", &y) ||
       cf_tensor_arg(o_w, "weights", &w) || cf_tensor_opt(o_norm, "normalizer", &norm) ||
-      cf_tensor_arg(o_loss, "row_loss", &loss) || cf_tensor_arg(o_grad, "grad", &grad) ||
+      cf_tensor_arg(o_loss, "row_loss", &loss) || cf_tensor_opt(o_grad, "grad", &grad) ||
       cf_tensor_opt(o_ws, "workspace", &ws))
     return NULL;
   if (z.ndim != 2 && z.ndim != 3) {
@@ -109,11 +110,12 @@ static PyObject *pdl_loss_fwd(PyObject *self, PyObject *args) {
   }
   if (cf_check_last_contiguous(&z, "logits") || cf_check_dtype(&y, "targets", CF_I32 | CF_I64) ||
       check_vector(&y, "targets", N) || check_vector(&w, "weights", a.V) ||
-      check_vector(&loss, "row_loss", N) || cf_check_contiguous(&grad, "grad") ||
+      check_vector(&loss, "row_loss", N) || (grad.data && cf_check_contiguous(&grad, "grad")) ||
       cf_check_same_device(&z, "logits", &y, "targets") || cf_check_same_device(&z, "logits", &w, "weights") ||
-      cf_check_same_device(&z, "logits", &loss, "row_loss") || cf_check_same_device(&z, "logits", &grad, "grad"))
+      cf_check_same_device(&z, "logits", &loss, "row_loss") ||
+      (grad.data && cf_check_same_device(&z, "logits", &grad, "grad")))
     return NULL;
-  if (grad.numel != N * a.V || grad.dtype != z.dtype) {
+  if (grad.data && (grad.numel != N * a.V || grad.dtype != z.dtype)) {
     PyErr_SetString(PyExc_ValueError, "grad: must have the logits' dtype and N * V elements");
     return NULL;
   }

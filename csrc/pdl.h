@@ -18,7 +18,7 @@ typedef struct {
   int reduction;       /* CF_PDL_* */
   int norm_mode;       /* CF_PDL_NORM_*: where the mean's denominator comes from */
   void *row_loss;      /* (B*T,) per-row loss, already divided by the denominator */
-  void *grad;          /* (B*T, V) contiguous gradient of the summed row losses */
+  void *grad;          /* (B*T, V) contiguous gradient of the summed row losses, or NULL: loss only */
 } CfPdlArgs;
 
 /* The denominator of reduction "mean": the batch's sum of target weights computed by the kernel

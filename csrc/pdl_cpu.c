@@ -135,15 +135,20 @@ static inline int64_t target_at(const CfPdlArgs *a, int64_t r) {
       T sl[LANES], wl[LANES];                                                                   \
       for (int l = 0; l < LANES; l++) sl[l] = 0, wl[l] = 0;                                     \
       int64_t k = b0;                                                                           \
-      for (; k + LANES <= b1; k += LANES)                                                       \
-        for (int l = 0; l < LANES; l++) {                                                       \
-          T e = EXP(z[k + l] - m);                                                              \
-          g[k + l] = e;                                                                         \
-          sl[l] += e;                                                                           \
-        }                                                                                       \
+      if (g) {                                                                                  \
+        for (; k + LANES <= b1; k += LANES)                                                     \
+          for (int l = 0; l < LANES; l++) {                                                     \
+            T e = EXP(z[k + l] - m);                                                            \
+            g[k + l] = e;                                                                       \
+            sl[l] += e;                                                                         \
+          }                                                                                     \
+      } else { /* loss only (no gradient wanted) */                                             \
+        for (; k + LANES <= b1; k += LANES)                                                     \
+          for (int l = 0; l < LANES; l++) sl[l] += EXP(z[k + l] - m);                           \
+      }                                                                                         \
       for (; k < b1; k++) {                                                                     \
         T e = EXP(z[k] - m);                                                                    \
-        g[k] = e;                                                                               \
+        if (g) g[k] = e;                                                                        \
         sl[0] += e;                                                                             \
       }                                                                                         \
       if (eps > 0.0) {                                                                          \
@@ -157,6 +162,7 @@ static inline int64_t target_at(const CfPdlArgs *a, int64_t r) {
     double wy = (double)w[y];                                                                   \
     double lse = (double)m + log(s);                                                            \
     double loss = cf_pdl_row_loss(lse, (double)z[y], wy, W, swz, (double)V, eps, inv_norm);     \
+    if (!g) return loss;                                                                        \
     /* sweep 3: dz_c = e_c A - B w_c - [c == y] C */                                             \
     CfPdlCoef co = cf_pdl_coef(wy, W, (double)V, eps, inv_norm);                                \
     const T A = (T)(co.A_times_s / s), Bc = (T)co.B;                                            \
@@ -205,15 +211,17 @@ int cf_pdl_loss_cpu(const CfPdlArgs *a, int is_f64, double norm, int nthreads, i
     /* ignored rows, and V = 1 (log softmax is identically 0): loss 0, gradient 0 */
     const int zero_row = y == a->ignore_index || V == 1;
     if (is_f64) {
-      double *g = (double *)a->grad + r * V;
-      if (zero_row) memset(g, 0, (size_t)V * sizeof(double));
-      else loss = row_f64((const double *)a->logits + zoff, g, (const double *)a->weights, V, y, W,
+      double *g = a->grad ? (double *)a->grad + r * V : NULL;
+      if (zero_row) {
+        if (g) memset(g, 0, (size_t)V * sizeof(double));
+      } else loss = row_f64((const double *)a->logits + zoff, g, (const double *)a->weights, V, y, W,
                           a->eps, inv_norm);
       ((double *)a->row_loss)[r] = loss;
     } else {
-      float *g = (float *)a->grad + r * V;
-      if (zero_row) memset(g, 0, (size_t)V * sizeof(float));
-      else loss = row_f32((const float *)a->logits + zoff, g, (const float *)a->weights, V, y, W,
+      float *g = a->grad ? (float *)a->grad + r * V : NULL;
+      if (zero_row) {
+        if (g) memset(g, 0, (size_t)V * sizeof(float));
+      } else loss = row_f32((const float *)a->logits + zoff, g, (const float *)a->weights, V, y, W,
                           a->eps, inv_norm);
       ((float *)a->row_loss)[r] = (float)loss;
     }

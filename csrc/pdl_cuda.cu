@@ -93,17 +93,14 @@ __device__ __forceinline__ void visit_row(const T *z, int64_t V, F &&f) {
   }
 }
 
-/* x log2(e), always rounded the same way (no fma contraction): the maximum then contributes
- * exactly 2^0 = 1 to the sum and gets p = 1 exactly in a one-hot row (V = 1: loss and gradient
- * exactly 0, as in torch). */
-__device__ __forceinline__ float to_log2(float x) { return __fmul_rn(x, kLog2e); }
-
-/* (max, sum of 2^(x log2e - max log2e)) pairs, max in natural units; an empty side has
- * max = -inf, sum = 0. A NaN sum survives (NaN * 0 = NaN): a NaN logit makes the row NaN. */
+/* (max, sum of 2^((x - max) log2e)) pairs, max in natural units; an empty side has max = -inf,
+ * sum = 0. x - max is formed first (as torch does), so its rounding error scales with |x - max|,
+ * not with |x|: large common offsets in the logits cost no accuracy, and the maximum itself
+ * contributes exactly 1 (a one-hot row gets p = 1 exactly). A NaN sum survives (NaN * 0 = NaN). */
 __device__ __forceinline__ void combine(float &m, float &s, float m2, float s2) {
   const float mn = fmaxf(m, m2);
-  const float a = (m == -CUDART_INF_F) ? 0.f : fast_exp2(to_log2(m) - to_log2(mn));
-  const float b = (m2 == -CUDART_INF_F) ? 0.f : fast_exp2(to_log2(m2) - to_log2(mn));
+  const float a = (m == -CUDART_INF_F) ? 0.f : fast_exp2((m - mn) * kLog2e);
+  const float b = (m2 == -CUDART_INF_F) ? 0.f : fast_exp2((m2 - mn) * kLog2e);
   s = s * a + s2 * b;
   m = mn;
 }
@@ -175,39 +172,38 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
   const bool smooth = a.eps > 0.0;
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     const T *z = (const T *)a.logits + (r / a.T) * a.sb + (r % a.T) * a.st;
-    T *g = (T *)a.grad + r * V;
+    T *g = a.grad ? (T *)a.grad + r * V : nullptr;  // null: loss only
     float *row_loss = (float *)a.row_loss + r;
     const int64_t y = load_target<T>(a, r);
     if (y == a.ignore_index || (V == 1 && y == 0)) {  // V = 1: log softmax is identically 0
-      fill_row<T, BLOCK>(g, V, 0.f);
+      if (g) fill_row<T, BLOCK>(g, V, 0.f);
       if (threadIdx.x == 0) *row_loss = 0.f;
       continue;
     }
     if (y < 0 || y >= V) {  // never silent: NaN loss and gradient (see the file comment)
-      fill_row<T, BLOCK>(g, V, CUDART_NAN_F);
+      if (g) fill_row<T, BLOCK>(g, V, CUDART_NAN_F);
       if (threadIdx.x == 0) *row_loss = CUDART_NAN_F;
       continue;
     }
-    /* sweep 1: online max m and sum of 2^(x log2e - m log2e) per thread; sum_c w_c z_c (smoothing) */
-    float m = -CUDART_INF_F, s = 0.f, swz = 0.f, m2 = -CUDART_INF_F;  // m2 = to_log2(m)
+    /* sweep 1: online max m and sum of 2^((x - m) log2e) per thread; sum_c w_c z_c (smoothing) */
+    float m = -CUDART_INF_F, s = 0.f, swz = 0.f;
     visit_row<T, BLOCK, false>(z, V, [&](int64_t c, const float *x, int n) {
       float lm = -CUDART_INF_F;
       CF_FOR_N(i) lm = fmaxf(lm, x[i]);
       if (lm > m) {
-        const float lm2 = to_log2(lm);
-        s *= fast_exp2(m2 - lm2);  // 2^-inf = 0 when m is still -inf (NaN stays NaN)
-        m = lm, m2 = lm2;
+        s *= fast_exp2((m - lm) * kLog2e);  // 2^-inf = 0 when m is still -inf (NaN stays NaN)
+        m = lm;
       }
       if (m != -CUDART_INF_F)
-        CF_FOR_N(i) s += fast_exp2(to_log2(x[i]) - m2);
+        CF_FOR_N(i) s += fast_exp2((x[i] - m) * kLog2e);
       else  // every value so far is -inf (p = 0), unless a NaN hides here: keep it
         CF_FOR_N(i) s += (x[i] != x[i]) ? x[i] : 0.f;
       if (smooth)
         CF_FOR_N(i) swz = fmaf(__ldg(w + c + i), x[i], swz);
     });
     block_reduce<BLOCK>(m, s, swz);
-    const float lse2 = to_log2(m) + log2f(s);     // log2 sum exp(z) (NaN / inf propagate)
-    const double lse = (double)m + log((double)s);  // the same, in natural units, for the loss
+    const float ls2 = log2f(s);                     // p_c = 2^((z_c - m) log2e - ls2)
+    const double lse = (double)m + log((double)s);  // log sum exp(z), for the loss (NaN / inf propagate)
     const float wy = __ldg(w + y);
     const CfPdlCoef co = cf_pdl_coef(wy, W, (double)V, a.eps, inv_norm);
     const float A = (float)co.A_times_s, Bc = (float)co.B, C = (float)co.C;
@@ -215,9 +211,10 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
       const float zy = to_f<T>(z[y]);
       *row_loss = (float)cf_pdl_row_loss(lse, zy, wy, W, swz, (double)V, a.eps, inv_norm);
     }
-    /* sweep 2: dz_c = p_c A - B w_c - [c == y] C, p_c = 2^(z_c log2e - lse2) */
+    if (!g) continue;  // loss only (block-uniform)
+    /* sweep 2: dz_c = p_c A - B w_c - [c == y] C */
     auto grad_of = [&](int64_t c, float x) {
-      float d = fast_exp2(to_log2(x) - lse2) * A;
+      float d = fast_exp2(fmaf(x - m, kLog2e, -ls2)) * A;
       if (smooth) d -= Bc * __ldg(w + c);
       if (c == y) d -= C;
       return d;

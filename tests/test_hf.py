@@ -173,6 +173,27 @@ def test_fused_linear_path_is_exact_too(tmp_path, data):
 
 
 @needs_transformers
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_trainer_on_cuda_float32(tmp_path, data, fused):
+    """On the GPU (CUDA PDL kernels), float32, 2 x 4 accumulation: the step matches the float64
+    hand-written CPU step to float32 rounding (on CPU this is ~6e-8; a per-micro-batch mean is
+    off by ~0.1)."""
+    examples, weights = data
+    model = tiny_gpt2()
+    ref = hand_pdl_step(model, examples, weights, LR)
+    trained = copy.deepcopy(model).float()
+    trainer = PDLTrainer(model=trained, args=training_args(tmp_path, batch=2, accum=4, lr=LR, use_cpu=False),
+                         train_dataset=examples, data_collator=pad_collate, pdl_weights=weights,
+                         use_fused_linear=fused)
+    assert trainer.args.device.type == "cuda"
+    out = trainer.train()
+    assert next(trained.parameters()).is_cuda
+    assert max_param_diff(trained.double().cpu(), ref) < 1e-5
+    assert out.training_loss == pytest.approx(_hand_loss(model, examples, weights), rel=1e-5)
+
+
+@needs_transformers
 def test_label_smoothing_and_uneven_last_window(tmp_path, data):
     """label_smoothing_factor goes into pdl_loss; a window of 3 micro-batches of unequal size
     (7 examples, batch 3: 3 + 3 + 1) still equals the big batch."""

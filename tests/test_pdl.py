@@ -87,6 +87,16 @@ def test_float32_flash_attention_rule(reduction, smoothing, N, V):
     fa_rule_check(g_ours, g_low, gref, 2e-7)
 
 
+def test_large_common_offset():
+    z64, y, w = make(40, 5000, ignore_every=5)
+    z64 = z64 + 40
+    ref, gref = loss_and_grad(ce, z64, y, w.double(), reduction="sum", label_smoothing=0.1)
+    ours, g_ours = loss_and_grad(cf.pdl_loss, z64.float(), y, w, reduction="sum", label_smoothing=0.1)
+    low, g_low = loss_and_grad(ce, z64.float(), y, w, reduction="sum", label_smoothing=0.1)
+    fa_rule_check(ours, low, ref, 2e-7)
+    fa_rule_check(g_ours, g_low, gref, 2e-7)
+
+
 def test_exp_polynomial_accuracy():
     """cf_exp_f32 (the vectorised float32 exp in pdl_math.h) through the kernel: one-hot-like
     rows make p_c = exp(z_c - max) / s with s ~ 1, so the gradient exposes exp's error."""
@@ -308,6 +318,32 @@ def test_retain_graph_double_backward(reduction):
     zr = z.detach().clone().requires_grad_()
     (ce(zr, y, w, reduction=reduction).sum() * 3.0).backward()
     torch.testing.assert_close(g1, zr.grad)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_grad_path_matches(reduction):
+    """Without autograd (no_grad / logits not requiring grad) only the loss is computed."""
+    z, y, w = make(21, 77, dtype=torch.float32, ignore_every=4)
+    want = cf.pdl_loss(z.clone().requires_grad_(), y, w, reduction=reduction, label_smoothing=0.1).detach()
+    with torch.no_grad():
+        a = cf.pdl_loss(z.clone().requires_grad_(), y, w, reduction=reduction, label_smoothing=0.1)
+    b = cf.pdl_loss(z, y, w, reduction=reduction, label_smoothing=0.1)
+    assert not a.requires_grad and not b.requires_grad
+    assert torch.equal(a, want) and torch.equal(b, want)
+    torch.library.opcheck(torch.ops.complexformer.pdl_loss_value, (z, y, w, None, -100, _RED[reduction], 0.1))
+
+
+def test_no_grad_path_allocates_no_gradient():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from _util import peak_bytes
+
+    z, y, w = make(2048, 4096, dtype=torch.float32)  # 32 MB of logits
+    peak = peak_bytes(lambda: cf.pdl_loss(z, y, w), device="cpu")
+    assert peak < z.numel() * 4 / 4, peak
+
+
+_RED = {"none": 0, "sum": 1, "mean": 2}
 
 
 def test_threads_are_deterministic():

@@ -91,6 +91,30 @@ def test_strided_and_misaligned_rows(dtype, layout):
     fa_rule(g_ours, g_low, gref, FLOOR[dtype], "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_common_offset(dtype):
+    """Logits around +40: the kernel subtracts the row max before scaling, like torch."""
+    z, y, w = make(64, 32000, torch.float64, ignore_every=5, scale=3.0)
+    z = (z + 40).to(dtype)
+    ref, gref = loss_and_grad(ce, z.double(), y, w.double(), reduction="sum", label_smoothing=0.1)
+    ours, g_ours = loss_and_grad(cf.pdl_loss, z, y, w, reduction="sum", label_smoothing=0.1)
+    low, g_low = loss_and_grad(ce, z, y, w, reduction="sum", label_smoothing=0.1)
+    fa_rule(ours, low, ref, FLOOR[dtype], "loss")
+    fa_rule(g_ours, g_low, gref, FLOOR[dtype], "grad")
+
+
+def test_no_grad_path():
+    z, y, w = make(64, 32000, torch.bfloat16, ignore_every=3)
+    want = cf.pdl_loss(z.clone().requires_grad_(), y, w, reduction="none", label_smoothing=0.1).detach()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        got = cf.pdl_loss(z, y, w, reduction="none", label_smoothing=0.1)
+    assert torch.cuda.max_memory_allocated() - base < z.numel() * z.element_size() // 4  # no gradient buffer
+    assert torch.equal(got, want)
+
+
 def test_int32_targets_and_all_ignored():
     z, y, w = make(20, 100, torch.bfloat16, ignore_every=3)
     torch.testing.assert_close(cf.pdl_loss(z, y.int(), w), cf.pdl_loss(z, y, w))

@@ -38,7 +38,7 @@ template <> double tol<__nv_bfloat16>() { return 1e-2; }
 
 template <typename T>
 void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, int64_t shift, int reduction,
-               double eps, int norm_mode, float norm_given, bool i64, bool with_bad) {
+               double eps, int norm_mode, float norm_given, bool i64, bool with_bad, bool no_grad = false, float offset = 0.f) {
   cases++;
   const int64_t N = B * Tn, st = V + pad, sb = Tn * st + 3;
   std::vector<T> zs(shift + B * sb + 16);
@@ -46,7 +46,7 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
   for (int64_t b = 0; b < B; b++)
     for (int64_t t = 0; t < Tn; t++)
       for (int64_t c = 0; c < V; c++) {
-        T v = cvt<T>(3 * rnd());
+        T v = cvt<T>(3 * rnd() + offset);
         zs[shift + b * sb + t * st + c] = v;
         zf[(b * Tn + t) * V + c] = back(v);
       }
@@ -69,7 +69,7 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
   a.logits = zs.data() + shift; a.B = B; a.T = Tn; a.V = V; a.sb = sb; a.st = st;
   a.targets = i64 ? (const void *)y.data() : (const void *)y32.data(); a.targets_i64 = i64;
   a.weights = w.data(); a.ignore_index = -100; a.eps = eps; a.reduction = reduction; a.norm_mode = norm_mode;
-  a.row_loss = loss_d.data(); a.grad = grad_d.data();
+  a.row_loss = loss_d.data(); a.grad = no_grad ? nullptr : grad_d.data();
   const char *err = cf_pdl_loss_cuda(&a, dt<T>(), norm_mode == CF_PDL_NORM_BATCH ? nullptr : &norm_given, ws.data(), 0, nullptr);
   if (err) { printf("FAIL %s: %s\n", name, err); fails++; return; }
 
@@ -90,12 +90,16 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
   for (int64_t r = 0; r < N; r++) {
     if (r == bad_row) {
       nan_ok = nan_ok && std::isnan(loss_d[r]);
-      for (int64_t k = 0; k < V; k++) nan_ok = nan_ok && std::isnan(back(grad_d[r * V + k]));
+      for (int64_t k = 0; k < V && !no_grad; k++) nan_ok = nan_ok && std::isnan(back(grad_d[r * V + k]));
       continue;
     }
     lerr = std::fmax(lerr, std::fabs((double)loss_d[r] - loss_c[r]));
     lscale = std::fmax(lscale, std::fabs(loss_c[r]));
     for (int64_t k = 0; k < V; k++) {
+      if (no_grad) {  // the gradient buffer must be untouched
+        if (back(grad_d[r * V + k]) != -7.f) nan_ok = false;
+        continue;
+      }
       gerr = std::fmax(gerr, std::fabs((double)back(grad_d[r * V + k]) - grad_c[r * V + k]));
       gscale = std::fmax(gscale, std::fabs(grad_c[r * V + k]));
     }
@@ -168,6 +172,8 @@ template <typename T> void all_loss_cases(const char *name) {
   loss_case<T>(name, 1, 4, 1031, 0, 0, CF_PDL_MEAN, 0.1, CF_PDL_NORM_GIVEN, 7.5f, true, false);
   loss_case<T>(name, 1, 4, 1031, 0, 0, CF_PDL_MEAN, 0.0, CF_PDL_NORM_PRECOMPUTED, 0.f, true, false);  // 0 -> loss 0
   loss_case<T>(name, 1, 4, 33, 5, 2, CF_PDL_MEAN, 0.0, CF_PDL_NORM_PRECOMPUTED, 3.f, false, false);
+  loss_case<T>(name, 2, 2, 1031, 3, 1, CF_PDL_MEAN, 0.1, CF_PDL_NORM_BATCH, 0.f, true, true, /*no_grad=*/true);
+  loss_case<T>(name, 1, 3, 1031, 0, 0, CF_PDL_SUM, 0.1, CF_PDL_NORM_BATCH, 0.f, true, false, false, 40.f);
   scale_case<T>(name, 3, 1031);
   scale_case<T>(name, 2, 8);
 }
