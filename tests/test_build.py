@@ -14,8 +14,11 @@ def test_build_info_keys():
     assert isinstance(info["cuda"], bool)
 
 
-def test_info_cli_runs():
-    r = subprocess.run([sys.executable, "-m", "complexformer.info"], capture_output=True, text=True, timeout=600)
+def test_info_cli_runs(tmp_path):
+    # cwd outside the checkout: `python -m` puts cwd first on sys.path, where the source tree would
+    # shadow the installed package
+    r = subprocess.run([sys.executable, "-m", "complexformer.info"], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "self-check passed" in r.stdout
     assert "torch" in r.stdout
