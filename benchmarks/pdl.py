@@ -3,6 +3,7 @@
 What it measures, per (N, V), on the same inputs in the same run:
   * forward + backward time (median over --reps, after --warmup) of
       pdl     complexformer.pdl_loss(z, y, w); loss.backward()
+      legacy  the same with CF_PDL_CUDA_VARIANT=legacy (CUDA only)
       eager   F.cross_entropy(z, y, weight=w); loss.backward()
       compile torch.compile(F.cross_entropy)(z, y, weight=w); loss.backward()
   * peak extra memory of one forward + backward (above the inputs; see _util.peak_bytes: CUDA
@@ -11,7 +12,8 @@ What it measures, per (N, V), on the same inputs in the same run:
     buffer of the logits' dtype
   * CUDA: achieved HBM bandwidth of pdl's forward + backward against the roofline traffic
     (read the logits once + write the gradient once), in GB/s and as a fraction of a measured
-    device-to-device copy of the same size.
+    device-to-device copy of the same size; for both fused-kernel variants ("cached", the
+    default, and "legacy" = CF_PDL_CUDA_VARIANT=legacy), synced per call and back to back (b2b).
   * token_counts vs torch.bincount throughput on N * 256 random ids per vocabulary size.
 
 Usage:
@@ -68,6 +70,32 @@ def pdl_fn(z, y, w):
     return cf.pdl_loss(z, y, w)
 
 
+def pdl_variant_fn(variant):
+    """pdl_loss with the given fused CUDA kernel variant (CF_PDL_CUDA_VARIANT, read per call)."""
+    def fn(z, y, w):
+        os.environ["CF_PDL_CUDA_VARIANT"] = variant
+        try:
+            return cf.pdl_loss(z, y, w)
+        finally:
+            os.environ.pop("CF_PDL_CUDA_VARIANT", None)
+    return fn
+
+
+def stream_ms(fn, reps, warmup):
+    """CUDA: milliseconds per call of `reps` calls issued back to back between two events, one sync
+    at the end: the device's throughput once the host enqueues ahead (time_ms syncs after every
+    call, so it also counts the host's dispatch gaps, which dominate small sizes)."""
+    for _ in range(warmup):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 def eager_fn(z, y, w):
     return F.cross_entropy(z, y, weight=w.to(z.dtype))
 
@@ -89,7 +117,11 @@ def bench_loss(args, dtype, device):
             continue
         z, y, w = make_inputs(N, V, dtype, device)
         buf = N * V * z.element_size()
-        fns = {"pdl": fwd_bwd(pdl_fn, z, y, w), "eager": fwd_bwd(eager_fn, z, y, w)}
+        fns = {"pdl": fwd_bwd(pdl_fn, z, y, w)}
+        if device.type == "cuda":
+            fns["pdl"] = fwd_bwd(pdl_variant_fn("cached"), z, y, w)
+            fns["legacy"] = fwd_bwd(pdl_variant_fn("legacy"), z, y, w)
+        fns["eager"] = fwd_bwd(eager_fn, z, y, w)
         if compiled_ce is not None:
             fns["compile"] = fwd_bwd(compiled_ce, z, y, w)
         res = {}
@@ -107,7 +139,7 @@ def bench_loss(args, dtype, device):
         t_pdl, m_pdl = res["pdl"]
         ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
         row = [N, V, ms(t_pdl)]
-        for base in ("eager", "compile"):
+        for base in (("legacy", "eager", "compile") if device.type == "cuda" else ("eager", "compile")):
             if res.get(base) is not None:
                 row += [ms(res[base][0]), f"{res[base][0] / t_pdl:.2f}"]
             else:
@@ -116,19 +148,30 @@ def bench_loss(args, dtype, device):
         row += [mem(m_pdl), mem(res["eager"][1]) if res.get("eager") else "-"]
         if device.type == "cuda":
             roof = 2 * buf  # read the logits once + write the gradient once
+            copy_bw = copy_bandwidth(buf, device, args.warmup, args.reps)
             bw = roof / t_pdl
-            row += [f"{bw / 1e9:.0f}", f"{bw / copy_bandwidth(buf, device, args.warmup, args.reps):.2f}"]
+            row += [f"{bw / 1e9:.0f}", f"{bw / copy_bw:.2f}"]
+            row += [f"{roof / res['legacy'][0] / copy_bw:.2f}" if res.get("legacy") else "-"]
+            for name in ("pdl", "legacy"):  # back to back: the device's throughput
+                t = stream_ms(fns[name], max(args.reps, 10), args.warmup) / 1e3
+                row += [f"{t * 1e3:.3f}", f"{roof / t / copy_bw:.2f}"]
         rows.append(row)
         del z, y, w, fns
         if device.type == "cuda":
             torch.cuda.empty_cache()
     headers = ["N", "V", "pdl ms", "eager ms", "eager/pdl", "compile ms", "compile/pdl", "pdl mem/buf", "eager mem/buf"]
     if device.type == "cuda":
-        headers += ["pdl GB/s", "of copy BW"]
+        headers[3:3] = ["legacy ms", "legacy/pdl"]
+        headers += ["pdl GB/s", "of copy BW", "legacy of copy BW", "pdl b2b ms", "b2b of copy BW",
+                    "legacy b2b ms", "legacy b2b of copy BW"]
     print()
     print(f"pdl_loss forward+backward, {str(dtype).replace('torch.', '')} on {device}"
           f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
-          "ratios > 1: pdl faster; mem/buf: peak extra memory in N x V buffers of the logits' dtype")
+          "ratios > 1: pdl faster; mem/buf: peak extra memory in N x V buffers of the logits' dtype"
+          + ("; pdl = the default 'cached' kernel (row kept in shared memory between its two sweeps), "
+             "legacy = CF_PDL_CUDA_VARIANT=legacy (row re-read from global memory); "
+             "b2b = back-to-back calls, one sync (device throughput without host dispatch gaps)"
+             if device.type == "cuda" else ""))
     print(markdown_table(headers, rows))
 
 
