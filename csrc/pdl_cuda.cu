@@ -1,12 +1,14 @@
 /* PDL on CUDA: token counting, the fused loss + gradient, and the backward's rescale.
  *
- * pdl_loss: one block per row (Liger-Kernel style). Two variants (CF_PDL_CUDA_*, chosen per call by
- * complexformer/pdl.py from CF_PDL_CUDA_VARIANT): "cached" (the default, pdl_loss_cached_kernel)
- * keeps the row in shared memory between its two sweeps; "legacy" (pdl_loss_kernel) is described
- * here. Legacy: sweep 1 reads the row once with 16-byte
- * loads and keeps an online (max, sum of exp) per thread in base 2; sweep 2 re-reads the row
- * (mostly from L2: the first sweep just brought it in; the re-read is marked evict-first) and
- * writes the gradient with streaming stores. float32 accumulation for every dtype. No host
+ * pdl_loss: one block per row (Liger-Kernel style). Sweep 1 reads the row once with 16-byte loads
+ * and keeps an online (max, sum of exp) per thread in base 2; sweep 2 writes the gradient. Two
+ * variants (CF_PDL_CUDA_* in pdl.h, chosen per call by complexformer/pdl.py from the environment
+ * variable CF_PDL_CUDA_VARIANT; the default is _CUDA_VARIANT_DEFAULT there):
+ *   "cached" (pdl_loss_cached_kernel, the default): sweep 1 also copies the row into shared
+ *     memory, sweep 2 reads it from there (only a long row's remainder from global memory);
+ *   "legacy" (pdl_loss_kernel): sweep 2 re-reads the row from global memory (from L2 when it is
+ *     still there; the re-read is marked evict-first). Kept to compare on the GPU.
+ * Both write the gradient with streaming stores; float32 accumulation for every dtype. No host
  * synchronisation anywhere: the mean's denominator and sum_c w_c are computed on the device by a
  * one-block prologue (fixed-order reduction, deterministic) and read from device memory.
  * Out-of-range targets make the row's loss and gradient NaN (the host cannot be told without a
@@ -252,8 +254,8 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
  * wrote, so the cache needs no barrier of its own. Sweep 1 issues UNROLL independent 16-byte
  * loads per thread before using any (memory-level parallelism with one block per SM), takes the
  * maximum over all of them and rescales the running sum once per group. */
-template <typename T, int BLOCK, int UNROLL = 4>
-__global__ void __launch_bounds__(BLOCK) pdl_loss_cached_kernel(CfPdlArgs a, const float *ws, int64_t cache_packs) {
+template <typename T, int BLOCK, int MIN_BLOCKS, int UNROLL = 4>
+__global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) pdl_loss_cached_kernel(CfPdlArgs a, const float *ws, int64_t cache_packs) {
   extern __shared__ uint4 row_cache[];
   constexpr int K = Pack<T>::K;
   const int64_t N = a.B * a.T, V = a.V;
@@ -445,16 +447,16 @@ int max_smem_per_block(int device) {
 
 /* Launch the cached kernel with `smem` bytes of dynamic shared memory; above 48 KB a kernel must
  * opt in once per device (remembered per instantiation, for the largest size asked so far). */
-template <typename T, int BLOCK>
+template <typename T, int BLOCK, int MIN_BLOCKS>
 const char *launch_cached(const CfPdlArgs *a, const float *ws, unsigned grid, size_t smem, int device,
                           cudaStream_t st) {
   static int opted_in[64];
   if (smem > 48 * 1024 && !(device >= 0 && device < 64 && opted_in[device] >= (int)smem)) {
-    CF_CUDA_TRY(cudaFuncSetAttribute(pdl_loss_cached_kernel<T, BLOCK>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CF_CUDA_TRY(cudaFuncSetAttribute(pdl_loss_cached_kernel<T, BLOCK, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      (int)smem));
     if (device >= 0 && device < 64) opted_in[device] = (int)smem;
   }
-  pdl_loss_cached_kernel<T, BLOCK><<<grid, BLOCK, smem, st>>>(*a, ws, (int64_t)(smem / 16));
+  pdl_loss_cached_kernel<T, BLOCK, MIN_BLOCKS><<<grid, BLOCK, smem, st>>>(*a, ws, (int64_t)(smem / 16));
   CF_LAUNCH_CHECK();
   return NULL;
 }
@@ -482,12 +484,14 @@ const char *launch_loss(const CfPdlArgs *a, const float *norm, float *ws, int va
   const int64_t row_bytes = a->V * (int64_t)sizeof(T) / 16 * 16;  // >= the packs of any row
   const int64_t room = ((int64_t)max_smem_per_block(device) - 2048) / 16 * 16;
   const int64_t smem = !a->grad || room <= 0 ? 0 : (row_bytes < room ? row_bytes : room);
-  /* 1024 threads for rows over 96 KB (one or two blocks per SM); 512 for long rows that share an
-   * SM (three blocks of a 64 KB row fit by shared memory and by threads); 256 for short rows. The
-   * choice depends on V alone, so the loss-only path reduces in the same order (same loss bits). */
-  if (a->V * (int64_t)sizeof(T) > 96 * 1024) return launch_cached<T, 1024>(a, ws, grid, (size_t)smem, device, st);
-  if (a->V >= 8192) return launch_cached<T, 512>(a, ws, grid, (size_t)smem, device, st);
-  return launch_cached<T, 256>(a, ws, grid, (size_t)smem, device, st);
+  /* Threads: 1024 for rows over 96 KB (one or two blocks per SM); 512 for long rows, two blocks
+   * per SM; 256 for short rows, four per SM. MIN_BLOCKS caps the registers at 64 per thread,
+   * which this kernel needs without spilling (at 40, for three 512-thread blocks, it spills), so
+   * an SM holds 1024 threads; UNROLL = 4 loads each keep 64 KB per SM in flight. The choice
+   * depends on V alone, so the loss-only path reduces in the same order (same loss bits). */
+  if (a->V * (int64_t)sizeof(T) > 96 * 1024) return launch_cached<T, 1024, 1>(a, ws, grid, (size_t)smem, device, st);
+  if (a->V >= 8192) return launch_cached<T, 512, 2>(a, ws, grid, (size_t)smem, device, st);
+  return launch_cached<T, 256, 4>(a, ws, grid, (size_t)smem, device, st);
 }
 
 template <typename T>

@@ -171,6 +171,8 @@ template <typename T> void all_loss_cases(const char *name) {
   // V >= 8192: the 1024-thread kernel
   loss_case<T>(name, 1, 2, 8197, 0, 0, CF_PDL_MEAN, 0.1, CF_PDL_NORM_BATCH, 0.f, true, false);
   loss_case<T>(name, 1, 2, 8197, 5, 3, CF_PDL_NONE, 0.0, CF_PDL_NORM_BATCH, 0.f, false, true);
+  // rows over 96 KB: the cached variant's 1024-thread kernel (its cache holds 4 KB of the row here)
+  if (sizeof(T) == 4) loss_case<T>(name, 1, 3, 24601, 3, 1, CF_PDL_SUM, 0.1, CF_PDL_NORM_BATCH, 0.f, true, false);
   loss_case<T>(name, 1, 4, 1031, 0, 0, CF_PDL_MEAN, 0.1, CF_PDL_NORM_GIVEN, 7.5f, true, false);
   loss_case<T>(name, 1, 4, 1031, 0, 0, CF_PDL_MEAN, 0.0, CF_PDL_NORM_PRECOMPUTED, 0.f, true, false);  // 0 -> loss 0
   loss_case<T>(name, 1, 4, 33, 5, 2, CF_PDL_MEAN, 0.0, CF_PDL_NORM_PRECOMPUTED, 3.f, false, false);
