@@ -142,14 +142,29 @@ template <int BLOCK>
 __global__ void __launch_bounds__(BLOCK) pdl_prologue_kernel(CfPdlArgs a, const float *norm, float *ws) {
   const int64_t N = a.B * a.T;
   const float *w = (const float *)a.weights;
+  /* One block runs this before the loss kernel can start, so it is latency-bound: 4 targets
+   * (then their 4 weights) and 8 weights per thread are loaded before any is used. */
+  constexpr int U = 4, UW = 8;
   double wsum = 0.0, W = 0.0;
   if (a.reduction == CF_PDL_MEAN && a.norm_mode == CF_PDL_NORM_BATCH)
-    for (int64_t r = threadIdx.x; r < N; r += BLOCK) {
-      int64_t y = load_target<float>(a, r);
-      if (y != a.ignore_index && y >= 0 && y < a.V) wsum += (double)w[y];
+    for (int64_t r0 = threadIdx.x; r0 < N; r0 += (int64_t)U * BLOCK) {
+      int64_t y[U];
+#pragma unroll
+      for (int k = 0; k < U; k++) y[k] = r0 + k * BLOCK < N ? load_target<float>(a, r0 + k * BLOCK) : a.ignore_index;
+      float wy[U];
+#pragma unroll
+      for (int k = 0; k < U; k++) wy[k] = (y[k] != a.ignore_index && y[k] >= 0 && y[k] < a.V) ? w[y[k]] : 0.f;
+#pragma unroll
+      for (int k = 0; k < U; k++) wsum += (double)wy[k];
     }
   if (a.eps > 0.0)
-    for (int64_t c = threadIdx.x; c < a.V; c += BLOCK) W += (double)w[c];
+    for (int64_t c0 = threadIdx.x; c0 < a.V; c0 += (int64_t)UW * BLOCK) {
+      float wc[UW];
+#pragma unroll
+      for (int k = 0; k < UW; k++) wc[k] = c0 + k * BLOCK < a.V ? w[c0 + k * BLOCK] : 0.f;
+#pragma unroll
+      for (int k = 0; k < UW; k++) W += (double)wc[k];
+    }
   __shared__ double s1[BLOCK], s2[BLOCK];
   s1[threadIdx.x] = wsum, s2[threadIdx.x] = W;
   __syncthreads();
@@ -465,7 +480,7 @@ template <typename T>
 const char *launch_loss(const CfPdlArgs *a, const float *norm, float *ws, int variant, int device,
                         cudaStream_t st) {
   const int64_t N = a->B * a->T;
-  pdl_prologue_kernel<256><<<1, 256, 0, st>>>(*a, norm, ws);
+  pdl_prologue_kernel<1024><<<1, 1024, 0, st>>>(*a, norm, ws);
   CF_LAUNCH_CHECK();
   const unsigned grid = (unsigned)(N < 0x7fffffff ? N : 0x7fffffff);
   if (variant == CF_PDL_CUDA_LEGACY) {
