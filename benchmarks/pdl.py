@@ -3,7 +3,6 @@
 What it measures, per (N, V), on the same inputs in the same run:
   * forward + backward time (median over --reps, after --warmup) of
       pdl     complexformer.pdl_loss(z, y, w); loss.backward()
-      legacy  the same with CF_PDL_CUDA_VARIANT=legacy (CUDA only)
       eager   F.cross_entropy(z, y, weight=w); loss.backward()
       compile torch.compile(F.cross_entropy)(z, y, weight=w); loss.backward()
   * peak extra memory of one forward + backward (above the inputs; see _util.peak_bytes: CUDA
@@ -12,8 +11,8 @@ What it measures, per (N, V), on the same inputs in the same run:
     buffer of the logits' dtype
   * CUDA: achieved HBM bandwidth of pdl's forward + backward against the roofline traffic
     (read the logits once + write the gradient once), in GB/s and as a fraction of a measured
-    device-to-device copy of the same size; for both fused-kernel variants ("cached", the
-    default, and "legacy" = CF_PDL_CUDA_VARIANT=legacy), synced per call and back to back (b2b).
+    device-to-device copy of the same size; and the same for each fused-kernel variant
+    (CF_PDL_CUDA_VARIANT: cached = default, legacy, cached2), synced per call and back to back.
   * token_counts vs torch.bincount throughput on N * 256 random ids per vocabulary size.
 
 Usage:
@@ -35,6 +34,7 @@ from _util import fmt_bytes, markdown_table, peak_bytes, time_ms  # noqa: E402
 
 import complexformer as cf  # noqa: E402
 
+CUDA_VARIANTS = ["cached", "legacy", "cached2"]  # complexformer/pdl.py _CUDA_VARIANTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ISSUE_SIZES = [(4096, 32000), (4096, 128256), (16384, 32000), (16384, 128256)]
 
@@ -73,11 +73,15 @@ def pdl_fn(z, y, w):
 def pdl_variant_fn(variant):
     """pdl_loss with the given fused CUDA kernel variant (CF_PDL_CUDA_VARIANT, read per call)."""
     def fn(z, y, w):
+        old = os.environ.get("CF_PDL_CUDA_VARIANT")
         os.environ["CF_PDL_CUDA_VARIANT"] = variant
         try:
             return cf.pdl_loss(z, y, w)
         finally:
-            os.environ.pop("CF_PDL_CUDA_VARIANT", None)
+            if old is None:
+                del os.environ["CF_PDL_CUDA_VARIANT"]
+            else:
+                os.environ["CF_PDL_CUDA_VARIANT"] = old
     return fn
 
 
@@ -110,18 +114,14 @@ def copy_bandwidth(nbytes, device, warmup, reps):
 def bench_loss(args, dtype, device):
     sizes = parse_sizes(args.sizes) if args.sizes else ISSUE_SIZES
     compiled_ce = None if args.no_compile else torch.compile(eager_fn)
-    rows = []
+    rows, vrows = [], []
     for N, V in sizes:
         if device.type == "cpu" and N * V > args.max_elems and not args.allow_large:
             print(f"skip N={N} V={V}: {N * V} logits > --max-elems {args.max_elems} on the CPU (use --allow-large)")
             continue
         z, y, w = make_inputs(N, V, dtype, device)
         buf = N * V * z.element_size()
-        fns = {"pdl": fwd_bwd(pdl_fn, z, y, w)}
-        if device.type == "cuda":
-            fns["pdl"] = fwd_bwd(pdl_variant_fn("cached"), z, y, w)
-            fns["legacy"] = fwd_bwd(pdl_variant_fn("legacy"), z, y, w)
-        fns["eager"] = fwd_bwd(eager_fn, z, y, w)
+        fns = {"pdl": fwd_bwd(pdl_fn, z, y, w), "eager": fwd_bwd(eager_fn, z, y, w)}
         if compiled_ce is not None:
             fns["compile"] = fwd_bwd(compiled_ce, z, y, w)
         res = {}
@@ -139,7 +139,7 @@ def bench_loss(args, dtype, device):
         t_pdl, m_pdl = res["pdl"]
         ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
         row = [N, V, ms(t_pdl)]
-        for base in (("legacy", "eager", "compile") if device.type == "cuda" else ("eager", "compile")):
+        for base in ("eager", "compile"):
             if res.get(base) is not None:
                 row += [ms(res[base][0]), f"{res[base][0] / t_pdl:.2f}"]
             else:
@@ -151,28 +151,37 @@ def bench_loss(args, dtype, device):
             copy_bw = copy_bandwidth(buf, device, args.warmup, args.reps)
             bw = roof / t_pdl
             row += [f"{bw / 1e9:.0f}", f"{bw / copy_bw:.2f}"]
-            row += [f"{roof / res['legacy'][0] / copy_bw:.2f}" if res.get("legacy") else "-"]
-            for name in ("pdl", "legacy"):  # back to back: the device's throughput
-                t = stream_ms(fns[name], max(args.reps, 10), args.warmup) / 1e3
-                row += [f"{t * 1e3:.3f}", f"{roof / t / copy_bw:.2f}"]
+            # the fused kernel's variants on the same inputs: synced per call and back to back
+            for v in CUDA_VARIANTS:
+                fn = fwd_bwd(pdl_variant_fn(v), z, y, w)
+                t = time_ms(fn, device=device, reps=args.reps, warmup=args.warmup) / 1e3
+                tb = stream_ms(fn, max(args.reps, 10), args.warmup) / 1e3
+                vrows.append([N, V, v, f"{t * 1e3:.3f}", f"{roof / t / copy_bw:.2f}", f"{tb * 1e3:.3f}",
+                              f"{roof / tb / copy_bw:.2f}", f"{copy_bw / 1e9:.0f}"])
+                print(f"  N={N} V={V} variant {v:8s} {t * 1e3:9.3f} ms synced, {tb * 1e3:9.3f} ms back to back",
+                      flush=True)
         rows.append(row)
         del z, y, w, fns
         if device.type == "cuda":
             torch.cuda.empty_cache()
     headers = ["N", "V", "pdl ms", "eager ms", "eager/pdl", "compile ms", "compile/pdl", "pdl mem/buf", "eager mem/buf"]
     if device.type == "cuda":
-        headers[3:3] = ["legacy ms", "legacy/pdl"]
-        headers += ["pdl GB/s", "of copy BW", "legacy of copy BW", "pdl b2b ms", "b2b of copy BW",
-                    "legacy b2b ms", "legacy b2b of copy BW"]
+        headers += ["pdl GB/s", "of copy BW"]
     print()
     print(f"pdl_loss forward+backward, {str(dtype).replace('torch.', '')} on {device}"
           f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
-          "ratios > 1: pdl faster; mem/buf: peak extra memory in N x V buffers of the logits' dtype"
-          + ("; pdl = the default 'cached' kernel (row kept in shared memory between its two sweeps), "
-             "legacy = CF_PDL_CUDA_VARIANT=legacy (row re-read from global memory); "
-             "b2b = back-to-back calls, one sync (device throughput without host dispatch gaps)"
-             if device.type == "cuda" else ""))
+          "ratios > 1: pdl faster; mem/buf: peak extra memory in N x V buffers of the logits' dtype")
     print(markdown_table(headers, rows))
+    if vrows:
+        print()
+        print("pdl_loss fused CUDA kernel variants (CF_PDL_CUDA_VARIANT), forward+backward on the same inputs: "
+              "cached = the default (row kept in shared memory between the kernel's two sweeps), legacy = row "
+              "re-read from global memory, cached2 = cached with two blocks per SM for rows over 96 KB; "
+              "synced = one sync per call (as above, includes host dispatch gaps), b2b = calls back to back, "
+              "one sync (the device's throughput); fractions of the measured copy bandwidth, roofline traffic "
+              "= read the logits once + write the gradient once")
+        print(markdown_table(["N", "V", "variant", "synced ms", "synced of copy BW", "b2b ms", "b2b of copy BW",
+                              "copy GB/s"], vrows))
 
 
 def bench_counts(args, device):

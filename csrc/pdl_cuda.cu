@@ -490,21 +490,25 @@ const char *launch_loss(const CfPdlArgs *a, const float *norm, float *ws, int va
     CF_LAUNCH_CHECK();
     return NULL;
   }
-  if (variant != CF_PDL_CUDA_CACHED) return "pdl_loss: unknown CUDA kernel variant";
+  if (variant != CF_PDL_CUDA_CACHED && variant != CF_PDL_CUDA_CACHED_HALF) return "pdl_loss: unknown CUDA kernel variant";
+  /* CACHED_HALF (an experiment for the GPU run): rows over 96 KB get two 512-thread blocks per SM,
+   * each caching up to half of what one block may hold, so one block's loads overlap the other's
+   * gradient writes; the uncached remainder (the row's end, read last) must then stay in L2. */
+  const bool two_per_sm = variant == CF_PDL_CUDA_CACHED_HALF;
   /* Shared memory per block: the whole row's packs when a block may hold them, else as much as it
    * may (~225 KB on sm_90: one block per SM, the rest of each row re-read from L2). Short rows
    * thereby fit several blocks per SM, so an SM streams one row in while it writes another's
    * gradient. 2 KB per block stay free for the runtime's reservation (1 KB) and block_reduce's
    * static arrays. The loss-only path reads each row once: no cache. */
   const int64_t row_bytes = a->V * (int64_t)sizeof(T) / 16 * 16;  // >= the packs of any row
-  const int64_t room = ((int64_t)max_smem_per_block(device) - 2048) / 16 * 16;
+  const int64_t room = ((int64_t)max_smem_per_block(device) / (two_per_sm ? 2 : 1) - 2048) / 16 * 16;
   const int64_t smem = !a->grad || room <= 0 ? 0 : (row_bytes < room ? row_bytes : room);
   /* Threads: 1024 for rows over 96 KB (one or two blocks per SM); 512 for long rows, two blocks
    * per SM; 256 for short rows, four per SM. MIN_BLOCKS caps the registers at 64 per thread,
    * which this kernel needs without spilling (at 40, for three 512-thread blocks, it spills), so
    * an SM holds 1024 threads; UNROLL = 4 loads each keep 64 KB per SM in flight. The choice
    * depends on V alone, so the loss-only path reduces in the same order (same loss bits). */
-  if (a->V * (int64_t)sizeof(T) > 96 * 1024) return launch_cached<T, 1024, 1>(a, ws, grid, (size_t)smem, device, st);
+  if (a->V * (int64_t)sizeof(T) > 96 * 1024 && !two_per_sm) return launch_cached<T, 1024, 1>(a, ws, grid, (size_t)smem, device, st);
   if (a->V >= 8192) return launch_cached<T, 512, 2>(a, ws, grid, (size_t)smem, device, st);
   return launch_cached<T, 256, 4>(a, ws, grid, (size_t)smem, device, st);
 }
