@@ -135,6 +135,7 @@ setup(
             "complexformer._C",
             sources=sorted(glob.glob(os.path.join(CSRC, "*.c"))),
             include_dirs=[CSRC],
+            depends=sorted(glob.glob(os.path.join(CSRC, "*.h"))),  # a header change rebuilds the C files
             extra_compile_args=c_flags,
             extra_link_args=["-fopenmp", "-lm"],  # -lm: glibc libmvec (vector atan2f/sinf/cosf, rotate_cpu.c)
         )

@@ -5,7 +5,8 @@ B=1, H=8, d=64 (sizes via flags) against the baseline "rotate q and k in PyTorch
 F.scaled_dot_product_attention" (torch's CPU flash kernel), both on the same inputs in the same run,
 and prints ratios (baseline / fused: > 1 means fused is faster). The fused numbers are the two
 kernel calls only (the glue's O(L*d) rotate backward is not included; the baseline's autograd
-rotate backward is). Peak extra memory of the fused kernels is reported from ru_maxrss growth.
+rotate backward is). Peak extra memory of the fused kernels (their workspaces; outputs are
+allocated and touched beforehand) is reported from ru_maxrss growth.
 """
 import argparse
 import math
@@ -78,6 +79,8 @@ def main():
         lse = torch.empty(B, H, L)
         dout = torch.randn(B, H, L, d)
         dq, dk, dvf = torch.empty(B, H, L, d), torch.empty(B, H, L, d), torch.empty(B, H, L, d)
+        for t in (out, lse, dq, dk, dvf):  # touch the outputs so the RSS growth is the kernels' own
+            t.zero_()
 
         def fused_fwd():
             _C.attn_fwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,

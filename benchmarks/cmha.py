@@ -13,9 +13,11 @@ to change). Rows:
   rope+sdpa                     the cost floor: plain RoPE (cos/sin tables precomputed) + torch
                                 SDPA of the same shape (no delta, beta or their gradients).
   sdpa-only (CUDA)              torch SDPA alone on the same q, k, v: the flash kernel's TFLOP/s.
+Timing: all paths of one size run in one process on the same input tensors, round-robin (rep 1 of
+every path, then rep 2, ...), so that load from other processes hits every path alike; median ms.
 Columns: median ms, ratios vs the rope+sdpa floor and vs rotate+SDPA, extra peak memory (what
-the step allocates beyond its inputs: CUDA allocator peak; on CPU the RSS high-water mark, each
-case in a fresh process), and on CUDA the attention TFLOP/s (causal fwd 2*B*H*L^2*d, fwd+bwd 3.5x
+the step allocates beyond its inputs: CUDA allocator peak; on CPU the RSS high-water mark of one
+step in a fresh process per path), and on CUDA the attention TFLOP/s (causal fwd 2*B*H*L^2*d, fwd+bwd 3.5x
 that, the FlashAttention convention). Paths whose estimated memory would not fit are skipped.
 Before timing, every path is checked against the float64 pair-by-pair reference at a small size.
 
@@ -26,6 +28,7 @@ Before timing, every path is checked against the float64 pair-by-pair reference 
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _util import fmt_bytes, markdown_table, peak_bytes, run_worker, time_ms, worker_result  # noqa: E402
+from _util import fmt_bytes, markdown_table, peak_bytes, run_worker, sync, time_ms, worker_result  # noqa: E402
 
 from complexformer import cmha_attention  # noqa: E402
 from complexformer.reference import EPS_R, cmha_attention_pairwise, default_freqs  # noqa: E402
@@ -141,35 +144,68 @@ def memory_budget(device):
 
 
 # ------------------------------------------------------------------------------------------- cases
-def run_case(case):
-    """Time and measure one (size, path) in this process; returns a dict."""
-    dev, dtype = torch.device(case["device"]), getattr(torch, case["dtype"])
-    B, L, H, Hkv, d = case["B"], case["L"], case["H"], case["Hkv"], case["d"]
-    fn, has_params = make_path(case["path"])
+def make_step(path, inputs, tables):
+    """One training step of ``path`` on ``inputs``: forward, then the gradients of all inputs."""
+    q, k, v, dout, delta, beta, freqs = inputs
+    fn, has_params = make_path(path)
+    leaves = [q, k, v] + ([delta, beta] if has_params else [])
 
-    def make_step(L):
-        q, k, v, dout, delta, beta, freqs = make_inputs(B, L, H, Hkv, d, dev, dtype)
-        tables = rope_tables(L, d, dev, dtype)
-        leaves = [q, k, v] + ([delta, beta] if has_params else [])
-        for t in leaves:
-            t.requires_grad_(True)
+    def step():
+        out = fn(q, k, v, delta, beta, freqs, tables)
+        torch.autograd.grad(out, leaves, dout)
 
-        def step():
-            out = fn(q, k, v, delta, beta, freqs, tables)
-            torch.autograd.grad(out, leaves, dout)
+    return step
 
-        return step
 
-    # Warm up (lazy init, thread pools, kernels) on a short sequence: a full-size warm-up would
-    # double the cost of the slow cases, whose first full-size run is timed below.
-    make_step(min(L, 256))()
-    step = make_step(L)
-    t0 = time.perf_counter()
-    peak = peak_bytes(step, device=dev)  # also the first timed run (slow paths may get no other)
-    first_ms = (time.perf_counter() - t0) * 1e3
-    reps = min(case["reps"] - 1, int(case["max_seconds"] * 1e3 / first_ms))
-    ms = time_ms(step, device=dev, reps=reps, warmup=0) if reps > 0 else first_ms
-    return {"ms": ms, "peak": peak}
+def size_inputs(c, L=None):
+    dev, dtype = torch.device(c["device"]), getattr(torch, c["dtype"])
+    L = c["L"] if L is None else L
+    inputs = make_inputs(c["B"], L, c["H"], c["Hkv"], c["d"], dev, dtype)
+    for t in inputs[:3] + inputs[4:6]:  # q, k, v, delta, beta
+        t.requires_grad_(True)
+    return inputs, rope_tables(L, c["d"], dev, dtype)
+
+
+def warm_up(c, path):
+    """Lazy init (thread pools, kernels, caches) on a short sequence, so that the slow cases pay
+    for one full-size run less."""
+    make_step(path, *size_inputs(c, min(c["L"], 256)))()
+
+
+def measure_peak(c):
+    """Extra peak memory of one full-size step of c["path"] (run in a fresh process on CPU)."""
+    warm_up(c, c["path"])
+    return {"peak": peak_bytes(make_step(c["path"], *size_inputs(c)), device=c["device"])}
+
+
+def time_paths(cases, on_done=None):
+    """Median ms per path of one size, all on the SAME inputs, round-robin over the paths so that
+    load from other processes hits every path alike. A path whose first run takes longer than
+    max_seconds keeps that single sample."""
+    c0 = cases[0]
+    dev = torch.device(c0["device"])
+    inputs, tables = size_inputs(c0)
+    steps, samples, want = {}, {}, {}
+    for c in cases:
+        p = c["path"]
+        warm_up(c, p)
+        steps[p] = make_step(p, inputs, tables)
+        sync(dev)
+        t0 = time.perf_counter()
+        steps[p]()
+        sync(dev)
+        first = (time.perf_counter() - t0) * 1e3
+        samples[p] = [first]
+        want[p] = 1 + max(0, min(c["reps"] - 1, int(c["max_seconds"] * 1e3 / first)))
+        if on_done:
+            on_done()
+    for r in range(1, max(want.values())):
+        for p in steps:
+            if r < want[p]:
+                if len(samples[p]) == 1:
+                    samples[p] = []  # drop the first (cold) sample once there are others
+                samples[p].append(time_ms(steps[p], device=dev, reps=1, warmup=0))
+    return {p: statistics.median(v) for p, v in samples.items()}
 
 
 def case_list(args):
@@ -229,7 +265,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args._worker:
         import json
-        worker_result(run_case(json.loads(args._worker)))
+        worker_result(measure_peak(json.loads(args._worker)))
         return
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -245,26 +281,45 @@ def main(argv=None):
     budget = memory_budget(dev)
     results = {}
     cases = case_list(args)
-    for c in tqdm(cases, desc="cmha bench", file=sys.stderr):
+    by_size = {}
+    for c in cases:
         key = (c["B"], c["L"], c["H"], c["d"])
         est = estimated_bytes(c["path"], c["B"], c["L"], c["H"], c["d"], dtype)
         if est > budget:
             results[key, c["path"]] = {"skip": f"skipped: needs ~{fmt_bytes(est)}"}
-            continue
-        if str(checks.get(c["path"], "")).startswith("error"):
+        elif str(checks.get(c["path"], "")).startswith("error"):
             results[key, c["path"]] = {"skip": checks[c["path"]]}
-            continue
-        try:
+        else:
+            by_size.setdefault(key, []).append(c)
+    n_runs = sum(2 * len(v) for v in by_size.values())
+    bar = tqdm(total=n_runs, desc="cmha bench (peak memory, then timing)", file=sys.stderr)
+    err = lambda e: {"skip": f"error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:100]}"}  # noqa: E731
+    for key, group in by_size.items():
+        ok = []
+        for c in group:  # peak memory: CUDA in process; CPU in a fresh process per path
+            try:
+                if is_cuda:
+                    try:
+                        r = measure_peak(c)
+                    finally:  # also after an out-of-memory error: the next case starts clean
+                        torch.cuda.empty_cache()
+                else:
+                    r = run_worker(os.path.abspath(__file__), c, timeout=900)
+                ok.append(c)
+            except Exception as e:
+                r = err(e)
+            results[key, c["path"]] = r
+            bar.update(1 if "skip" not in r else 2)
+        if ok:
+            try:
+                for p, ms in time_paths(ok, on_done=lambda: bar.update(1)).items():
+                    results[key, p]["ms"] = ms
+            except Exception as e:
+                for c in ok:
+                    results[key, c["path"]] = err(e)
             if is_cuda:
-                try:
-                    r = run_case(c)
-                finally:  # also after an out-of-memory error: the next case starts clean
-                    torch.cuda.empty_cache()
-            else:  # a fresh process per case: its RSS high-water mark is this case's alone
-                r = run_worker(os.path.abspath(__file__), c, timeout=600)
-        except Exception as e:
-            r = {"skip": f"error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:100]}"}
-        results[key, c["path"]] = r
+                torch.cuda.empty_cache()
+    bar.close()
 
     headers = ["B", "L", "H", "d", "path", "ms", "vs rope+sdpa", "vs rotate+sdpa", "extra peak"]
     if is_cuda:

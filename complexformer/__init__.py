@@ -4,11 +4,12 @@ from ._ext import build_info
 from .pdl import PDLLoss, fused_linear_pdl_loss, pdl_loss, pdl_weights, token_counts
 from .rotate import euler_rotate
 from .attention import cmha_attention
-from .module import CMHA
+from .module import CMHA, CMHACache
 
 __version__ = "0.1.0"
 __all__ = [
     "CMHA",
+    "CMHACache",
     "PDLLoss",
     "build_info",
     "cmha_attention",

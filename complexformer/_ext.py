@@ -6,7 +6,17 @@ graphs keep working; the C side only ever borrows memory for the duration of one
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from . import _C
+try:
+    from . import _C
+except ImportError as e:  # the usual cause: importing the source tree (cwd) instead of the install
+    import os as _os
+
+    raise ImportError(
+        "complexformer._C, the compiled extension, is missing from "
+        f"{_os.path.dirname(_os.path.abspath(__file__))}. If that is the source checkout, run Python "
+        "from another directory to use the installed package, or build in place with "
+        "`pip install -e .` (or `python setup.py build_ext --inplace`)."
+    ) from e
 
 _BUILD = _C.build_info()
 HAS_CUDA_KERNELS = bool(_BUILD["cuda"])

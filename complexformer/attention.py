@@ -15,6 +15,7 @@ Masks are by index, positions only enter the rotation (CMHA_CONTRACT). A query r
 visible key outputs 0 (never NaN) in every backend, and its gradients are 0.
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -304,6 +305,45 @@ def _device_arg(t):
     return _ext.stream(t) if t.device.type == "cuda" else _ext.num_threads()
 
 
+# CUDA kernel variants (csrc/attn_fwd_cuda.cu, attn_bwd_cuda.cu; benchmarks/cmha_cuda_kernel_notes.md):
+#   "fused":  q/k tiles rotated on load by every CTA (verified on GPU; the default);
+#   "prerot": one pre-pass writes the rotated q~ and k~ (k per query head) into torch-allocated
+#             workspaces, then kernels with plain cp.async-pipelined tile copies run on them. The
+#             forward takes it only when H == Hkv (GQA never materialises a (B, H, Lk, d) K in the
+#             forward; a GQA forward stays "fused"); the backward always (its outputs are that size).
+#   "ws":     (forward only, experimental) warp-specialised fused rotation, read by the C launcher.
+# Override per process with CF_ATTN_FWD_VARIANT / CF_ATTN_BWD_VARIANT. To make "prerot" the default
+# once a GPU run has confirmed it, flip these two constants (the only switch).
+_CUDA_FWD_VARIANT = "fused"
+_CUDA_BWD_VARIANT = "fused"
+_CUDA_VARIANTS = {"FWD": ("fused", "prerot", "ws"), "BWD": ("fused", "prerot")}
+
+
+def _cuda_variant(kind):
+    """The variant the CUDA "fused" backend runs for kind "FWD" or "BWD" (env var over the default)."""
+    v = os.environ.get(f"CF_ATTN_{kind}_VARIANT") or (_CUDA_FWD_VARIANT if kind == "FWD" else _CUDA_BWD_VARIANT)
+    if v in ("default", ""):
+        v = "fused"
+    if v not in _CUDA_VARIANTS[kind]:
+        raise ValueError(f"CF_ATTN_{kind}_VARIANT={v!r}: expected one of {_CUDA_VARIANTS[kind]}")
+    return v
+
+
+def _prerot_workspaces(q, k, kind):
+    """() or (q_ws, k_ws) for the "prerot" CUDA variant: torch-allocated (B, H, L, d) buffers that the
+    kernel fills with the rotated q~ and k~ (k per query head) before the attention proper."""
+    if q.device.type != "cuda" or _cuda_variant(kind) != "prerot":
+        return ()
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    if kind == "FWD" and k.shape[1] != H:  # GQA: no expanded K in the forward (CMHA_CONTRACT)
+        return ()
+    if B * H * Lq * d == 0 or B * H * Lk * d == 0:
+        return ()
+    return (_ext.dl(torch.empty(B, H, Lq, d, dtype=q.dtype, device=q.device)),
+            _ext.dl(torch.empty(B, H, Lk, d, dtype=q.dtype, device=q.device)))
+
+
 @torch.library.custom_op("complexformer::cmha_fused", mutates_args=())
 def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
                 freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
@@ -315,7 +355,7 @@ def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.
     fn = _C.attn_fwd_cuda if q.device.type == "cuda" else _C.attn_fwd_cpu
     fn(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
        _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(lse),
-       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q))
+       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q), *_prerot_workspaces(q, k, "FWD"))
     return out, lse
 
 
@@ -342,7 +382,7 @@ def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: to
     fn(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
        _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(dout), _ext.dl(lse),
        _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full),
-       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q))
+       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q), *_prerot_workspaces(q, k, "BWD"))
     return dq_rot, dk_rot, dv_full
 
 

@@ -34,10 +34,10 @@ __global__ void __launch_bounds__(256) attn_bwd_dot_kernel(const CfAttnArgs a) {
 
 /* Shared memory of the two main kernels: two tiles of ROWS_A rows (K, V or Q, dO, as owned),
  * two of ROWS_B rows (streamed), parameters, and per-streamed-row / per-owned-row scalars. */
-template <int D, int ROWS_A, int ROWS_B> struct BwdSmem {
+template <int D, int ROWS_A, int ROWS_B, int NBUF = 1> struct BwdSmem {
   static constexpr int LDS = D + 8;
-  static constexpr size_t tiles = (size_t)(2 * ROWS_A + 2 * ROWS_B) * LDS * 2;
-  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)2 * (ROWS_A + ROWS_B) * 4;
+  static constexpr size_t tiles = (size_t)(2 * ROWS_A + 2 * NBUF * ROWS_B) * LDS * 2;
+  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)2 * (ROWS_A + NBUF * ROWS_B) * 4;
 };
 
 /* Per-row softmax statistics of query rows [m0, m0 + rows): lse * log2(e) (+inf where the row is
@@ -57,9 +57,120 @@ __device__ __forceinline__ void stage_row_stats(const CfAttnArgs &a, int64_t b, 
   }
 }
 
+/* One streamed query tile of the dkdv kernel for one warp (16 keys): recompute S^T and P^T, then
+ * dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK~ += dS^T Q~. sKw, sVw: the warp's 16 keys. */
+template <typename T, int D, int BQ>
+__device__ __forceinline__ void dkdv_step(float (&dk)[D / 8][4], float (&dv)[D / 8][4], const CfAttnArgs &a,
+                                          const T *sKw, const T *sVw, const T *sQ, const T *sdO,
+                                          const float *s_kvalid, const float *s_lse2, const float *s_D, int64_t k0,
+                                          int64_t m0, int64_t qoff, int kl0, float sl2, int lane) {
+  constexpr int LDS = D + 8, NTQ = BQ / 8, NTD = D / 8;
+  float st[NTQ][4]; /* S^T: 16 keys x BQ queries */
+#pragma unroll
+  for (int i = 0; i < NTQ; i++) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+  warp_gemm_abt<T, NTQ, D>(st, sKw, LDS, sQ, LDS, lane);
+#pragma unroll
+  for (int nt = 0; nt < NTQ; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
+      const int kl = kl0 + (e >> 1) * 8;
+      const bool vis = s_kvalid[kl] != 0.f && (!a.causal || k0 + kl <= m0 + cq + qoff);
+      st[nt][e] = vis ? exp2f(st[nt][e] * sl2 - s_lse2[cq]) : 0.f;
+    }
+  uint32_t pa[NTQ / 2][4];
+  acc_to_a<T, NTQ / 2>(pa, st);
+  warp_gemm_pv<T, NTD, NTQ / 2>(dv, pa, sdO, LDS, lane);
+
+  float dpt[NTQ][4]; /* dP^T = V dO^T */
+#pragma unroll
+  for (int i = 0; i < NTQ; i++) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+  warp_gemm_abt<T, NTQ, D>(dpt, sVw, LDS, sdO, LDS, lane);
+#pragma unroll
+  for (int nt = 0; nt < NTQ; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
+      dpt[nt][e] = st[nt][e] * (dpt[nt][e] - s_D[cq]); /* dS^T */
+    }
+  acc_to_a<T, NTQ / 2>(pa, dpt);
+  warp_gemm_pv<T, NTD, NTQ / 2>(dk, pa, sQ, LDS, lane);
+}
+
+/* dK~ (scaled) and dV of the warp's keys k0 + kl0 (+ 8) into dk_rot, dv_full (float32, per query head). */
+template <int D>
+__device__ __forceinline__ void dkdv_store(const float (&dk)[D / 8][4], const float (&dv)[D / 8][4], const CfAttnArgs &a,
+                                           int64_t b, int64_t hq, int64_t k0, int64_t k_hi, int kl0, int lane) {
+  constexpr int NTD = D / 8;
+  const float scale = (float)a.scale;
+  float *dkg = a.dk_rot + (b * a.H + hq) * a.Lk * a.d;
+  float *dvg = a.dv_full + (b * a.H + hq) * a.Lk * a.dv;
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    const int64_t n = k0 + kl0 + i * 8;
+    if (n < k_hi) {
+#pragma unroll
+      for (int nt = 0; nt < NTD; nt++) {
+        const int c = nt * 8 + 2 * (lane & 3);
+        *reinterpret_cast<float2 *>(dkg + n * a.d + c) = make_float2(dk[nt][2 * i] * scale, dk[nt][2 * i + 1] * scale);
+        *reinterpret_cast<float2 *>(dvg + n * a.dv + c) = make_float2(dv[nt][2 * i], dv[nt][2 * i + 1]);
+      }
+    }
+  }
+}
+
+/* One streamed key tile of the dq kernel for one warp (16 query rows r0, r0 + 8 absolute):
+ * S = Q~ K~^T, dP = dO V^T, dS = P (dP - D), dQ~ += dS K~. sQw, sdOw: the warp's 16 rows. */
+template <typename T, int D, int BK>
+__device__ __forceinline__ void dq_step(float (&dq)[D / 8][4], const CfAttnArgs &a, const T *sQw, const T *sdOw,
+                                        const T *sK, const T *sV, const float *s_kvalid, int64_t n0, int64_t r0,
+                                        int64_t qoff, const float (&lse2)[2], const float (&Drow)[2], float sl2,
+                                        int lane) {
+  constexpr int LDS = D + 8, NTK = BK / 8, NTD = D / 8;
+  float s[NTK][4], dp[NTK][4];
+#pragma unroll
+  for (int i = 0; i < NTK; i++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.f;
+  warp_gemm_abt<T, NTK, D>(s, sQw, LDS, sK, LDS, lane);
+  warp_gemm_abt<T, NTK, D>(dp, sdOw, LDS, sV, LDS, lane);
+#pragma unroll
+  for (int nt = 0; nt < NTK; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
+      const int64_t row = r0 + (e >> 1) * 8;
+      const bool vis = s_kvalid[cc] != 0.f && (!a.causal || n0 + cc <= row + qoff);
+      const float p = vis ? exp2f(s[nt][e] * sl2 - lse2[e >> 1]) : 0.f;
+      s[nt][e] = p * (dp[nt][e] - Drow[e >> 1]); /* dS */
+    }
+  uint32_t pa[NTK / 2][4];
+  acc_to_a<T, NTK / 2>(pa, s);
+  warp_gemm_pv<T, NTD, NTK / 2>(dq, pa, sK, LDS, lane);
+}
+
+/* dQ~ (scaled) of rows r0, r0 + 8 (those < q_hi) into dq_rot (float32, contiguous). */
+template <int D>
+__device__ __forceinline__ void dq_store(const float (&dq)[D / 8][4], const CfAttnArgs &a, int64_t b, int64_t hq,
+                                         int64_t r0, int64_t q_hi, int lane) {
+  const float scale = (float)a.scale;
+  float *dqg = a.dq_rot + (b * a.H + hq) * a.Lq * a.d;
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    const int64_t m = r0 + i * 8;
+    if (m < q_hi) {
+#pragma unroll
+      for (int nt = 0; nt < D / 8; nt++) {
+        const int c = nt * 8 + 2 * (lane & 3);
+        *reinterpret_cast<float2 *>(dqg + m * a.d + c) = make_float2(dq[nt][2 * i] * scale, dq[nt][2 * i + 1] * scale);
+      }
+    }
+  }
+}
+
 template <typename T, int D, int BK, int BQ>
 __global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_kernel(const CfAttnArgs a) {
-  constexpr int NTHR = BK * 2, LDS = D + 8, H2 = D / 2, NTQ = BQ / 8, NTD = D / 8;
+  constexpr int NTHR = BK * 2, LDS = D + 8, H2 = D / 2, NTD = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sK = reinterpret_cast<T *>(smem);
   T *sV = sK + BK * LDS;
@@ -113,58 +224,15 @@ __global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_kernel(const CfAttnAr
     stage_row_stats(a, b, hq, m0, nvq, BQ, s_lse2, s_D, tid, NTHR);
     __syncthreads();
 
-    float st[NTQ][4]; /* S^T: 16 keys x BQ queries */
-#pragma unroll
-    for (int i = 0; i < NTQ; i++) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-    warp_gemm_abt<T, NTQ, D>(st, sK + warp * 16 * LDS, LDS, sQ, LDS, lane);
-#pragma unroll
-    for (int nt = 0; nt < NTQ; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
-        const int kl = kl0 + (e >> 1) * 8;
-        const bool vis = s_kvalid[kl] != 0.f && (!a.causal || ks.lo + kl <= m0 + cq + qoff);
-        st[nt][e] = vis ? exp2f(st[nt][e] * sl2 - s_lse2[cq]) : 0.f;
-      }
-    uint32_t pa[NTQ / 2][4];
-    acc_to_a<T, NTQ / 2>(pa, st);
-    warp_gemm_pv<T, NTD, NTQ / 2>(dv, pa, sdO, LDS, lane);
-
-    float dpt[NTQ][4]; /* dP^T = V dO^T */
-#pragma unroll
-    for (int i = 0; i < NTQ; i++) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
-    warp_gemm_abt<T, NTQ, D>(dpt, sV + warp * 16 * LDS, LDS, sdO, LDS, lane);
-#pragma unroll
-    for (int nt = 0; nt < NTQ; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
-        dpt[nt][e] = st[nt][e] * (dpt[nt][e] - s_D[cq]); /* dS^T */
-      }
-    acc_to_a<T, NTQ / 2>(pa, dpt);
-    warp_gemm_pv<T, NTD, NTQ / 2>(dk, pa, sQ, LDS, lane);
+    dkdv_step<T, D, BQ>(dk, dv, a, sK + warp * 16 * LDS, sV + warp * 16 * LDS, sQ, sdO, s_kvalid, s_lse2, s_D, ks.lo,
+                        m0, qoff, kl0, sl2, lane);
   }
-
-  const float scale = (float)a.scale;
-  float *dkg = a.dk_rot + (b * a.H + hq) * a.Lk * a.d;
-  float *dvg = a.dv_full + (b * a.H + hq) * a.Lk * a.dv;
-#pragma unroll
-  for (int i = 0; i < 2; i++) {
-    const int64_t n = ks.lo + kl0 + i * 8;
-    if (n < ks.hi) {
-#pragma unroll
-      for (int nt = 0; nt < NTD; nt++) {
-        const int c = nt * 8 + 2 * (lane & 3);
-        *reinterpret_cast<float2 *>(dkg + n * a.d + c) = make_float2(dk[nt][2 * i] * scale, dk[nt][2 * i + 1] * scale);
-        *reinterpret_cast<float2 *>(dvg + n * a.dv + c) = make_float2(dv[nt][2 * i], dv[nt][2 * i + 1]);
-      }
-    }
-  }
+  dkdv_store<D>(dk, dv, a, b, hq, ks.lo, ks.hi, kl0, lane);
 }
 
 template <typename T, int D, int BQ, int BK>
 __global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_kernel(const CfAttnArgs a) {
-  constexpr int NTHR = BQ * 2, LDS = D + 8, H2 = D / 2, NTK = BK / 8, NTD = D / 8;
+  constexpr int NTHR = BQ * 2, LDS = D + 8, H2 = D / 2, NTD = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
   T *sdO = sQ + BQ * LDS;
@@ -220,41 +288,148 @@ __global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_kernel(const CfAttnArgs
     stage_key_valid(a, b, n0, nv, BK, s_kvalid, tid, NTHR);
     __syncthreads();
 
-    float s[NTK][4], dp[NTK][4];
-#pragma unroll
-    for (int i = 0; i < NTK; i++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.f;
-    warp_gemm_abt<T, NTK, D>(s, sQ + warp * 16 * LDS, LDS, sK, LDS, lane);
-    warp_gemm_abt<T, NTK, D>(dp, sdO + warp * 16 * LDS, LDS, sV, LDS, lane);
-#pragma unroll
-    for (int nt = 0; nt < NTK; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
-        const int64_t row = qs.lo + rl0 + (e >> 1) * 8;
-        const bool vis = s_kvalid[cc] != 0.f && (!a.causal || n0 + cc <= row + qoff);
-        const float p = vis ? exp2f(s[nt][e] * sl2 - lse2[e >> 1]) : 0.f;
-        s[nt][e] = p * (dp[nt][e] - Drow[e >> 1]); /* dS */
-      }
-    uint32_t pa[NTK / 2][4];
-    acc_to_a<T, NTK / 2>(pa, s);
-    warp_gemm_pv<T, NTD, NTK / 2>(dq, pa, sK, LDS, lane);
+    dq_step<T, D, BK>(dq, a, sQ + warp * 16 * LDS, sdO + warp * 16 * LDS, sK, sV, s_kvalid, n0, qs.lo + rl0, qoff,
+                      lse2, Drow, sl2, lane);
   }
+  dq_store<D>(dq, a, b, hq, qs.lo + rl0, qs.hi, lane);
+}
 
-  const float scale = (float)a.scale;
-  float *dqg = a.dq_rot + (b * a.H + hq) * a.Lq * a.d;
+/* ---- variant "prerot": q~ and k~ (per query head) were written by the pre-rotation pass ----
+ * The same steps (dkdv_step, dq_step) on tiles that are plain copies, so the streamed side is
+ * double-buffered with cp.async: tile i+1 lands while tile i is on the tensor cores. */
+template <typename T, int D, int BK, int BQ>
+__global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_pre_kernel(const CfAttnArgs a) {
+  constexpr int NTHR = BK * 2, LDS = D + 8, NTD = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sK = reinterpret_cast<T *>(smem);
+  T *sV = sK + BK * LDS;
+  T *sQ0 = sV + BK * LDS; /* buffer i: Q~ at sQ0 + i * 2 * BQ * LDS, dO right after it */
+  float *s_kvalid = reinterpret_cast<float *>(smem + BwdSmem<D, BK, BQ, 2>::tiles);
+  float *s_stat0 = s_kvalid + BK; /* buffer i: lse2 at s_stat0 + i * 2 * BQ, D right after it */
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t hq = blockIdx.y, b = blockIdx.z, hk = hq / (a.H / a.Hkv);
+  Span ks;
+  if (!map_tile(a, blockIdx.x, BK, a.Lk, ks)) return; /* causal: key tile 0 (the longest) starts first */
+  const bool packed = a.cu_seqlens != nullptr;
+  const int64_t q_lo = packed ? ks.seq_lo : 0, q_hi = packed ? ks.seq_hi : a.Lq;
+  const int64_t qoff = packed ? 0 : a.q_offset;
+  const bool vec = a.vec != 0;
+  const int64_t nvk = ks.hi - ks.lo;
+
+  stage_async<T, BK, D>(sK, (const T *)a.k_rot + ((b * a.H + hq) * a.Lk + ks.lo) * D, D, nvk, true, tid, NTHR);
+  stage_async<T, BK, D>(sV, (const T *)a.v + b * a.v_sb + hk * a.v_sh + ks.lo * a.v_sl, a.v_sl, nvk, vec, tid, NTHR);
+  stage_key_valid(a, b, ks.lo, nvk, BK, s_kvalid, tid, NTHR);
+  cp_async_commit();
+
+  const T *qg = (const T *)a.q_rot + (b * a.H + hq) * a.Lq * D;
+  const T *dog = (const T *)a.dout + b * a.do_sb + hq * a.do_sh;
+  const int kl0 = warp * 16 + (lane >> 2);
+  const float sl2 = (float)a.scale * kLog2e;
+  const int64_t m_start = a.causal ? imax64(q_lo, ks.lo - qoff) : q_lo;
+  const int64_t ntile = m_start < q_hi ? (q_hi - m_start + BQ - 1) / BQ : 0;
+  auto issue = [&](int64_t it) {
+    const int buf = (int)(it & 1);
+    const int64_t m0 = m_start + it * BQ, nvq = imin64(BQ, q_hi - m0);
+    T *sQ = sQ0 + buf * 2 * BQ * LDS;
+    stage_async<T, BQ, D>(sQ, qg + m0 * D, D, nvq, true, tid, NTHR);
+    stage_async<T, BQ, D>(sQ + BQ * LDS, dog + m0 * a.do_sl, a.do_sl, nvq, vec, tid, NTHR);
+    float *st = s_stat0 + buf * 2 * BQ;
+    stage_row_stats(a, b, hq, m0, nvq, BQ, st, st + BQ, tid, NTHR);
+    cp_async_commit();
+  };
+
+  float dk[NTD][4], dv[NTD][4];
 #pragma unroll
-  for (int i = 0; i < 2; i++) {
-    const int64_t m = qs.lo + rl0 + i * 8;
-    if (m < qs.hi) {
+  for (int i = 0; i < NTD; i++)
 #pragma unroll
-      for (int nt = 0; nt < NTD; nt++) {
-        const int c = nt * 8 + 2 * (lane & 3);
-        *reinterpret_cast<float2 *>(dqg + m * a.d + c) = make_float2(dq[nt][2 * i] * scale, dq[nt][2 * i + 1] * scale);
-      }
+    for (int e = 0; e < 4; e++) dk[i][e] = dv[i][e] = 0.f;
+  if (ntile > 0) issue(0);
+  for (int64_t it = 0; it < ntile; it++) {
+    if (it + 1 < ntile) { /* buffer (it+1)&1 was last read in iteration it-1, which ended with a barrier */
+      issue(it + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
+    __syncthreads(); /* tile it (and, first time, K~/V/key validity) visible to every warp */
+    const int buf = (int)(it & 1);
+    const T *sQ = sQ0 + buf * 2 * BQ * LDS;
+    const float *st = s_stat0 + buf * 2 * BQ;
+    dkdv_step<T, D, BQ>(dk, dv, a, sK + warp * 16 * LDS, sV + warp * 16 * LDS, sQ, sQ + BQ * LDS, s_kvalid, st,
+                        st + BQ, ks.lo, m_start + it * BQ, qoff, kl0, sl2, lane);
+    __syncthreads(); /* buffer it&1 free for iteration it+1 */
   }
+  cp_async_wait<0>(); /* no copy outlives the CTA (ntile = 0: K~/V were never waited for) */
+  dkdv_store<D>(dk, dv, a, b, hq, ks.lo, ks.hi, kl0, lane);
+}
+
+template <typename T, int D, int BQ, int BK>
+__global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_pre_kernel(const CfAttnArgs a) {
+  constexpr int NTHR = BQ * 2, LDS = D + 8, NTD = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sQ = reinterpret_cast<T *>(smem);
+  T *sdO = sQ + BQ * LDS;
+  T *sKV0 = sdO + BQ * LDS; /* buffer i: K~ at sKV0 + i * 2 * BK * LDS, V right after it */
+  float *s_lse2 = reinterpret_cast<float *>(smem + BwdSmem<D, BQ, BK, 2>::tiles);
+  float *s_D = s_lse2 + BQ;
+  float *s_kvalid0 = s_D + BQ; /* buffer i: s_kvalid0 + i * BK */
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t hq = blockIdx.y, b = blockIdx.z, hk = hq / (a.H / a.Hkv);
+  Span qs;
+  /* causal: the last query tiles (most key tiles) start first, the short ones fill the tail */
+  if (!map_tile(a, gridDim.x - 1 - blockIdx.x, BQ, a.Lq, qs)) return;
+  const bool packed = a.cu_seqlens != nullptr;
+  const int64_t k_lo = packed ? qs.seq_lo : 0, k_hi = packed ? qs.seq_hi : a.Lk;
+  const int64_t qoff = packed ? 0 : a.q_offset;
+  const int64_t k_end = a.causal ? imin64(k_hi, imax64(k_lo, qs.hi + qoff)) : k_hi;
+  const bool vec = a.vec != 0;
+  const int64_t nvq = qs.hi - qs.lo;
+
+  stage_plain<T, BQ, D>(sQ, (const T *)a.q_rot + ((b * a.H + hq) * a.Lq + qs.lo) * D, D, nvq, true, tid, NTHR);
+  stage_plain<T, BQ, D>(sdO, (const T *)a.dout + b * a.do_sb + hq * a.do_sh + qs.lo * a.do_sl, a.do_sl, nvq, vec,
+                        tid, NTHR);
+  stage_row_stats(a, b, hq, qs.lo, nvq, BQ, s_lse2, s_D, tid, NTHR);
+  /* every thread has read D (parked in dq_rot[..., 0]) before any thread overwrites dq_rot below */
+  __syncthreads();
+
+  const int rl0 = warp * 16 + (lane >> 2);
+  const float lse2[2] = {s_lse2[rl0], s_lse2[rl0 + 8]};
+  const float Drow[2] = {s_D[rl0], s_D[rl0 + 8]};
+  const T *kg = (const T *)a.k_rot + (b * a.H + hq) * a.Lk * D;
+  const T *vg = (const T *)a.v + b * a.v_sb + hk * a.v_sh;
+  const float sl2 = (float)a.scale * kLog2e;
+  const int64_t ntile = (k_end - k_lo + BK - 1) / BK;
+  auto issue = [&](int64_t it) {
+    const int buf = (int)(it & 1);
+    const int64_t n0 = k_lo + it * BK, nv = imin64(BK, k_hi - n0);
+    T *sK = sKV0 + buf * 2 * BK * LDS;
+    stage_async<T, BK, D>(sK, kg + n0 * D, D, nv, true, tid, NTHR);
+    stage_async<T, BK, D>(sK + BK * LDS, vg + n0 * a.v_sl, a.v_sl, nv, vec, tid, NTHR);
+    stage_key_valid(a, b, n0, nv, BK, s_kvalid0 + buf * BK, tid, NTHR);
+    cp_async_commit();
+  };
+
+  float dq[NTD][4];
+#pragma unroll
+  for (int i = 0; i < NTD; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  if (ntile > 0) issue(0);
+  for (int64_t it = 0; it < ntile; it++) {
+    if (it + 1 < ntile) {
+      issue(it + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int buf = (int)(it & 1);
+    const T *sK = sKV0 + buf * 2 * BK * LDS;
+    dq_step<T, D, BK>(dq, a, sQ + warp * 16 * LDS, sdO + warp * 16 * LDS, sK, sK + BK * LDS, s_kvalid0 + buf * BK,
+                      k_lo + it * BK, qs.lo + rl0, qoff, lse2, Drow, sl2, lane);
+    __syncthreads();
+  }
+  dq_store<D>(dq, a, b, hq, qs.lo + rl0, qs.hi, lane);
 }
 
 template <typename T, int D>
@@ -269,6 +444,28 @@ static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
     const dim3 grid((unsigned)((a.Lq + 7) / 8), H, B);
     attn_bwd_dot_kernel<T><<<grid, 256, 0, st>>>(a);
     CF_LAUNCH_CHECK();
+  }
+  if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
+    if (const char *err = launch_prerotate<T, D>(a, st)) return err;
+    {
+      const size_t smem = BwdSmem<D, BK, BQS, 2>::bytes;
+      auto kern = attn_bwd_dkdv_pre_kernel<T, D, BK, BQS>;
+      if (const char *err = allow_smem(kern, smem)) return err;
+      const dim3 grid(num_tiles(a, BK, a.Lk), H, B);
+      if (grid.x > 0) {
+        kern<<<grid, BK * 2, smem, st>>>(a);
+        CF_LAUNCH_CHECK();
+      }
+    }
+    const size_t smem = BwdSmem<D, BQ, BKS, 2>::bytes;
+    auto kern = attn_bwd_dq_pre_kernel<T, D, BQ, BKS>;
+    if (const char *err = allow_smem(kern, smem)) return err;
+    const dim3 grid(num_tiles(a, BQ, a.Lq), H, B);
+    if (grid.x > 0) {
+      kern<<<grid, BQ * 2, smem, st>>>(a);
+      CF_LAUNCH_CHECK();
+    }
+    return NULL;
   }
   {
     const size_t smem = BwdSmem<D, BK, BQS>::bytes;

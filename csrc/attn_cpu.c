@@ -15,7 +15,19 @@
  * With one run per (batch, head) - the usual case - that buffer is dq_rot itself; otherwise the
  * partial buffers are summed in a fixed order afterwards. No atomics, deterministic.
  *
- * Memory: per thread O(Lk * (d + dv)) rotated keys / values plus a few tiles; nothing is O(L^2).
+ * The key-padding mask is applied element-wise inside the visited tiles; a row that sees no key
+ * gets out = 0 and lse = -inf (never NaN).
+ *
+ * Speed: all tile products go through one register-blocked GEMM (attn_cpu_tmpl.h) whose operands
+ * are laid out with the output dimension contiguous (keys are stored transposed for Q K^T). The
+ * float32 rotation uses the vectorisable atan2 / sincos of fast_trig.h (libm per pair cost as much
+ * as the attention arithmetic); float64 goes through rotate_math.h's cf_rot_fwd_f64. The per-item
+ * functions are cloned for AVX-512 / AVX2 / portable targets.
+ *
+ * Memory (per thread, malloc'd per call and freed before returning): forward Lk * d rotated keys
+ * plus tiles of 64 x max(d, dv, 64); backward (2 d + dv) * (keys of the item) plus tiles. At
+ * L = 16384, d = dv = 64, float32: 4 MB / 12 MB per thread. The backward adds (splits - 1) partial
+ * dq copies of B*H*Lq*d (capped at 256 MB) only when B*H < 2 * threads. Nothing is O(L^2).
  * The element-type-generic code is in attn_cpu_tmpl.h, included below for float and double. */
 /* -std=c11 turns floating-point contraction off; the tile GEMMs need a*b+c fused into one FMA
  * (twice the throughput, and one rounding instead of two). */
@@ -31,8 +43,8 @@
 enum {
   BQ = 64, /* query rows per tile */
   BK = 64, /* keys per tile */
-  MR = 6,  /* register block of the tile GEMMs: MR rows x NR columns (6 x 16 floats: 12 of the */
-  NR = 16, /* 16 ymm registers under AVX2, 6 zmm under AVX-512) */
+  MR = 6,  /* rows of the tile GEMMs' register block (6 rows x 2 ymm: 12 accumulators) */
+  NR = 16, /* lanes of the row reductions (softmax max / sum); BK is a multiple */
 };
 
 /* The per-item functions get an AVX-512 and an AVX2 clone (picked at load time); the portable
@@ -148,22 +160,18 @@ CF_AI void rotate_pairs_f32(int layout, int64_t h, const float *restrict x,
 #define T float
 #define SUF f32
 #define CF_EXP(x) cf_exp_f32(x)
-#define CF_ROT_FWD cf_rot_fwd_f32
 #include "attn_cpu_tmpl.h"
 #undef T
 #undef SUF
 #undef CF_EXP
-#undef CF_ROT_FWD
 
 #define T double
 #define SUF f64
 #define CF_EXP(x) exp(x)
-#define CF_ROT_FWD cf_rot_fwd_f64
 #include "attn_cpu_tmpl.h"
 #undef T
 #undef SUF
 #undef CF_EXP
-#undef CF_ROT_FWD
 
 int cf_attn_fwd_cpu(const CfAttnParams *p, int dtype) {
   return dtype == CF_F64 ? attn_fwd_f64(p) : attn_fwd_f32(p);

@@ -1,55 +1,54 @@
 /* The element-type-generic body of the CPU fused attention (attn_cpu.c includes it once per type).
  * Expects: T (float | double), SUF (f32 | f64), CF_EXP(x) (an exp that is exactly 0 for -inf),
- * CF_ROT_FWD (cf_rot_fwd_f32 | cf_rot_fwd_f64), and from attn_cpu.c: BQ, BK, MR, NR, CF_HOT,
- * AttnRows, rows_init(), visible(). Every function below is `FN(name)` = name_SUF. */
+ * and from attn_cpu.c: BQ, BK, MR, NR, CF_AI, CF_HOT, AttnRows, rows_init(), visible(),
+ * rotate_pairs_SUF(). Every function below is `FN(name)` = name_SUF. */
 
 #define FN_CAT2(a, b) a##_##b
 #define FN_CAT(a, b) FN_CAT2(a, b)
 #define FN(name) FN_CAT(name, SUF)
 
-/* One NR-wide vector of T (GCC vector extension: one zmm for float under AVX-512, two ymm under
- * AVX2, four xmm in the portable clone). Plain loops left gcc vectorising the wrong dimension and
- * spilling the accumulators; explicit vectors keep the register block in registers. */
-typedef T FN(vec) __attribute__((vector_size(NR * sizeof(T))));
+/* A 32-byte vector of T (GCC vector extension): one ymm under AVX2 and AVX-512 alike, two xmm in
+ * the portable clone. 32 rather than 64 bytes because a 64-byte vector is no machine type under
+ * AVX2, where gcc then keeps it in memory (6x slower); on AVX-512 parts that double-pump 512-bit
+ * FMAs (AMD Zen 4) two ymm FMAs per cycle reach the same peak. Plain loops left gcc vectorising
+ * the wrong dimension and spilling, hence explicit vectors. */
+#define VL ((int)(32 / sizeof(T)))
+typedef T FN(vec) __attribute__((vector_size(32)));
 
-/* The register block: rows [0, mr) of C[.][0, nv*NR) (+)= A[.][0, K) B[0, K)[0, nv*NR).
+/* The register block: rows [0, mr) of C[.][0, nv*VL) (+)= A[.][0, K) B[0, K)[0, nv*VL).
  * mr and nv are compile-time constants at every call site (the function is always inlined), so
- * the accumulators live in registers; mr * nv <= 6 keeps them within 12 ymm under AVX2. */
+ * the accumulators live in registers: mr * nv <= 12 of the 16 ymm (plus nv loads, 1 broadcast). */
 CF_AI void FN(ukernel)(const int mr, const int nv, int64_t K, const T *restrict A, int64_t sar,
                        int64_t sac, const T *restrict B, int64_t ldb, T *restrict C, int64_t ldc,
                        int accumulate) {
   FN(vec) c[MR][4];
   for (int r = 0; r < mr; r++)
     for (int v = 0; v < nv; v++) {
-      if (accumulate) memcpy(&c[r][v], C + r * ldc + v * NR, sizeof(FN(vec)));
+      if (accumulate) memcpy(&c[r][v], C + r * ldc + v * VL, sizeof(FN(vec)));
       else c[r][v] = (FN(vec)){0};
     }
   for (int64_t kk = 0; kk < K; kk++) {
     FN(vec) b[4];
-    for (int v = 0; v < nv; v++) memcpy(&b[v], B + kk * ldb + v * NR, sizeof(FN(vec)));
+    for (int v = 0; v < nv; v++) memcpy(&b[v], B + kk * ldb + v * VL, sizeof(FN(vec)));
     for (int r = 0; r < mr; r++) {
       T a = A[r * sar + kk * sac];
       for (int v = 0; v < nv; v++) c[r][v] += a * b[v];
     }
   }
   for (int r = 0; r < mr; r++)
-    for (int v = 0; v < nv; v++) memcpy(C + r * ldc + v * NR, &c[r][v], sizeof(FN(vec)));
+    for (int v = 0; v < nv; v++) memcpy(C + r * ldc + v * VL, &c[r][v], sizeof(FN(vec)));
 }
 
-/* Rows [0, mr) (mr < MR, a row remainder or a decode step) over all full NR columns: fewer rows
- * get more column vectors at once, so the FMA chains stay independent enough to hide latency. */
-CF_AI void FN(gemm_rows)(const int mr, int64_t Nv, int64_t K, const T *restrict A, int64_t sar,
-                         int64_t sac, const T *restrict B, int64_t ldb, T *restrict C,
-                         int64_t ldc, int accumulate) {
-  const int wide = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
+/* Rows [0, mr) over the columns [0, Nv) (Nv a multiple of VL): blocks of `wide` vectors, then
+ * single vectors. Fewer rows take more vectors at once so that enough independent FMA chains
+ * hide the FMA latency (a decode step has a single query row). */
+CF_AI void FN(gemm_rows)(const int mr, const int wide, int64_t Nv, int64_t K,
+                         const T *restrict A, int64_t sar, int64_t sac, const T *restrict B,
+                         int64_t ldb, T *restrict C, int64_t ldc, int accumulate) {
   int64_t j = 0;
-  if (wide == 4)
-    for (; j + 4 * NR <= Nv; j += 4 * NR)
-      FN(ukernel)(mr, 4, K, A, sar, sac, B + j, ldb, C + j, ldc, accumulate);
-  if (wide >= 2)
-    for (; j + 2 * NR <= Nv; j += 2 * NR)
-      FN(ukernel)(mr, 2, K, A, sar, sac, B + j, ldb, C + j, ldc, accumulate);
-  for (; j < Nv; j += NR) FN(ukernel)(mr, 1, K, A, sar, sac, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + wide * VL <= Nv; j += wide * VL)
+    FN(ukernel)(mr, wide, K, A, sar, sac, B + j, ldb, C + j, ldc, accumulate);
+  for (; j < Nv; j += VL) FN(ukernel)(mr, 1, K, A, sar, sac, B + j, ldb, C + j, ldc, accumulate);
 }
 
 /* C[M][N] (+)= A[M][K] B[K][N]. A(i, k) = A[i*sar + k*sac] (so A may be a transposed view);
@@ -59,22 +58,21 @@ CF_AI void FN(gemm_rows)(const int mr, int64_t Nv, int64_t K, const T *restrict 
 CF_AI void FN(gemm)(int64_t M, int64_t N, int64_t K, const T *restrict A, int64_t sar,
                     int64_t sac, const T *restrict B, int64_t ldb, T *restrict C, int64_t ldc,
                     int accumulate) {
-  const int64_t Nv = N / NR * NR;
+  const int64_t Nv = N / VL * VL;
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
-    for (int64_t j = 0; j < Nv; j += NR)
-      FN(ukernel)(MR, 1, K, A + i * sar, sar, sac, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    FN(gemm_rows)(MR, 2, Nv, K, A + i * sar, sar, sac, B, ldb, C + i * ldc, ldc, accumulate);
   const T *Ai = A + i * sar;
   T *Ci = C + i * ldc;
   switch (M - i) {  /* row remainder, each size with its own unrolled block */
-    case 5: FN(gemm_rows)(5, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
-    case 4: FN(gemm_rows)(4, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
-    case 3: FN(gemm_rows)(3, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
-    case 2: FN(gemm_rows)(2, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
-    case 1: FN(gemm_rows)(1, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 5: FN(gemm_rows)(5, 2, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 4: FN(gemm_rows)(4, 3, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 3: FN(gemm_rows)(3, 4, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 2: FN(gemm_rows)(2, 4, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
+    case 1: FN(gemm_rows)(1, 4, Nv, K, Ai, sar, sac, B, ldb, Ci, ldc, accumulate); break;
     default: break;
   }
-  if (Nv < N) {  /* column remainder (head sizes that are not a multiple of NR) */
+  if (Nv < N) {  /* column remainder (head sizes that are not a multiple of VL) */
     const int64_t rem = N - Nv;
     for (int64_t r = 0; r < M; r++) {
       T *restrict crow = C + r * ldc + Nv;
@@ -166,18 +164,19 @@ CF_AI T FN(row_max)(const T *restrict x) {
   return r;
 }
 
-/* x = exp(x - sub) in place; returns the sum. */
-CF_AI T FN(row_exp_sum)(T *restrict x, T sub) {
-  T acc[NR] = {0};
+/* x = exp(x - sub) in place, its NR-lane partial sums added to lanes[]. The running softmax
+ * denominator stays lane-wise for a whole query tile, so the horizontal sum happens once per row
+ * and tile instead of once per row and key tile. */
+CF_AI void FN(row_exp_sum)(T *restrict x, T sub, T *restrict lanes) {
+  T acc[NR];
+  for (int l = 0; l < NR; l++) acc[l] = lanes[l];
   for (int64_t n = 0; n < BK; n += NR)
     for (int l = 0; l < NR; l++) {
       T e = CF_EXP(x[n + l] - sub);
       x[n + l] = e;
       acc[l] += e;
     }
-  T r = 0;
-  for (int l = 0; l < NR; l++) r += acc[l];
-  return r;
+  for (int l = 0; l < NR; l++) lanes[l] = acc[l];
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -186,7 +185,8 @@ CF_AI T FN(row_exp_sum)(T *restrict x, T sub) {
 typedef struct {
   T *kt;             /* rotated key tiles of the item's key range, (ntile, d, BK) */
   T *q, *s, *o;      /* (BQ, d), (BQ, BK), (BQ, dv) */
-  T *mrow, *lrow;    /* running max and sum, (BQ,) */
+  T *mrow;           /* running max, (BQ,) */
+  T *lsum;           /* running sum as NR lane-wise partial sums, (BQ, NR) */
 } FN(FwdWs);
 
 CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b, int64_t hq,
@@ -215,7 +215,8 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
     AttnRows rows;
     rows_init(p, t, &rows);
     const int64_t nq = rows.nq;
-    for (int64_t r = 0; r < nq; r++) { ws->mrow[r] = (T)-INFINITY; ws->lrow[r] = 0; }
+    for (int64_t r = 0; r < nq; r++) ws->mrow[r] = (T)-INFINITY;
+    for (int64_t x = 0; x < nq * NR; x++) ws->lsum[x] = 0;
     for (int64_t x = 0; x < nq * dv; x++) ws->o[x] = 0;
     if (rows.hi > rows.lo) {
       FN(rotate_queries)(p, b, hq, &rows, ws->q);
@@ -237,21 +238,22 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
             for (int64_t n = 0; n < BK; n++) sr[n] = 0;
             continue;
           }
-          T sum = FN(row_exp_sum)(sr, mnew);
+          T *lanes = ws->lsum + r * NR;
           if (mnew != mold) {
             T alpha = CF_EXP(mold - mnew);
             T *orow = ws->o + r * dv;
             for (int64_t c = 0; c < dv; c++) orow[c] *= alpha;
-            ws->lrow[r] *= alpha;
+            for (int l = 0; l < NR; l++) lanes[l] *= alpha;
             ws->mrow[r] = mnew;
           }
-          ws->lrow[r] += sum;
+          FN(row_exp_sum)(sr, mnew, lanes);
         }
         FN(gemm)(nq, dv, nk, s, BK, 1, vb + n0 * vs, vs, ws->o, dv, 1);
       }
     }
     for (int64_t r = 0; r < nq; r++) {
-      T l = ws->lrow[r];
+      T l = 0;
+      for (int c = 0; c < NR; c++) l += ws->lsum[r * NR + c];
       T inv = l > 0 ? (T)1 / l : (T)0;
       T *orow = out + (rows.m0 + r) * dv;
       for (int64_t c = 0; c < dv; c++) orow[c] = ws->o[r * dv + c] * inv;
@@ -273,7 +275,7 @@ static int FN(attn_fwd)(const CfAttnParams *p) {
   split = (nqt + per - 1) / per;
   const int64_t nitems = BH * split;
   const int64_t ktiles = (p->Lk + BK - 1) / BK;
-  const size_t ws_elems = (size_t)(ktiles * p->d * BK + BQ * p->d + BQ * BK + BQ * p->dv + 2 * BQ);
+  const size_t ws_elems = (size_t)(ktiles * p->d * BK + BQ * p->d + BQ * BK + BQ * p->dv + BQ + BQ * NR);
   int failed = 0;
 #pragma omp parallel num_threads(p->nthreads)
   {
@@ -289,7 +291,7 @@ static int FN(attn_fwd)(const CfAttnParams *p) {
       ws.s = ws.q + BQ * p->d;
       ws.o = ws.s + BQ * BK;
       ws.mrow = ws.o + BQ * p->dv;
-      ws.lrow = ws.mrow + BQ;
+      ws.lsum = ws.mrow + BQ;
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nitems; it++) {
@@ -467,6 +469,7 @@ static int FN(attn_bwd)(const CfAttnParams *p) {
   return failed ? CF_ATTN_ENOMEM : CF_ATTN_OK;
 }
 
+#undef VL
 #undef FN
 #undef FN_CAT
 #undef FN_CAT2

@@ -36,6 +36,10 @@ typedef struct {
   const void *dout;
   int64_t do_sb, do_sh, do_sl;
   float *dq_rot, *dk_rot, *dv_full;
+  /* variant "prerot" (both set, else both NULL): workspaces (B, H, Lq, d) and (B, H, Lk, d), dtype of q,
+   * contiguous, 16-byte aligned. The launcher first writes the rotated q~ and k~ (k per query head)
+   * into them, then runs kernels that only copy tiles (no rotation per tile, cp.async pipelining). */
+  void *q_rot, *k_rot;
 } CfAttnArgs;
 
 /* Both return NULL on success or a static error message; they run on `stream` of `device`. */

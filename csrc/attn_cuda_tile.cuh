@@ -229,17 +229,20 @@ __device__ __forceinline__ void rot_one(const RotParams &rp, int j, double p, fl
   rot_fast(re, im, rp.delta[j], IS_Q ? rp.beta[j] + pa : pa, o_re, o_im);
 }
 
-/* Rows [0, ROWS) of a (L, D) slice at g (row stride gs) into s[ROWS][D+8], Euler-rotated with the
- * positions pos[r * ps]; rows >= nvalid become zeros (never garbage: 0 * NaN would poison P V). */
-template <typename T, int ROWS, int D, bool IS_Q>
+/* Rows [0, ROWS) of a (L, D) slice at g (row stride gs) into s[ROWS][LDS], Euler-rotated with the
+ * positions pos[r * ps]; rows >= nvalid become zeros (never garbage: 0 * NaN would poison P V).
+ * LDS = D + 8 for shared-memory tiles; the pre-rotation pass (attn_prerotate_kernel) writes global
+ * rows (LDS = D) and must not touch rows >= nvalid (PAD = false: they belong to the next slice). */
+template <typename T, int ROWS, int D, bool IS_Q, int LDS = D + 8, bool PAD = true>
 __device__ __forceinline__ void stage_rotated(T *s, const T *g, int64_t gs, int64_t nvalid, const int64_t *pos,
                                               int64_t ps, const RotParams &rp, int layout, bool vec, int tid,
                                               int nthr) {
-  constexpr int LDS = D + 8, H2 = D / 2;
+  constexpr int H2 = D / 2;
   if (layout == CF_LAYOUT_HALF) {
     constexpr int UPR = H2 / 8; /* units per row: 8 pairs, re at [c, c+8), im at [H2+c, H2+c+8) */
     for (int u = tid; u < ROWS * UPR; u += nthr) {
       const int r = u / UPR, c = (u % UPR) * 8;
+      if (!PAD && r >= nvalid) break; /* u grows with r */
       uint32_t wre[4] = {0, 0, 0, 0}, wim[4] = {0, 0, 0, 0};
       if (r < nvalid) {
         float re[8], im[8];
@@ -263,6 +266,7 @@ __device__ __forceinline__ void stage_rotated(T *s, const T *g, int64_t gs, int6
     constexpr int UPR = D / 8; /* units per row: 4 interleaved pairs (re, im) at [c, c+8) */
     for (int u = tid; u < ROWS * UPR; u += nthr) {
       const int r = u / UPR, c = (u % UPR) * 8;
+      if (!PAD && r >= nvalid) break;
       uint32_t w[4] = {0, 0, 0, 0};
       if (r < nvalid) {
         float x[8];
@@ -299,6 +303,37 @@ __device__ __forceinline__ void stage_plain(T *s, const T *g, int64_t gs, int64_
       }
     }
     store16(s + r * LDS + c, w);
+  }
+}
+
+/* ---- asynchronous staging (cp.async, sm_80+) for tiles that need no arithmetic on the way ----
+ * The pre-rotated kernels (q~, k~ from the pre-rotation pass) only copy tiles, so the copy of tile
+ * i+1 runs in the background (cp.async into the second buffer) while tile i is on the tensor cores. */
+__device__ __forceinline__ void cp_async16(void *s, const void *g) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(s)), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+/* wait until at most N of this thread's committed groups are still in flight */
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* stage_plain through cp.async when rows are 16-byte aligned (completion: cp_async_wait, then a
+ * barrier), else synchronously; rows >= nvalid are zeroed with ordinary stores. */
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void stage_async(T *s, const T *g, int64_t gs, int64_t nvalid, bool vec, int tid,
+                                            int nthr) {
+  if (!vec) {
+    stage_plain<T, ROWS, D>(s, g, gs, nvalid, false, tid, nthr);
+    return;
+  }
+  constexpr int LDS = D + 8, UPR = D / 8;
+  for (int u = tid; u < ROWS * UPR; u += nthr) {
+    const int r = u / UPR, c = (u % UPR) * 8;
+    if (r < nvalid)
+      cp_async16(s + r * LDS + c, g + r * gs + c);
+    else
+      *reinterpret_cast<uint4 *>(s + r * LDS + c) = make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -438,6 +473,46 @@ __device__ __forceinline__ void stage_key_valid(const CfAttnArgs &a, int64_t b, 
     s_valid[i] = (i < nvalid && (!a.kpm || a.kpm[b * a.kpm_sb + (n0 + i) * a.kpm_sl])) ? 1.f : 0.f;
 }
 
+/* ---- pre-rotation pass (variant "prerot") ----
+ * dst (B, H, L, D) contiguous = the Euler-rotated q (IS_Q, with beta) or k (per QUERY head: row block
+ * of head hq is rotated with head hq's delta from kv head hq / (H / Hkv)), in the input's layout.
+ * The same rot_fast as the fused tile loaders, so a kernel reading dst sees bit-identical tiles.
+ * Grid (ceil(L / 64), H, B), 256 threads. The glue allocates dst (torch), only where the memory rule
+ * allows it (CMHA_CONTRACT: q~ always, k~ when H == Hkv in the forward, always in the backward whose
+ * outputs are (B, H, Lk, d) anyway). */
+template <typename T, int D, bool IS_Q>
+__global__ void __launch_bounds__(256) attn_prerotate_kernel(const CfAttnArgs a, T *dst) {
+  constexpr int ROWS = 64, H2 = D / 2;
+  __shared__ double s_omega[H2];
+  __shared__ float s_delta[H2], s_beta[H2];
+  const int64_t hq = blockIdx.y, b = blockIdx.z, L = IS_Q ? a.Lq : a.Lk, r0 = (int64_t)blockIdx.x * ROWS;
+  const int64_t hs = IS_Q ? hq : hq / (a.H / a.Hkv);
+  stage_params(a, hq, H2, s_delta, s_beta, s_omega, threadIdx.x, 256);
+  __syncthreads();
+  const RotParams rp = {s_delta, s_beta, s_omega};
+  const T *src = IS_Q ? (const T *)a.q + b * a.q_sb + hs * a.q_sh + r0 * a.q_sl
+                      : (const T *)a.k + b * a.k_sb + hs * a.k_sh + r0 * a.k_sl;
+  const int64_t *pos = IS_Q ? a.q_pos + b * a.qpos_sb + r0 * a.qpos_sl : a.k_pos + b * a.kpos_sb + r0 * a.kpos_sl;
+  stage_rotated<T, ROWS, D, IS_Q, D, false>(dst + ((b * a.H + hq) * L + r0) * D, src, IS_Q ? a.q_sl : a.k_sl,
+                                            imin64(ROWS, L - r0), pos, IS_Q ? a.qpos_sl : a.kpos_sl, rp, a.layout,
+                                            a.vec != 0, threadIdx.x, 256);
+}
+
+/* Launch the pre-rotation of q into a.q_rot and of k into a.k_rot (each when set). */
+template <typename T, int D> static inline const char *launch_prerotate(const CfAttnArgs &a, cudaStream_t st) {
+  if (a.q_rot && a.Lq > 0) {
+    attn_prerotate_kernel<T, D, true><<<dim3((unsigned)((a.Lq + 63) / 64), (unsigned)a.H, (unsigned)a.B), 256, 0, st>>>(
+        a, (T *)a.q_rot);
+    CF_LAUNCH_CHECK();
+  }
+  if (a.k_rot && a.Lk > 0) {
+    attn_prerotate_kernel<T, D, false><<<dim3((unsigned)((a.Lk + 63) / 64), (unsigned)a.H, (unsigned)a.B), 256, 0, st>>>(
+        a, (T *)a.k_rot);
+    CF_LAUNCH_CHECK();
+  }
+  return NULL;
+}
+
 /* ---- CTA -> tile ---- */
 struct Span {
   int64_t lo, hi;          /* rows of this tile */
@@ -486,7 +561,7 @@ template <typename K> static inline const char *allow_smem(K kernel, size_t byte
     return "cannot query the device's shared-memory limit";
   if ((size_t)optin < bytes)
     return "this GPU allows too little shared memory per block for the fused attention kernel (it needs up to "
-           "104 KB at d = 128); use backend='sdpa'";
+           "104 KB at d = 128, 140 KB for the prerot variant's backward); use backend='sdpa'";
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
   return e == cudaSuccess ? NULL : cudaGetErrorString(e);
 }

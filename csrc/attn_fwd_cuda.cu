@@ -125,15 +125,21 @@ struct FwdCta {
   int64_t b, hq, hk, k_lo, k_hi, k_end, qoff;
 };
 
-template <typename T, int D, int BR>
+template <typename T, int D, int BR, bool PRE = false>
 __device__ __forceinline__ bool fwd_setup(const CfAttnArgs &a, FwdCta &c, T *sQ, RotParams &rp, double *s_omega,
                                           float *s_delta, float *s_beta, int tid, int nthr) {
   c.hq = blockIdx.y, c.b = blockIdx.z, c.hk = c.hq / (a.H / a.Hkv);
-  if (!map_tile(a, blockIdx.x, BR, a.Lq, c.qs)) return false;
+  /* PRE: the most expensive (causal: last) query tiles start first, so the short ones fill the tail */
+  if (!map_tile(a, PRE ? gridDim.x - 1 - blockIdx.x : blockIdx.x, BR, a.Lq, c.qs)) return false;
   const bool packed = a.cu_seqlens != nullptr;
   c.k_lo = packed ? c.qs.seq_lo : 0, c.k_hi = packed ? c.qs.seq_hi : a.Lk;
   c.qoff = packed ? 0 : a.q_offset; /* key n visible to query m iff n <= m + qoff */
   c.k_end = a.causal ? imin64(c.k_hi, imax64(c.k_lo, c.qs.hi + c.qoff)) : c.k_hi;
+  if (PRE) { /* q~ was written by the pre-rotation pass */
+    stage_plain<T, BR, D>(sQ, (const T *)a.q_rot + ((c.b * a.H + c.hq) * a.Lq + c.qs.lo) * D, D, c.qs.hi - c.qs.lo,
+                          true, tid, nthr);
+    return true;
+  }
   stage_params(a, c.hq, D / 2, s_delta, s_beta, s_omega, tid, nthr);
   __syncthreads();
   rp = {s_delta, s_beta, s_omega};
@@ -180,6 +186,62 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a)
     /* the next tile's loads fly while this tile's tensor-core work runs */
     if (n0 + BC < c.k_end) pf.load(a, kg, vg, kp, c.b, n0 + BC, imin64(BC, c.k_hi - n0 - BC), vec, tid);
     fwd_tile<T, D, BC>(st, a, sQ + warp * 16 * LDS, sK, sV, s_kvalid, n0, nv, c.qs.lo, c.qoff, r0, sl2, lane);
+  }
+  fwd_finalize<T, D>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
+}
+
+/* Variant "prerot": q~ and k~ (per query head) were written by the pre-rotation pass, so key tiles are
+ * plain copies: cp.async fills the second K/V buffer with tile i+1 while the tensor cores work on
+ * tile i (two buffers, two barriers per tile). Same tile math as the default kernel (fwd_tile). */
+template <typename T, int D, int BR, int BC>
+__global__ void __launch_bounds__(BR * 2, 1) attn_fwd_pre_kernel(const CfAttnArgs a) {
+  constexpr int NTHR = BR * 2, LDS = D + 8, H2 = D / 2;
+  using Smem = FwdSmem<D, BR, BC, 2>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sQ = reinterpret_cast<T *>(smem);
+  T *sKV0 = sQ + BR * LDS; /* buffer i: K at sKV0 + i * 2 * BC * LDS, V right after it */
+  double *s_omega = reinterpret_cast<double *>(smem + Smem::tiles);
+  float *s_delta = reinterpret_cast<float *>(s_omega + H2);
+  float *s_beta = s_delta + H2;
+  float *s_kvalid0 = s_beta + H2; /* buffer i: s_kvalid0 + i * BC */
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  FwdCta c;
+  RotParams rp;
+  if (!fwd_setup<T, D, BR, true>(a, c, sQ, rp, s_omega, s_delta, s_beta, tid, NTHR)) return;
+  const bool vec = a.vec != 0;
+  const T *kg = (const T *)a.k_rot + (c.b * a.H + c.hq) * a.Lk * D; /* per query head, contiguous */
+  const T *vg = (const T *)a.v + c.b * a.v_sb + c.hk * a.v_sh;
+  const int64_t r0 = c.qs.lo + warp * 16 + (lane >> 2);
+  const float sl2 = (float)a.scale * kLog2e;
+  const int64_t ntile = (c.k_end - c.k_lo + BC - 1) / BC;
+  auto issue = [&](int64_t it) {
+    const int buf = (int)(it & 1);
+    const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
+    T *sK = sKV0 + buf * 2 * BC * LDS;
+    stage_async<T, BC, D>(sK, kg + n0 * D, D, nv, true, tid, NTHR);
+    stage_async<T, BC, D>(sK + BC * LDS, vg + n0 * a.v_sl, a.v_sl, nv, vec, tid, NTHR);
+    stage_key_valid(a, c.b, n0, nv, BC, s_kvalid0 + buf * BC, tid, NTHR);
+    cp_async_commit();
+  };
+  FwdRows<D> st;
+  st.init();
+  if (ntile > 0) issue(0);
+  for (int64_t it = 0; it < ntile; it++) {
+    /* buffer (it+1)&1 was last read in iteration it-1, which ended with a barrier */
+    if (it + 1 < ntile) {
+      issue(it + 1);
+      cp_async_wait<1>(); /* tile it has landed (this thread's part) */
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads(); /* tile it (and sQ) visible to every warp */
+    const int buf = (int)(it & 1);
+    const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
+    const T *sK = sKV0 + buf * 2 * BC * LDS;
+    fwd_tile<T, D, BC>(st, a, sQ + warp * 16 * LDS, sK, sK + BC * LDS, s_kvalid0 + buf * BC, n0, nv, c.qs.lo, c.qoff,
+                       r0, sl2, lane);
+    __syncthreads(); /* every warp is done with buffer it&1 before iteration it+1 refills it */
   }
   fwd_finalize<T, D>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
@@ -259,7 +321,13 @@ static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
   const dim3 grid(num_tiles(a, BR, a.Lq), (unsigned)a.H, (unsigned)a.B);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return NULL;
   const char *variant = getenv("CF_ATTN_FWD_VARIANT");
-  if (variant && !strcmp(variant, "ws")) {
+  if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
+    if (const char *err = launch_prerotate<T, D>(a, st)) return err;
+    const size_t smem = FwdSmem<D, BR, BC, 2>::bytes;
+    auto kern = attn_fwd_pre_kernel<T, D, BR, BC>;
+    if (const char *err = allow_smem(kern, smem)) return err;
+    kern<<<grid, BR * 2, smem, st>>>(a);
+  } else if (variant && !strcmp(variant, "ws")) {
     const size_t smem = FwdSmem<D, BR, BC, 2>::bytes;
     auto kern = attn_fwd_ws_kernel<T, D, BR, BC>;
     if (const char *err = allow_smem(kern, smem)) return err;

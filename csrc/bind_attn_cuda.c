@@ -1,8 +1,11 @@
 /* Python bindings of the fused CMHA attention CUDA kernels (contract: CMHA_CONTRACT.md):
  *   _C.attn_fwd_cuda(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse,
- *                    causal, scale, q_offset, layout, stream)
+ *                    causal, scale, q_offset, layout, stream[, q_ws, k_ws])
  *   _C.attn_bwd_cuda(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse,
- *                    dq_rot, dk_rot, dv_full, causal, scale, q_offset, layout, stream)
+ *                    dq_rot, dk_rot, dv_full, causal, scale, q_offset, layout, stream[, q_ws, k_ws])
+ * q_ws (B, H, Lq, d), k_ws (B, H, Lk, d), dtype of q, contiguous: both given = variant "prerot" (the
+ * kernels first write the rotated q~, k~ there, then run without per-tile rotation); both None or
+ * absent = the fused-rotation kernels.
  *   _C.attn_cuda_supported(dtype_name, d, dv) -> bool
  * Every argument is validated here (the launchers trust the CfAttnArgs they get); errors name it. */
 #define PY_SSIZE_T_CLEAN
@@ -14,7 +17,7 @@
 
 #ifdef CF_WITH_CUDA
 typedef struct {
-  CfTensor q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse, dout, dq, dk, dv;
+  CfTensor q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse, dout, dq, dk, dv, qws, kws;
 } AttnTensors;
 
 static int require_cuda(const CfTensor *t, const char *name, const CfTensor *q) {
@@ -183,17 +186,48 @@ static int check_f32_out(const CfTensor *t, const char *name, const CfTensor *q,
              : 0;
 }
 
+/* The optional pre-rotation workspaces (variant "prerot"): both None, or both given with the shapes
+ * (B, H, Lq, d) and (B, H, Lk, d), q's dtype, contiguous and 16-byte aligned. */
+static int parse_workspaces(const char *op, PyObject *qo, PyObject *ko, AttnTensors *t, CfAttnArgs *a) {
+  if ((qo == Py_None) != (ko == Py_None)) {
+    PyErr_Format(PyExc_ValueError, "%s: q_ws and k_ws must both be given or both be None", op);
+    return -1;
+  }
+  if (qo == Py_None) return 0;
+  if (cf_tensor_arg(qo, "q_ws", &t->qws) || cf_tensor_arg(ko, "k_ws", &t->kws)) return -1;
+  const int64_t qs[4] = {a->B, a->H, a->Lq, a->d}, ks[4] = {a->B, a->H, a->Lk, a->d};
+  const CfTensor *w[2] = {&t->qws, &t->kws};
+  const char *names[2] = {"q_ws", "k_ws"};
+  for (int i = 0; i < 2; i++) {
+    if (require_cuda(w[i], names[i], &t->q) || check_shape(w[i], names[i], 4, i ? ks : qs) ||
+        cf_check_contiguous(w[i], names[i]))
+      return -1;
+    if (w[i]->dtype != t->q.dtype) {
+      PyErr_Format(PyExc_TypeError, "%s: dtype %s, expected q's dtype %s", names[i], cf_dtype_name(w[i]->dtype),
+                   cf_dtype_name(t->q.dtype));
+      return -1;
+    }
+    if ((uintptr_t)w[i]->data % 16) {
+      PyErr_Format(PyExc_ValueError, "%s: data must be 16-byte aligned", names[i]);
+      return -1;
+    }
+  }
+  a->q_rot = t->qws.data, a->k_rot = t->kws.data;
+  return 0;
+}
+
 #endif /* CF_WITH_CUDA */
 
 static PyObject *attn_fwd_cuda(PyObject *self, PyObject *args) {
   (void)self;
-  PyObject *o[12];
+  PyObject *o[12], *qws = Py_None, *kws = Py_None;
   int causal, layout;
   double scale;
   long long q_offset;
   unsigned long long stream;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOidLiK:attn_fwd_cuda", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
-                        &o[7], &o[8], &o[9], &o[10], &o[11], &causal, &scale, &q_offset, &layout, &stream))
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOidLiK|OO:attn_fwd_cuda", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                        &o[7], &o[8], &o[9], &o[10], &o[11], &causal, &scale, &q_offset, &layout, &stream, &qws,
+                        &kws))
     return NULL;
 #ifndef CF_WITH_CUDA
   return cf_no_cuda("attn_fwd_cuda");
@@ -206,6 +240,7 @@ static PyObject *attn_fwd_cuda(PyObject *self, PyObject *args) {
     return NULL;
   const int64_t lshape[3] = {a.B, a.H, a.Lq};
   if (check_f32_out(&t.lse, "lse", &t.q, 3, lshape)) return NULL;
+  if (parse_workspaces("attn_fwd_cuda", qws, kws, &t, &a)) return NULL;
   a.out = t.out.data;
   a.lse = (float *)t.lse.data;
   const char *err;
@@ -219,14 +254,14 @@ static PyObject *attn_fwd_cuda(PyObject *self, PyObject *args) {
 
 static PyObject *attn_bwd_cuda(PyObject *self, PyObject *args) {
   (void)self;
-  PyObject *o[16];
+  PyObject *o[16], *qws = Py_None, *kws = Py_None;
   int causal, layout;
   double scale;
   long long q_offset;
   unsigned long long stream;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOidLiK:attn_bwd_cuda", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOidLiK|OO:attn_bwd_cuda", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
                         &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &causal, &scale,
-                        &q_offset, &layout, &stream))
+                        &q_offset, &layout, &stream, &qws, &kws))
     return NULL;
 #ifndef CF_WITH_CUDA
   return cf_no_cuda("attn_bwd_cuda");
@@ -251,6 +286,7 @@ static PyObject *attn_bwd_cuda(PyObject *self, PyObject *args) {
   a.lse = (float *)t.lse.data;
   a.dq_rot = (float *)t.dq.data, a.dk_rot = (float *)t.dk.data, a.dv_full = (float *)t.dv.data;
   a.vec = a.vec && aligned16(&t.dout);
+  if (parse_workspaces("attn_bwd_cuda", qws, kws, &t, &a)) return NULL;
   const char *err;
   Py_BEGIN_ALLOW_THREADS
   err = cf_attn_bwd_cuda(&a, t.q.device_id, (void *)(uintptr_t)stream);
@@ -276,7 +312,8 @@ static PyObject *attn_cuda_supported(PyObject *self, PyObject *args) {
 
 PyMethodDef cf_attn_cuda_methods[] = {
     {"attn_fwd_cuda", attn_fwd_cuda, METH_VARARGS,
-     "Fused CMHA attention forward (CUDA, float16/bfloat16, d = dv in {64, 128}): writes out and lse."},
+     "Fused CMHA attention forward (CUDA, float16/bfloat16, d = dv in {64, 128}): writes out and lse; "
+     "optional q_ws, k_ws select the pre-rotated variant."},
     {"attn_bwd_cuda", attn_bwd_cuda, METH_VARARGS,
      "Fused CMHA attention backward (CUDA): writes dq_rot, dk_rot, dv_full (float32, per query head)."},
     {"attn_cuda_supported", attn_cuda_supported, METH_VARARGS,

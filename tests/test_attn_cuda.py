@@ -8,6 +8,11 @@ checks that every element was written, and compares against float64 references:
 Low precision follows the FlashAttention rule: max error <= 2 x the max error of the same math done
 by PyTorch in that dtype (rotation in float32, then attention math in float16/bfloat16) + a small floor.
 Case ids name the feature (L, d, heads, causal, layout, dtype, masks, ...) so one log pinpoints a failure.
+
+Every forward / backward case runs each kernel variant (VARIANTS): "fused" (q/k tiles rotated on load)
+and "prerot" (q_ws / k_ws workspaces passed: a pre-pass writes q~, k~ and the kernels copy tiles with
+cp.async). The kernel-level "prerot" runs GQA too (k~ per query head), although the glue only picks it
+for the forward when H == Hkv.
 """
 import math
 import zlib
@@ -24,6 +29,7 @@ from complexformer.reference import cmha_attention_pairwise, default_freqs, defa
 pytestmark = pytest.mark.cuda
 
 LAYOUT = {"half": 0, "interleaved": 1}
+VARIANTS = ("fused", "prerot")
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,20 @@ def make_inputs(c, device="cuda"):
                 k_pos=k_pos.contiguous(), kpm=kpm, cu=cu, q_offset=q_offset, scale=scale, B=B)
 
 
-def run_fwd(c, x):
+def workspaces(x, variant):
+    """The trailing (q_ws, k_ws) arguments of a variant: none for "fused"; NaN-poisoned (B, H, L, d)
+    buffers for "prerot" (a row the pre-pass forgets to write poisons the result)."""
+    if variant == "fused":
+        return ()
+    assert variant == "prerot", variant
+    q, k = x["q"], x["k"]
+    B, H, Lq, d = q.shape
+    nan = float("nan")
+    return (_ext.dl(torch.full((B, H, Lq, d), nan, dtype=q.dtype, device=q.device)),
+            _ext.dl(torch.full((B, H, k.shape[2], d), nan, dtype=q.dtype, device=q.device)))
+
+
+def run_fwd(c, x, variant="fused"):
     q = x["q"]
     B, H, Lq = q.shape[:3]
     out = torch.full((B, H, Lq, c.d), float("nan"), dtype=q.dtype, device=q.device)
@@ -158,12 +177,12 @@ def run_fwd(c, x):
     _C.attn_fwd_cuda(_ext.dl(q), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]), _ext.dl(x["beta"]),
                      _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
                      _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(lse), int(c.causal), float(x["scale"]),
-                     int(x["q_offset"]), LAYOUT[c.layout], _ext.stream(q))
+                     int(x["q_offset"]), LAYOUT[c.layout], _ext.stream(q), *workspaces(x, variant))
     torch.cuda.synchronize()
     return out, lse
 
 
-def run_bwd(c, x, out, lse, dout):
+def run_bwd(c, x, out, lse, dout, variant="fused"):
     q = x["q"]
     B, H, Lq = q.shape[:3]
     Lk = x["k"].shape[2]
@@ -175,7 +194,7 @@ def run_bwd(c, x, out, lse, dout):
                      _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
                      _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), _ext.dl(dq), _ext.dl(dk),
                      _ext.dl(dv), int(c.causal), float(x["scale"]), int(x["q_offset"]), LAYOUT[c.layout],
-                     _ext.stream(q))
+                     _ext.stream(q), *workspaces(x, variant))
     torch.cuda.synchronize()
     return dq, dk, dv
 
@@ -203,9 +222,9 @@ def check_fa(name, got, ref, pt, rel_floor=2e-3):
         f"{name}: max abs err {err:.3e} > 2 x torch-{pt.dtype} err {pt_err:.3e} + floor {floor:.1e}")
 
 
-def check_forward(c):
+def check_forward(c, variant="fused"):
     x = make_inputs(c)
-    out, lse = run_fwd(c, x)
+    out, lse = run_fwd(c, x, variant)
     assert not torch.isnan(out).any(), "out: NaN left (unwritten elements or NaN produced)"
     assert not torch.isnan(lse).any(), "lse: NaN left (unwritten elements or NaN produced)"
     ref, ref_lse = cmha_attention_pairwise(
@@ -225,11 +244,11 @@ def check_forward(c):
     return x, out, lse
 
 
-def check_backward(c):
-    x, out, lse = check_forward(c)
+def check_backward(c, variant="fused"):
+    x, out, lse = check_forward(c, variant)
     g = torch.Generator(device="cpu").manual_seed(1 + zlib.crc32(c.id().encode()))
     dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    dq, dk, dv = run_bwd(c, x, out, lse, dout)
+    dq, dk, dv = run_bwd(c, x, out, lse, dout, variant)
     for name, t in (("dq_rot", dq), ("dk_rot", dk), ("dv_full", dv)):
         assert not torch.isnan(t).any(), f"{name}: NaN left (unwritten elements or NaN produced)"
     vis = vis_mask(c, x)
@@ -301,14 +320,36 @@ def _params(cases):
     return [pytest.param(c, id=c.id(), marks=[pytest.mark.slow] if max(c.lq, c.lk) >= 300 else []) for c in cases]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("c", _params(FWD_SWEEP + FEATURES))
-def test_forward(c):
-    check_forward(c)
+def test_forward(c, variant):
+    check_forward(c, variant)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("c", _params(BWD_CASES))
-def test_backward(c):
-    check_backward(c)
+def test_backward(c, variant):
+    check_backward(c, variant)
+
+
+@pytest.mark.parametrize("c", _params([Case(L=300, d=64), Case(L=129, d=128, H=8, Hkv=1, kpm=True),
+                                       Case(d=128, cu=(1, 70, 0, 129, 200), layout="interleaved"),
+                                       Case(Lq=129, Lk=64, d=64, dtype="float16")]))
+def test_variants_agree(c):
+    """"prerot" rotates with the same rot_fast as the fused tile loaders, so its q~/k~ tiles equal
+    the fused ones bit for bit up to FMA contraction: outputs and gradients agree to ~1 ulp of the
+    output dtype (a much tighter check than the float64 comparisons above)."""
+    x = make_inputs(c)
+    res = {}
+    for variant in VARIANTS:
+        out, lse = run_fwd(c, x, variant)
+        g = torch.Generator(device="cpu").manual_seed(7)
+        dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+        res[variant] = (out, lse) + run_bwd(c, x, out, lse, dout, variant)
+    for name, a, b in zip(("out", "lse", "dq_rot", "dk_rot", "dv_full"), res["fused"], res["prerot"]):
+        tol = 1e-2 * max(1.0, b.abs().max().item())
+        err = (a.double() - b.double()).nan_to_num(0.0).abs().max().item() if a.numel() else 0.0
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and err <= tol, f"{name}: fused vs prerot differ by {err:.3e}"
 
 
 @st.composite
@@ -323,46 +364,49 @@ def _cases(draw):
                 per_head_freqs=draw(st.booleans()), strided=draw(st.booleans()))
 
 
-@given(c=_cases())
-def test_property_forward_backward(c):
+@given(c=_cases(), variant=st.sampled_from(VARIANTS))
+def test_property_forward_backward(c, variant):
     """Random shapes, odd sizes, GQA ratios, dtypes, layouts, masks, offsets: forward and backward."""
-    note(c.id())
-    check_backward(c)
+    note(f"{c.id()} variant={variant}")
+    check_backward(c, variant)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("c", [Case(L=300, d=128, kpm=True), Case(d=64, cu=(1, 70, 0, 129, 200))],
                          ids=lambda c: c.id())
 @pytest.mark.slow
-def test_deterministic(c):
+def test_deterministic(c, variant):
     """Same inputs, same bits: no atomics, no order-dependent reductions."""
     x = make_inputs(c)
-    out1, lse1 = run_fwd(c, x)
-    out2, lse2 = run_fwd(c, x)
+    out1, lse1 = run_fwd(c, x, variant)
+    out2, lse2 = run_fwd(c, x, variant)
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2), "forward not bitwise reproducible"
     dout = torch.randn_like(out1)
-    g1 = run_bwd(c, x, out1, lse1, dout)
-    g2 = run_bwd(c, x, out1, lse1, dout)
+    g1 = run_bwd(c, x, out1, lse1, dout, variant)
+    g2 = run_bwd(c, x, out1, lse1, dout, variant)
     for name, a, b in zip(("dq_rot", "dk_rot", "dv_full"), g1, g2):
         assert torch.equal(a, b), f"{name}: backward not bitwise reproducible"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("Lq,Lk", [(5, 0), (0, 7)], ids=["Lk0", "Lq0"])
-def test_empty_lengths(Lq, Lk):
+def test_empty_lengths(Lq, Lk, variant):
     c = Case(Lq=Lq, Lk=Lk, d=64, causal=False)
     x = make_inputs(c)
-    out, lse = run_fwd(c, x)
+    out, lse = run_fwd(c, x, variant)
     assert (out == 0).all() and torch.isneginf(lse).all()
-    dq, dk, dv = run_bwd(c, x, out, lse, torch.randn_like(out))
+    dq, dk, dv = run_bwd(c, x, out, lse, torch.randn_like(out), variant)
     assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
 
 
 @pytest.mark.slow
-def test_long_sequence_many_heads():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_long_sequence_many_heads(variant):
     """L = 2048, 16 heads (GQA 4:1), d = 128: many tiles per head, skipped causal tiles, against a
     float64 attention on the rotated inputs (the pairwise reference would need ~100 GB here)."""
     c = Case(L=2048, d=128, H=16, Hkv=4, B=1)
     x = make_inputs(c)
-    out, lse = run_fwd(c, x)
+    out, lse = run_fwd(c, x, variant)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     qr, kr, vf = rotated_inputs(c, x, torch.float32)
     ref, _ = attn_math(qr.double(), kr.double(), vf.double(), vis_mask(c, x), x["scale"])
@@ -416,3 +460,57 @@ def test_forward_variant_ws_subprocess():
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"variant ws timed out (hang?); output so far: {e.stdout!r}")
     assert r.returncode == 0, f"variant ws failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+
+
+def test_workspace_errors_are_clear():
+    """q_ws / k_ws: both or none, right shape, q's dtype, contiguous."""
+    c = Case(L=17, d=64)
+    x = make_inputs(c)
+    B, H, L, d = x["q"].shape
+    ws = lambda shape, dt=x["q"].dtype: _ext.dl(torch.empty(*shape, dtype=dt, device="cuda"))  # noqa: E731
+    base = lambda: (_ext.dl(x["q"]), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]),  # noqa: E731
+                    _ext.dl(x["beta"]), _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), None, None,
+                    _ext.dl(torch.empty(B, H, L, d, dtype=x["q"].dtype, device="cuda")),
+                    _ext.dl(torch.empty(B, H, L, device="cuda")), 1, 0.125, 0, 0, _ext.stream(x["q"]))
+    with pytest.raises(ValueError, match="both"):
+        _C.attn_fwd_cuda(*base(), ws((B, H, L, d)), None)
+    with pytest.raises(ValueError, match="k_ws"):
+        _C.attn_fwd_cuda(*base(), ws((B, H, L, d)), ws((B, c.Hkv, L, d)))
+    with pytest.raises(TypeError, match="q_ws"):
+        _C.attn_fwd_cuda(*base(), ws((B, H, L, d), torch.float16), ws((B, H, L, d)))
+
+
+# ---- end to end: cmha_attention(backend="fused") with each variant selected by the env vars ----
+@pytest.mark.parametrize("fwd,bwd", [("prerot", "prerot"), ("fused", "prerot"), ("prerot", "fused")])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", ["causal", "noncausal", "decode", "lq_gt_lk", "kpm", "cu_seqlens", "mqa", "mha",
+                                  "interleaved", "per_head_freqs", "positions"])
+def test_glue_variants_end_to_end(monkeypatch, fwd, bwd, d, case):
+    """The glue's variant switch (CF_ATTN_FWD_VARIANT / CF_ATTN_BWD_VARIANT): the whole public path,
+    rotation backward included, by the FlashAttention rule against the float64 pairwise reference
+    (test_attention_cuda's check, rerun under each setting). GQA cases ("causal", "mqa", ...) check
+    that the forward falls back to "fused" while the backward takes "prerot"."""
+    import test_attention_cuda as e2e
+
+    monkeypatch.setenv("CF_ATTN_FWD_VARIANT", fwd)
+    monkeypatch.setenv("CF_ATTN_BWD_VARIANT", bwd)
+    e2e.test_cuda_forward_backward_fa_rule("fused", d, case)
+
+
+def test_glue_variant_switch():
+    """Unknown variant names are rejected with the env var's name; the defaults are documented values."""
+    import os
+
+    from complexformer import attention as A
+
+    assert A._CUDA_FWD_VARIANT in A._CUDA_VARIANTS["FWD"] and A._CUDA_BWD_VARIANT in A._CUDA_VARIANTS["BWD"]
+    old = os.environ.get("CF_ATTN_BWD_VARIANT")
+    os.environ["CF_ATTN_BWD_VARIANT"] = "nope"
+    try:
+        with pytest.raises(ValueError, match="CF_ATTN_BWD_VARIANT"):
+            A._cuda_variant("BWD")
+    finally:
+        if old is None:
+            del os.environ["CF_ATTN_BWD_VARIANT"]
+        else:
+            os.environ["CF_ATTN_BWD_VARIANT"] = old
