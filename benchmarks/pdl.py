@@ -11,7 +11,8 @@ What it measures, per (N, V), on the same inputs in the same run:
     buffer of the logits' dtype
   * CUDA: achieved HBM bandwidth of pdl's forward + backward against the roofline traffic
     (read the logits once + write the gradient once), in GB/s and as a fraction of a measured
-    device-to-device copy of the same size.
+    device-to-device copy of the same size; and the same for each fused-kernel variant
+    (CF_PDL_CUDA_VARIANT: cached = default, legacy, cached2), synced per call and back to back.
   * token_counts vs torch.bincount throughput on N * 256 random ids per vocabulary size.
 
 Usage:
@@ -33,6 +34,7 @@ from _util import fmt_bytes, markdown_table, peak_bytes, time_ms  # noqa: E402
 
 import complexformer as cf  # noqa: E402
 
+CUDA_VARIANTS = ["cached", "legacy", "cached2"]  # complexformer/pdl.py _CUDA_VARIANTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ISSUE_SIZES = [(4096, 32000), (4096, 128256), (16384, 32000), (16384, 128256)]
 
@@ -68,6 +70,36 @@ def pdl_fn(z, y, w):
     return cf.pdl_loss(z, y, w)
 
 
+def pdl_variant_fn(variant):
+    """pdl_loss with the given fused CUDA kernel variant (CF_PDL_CUDA_VARIANT, read per call)."""
+    def fn(z, y, w):
+        old = os.environ.get("CF_PDL_CUDA_VARIANT")
+        os.environ["CF_PDL_CUDA_VARIANT"] = variant
+        try:
+            return cf.pdl_loss(z, y, w)
+        finally:
+            if old is None:
+                del os.environ["CF_PDL_CUDA_VARIANT"]
+            else:
+                os.environ["CF_PDL_CUDA_VARIANT"] = old
+    return fn
+
+
+def stream_ms(fn, reps, warmup):
+    """CUDA: milliseconds per call of `reps` calls issued back to back between two events, one sync
+    at the end: the device's throughput once the host enqueues ahead (time_ms syncs after every
+    call, so it also counts the host's dispatch gaps, which dominate small sizes)."""
+    for _ in range(warmup):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 def eager_fn(z, y, w):
     return F.cross_entropy(z, y, weight=w.to(z.dtype))
 
@@ -82,7 +114,7 @@ def copy_bandwidth(nbytes, device, warmup, reps):
 def bench_loss(args, dtype, device):
     sizes = parse_sizes(args.sizes) if args.sizes else ISSUE_SIZES
     compiled_ce = None if args.no_compile else torch.compile(eager_fn)
-    rows = []
+    rows, vrows = [], []
     for N, V in sizes:
         if device.type == "cpu" and N * V > args.max_elems and not args.allow_large:
             print(f"skip N={N} V={V}: {N * V} logits > --max-elems {args.max_elems} on the CPU (use --allow-large)")
@@ -116,8 +148,18 @@ def bench_loss(args, dtype, device):
         row += [mem(m_pdl), mem(res["eager"][1]) if res.get("eager") else "-"]
         if device.type == "cuda":
             roof = 2 * buf  # read the logits once + write the gradient once
+            copy_bw = copy_bandwidth(buf, device, args.warmup, args.reps)
             bw = roof / t_pdl
-            row += [f"{bw / 1e9:.0f}", f"{bw / copy_bandwidth(buf, device, args.warmup, args.reps):.2f}"]
+            row += [f"{bw / 1e9:.0f}", f"{bw / copy_bw:.2f}"]
+            # the fused kernel's variants on the same inputs: synced per call and back to back
+            for v in CUDA_VARIANTS:
+                fn = fwd_bwd(pdl_variant_fn(v), z, y, w)
+                t = time_ms(fn, device=device, reps=args.reps, warmup=args.warmup) / 1e3
+                tb = stream_ms(fn, max(args.reps, 10), args.warmup) / 1e3
+                vrows.append([N, V, v, f"{t * 1e3:.3f}", f"{roof / t / copy_bw:.2f}", f"{tb * 1e3:.3f}",
+                              f"{roof / tb / copy_bw:.2f}", f"{copy_bw / 1e9:.0f}"])
+                print(f"  N={N} V={V} variant {v:8s} {t * 1e3:9.3f} ms synced, {tb * 1e3:9.3f} ms back to back",
+                      flush=True)
         rows.append(row)
         del z, y, w, fns
         if device.type == "cuda":
@@ -130,6 +172,16 @@ def bench_loss(args, dtype, device):
           f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
           "ratios > 1: pdl faster; mem/buf: peak extra memory in N x V buffers of the logits' dtype")
     print(markdown_table(headers, rows))
+    if vrows:
+        print()
+        print("pdl_loss fused CUDA kernel variants (CF_PDL_CUDA_VARIANT), forward+backward on the same inputs: "
+              "cached = the default (row kept in shared memory between the kernel's two sweeps), legacy = row "
+              "re-read from global memory, cached2 = cached with two blocks per SM for rows over 96 KB; "
+              "synced = one sync per call (as above, includes host dispatch gaps), b2b = calls back to back, "
+              "one sync (the device's throughput); fractions of the measured copy bandwidth, roofline traffic "
+              "= read the logits once + write the gradient once")
+        print(markdown_table(["N", "V", "variant", "synced ms", "synced of copy BW", "b2b ms", "b2b of copy BW",
+                              "copy GB/s"], vrows))
 
 
 def bench_counts(args, device):

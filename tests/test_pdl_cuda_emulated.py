@@ -2,7 +2,9 @@
 (tests/cuda_emu/emu_threads.h: one host thread per CUDA thread, real block barriers and warp
 shuffles) and compared with the CPU kernel (pdl_cpu.c) by tests/cuda_emu/pdl_driver.cpp, so
 indexing, the online-softmax reductions, the alignment / scalar paths, dtype conversions, the
-denominator modes, NaN rows for bad targets, the scale kernel and token_counts are checked on
+denominator modes, NaN rows for bad targets, both fused-kernel variants (the shared-memory row
+cache whole, partial and absent: emu_threads.h reports a device with little shared memory), the
+scale kernel and token_counts are checked on
 machines without a GPU. Speed and real concurrency are test_pdl_cuda.py's job.
 Needs g++ and the CUDA headers (cuda_fp16.h); skipped otherwise."""
 import os
@@ -32,9 +34,9 @@ def cuda_include_dir():
 def emulated_source(src):
     launch = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
     src, n = launch.subn(lambda m: f"emu_launch({m.group(2)}, [&]() {{ {m.group(1)}({m.group(3)}); }});", src)
-    assert n >= 6, "expected the prologue, loss (2), scale (2) and token_counts launches in pdl_cuda.cu"
-    src, n = re.subn(r"extern __shared__ unsigned int (\w+)\[\];", r"unsigned int *\1 = (unsigned int *)emu_dyn_smem;", src)
-    assert n == 1
+    assert n >= 7, "expected the prologue, loss (legacy 2, cached 1), scale (2) and token_counts launches"
+    src, n = re.subn(r"extern __shared__ (\w+(?: \w+)?) (\w+)\[\];", r"\1 *\2 = (\1 *)emu_dyn_smem;", src)
+    assert n == 2, "expected token_counts' histogram and the cached loss kernel's row cache"
     src = src.replace("__shared__", "static")  # one block at a time: block-shared arrays
     return '#include "emu_threads.h"\n' + src
 

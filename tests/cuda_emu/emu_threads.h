@@ -122,4 +122,14 @@ template <typename F> void emu_launch(dim3 g, dim3 b, size_t smem, cudaStream_t,
 #define cudaGetDevice(p) (*(p) = 0, cudaSuccess)
 #define cudaSetDevice(d) cudaSuccess
 #define cudaMemsetAsync(p, v, n, s) (memset((p), (v), (n)), cudaSuccess)
-#define cudaDeviceGetAttribute(p, attr, dev) (*(p) = 2, cudaSuccess) /* 2 "SMs": few blocks */
+/* A small device: 2 SMs (few blocks) and 6 KB of shared memory per block, so the cached PDL kernel
+ * keeps short rows whole (V = 1031 at 2 bytes), long rows in part (1031 x 4 bytes, 8197) and
+ * re-reads the rest. */
+static inline int emu_attr(cudaDeviceAttr a) {
+  switch (a) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: return 6 * 1024;
+    default: return 2;
+  }
+}
+#define cudaDeviceGetAttribute(p, attr, dev) (*(p) = emu_attr(attr), cudaSuccess)
+#define cudaFuncSetAttribute(...) cudaSuccess
