@@ -95,6 +95,7 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
       for (int64_t k = 0; k < V && !no_grad; k++) nan_ok = nan_ok && std::isnan(back(grad_d[r * V + k]));
       continue;
     }
+    if (V == 1 && (loss_d[r] != 0.f || (!no_grad && back(grad_d[r]) != 0.f))) nan_ok = false;  // exactly 0, as torch
     lerr = std::fmax(lerr, std::fabs((double)loss_d[r] - loss_c[r]));
     lscale = std::fmax(lscale, std::fabs(loss_c[r]));
     for (int64_t k = 0; k < V; k++) {
