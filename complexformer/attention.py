@@ -443,18 +443,16 @@ def _attention_fused(q, k, v, delta, beta, freqs, p):
 # --------------------------------------------------------------------------------------------
 # "auto": THE place to adjust backend choice.
 # --------------------------------------------------------------------------------------------
-# CPU: sdpa. Measured (benchmarks/cmha_backends.py, 1 thread, float32, B=1, H=8, d=64, causal,
-#   fwd+bwd, ms fused / sdpa): L=128 80 / 39, L=512 602 / 195, L=1024 1228 / 268, L=2048 4749 / 948;
-#   fwd only L=1024 223 / 78; GQA Hkv=1 L=1024 1253 / 317; key padding mask L=1024 1577 / 519;
-#   cu_seqlens (4 seqs, T=1024) 794 / 502; float64 L=128 26 / 34, L=1024 1000 / 612. torch's CPU
-#   flash SDPA wins everywhere but tiny float64 cases, so the fused CPU kernel is opt-in
-#   (backend="fused": it never materialises expanded K/V or a dense mask, lowest memory).
-#   Set _AUTO_FUSED_ON_CPU = True if a faster CPU kernel lands.
+# CPU: fused. Measured 2026-11-26 on the 2-core dev machine (benchmarks/cmha_backends.py, 2 threads,
+#   float32, B=1, H=8, d=64, causal, fwd+bwd, ms fused / sdpa): L=128 64 / 96, L=512 80 / 108,
+#   L=2048 256 / 340 (the kernels alone, 1 thread, L=2048: 175 / 291 ms); decode (no grad, Lq=1,
+#   Lk=4096, H=32, Hkv=8, d=128) 48 / 128, Lq=64 84 / 206. An earlier, slower CPU kernel lost
+#   (L=2048 4749 / 948): rerun that script before changing this.
 # CUDA: sdpa by default (torch's flash kernel), until the GPU measurements say the fused kernel wins
 #   (then set _AUTO_FUSED_ON_CUDA = True, or narrow by shape in _auto_backend). With a key padding
 #   mask or cu_seqlens the fused kernel is taken whenever it serves the case: SDPA would then need
 #   a dense (B, 1, Lq, Lk) boolean mask and lose its flash path.
-_AUTO_FUSED_ON_CPU = False
+_AUTO_FUSED_ON_CPU = True
 _AUTO_FUSED_ON_CUDA = False
 
 
