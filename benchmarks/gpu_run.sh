@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 step build
 export COMPLEXFORMER_CUDA_ARCHS=${COMPLEXFORMER_CUDA_ARCHS:-90} MAX_JOBS=16 COMPLEXFORMER_WERROR=1
-timeout 400 python3 -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
+timeout ${BUILD_TIMEOUT:-400} python3 -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
 rc=$?; grep -E "complexformer:|error|warning" "$OUT/build.log" | grep -v "^ *gcc" | tail -15
 [ $rc -eq 0 ] || { echo "BUILD FAILED rc=$rc"; tail -60 "$OUT/build.log"; exit 1; }
 
@@ -26,32 +26,33 @@ cd /tmp  # import the installed package, not the source tree
 # scripts that put the repo root on sys.path (benchmarks) must find the extension there too
 cp "$(python3 -c 'import complexformer._C as c; print(c.__file__)')" "$REPO/complexformer/"
 step info
-timeout 120 python3 -m complexformer.info 2>&1 | tee "$OUT/info.txt"
+timeout ${INFO_TIMEOUT:-120} python3 -m complexformer.info 2>&1 | tee "$OUT/info.txt"
 
 if [ "$MODE" != "bench" ]; then
-step cuda tests
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$REPO/tests" -m cuda -q -rfE --tb=short -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt" | tail -40
-
-fi
-if [ "$MODE" = "sanitize" ] || { [ "$MODE" = "full" ] && [ -z "${NO_SAN:-}" ]; }; then
-  step memcheck
-  # Without the caching allocator every tensor is its own cudaMalloc, so overruns are caught.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python3 -m pytest "$REPO/tests/test_cuda_smoke.py" -q -p no:cacheprovider \
-    >"$OUT/memcheck.txt" 2>&1
-  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/memcheck.txt" | tail -8
-  step racecheck
-  timeout 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    python3 -m pytest "$REPO/tests/test_cuda_smoke.py" -q -p no:cacheprovider \
-    >"$OUT/racecheck.txt" 2>&1
-  echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|hazard|passed|failed" "$OUT/racecheck.txt" | tail -8
+  step cuda tests
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$REPO/tests" -m "cuda ${TEST_FILTER:-}" -q -rfE --tb=short \
+    -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt" | tail -40
 fi
 
 if [ "$MODE" = "bench" ] || [ "$MODE" = "full" ]; then
   step benchmarks
   cd "$REPO"
-  [ -f benchmarks/pdl.py ] && timeout 120 python3 benchmarks/pdl.py --device cuda 2>&1 | tee "$OUT/bench_pdl.txt" | tail -30
-  [ -f benchmarks/cmha_cuda_kernel.py ] && timeout 90 python3 benchmarks/cmha_cuda_kernel.py 2>&1 | tee "$OUT/bench_cmha_kernel.txt" | tail -20
-  [ -f benchmarks/cmha.py ] && timeout 120 python3 benchmarks/cmha.py --device cuda --out $OUT 2>&1 | tee "$OUT/bench_cmha.txt" | tail -30
+  timeout ${BENCH_PDL_TIMEOUT:-120} python3 benchmarks/pdl.py --device cuda 2>&1 | tee "$OUT/bench_pdl.txt" | tail -25
+  timeout ${BENCH_KERNEL_TIMEOUT:-90} python3 benchmarks/cmha_cuda_kernel.py 2>&1 | tee "$OUT/bench_cmha_kernel.txt" | tail -20
+  timeout ${BENCH_CMHA_TIMEOUT:-120} python3 benchmarks/cmha.py --device cuda --out "$OUT" ${CMHA_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_cmha.txt" | tail -25
+  cd /tmp
+fi
+
+if [ "$MODE" = "sanitize" ] || { [ "$MODE" = "full" ] && [ -z "${NO_SAN:-}" ]; }; then
+  step memcheck
+  # Without the caching allocator every tensor is its own cudaMalloc, so overruns are caught.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${MEMCHECK_TIMEOUT:-150} compute-sanitizer --tool memcheck \
+    --error-exitcode 9 python3 -m pytest "$REPO/tests/test_cuda_smoke.py" -q -p no:cacheprovider >"$OUT/memcheck.txt" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/memcheck.txt" | tail -8
+  step racecheck
+  timeout ${RACECHECK_TIMEOUT:-90} compute-sanitizer --tool racecheck --error-exitcode 9 \
+    python3 -m pytest "$REPO/tests/test_cuda_smoke.py" -q -p no:cacheprovider >"$OUT/racecheck.txt" 2>&1
+  echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|hazard|passed|failed" "$OUT/racecheck.txt" | tail -8
 fi
 step done
