@@ -30,8 +30,10 @@ timeout ${INFO_TIMEOUT:-120} python3 -m complexformer.info 2>&1 | tee "$OUT/info
 
 if [ "$MODE" != "bench" ]; then
   step cuda tests
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$REPO/tests" -m "cuda ${TEST_FILTER:-}" -q -rfE --tb=short \
-    -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt" | tail -40
+  # -v into the log: if the step limit cuts the run, the log still says which tests passed
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$REPO/tests" -m "cuda ${TEST_FILTER:-}" -v -rfE --tb=short \
+    -p no:cacheprovider >"$OUT/cuda_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/cuda_tests.txt" | tail -40
 fi
 
 if [ "$MODE" = "bench" ] || [ "$MODE" = "full" ]; then
