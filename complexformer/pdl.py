@@ -56,12 +56,14 @@ def _sync_checks():
 
 
 # The fused CUDA kernel's variant (csrc/pdl.h CF_PDL_CUDA_*), read at every call so a benchmark or
-# test can compare them in one process: "cached" (default) keeps each row in shared memory between
-# the kernel's two sweeps; "legacy" re-reads it from global memory; "cached2" is "cached" with two
+# test can compare them in one process: "cached" keeps each row in shared memory between
+# the kernel's two sweeps; "legacy" re-reads it from global memory; "cached2" (default) is "cached" with two
 # blocks per SM for rows over 96 KB (half the cache each). The default is the one place to flip:
 # _CUDA_VARIANT_DEFAULT.
 _CUDA_VARIANTS = {"cached": 0, "legacy": 1, "cached2": 2}
-_CUDA_VARIANT_DEFAULT = "cached"
+# GPU run 2026-11-26 (H200, bf16, fwd+bwd, N=16384, V=128256): cached2 2.80 ms = 0.71 of copy
+# bandwidth, cached 3.15 ms = 0.63, legacy 3.71 ms = 0.53 (benchmarks/RESULTS.md).
+_CUDA_VARIANT_DEFAULT = "cached2"
 
 
 def _cuda_variant():

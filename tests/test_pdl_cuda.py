@@ -384,7 +384,10 @@ def test_row_offsets_past_2_31_elements():
     w = torch.rand(V, device=DEV) + 0.5
     a, ga = loss_and_grad(cf.pdl_loss, rows, y, w, reduction="none")
     b, gb = loss_and_grad(cf.pdl_loss, rows.clone(), y, w, reduction="none")
-    assert torch.equal(a, b) and torch.equal(ga, gb)
+    # not bitwise: the kernel's vector path depends on the row's alignment, which differs between
+    # the two buffers (a 32-bit offset overflow would give garbage, not a last-bit difference)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ga.float(), gb.float(), rtol=8e-3, atol=1e-7)
     ref = F.cross_entropy(rows.float(), y, weight=w, reduction="none")
     torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-4)
     del big, rows
