@@ -93,6 +93,9 @@ def _worker(rank, world, port, init_file, out_dir, what):
             _check_counts(rank, world)
         if "trainer" in what:
             _check_trainer(rank, world, out_dir)
+        # no rank tears the group down while the other still has collectives in flight (gloo then
+        # aborts the process with "terminate called without an active exception")
+        dist.barrier()
     except BaseException:
         # make the failing rank's traceback readable in the parent's report
         raise RuntimeError(f"rank {rank} failed:\n{traceback.format_exc()}") from None
