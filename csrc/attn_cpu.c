@@ -37,7 +37,7 @@
 #include <string.h>
 #include "attn.h"
 #include "fast_trig.h"
-#include "pdl_math.h" /* cf_exp_f32: the vectorisable float32 exp, shared with the PDL kernels */
+#include "fast_exp.h" /* cf_exp_f32: the vectorisable float32 exp, shared with the PDL kernels */
 #include "rotate_math.h"
 
 enum {
