@@ -18,19 +18,6 @@ static int check_input(const CfTensor *t, const char *name, int ndim, int dtype)
   return 0;
 }
 
-/* Contiguity is vacuous for an empty tensor (torch may hand out any strides for one). */
-static int check_contig(const CfTensor *t, const char *name) {
-  return t->numel == 0 ? 0 : cf_check_contiguous(t, name);
-}
-
-static int check_shape4(const CfTensor *t, const char *name, int64_t a, int64_t b, int64_t c,
-                        int64_t e) {
-  return cf_check_dim(t, name, 0, a) || cf_check_dim(t, name, 1, b) || cf_check_dim(t, name, 2, c) ||
-                 cf_check_dim(t, name, 3, e)
-             ? -1
-             : 0;
-}
-
 /* Parses and validates the arguments shared by forward and backward into *p. */
 static int parse_common(CfAttnParams *p, int *dtype, PyObject *oq, PyObject *ok, PyObject *ov,
                         PyObject *odelta, PyObject *obeta, PyObject *ofreqs, PyObject *oqpos,
@@ -67,17 +54,17 @@ static int parse_common(CfAttnParams *p, int *dtype, PyObject *oq, PyObject *ok,
     return -1;
   }
   if (cf_check_dim(&k, "k", 0, B) || cf_check_dim(&k, "k", 3, d) ||
-      check_shape4(&v, "v", B, Hkv, Lk, dv))
+      cf_check_shape(&v, "v", 4, (const int64_t[]){B, Hkv, Lk, dv}))
     return -1;
   const int64_t h = d / 2;
   const int pdt = dt;  /* parameter dtype follows q (the glue casts) */
   if (cf_tensor_arg(odelta, "delta", &delta) || check_input(&delta, "delta", 2, pdt) ||
       cf_check_dim(&delta, "delta", 0, H) || cf_check_dim(&delta, "delta", 1, h) ||
-      check_contig(&delta, "delta"))
+      cf_check_contiguous(&delta, "delta"))
     return -1;
   if (cf_tensor_arg(obeta, "beta", &beta) || check_input(&beta, "beta", 2, pdt) ||
       cf_check_dim(&beta, "beta", 0, H) || cf_check_dim(&beta, "beta", 1, h) ||
-      check_contig(&beta, "beta"))
+      cf_check_contiguous(&beta, "beta"))
     return -1;
   if (cf_tensor_arg(ofreqs, "freqs", &freqs) || check_input(&freqs, "freqs", freqs.ndim, pdt))
     return -1;
@@ -92,11 +79,11 @@ static int parse_common(CfAttnParams *p, int *dtype, PyObject *oq, PyObject *ok,
                  (long long)h, (long long)H, (long long)h, freqs.ndim);
     return -1;
   }
-  if (check_contig(&freqs, "freqs")) return -1;
+  if (cf_check_contiguous(&freqs, "freqs")) return -1;
   if (cf_tensor_arg(oqpos, "q_pos", &qpos) || check_input(&qpos, "q_pos", 2, CF_I64) ||
-      check_contig(&qpos, "q_pos") || cf_check_dim(&qpos, "q_pos", 1, Lq) ||
+      cf_check_contiguous(&qpos, "q_pos") || cf_check_dim(&qpos, "q_pos", 1, Lq) ||
       cf_tensor_arg(okpos, "k_pos", &kpos) || check_input(&kpos, "k_pos", 2, CF_I64) ||
-      check_contig(&kpos, "k_pos") || cf_check_dim(&kpos, "k_pos", 1, Lk))
+      cf_check_contiguous(&kpos, "k_pos") || cf_check_dim(&kpos, "k_pos", 1, Lk))
     return -1;
   const int64_t Bp = qpos.shape[0];
   if ((Bp != 1 && Bp != B) || kpos.shape[0] != Bp) {
@@ -118,7 +105,7 @@ static int parse_common(CfAttnParams *p, int *dtype, PyObject *oq, PyObject *ok,
   }
   if (cf_tensor_opt(ocu, "cu_seqlens", &cu)) return -1;
   if (ocu != Py_None) {
-    if (check_input(&cu, "cu_seqlens", 1, CF_I32) || check_contig(&cu, "cu_seqlens"))
+    if (check_input(&cu, "cu_seqlens", 1, CF_I32) || cf_check_contiguous(&cu, "cu_seqlens"))
       return -1;
     if (cu.shape[0] < 2) {
       PyErr_SetString(PyExc_ValueError, "cu_seqlens: needs at least 2 entries (S + 1, S >= 1)");
@@ -143,12 +130,12 @@ static int parse_common(CfAttnParams *p, int *dtype, PyObject *oq, PyObject *ok,
     p->nseq = S;
   }
   if (cf_tensor_arg(oout, "out", &out) || check_input(&out, "out", 4, dt) ||
-      check_shape4(&out, "out", B, H, Lq, dv) || check_contig(&out, "out"))
+      cf_check_shape(&out, "out", 4, (const int64_t[]){B, H, Lq, dv}) || cf_check_contiguous(&out, "out"))
     return -1;
   const int ldt = dt;  /* lse: float32 for float32 q, float64 for float64 q */
   if (cf_tensor_arg(olse, "lse", &lse) || check_input(&lse, "lse", 3, ldt) ||
       cf_check_dim(&lse, "lse", 0, B) || cf_check_dim(&lse, "lse", 1, H) ||
-      cf_check_dim(&lse, "lse", 2, Lq) || check_contig(&lse, "lse"))
+      cf_check_dim(&lse, "lse", 2, Lq) || cf_check_contiguous(&lse, "lse"))
     return -1;
   if (layout != CF_LAYOUT_HALF && layout != CF_LAYOUT_INTERLEAVED) {
     PyErr_Format(PyExc_ValueError, "layout: expected 0 (half) or 1 (interleaved), got %d", layout);
@@ -225,16 +212,16 @@ static PyObject *attn_bwd_cpu(PyObject *self, PyObject *args) {
     return NULL;
   CfTensor dout, dq, dk, dvf;
   if (cf_tensor_arg(odout, "dout", &dout) || check_input(&dout, "dout", 4, dtype) ||
-      check_shape4(&dout, "dout", p.B, p.H, p.Lq, p.dv) || cf_check_last_contiguous(&dout, "dout"))
+      cf_check_shape(&dout, "dout", 4, (const int64_t[]){p.B, p.H, p.Lq, p.dv}) || cf_check_last_contiguous(&dout, "dout"))
     return NULL;
   if (cf_tensor_arg(odq, "dq_rot", &dq) || check_input(&dq, "dq_rot", 4, dtype) ||
-      check_shape4(&dq, "dq_rot", p.B, p.H, p.Lq, p.d) || check_contig(&dq, "dq_rot"))
+      cf_check_shape(&dq, "dq_rot", 4, (const int64_t[]){p.B, p.H, p.Lq, p.d}) || cf_check_contiguous(&dq, "dq_rot"))
     return NULL;
   if (cf_tensor_arg(odk, "dk_rot", &dk) || check_input(&dk, "dk_rot", 4, dtype) ||
-      check_shape4(&dk, "dk_rot", p.B, p.H, p.Lk, p.d) || check_contig(&dk, "dk_rot"))
+      cf_check_shape(&dk, "dk_rot", 4, (const int64_t[]){p.B, p.H, p.Lk, p.d}) || cf_check_contiguous(&dk, "dk_rot"))
     return NULL;
   if (cf_tensor_arg(odv, "dv_full", &dvf) || check_input(&dvf, "dv_full", 4, dtype) ||
-      check_shape4(&dvf, "dv_full", p.B, p.H, p.Lk, p.dv) || check_contig(&dvf, "dv_full"))
+      cf_check_shape(&dvf, "dv_full", 4, (const int64_t[]){p.B, p.H, p.Lk, p.dv}) || cf_check_contiguous(&dvf, "dv_full"))
     return NULL;
   p.dout = dout.data;
   for (int i = 0; i < 3; i++) p.dout_str[i] = dout.strides[i];

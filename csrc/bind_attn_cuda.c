@@ -28,13 +28,6 @@ static int require_cuda(const CfTensor *t, const char *name, const CfTensor *q) 
   return cf_check_same_device(t, name, q, "q");
 }
 
-static int check_shape(const CfTensor *t, const char *name, int ndim, const int64_t *shape) {
-  if (cf_check_ndim(t, name, ndim)) return -1;
-  for (int i = 0; i < ndim; i++)
-    if (cf_check_dim(t, name, i, shape[i])) return -1;
-  return 0;
-}
-
 static int aligned16(const CfTensor *t) {
   if ((uintptr_t)t->data % 16) return 0;
   for (int i = 0; i < t->ndim - 1; i++)
@@ -88,7 +81,7 @@ static int parse_common(const char *op, PyObject *const *objs, AttnTensors *t, C
   const int64_t B = q->shape[0], H = q->shape[1], Lq = q->shape[2], d = q->shape[3];
   const int64_t Hkv = t->k.shape[1], Lk = t->k.shape[2], dv = t->v.shape[3];
   const int64_t kshape[4] = {B, Hkv, Lk, d}, vshape[4] = {B, Hkv, Lk, dv};
-  if (check_shape(&t->k, "k", 4, kshape) || check_shape(&t->v, "v", 4, vshape)) return -1;
+  if (cf_check_shape(&t->k, "k", 4, kshape) || cf_check_shape(&t->v, "v", 4, vshape)) return -1;
   if (Hkv < 1 || H % Hkv) {
     PyErr_Format(PyExc_ValueError, "%s: q has %lld heads, k/v %lld: the query heads must be a multiple of the kv heads",
                  op, (long long)H, (long long)Hkv);
@@ -108,16 +101,16 @@ static int parse_common(const char *op, PyObject *const *objs, AttnTensors *t, C
       require_cuda(&t->q_pos, "q_pos", q) || require_cuda(&t->k_pos, "k_pos", q))
     return -1;
   const int64_t h = d / 2, pshape[2] = {H, h};
-  if (cf_check_dtype(&t->delta, "delta", CF_F32) || check_shape(&t->delta, "delta", 2, pshape) ||
+  if (cf_check_dtype(&t->delta, "delta", CF_F32) || cf_check_shape(&t->delta, "delta", 2, pshape) ||
       cf_check_last_contiguous(&t->delta, "delta") || cf_check_dtype(&t->beta, "beta", CF_F32) ||
-      check_shape(&t->beta, "beta", 2, pshape) || cf_check_last_contiguous(&t->beta, "beta") ||
+      cf_check_shape(&t->beta, "beta", 2, pshape) || cf_check_last_contiguous(&t->beta, "beta") ||
       cf_check_dtype(&t->freqs, "freqs", CF_F32) || cf_check_last_contiguous(&t->freqs, "freqs"))
     return -1;
   if (t->freqs.ndim == 1) {
     if (cf_check_dim(&t->freqs, "freqs", 0, h)) return -1;
     a->freqs_sh = 0;
   } else {
-    if (check_shape(&t->freqs, "freqs", 2, pshape)) return -1;
+    if (cf_check_shape(&t->freqs, "freqs", 2, pshape)) return -1;
     a->freqs_sh = t->freqs.strides[0];
   }
   if (check_pos(&t->q_pos, "q_pos", B, Lq, &a->qpos_sb, &a->qpos_sl) ||
@@ -126,7 +119,7 @@ static int parse_common(const char *op, PyObject *const *objs, AttnTensors *t, C
   if (objs[8] != Py_None) {
     const int64_t mshape[2] = {B, Lk};
     if (require_cuda(&t->kpm, "key_padding_mask", q) || cf_check_dtype(&t->kpm, "key_padding_mask", CF_BOOL) ||
-        check_shape(&t->kpm, "key_padding_mask", 2, mshape))
+        cf_check_shape(&t->kpm, "key_padding_mask", 2, mshape))
       return -1;
     a->kpm = (const uint8_t *)t->kpm.data;
     a->kpm_sb = t->kpm.strides[0];
@@ -169,7 +162,7 @@ static int parse_common(const char *op, PyObject *const *objs, AttnTensors *t, C
 static int check_out_like(const CfTensor *t, const char *name, const CfTensor *q, int64_t dv, int64_t *sb,
                           int64_t *sh, int64_t *sl) {
   const int64_t shape[4] = {q->shape[0], q->shape[1], q->shape[2], dv};
-  if (require_cuda(t, name, q) || check_shape(t, name, 4, shape) || cf_check_last_contiguous(t, name)) return -1;
+  if (require_cuda(t, name, q) || cf_check_shape(t, name, 4, shape) || cf_check_last_contiguous(t, name)) return -1;
   if (t->dtype != q->dtype) {
     PyErr_Format(PyExc_TypeError, "%s: dtype %s, expected q's dtype %s", name, cf_dtype_name(t->dtype),
                  cf_dtype_name(q->dtype));
@@ -180,7 +173,7 @@ static int check_out_like(const CfTensor *t, const char *name, const CfTensor *q
 }
 
 static int check_f32_out(const CfTensor *t, const char *name, const CfTensor *q, int ndim, const int64_t *shape) {
-  return require_cuda(t, name, q) || cf_check_dtype(t, name, CF_F32) || check_shape(t, name, ndim, shape) ||
+  return require_cuda(t, name, q) || cf_check_dtype(t, name, CF_F32) || cf_check_shape(t, name, ndim, shape) ||
                  cf_check_contiguous(t, name)
              ? -1
              : 0;
@@ -199,7 +192,7 @@ static int parse_workspaces(const char *op, PyObject *qo, PyObject *ko, AttnTens
   const CfTensor *w[2] = {&t->qws, &t->kws};
   const char *names[2] = {"q_ws", "k_ws"};
   for (int i = 0; i < 2; i++) {
-    if (require_cuda(w[i], names[i], &t->q) || check_shape(w[i], names[i], 4, i ? ks : qs) ||
+    if (require_cuda(w[i], names[i], &t->q) || cf_check_shape(w[i], names[i], 4, i ? ks : qs) ||
         cf_check_contiguous(w[i], names[i]))
       return -1;
     if (w[i]->dtype != t->q.dtype) {

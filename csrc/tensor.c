@@ -139,6 +139,13 @@ int cf_check_dim(const CfTensor *t, const char *name, int dim, int64_t size) {
   return -1;
 }
 
+int cf_check_shape(const CfTensor *t, const char *name, int ndim, const int64_t *shape) {
+  if (cf_check_ndim(t, name, ndim)) return -1;
+  for (int i = 0; i < ndim; i++)
+    if (cf_check_dim(t, name, i, shape[i])) return -1;
+  return 0;
+}
+
 int cf_check_contiguous(const CfTensor *t, const char *name) {
   if (t->numel == 0) return 0; /* no element is ever addressed; torch's strides there are arbitrary */
   int64_t expect = 1;

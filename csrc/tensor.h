@@ -30,6 +30,8 @@ int cf_check_contiguous(const CfTensor *t, const char *name);
 int cf_check_last_contiguous(const CfTensor *t, const char *name);
 int cf_check_same_device(const CfTensor *a, const char *na, const CfTensor *b, const char *nb);
 int cf_check_dim(const CfTensor *t, const char *name, int dim, int64_t size);
+/* Exactly `ndim` dimensions with the sizes in shape[0..ndim). */
+int cf_check_shape(const CfTensor *t, const char *name, int ndim, const int64_t *shape);
 
 const char *cf_dtype_name(int dtype);
 size_t cf_dtype_size(int dtype);
