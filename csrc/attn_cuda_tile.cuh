@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "attn_cuda.h"
+#include "attn_cuda_ptx.cuh"
 #include "cuda_util.cuh"
 #include "rotate_math.h"
 
@@ -34,6 +35,7 @@ __device__ __forceinline__ int64_t imax64(int64_t a, int64_t b) { return a > b ?
 template <typename T> struct Ty;
 
 template <> struct Ty<__nv_bfloat16> {
+  static constexpr int BF = 1;
   static __device__ __forceinline__ float2 unpack(uint32_t u) {
     __nv_bfloat162 v;
     memcpy(&v, &u, 4);
@@ -47,15 +49,12 @@ template <> struct Ty<__nv_bfloat16> {
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_16816<BF>(c, a, b0, b1);
   }
 };
 
 template <> struct Ty<__half> {
+  static constexpr int BF = 0;
   static __device__ __forceinline__ float2 unpack(uint32_t u) {
     __half2 v;
     memcpy(&v, &u, 4);
@@ -69,11 +68,7 @@ template <> struct Ty<__half> {
   }
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_16816<BF>(c, a, b0, b1);
   }
 };
 
@@ -83,20 +78,6 @@ template <typename T> __device__ __forceinline__ uint32_t raw_pair(const T *p) {
   memcpy(&lo, p, 2);
   memcpy(&hi, p + 1, 2);
   return (uint32_t)lo | ((uint32_t)hi << 16);
-}
-
-/* ---- ldmatrix ---- */
-__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
 }
 
 /* ---- warp GEMMs (one warp, 16 output rows) ----
@@ -309,15 +290,6 @@ __device__ __forceinline__ void stage_plain(T *s, const T *g, int64_t gs, int64_
 /* ---- asynchronous staging (cp.async, sm_80+) for tiles that need no arithmetic on the way ----
  * The pre-rotated kernels (q~, k~ from the pre-rotation pass) only copy tiles, so the copy of tile
  * i+1 runs in the background (cp.async into the second buffer) while tile i is on the tensor cores. */
-__device__ __forceinline__ void cp_async16(void *s, const void *g) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(s)), "l"(g) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-/* wait until at most N of this thread's committed groups are still in flight */
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 /* stage_plain through cp.async when rows are 16-byte aligned (completion: cp_async_wait, then a
  * barrier), else synchronously; rows >= nvalid are zeroed with ordinary stores. */
 template <typename T, int ROWS, int D>
