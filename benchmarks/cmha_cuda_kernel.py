@@ -136,6 +136,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["fused", "prerot"], choices=["fused", "prerot"],
                     help="kernel variants timed in this process (prerot: pre-rotated q~/k~ workspaces)")
     ap.add_argument("--fwd-only", action="store_true")
+    ap.add_argument("--no-ws", action="store_true", help="skip the experimental 'ws' forward's child process")
     args = ap.parse_args()
     if args.variant:
         os.environ["CF_ATTN_FWD_VARIANT"] = args.variant
@@ -154,7 +155,7 @@ def main():
           "ratio = fused TFLOP/s / sdpa TFLOP/s (target >= 0.60 for fwd+bwd)")
     print(markdown_table(["shape", "variant", "pass", "fused ms", "fused TFLOP/s", "sdpa ms", "sdpa TFLOP/s",
                           "ratio", "fused peak", "sdpa peak"], rows), flush=True)
-    if args.variant is None:
+    if args.variant is None and not args.no_ws:
         print("\nexperimental forward variant 'ws' (warp-specialized), child process, 60 s limit:", flush=True)
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", "ws", "--fwd-only", "--seqlen", str(args.seqlen),
                "--tokens", str(args.tokens), "--hd", str(args.hd), "--reps", str(args.reps), "--dims"] + [

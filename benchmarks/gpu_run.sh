@@ -3,8 +3,11 @@
 # under compute-sanitizer (memcheck, and racecheck on the attention kernels), then the GPU
 # benchmarks. Logs land in $OUT (the device tool brings them back). Each step has its own time
 # limit so one hang cannot eat the lease.
-# Usage (repo root): bash benchmarks/gpu_run.sh [full|tests|sanitize|bench]
+# Usage (repo root): bash benchmarks/gpu_run.sh [full|tests|sanitize|bench|kernel]
 #   tests: build + CUDA tests; sanitize: + memcheck/racecheck; bench: build + benchmarks; full: all
+#   kernel: build + the attention kernel tests + the kernel benchmark + an ncu profile of the
+#           attention kernels (one launch each; skipped where ncu cannot read the counters)
+# TEST_PATHS (default: all of tests/) narrows the CUDA tests.
 set -u
 OUT=${OUT:-/tmp/cf-out}
 mkdir -p "$OUT"
@@ -31,7 +34,7 @@ timeout ${INFO_TIMEOUT:-120} python3 -m complexformer.info 2>&1 | tee "$OUT/info
 if [ "$MODE" != "bench" ]; then
   step cuda tests
   # -v into the log: if the step limit cuts the run, the log still says which tests passed
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$REPO/tests" -m "cuda ${TEST_FILTER:-}" -v -rfE --tb=short \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${TEST_PATHS:-$REPO/tests} -m "cuda ${TEST_FILTER:-}" -v -rfE --tb=short \
     -p no:cacheprovider >"$OUT/cuda_tests.txt" 2>&1
   echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/cuda_tests.txt" | tail -40
 fi
@@ -43,6 +46,21 @@ if [ "$MODE" = "bench" ] || [ "$MODE" = "full" ]; then
   timeout ${BENCH_KERNEL_TIMEOUT:-90} python3 benchmarks/cmha_cuda_kernel.py 2>&1 | tee "$OUT/bench_cmha_kernel.txt" | tail -20
   timeout ${BENCH_CMHA_TIMEOUT:-120} python3 benchmarks/cmha.py --device cuda --out "$OUT" ${CMHA_ARGS:-} 2>&1 \
     | tee "$OUT/bench_cmha.txt" | tail -25
+  cd /tmp
+fi
+
+if [ "$MODE" = "kernel" ]; then
+  step kernel benchmark
+  cd "$REPO"
+  timeout ${BENCH_KERNEL_TIMEOUT:-120} python3 benchmarks/cmha_cuda_kernel.py ${KERNEL_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_cmha_kernel.txt" | tail -20
+  step ncu
+  # what bounds each attention kernel: tensor-pipe and shared-memory utilisation, stall reasons
+  timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k "regex:attn_(fwd|bwd)_\w*pre" --launch-count 6 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats \
+    python3 benchmarks/cmha_cuda_kernel.py --variants prerot --reps 1 --no-ws >"$OUT/ncu.txt" 2>&1
+  echo "ncu rc=$?"; grep -E "attn_|Duration|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Achieved Occupancy|Registers|One or More|Stall" "$OUT/ncu.txt" | head -80
   cd /tmp
 fi
 

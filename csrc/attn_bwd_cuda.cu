@@ -57,115 +57,140 @@ __device__ __forceinline__ void stage_row_stats(const CfAttnArgs &a, int64_t b, 
   }
 }
 
-/* One streamed query tile of the dkdv kernel for one warp (16 keys): recompute S^T and P^T, then
- * dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK~ += dS^T Q~. sKw, sVw: the warp's 16 keys. */
-template <typename T, int D, int BQ>
-__device__ __forceinline__ void dkdv_step(float (&dk)[D / 8][4], float (&dv)[D / 8][4], const CfAttnArgs &a,
+/* One streamed query tile of the dkdv kernel for one warp (MB * 16 keys, local kw0 ..): recompute S^T
+ * and P^T, then dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK~ += dS^T Q~. sKw, sVw: the
+ * warp's keys. need_mask (warp-uniform): padded or causal-diagonal tiles; elsewhere every P^T entry
+ * is live. Query rows past the range need no mask (lse2 = +inf gives P = 0, D = 0 gives dS = 0), nor
+ * do key rows past the range (their dK~ / dV rows are never stored). */
+template <typename T, int D, int BQ, int MB>
+__device__ __forceinline__ void dkdv_step(float (&dk)[MB][D / 8][4], float (&dv)[MB][D / 8][4], const CfAttnArgs &a,
                                           const T *sKw, const T *sVw, const T *sQ, const T *sdO,
                                           const float *s_kvalid, const float *s_lse2, const float *s_D, int64_t k0,
-                                          int64_t m0, int64_t qoff, int kl0, float sl2, int lane) {
-  constexpr int LDS = D + 8, NTQ = BQ / 8, NTD = D / 8;
-  float st[NTQ][4]; /* S^T: 16 keys x BQ queries */
+                                          int64_t m0, int64_t qoff, int kw0, bool need_mask, float sl2, int lane) {
+  constexpr int LDS = D + 8, NTQ = BQ / 8;
+  float st[MB][NTQ][4]; /* S^T: MB * 16 keys x BQ queries */
+  zero_acc(st);
+  gemm_ss<T, MB, NTQ, D / 16>(st, sKw, LDS, sQ, LDS, lane);
 #pragma unroll
-  for (int i = 0; i < NTQ; i++) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-  warp_gemm_abt<T, NTQ, D>(st, sKw, LDS, sQ, LDS, lane);
+  for (int m = 0; m < MB; m++)
 #pragma unroll
-  for (int nt = 0; nt < NTQ; nt++)
+    for (int nt = 0; nt < NTQ; nt++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
-      const int kl = kl0 + (e >> 1) * 8;
-      const bool vis = s_kvalid[kl] != 0.f && (!a.causal || k0 + kl <= m0 + cq + qoff);
-      st[nt][e] = vis ? exp2f(st[nt][e] * sl2 - s_lse2[cq]) : 0.f;
-    }
-  uint32_t pa[NTQ / 2][4];
-  acc_to_a<T, NTQ / 2>(pa, st);
-  warp_gemm_pv<T, NTD, NTQ / 2>(dv, pa, sdO, LDS, lane);
+      for (int e = 0; e < 4; e++) {
+        const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
+        float p = ex2_fast(fmaf(st[m][nt][e], sl2, -s_lse2[cq]));
+        if (need_mask) {
+          const int kl = kw0 + m * 16 + (lane >> 2) + (e >> 1) * 8;
+          if (s_kvalid[kl] == 0.f || (a.causal && k0 + kl > m0 + cq + qoff)) p = 0.f;
+        }
+        st[m][nt][e] = p;
+      }
+  uint32_t pa[MB][NTQ / 2][4];
+  acc_to_a<T>(pa, st);
+  gemm_rs<T, true>(dv, pa, sdO, LDS, lane);
 
-  float dpt[NTQ][4]; /* dP^T = V dO^T */
+  float dpt[MB][NTQ][4]; /* dP^T = V dO^T */
+  zero_acc(dpt);
+  gemm_ss<T, MB, NTQ, D / 16>(dpt, sVw, LDS, sdO, LDS, lane);
 #pragma unroll
-  for (int i = 0; i < NTQ; i++) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
-  warp_gemm_abt<T, NTQ, D>(dpt, sVw, LDS, sdO, LDS, lane);
+  for (int m = 0; m < MB; m++)
 #pragma unroll
-  for (int nt = 0; nt < NTQ; nt++)
+    for (int nt = 0; nt < NTQ; nt++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
-      dpt[nt][e] = st[nt][e] * (dpt[nt][e] - s_D[cq]); /* dS^T */
-    }
-  acc_to_a<T, NTQ / 2>(pa, dpt);
-  warp_gemm_pv<T, NTD, NTQ / 2>(dk, pa, sQ, LDS, lane);
+      for (int e = 0; e < 4; e++) {
+        const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
+        dpt[m][nt][e] = st[m][nt][e] * (dpt[m][nt][e] - s_D[cq]); /* dS^T */
+      }
+  acc_to_a<T>(pa, dpt);
+  gemm_rs<T, true>(dk, pa, sQ, LDS, lane);
 }
 
-/* dK~ (scaled) and dV of the warp's keys k0 + kl0 (+ 8) into dk_rot, dv_full (float32, per query head). */
-template <int D>
-__device__ __forceinline__ void dkdv_store(const float (&dk)[D / 8][4], const float (&dv)[D / 8][4], const CfAttnArgs &a,
-                                           int64_t b, int64_t hq, int64_t k0, int64_t k_hi, int kl0, int lane) {
+/* Is every key of the warp's [kw_lo, kw_lo + nk) visible to every query of [m0, m0 + nq)? If not (or
+ * with a key padding mask) the step masks element by element. */
+__device__ __forceinline__ bool bwd_need_mask(const CfAttnArgs &a, int64_t kw_lo, int nk, int64_t m0, int64_t qoff) {
+  return a.kpm != nullptr || (a.causal && kw_lo + nk - 1 > m0 + qoff);
+}
+
+/* dK~ (scaled) and dV of the warp's keys k0 + kl0 + m * 16 (+ 8) into dk_rot, dv_full (float32, per query head). */
+template <int D, int MB>
+__device__ __forceinline__ void dkdv_store(const float (&dk)[MB][D / 8][4], const float (&dv)[MB][D / 8][4],
+                                           const CfAttnArgs &a, int64_t b, int64_t hq, int64_t k0, int64_t k_hi,
+                                           int kl0, int lane) {
   constexpr int NTD = D / 8;
   const float scale = (float)a.scale;
   float *dkg = a.dk_rot + (b * a.H + hq) * a.Lk * a.d;
   float *dvg = a.dv_full + (b * a.H + hq) * a.Lk * a.dv;
 #pragma unroll
-  for (int i = 0; i < 2; i++) {
-    const int64_t n = k0 + kl0 + i * 8;
-    if (n < k_hi) {
+  for (int m = 0; m < MB; m++)
 #pragma unroll
-      for (int nt = 0; nt < NTD; nt++) {
-        const int c = nt * 8 + 2 * (lane & 3);
-        *reinterpret_cast<float2 *>(dkg + n * a.d + c) = make_float2(dk[nt][2 * i] * scale, dk[nt][2 * i + 1] * scale);
-        *reinterpret_cast<float2 *>(dvg + n * a.dv + c) = make_float2(dv[nt][2 * i], dv[nt][2 * i + 1]);
+    for (int i = 0; i < 2; i++) {
+      const int64_t n = k0 + kl0 + m * 16 + i * 8;
+      if (n < k_hi) {
+#pragma unroll
+        for (int nt = 0; nt < NTD; nt++) {
+          const int c = nt * 8 + 2 * (lane & 3);
+          *reinterpret_cast<float2 *>(dkg + n * a.d + c) =
+              make_float2(dk[m][nt][2 * i] * scale, dk[m][nt][2 * i + 1] * scale);
+          *reinterpret_cast<float2 *>(dvg + n * a.dv + c) = make_float2(dv[m][nt][2 * i], dv[m][nt][2 * i + 1]);
+        }
       }
     }
-  }
 }
 
-/* One streamed key tile of the dq kernel for one warp (16 query rows r0, r0 + 8 absolute):
- * S = Q~ K~^T, dP = dO V^T, dS = P (dP - D), dQ~ += dS K~. sQw, sdOw: the warp's 16 rows. */
-template <typename T, int D, int BK>
-__device__ __forceinline__ void dq_step(float (&dq)[D / 8][4], const CfAttnArgs &a, const T *sQw, const T *sdOw,
+/* One streamed key tile of the dq kernel for one warp (MB * 16 query rows; this thread's rows are
+ * r0 + m * 16 (+ 8), absolute): S = Q~ K~^T, dP = dO V^T, dS = P (dP - D), dQ~ += dS K~. sQw, sdOw:
+ * the warp's rows. Key rows past the range need no mask: their K~ and V rows are zeros, so they add
+ * dS * 0 to dQ~. */
+template <typename T, int D, int BK, int MB>
+__device__ __forceinline__ void dq_step(float (&dq)[MB][D / 8][4], const CfAttnArgs &a, const T *sQw, const T *sdOw,
                                         const T *sK, const T *sV, const float *s_kvalid, int64_t n0, int64_t r0,
-                                        int64_t qoff, const float (&lse2)[2], const float (&Drow)[2], float sl2,
-                                        int lane) {
-  constexpr int LDS = D + 8, NTK = BK / 8, NTD = D / 8;
-  float s[NTK][4], dp[NTK][4];
+                                        int64_t qoff, const float (&lse2)[MB][2], const float (&Drow)[MB][2],
+                                        bool need_mask, float sl2, int lane) {
+  constexpr int LDS = D + 8, NTK = BK / 8;
+  float s[MB][NTK][4], dp[MB][NTK][4];
+  zero_acc(s);
+  zero_acc(dp);
+  gemm_ss<T, MB, NTK, D / 16>(s, sQw, LDS, sK, LDS, lane);
+  gemm_ss<T, MB, NTK, D / 16>(dp, sdOw, LDS, sV, LDS, lane);
 #pragma unroll
-  for (int i = 0; i < NTK; i++)
+  for (int m = 0; m < MB; m++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.f;
-  warp_gemm_abt<T, NTK, D>(s, sQw, LDS, sK, LDS, lane);
-  warp_gemm_abt<T, NTK, D>(dp, sdOw, LDS, sV, LDS, lane);
+    for (int nt = 0; nt < NTK; nt++)
 #pragma unroll
-  for (int nt = 0; nt < NTK; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
-      const int64_t row = r0 + (e >> 1) * 8;
-      const bool vis = s_kvalid[cc] != 0.f && (!a.causal || n0 + cc <= row + qoff);
-      const float p = vis ? exp2f(s[nt][e] * sl2 - lse2[e >> 1]) : 0.f;
-      s[nt][e] = p * (dp[nt][e] - Drow[e >> 1]); /* dS */
-    }
-  uint32_t pa[NTK / 2][4];
-  acc_to_a<T, NTK / 2>(pa, s);
-  warp_gemm_pv<T, NTD, NTK / 2>(dq, pa, sK, LDS, lane);
+      for (int e = 0; e < 4; e++) {
+        float p = ex2_fast(fmaf(s[m][nt][e], sl2, -lse2[m][e >> 1]));
+        if (need_mask) {
+          const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
+          const int64_t row = r0 + m * 16 + (e >> 1) * 8;
+          if (s_kvalid[cc] == 0.f || (a.causal && n0 + cc > row + qoff)) p = 0.f;
+        }
+        s[m][nt][e] = p * (dp[m][nt][e] - Drow[m][e >> 1]); /* dS */
+      }
+  uint32_t pa[MB][NTK / 2][4];
+  acc_to_a<T>(pa, s);
+  gemm_rs<T, true>(dq, pa, sK, LDS, lane);
 }
 
-/* dQ~ (scaled) of rows r0, r0 + 8 (those < q_hi) into dq_rot (float32, contiguous). */
-template <int D>
-__device__ __forceinline__ void dq_store(const float (&dq)[D / 8][4], const CfAttnArgs &a, int64_t b, int64_t hq,
+/* dQ~ (scaled) of rows r0 + m * 16 (+ 8) (those < q_hi) into dq_rot (float32, contiguous). */
+template <int D, int MB>
+__device__ __forceinline__ void dq_store(const float (&dq)[MB][D / 8][4], const CfAttnArgs &a, int64_t b, int64_t hq,
                                          int64_t r0, int64_t q_hi, int lane) {
   const float scale = (float)a.scale;
   float *dqg = a.dq_rot + (b * a.H + hq) * a.Lq * a.d;
 #pragma unroll
-  for (int i = 0; i < 2; i++) {
-    const int64_t m = r0 + i * 8;
-    if (m < q_hi) {
+  for (int m = 0; m < MB; m++)
 #pragma unroll
-      for (int nt = 0; nt < D / 8; nt++) {
-        const int c = nt * 8 + 2 * (lane & 3);
-        *reinterpret_cast<float2 *>(dqg + m * a.d + c) = make_float2(dq[nt][2 * i] * scale, dq[nt][2 * i + 1] * scale);
+    for (int i = 0; i < 2; i++) {
+      const int64_t row = r0 + m * 16 + i * 8;
+      if (row < q_hi) {
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++) {
+          const int c = nt * 8 + 2 * (lane & 3);
+          *reinterpret_cast<float2 *>(dqg + row * a.d + c) =
+              make_float2(dq[m][nt][2 * i] * scale, dq[m][nt][2 * i + 1] * scale);
+        }
       }
     }
-  }
 }
 
 template <typename T, int D, int BK, int BQ>
@@ -207,11 +232,9 @@ __global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_kernel(const CfAttnAr
   const int kl0 = warp * 16 + (lane >> 2); /* this thread's key rows (local): kl0, kl0 + 8 */
   const float sl2 = (float)a.scale * kLog2e;
 
-  float dk[NTD][4], dv[NTD][4];
-#pragma unroll
-  for (int i = 0; i < NTD; i++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) dk[i][e] = dv[i][e] = 0.f;
+  float dk[1][NTD][4], dv[1][NTD][4];
+  zero_acc(dk);
+  zero_acc(dv);
 
   /* causal: queries m < ks.lo - qoff see none of these keys */
   const int64_t m_start = a.causal ? imax64(q_lo, ks.lo - qoff) : q_lo;
@@ -224,10 +247,10 @@ __global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_kernel(const CfAttnAr
     stage_row_stats(a, b, hq, m0, nvq, BQ, s_lse2, s_D, tid, NTHR);
     __syncthreads();
 
-    dkdv_step<T, D, BQ>(dk, dv, a, sK + warp * 16 * LDS, sV + warp * 16 * LDS, sQ, sdO, s_kvalid, s_lse2, s_D, ks.lo,
-                        m0, qoff, kl0, sl2, lane);
+    dkdv_step<T, D, BQ, 1>(dk, dv, a, sK + warp * 16 * LDS, sV + warp * 16 * LDS, sQ, sdO, s_kvalid, s_lse2, s_D,
+                           ks.lo, m0, qoff, warp * 16, bwd_need_mask(a, ks.lo + warp * 16, 16, m0, qoff), sl2, lane);
   }
-  dkdv_store<D>(dk, dv, a, b, hq, ks.lo, ks.hi, kl0, lane);
+  dkdv_store<D, 1>(dk, dv, a, b, hq, ks.lo, ks.hi, kl0, lane);
 }
 
 template <typename T, int D, int BQ, int BK>
@@ -268,16 +291,15 @@ __global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_kernel(const CfAttnArgs
   __syncthreads();
 
   const int rl0 = warp * 16 + (lane >> 2); /* this thread's rows (local): rl0, rl0 + 8 */
-  const float lse2[2] = {s_lse2[rl0], s_lse2[rl0 + 8]};
-  const float Drow[2] = {s_D[rl0], s_D[rl0 + 8]};
+  const float lse2[1][2] = {{s_lse2[rl0], s_lse2[rl0 + 8]}};
+  const float Drow[1][2] = {{s_D[rl0], s_D[rl0 + 8]}};
   const T *kg = (const T *)a.k + b * a.k_sb + hk * a.k_sh;
   const T *vg = (const T *)a.v + b * a.v_sb + hk * a.v_sh;
   const int64_t *kp = a.k_pos + b * a.kpos_sb;
   const float sl2 = (float)a.scale * kLog2e;
 
-  float dq[NTD][4];
-#pragma unroll
-  for (int i = 0; i < NTD; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  float dq[1][NTD][4];
+  zero_acc(dq);
 
   for (int64_t n0 = k_lo; n0 < k_end; n0 += BK) {
     const int64_t nv = imin64(BK, k_hi - n0);
@@ -288,23 +310,34 @@ __global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_kernel(const CfAttnArgs
     stage_key_valid(a, b, n0, nv, BK, s_kvalid, tid, NTHR);
     __syncthreads();
 
-    dq_step<T, D, BK>(dq, a, sQ + warp * 16 * LDS, sdO + warp * 16 * LDS, sK, sV, s_kvalid, n0, qs.lo + rl0, qoff,
-                      lse2, Drow, sl2, lane);
+    dq_step<T, D, BK, 1>(dq, a, sQ + warp * 16 * LDS, sdO + warp * 16 * LDS, sK, sV, s_kvalid, n0, qs.lo + rl0, qoff,
+                         lse2, Drow, bwd_need_mask(a, n0, BK, qs.lo + warp * 16, qoff), sl2, lane);
   }
-  dq_store<D>(dq, a, b, hq, qs.lo + rl0, qs.hi, lane);
+  dq_store<D, 1>(dq, a, b, hq, qs.lo + rl0, qs.hi, lane);
 }
 
 /* ---- variant "prerot": q~ and k~ (per query head) were written by the pre-rotation pass ----
- * The same steps (dkdv_step, dq_step) on tiles that are plain copies, so the streamed side is
- * double-buffered with cp.async: tile i+1 lands while tile i is on the tensor cores. */
-template <typename T, int D, int BK, int BQ>
-__global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_pre_kernel(const CfAttnArgs a) {
-  constexpr int NTHR = BK * 2, LDS = D + 8, NTD = D / 8;
+ * The same steps (dkdv_step, dq_step) on tiles that are plain copies: NW warps of MB * 16 owned rows
+ * each (MB = 2: 32 rows per warp halves the shared-memory traffic per FLOP), the streamed side
+ * double-buffered with cp.async and one barrier per tile (as attn_fwd_pre_kernel: the barrier that
+ * publishes tile i also frees tile i-1's buffer for tile i+1). Two CTAs per SM when NW = 4. */
+template <int D, int NW, int MB, int BS> struct BwdPreCfg {
+  static constexpr int BO = NW * MB * 16, NTHR = NW * 32, LDS = D + 8, MINB = NW <= 4 ? 2 : 1;
+  /* owned: two tiles of BO rows; streamed: two buffers of two tiles of BS rows; then floats:
+   * dkdv: key validity (BO) + 2 x (lse2, D) (BS each); dq: lse2, D (BO each) + 2 x key validity (BS) */
+  static constexpr size_t tiles = (size_t)(2 * BO + 4 * BS) * LDS * 2;
+  static constexpr size_t smem = tiles + (size_t)(2 * BO + 4 * BS) * 4;
+};
+
+template <typename T, int D, int NW, int MB, int BQ>
+__global__ void __launch_bounds__(NW * 32, BwdPreCfg<D, NW, MB, BQ>::MINB) attn_bwd_dkdv_pre_kernel(const CfAttnArgs a) {
+  using Cfg = BwdPreCfg<D, NW, MB, BQ>;
+  constexpr int BK = Cfg::BO, NTHR = Cfg::NTHR, LDS = Cfg::LDS, NTD = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sK = reinterpret_cast<T *>(smem);
   T *sV = sK + BK * LDS;
   T *sQ0 = sV + BK * LDS; /* buffer i: Q~ at sQ0 + i * 2 * BQ * LDS, dO right after it */
-  float *s_kvalid = reinterpret_cast<float *>(smem + BwdSmem<D, BK, BQ, 2>::tiles);
+  float *s_kvalid = reinterpret_cast<float *>(smem + Cfg::tiles);
   float *s_stat0 = s_kvalid + BK; /* buffer i: lse2 at s_stat0 + i * 2 * BQ, D right after it */
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -324,7 +357,7 @@ __global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_pre_kernel(const CfAt
 
   const T *qg = (const T *)a.q_rot + (b * a.H + hq) * a.Lq * D;
   const T *dog = (const T *)a.dout + b * a.do_sb + hq * a.do_sh;
-  const int kl0 = warp * 16 + (lane >> 2);
+  const int kw0 = warp * MB * 16, kl0 = kw0 + (lane >> 2); /* the warp's first key, this thread's (local) */
   const float sl2 = (float)a.scale * kLog2e;
   const int64_t m_start = a.causal ? imax64(q_lo, ks.lo - qoff) : q_lo;
   const int64_t ntile = m_start < q_hi ? (q_hi - m_start + BQ - 1) / BQ : 0;
@@ -339,39 +372,39 @@ __global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_pre_kernel(const CfAt
     cp_async_commit();
   };
 
-  float dk[NTD][4], dv[NTD][4];
-#pragma unroll
-  for (int i = 0; i < NTD; i++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) dk[i][e] = dv[i][e] = 0.f;
+  float dk[MB][NTD][4], dv[MB][NTD][4];
+  zero_acc(dk);
+  zero_acc(dv);
   if (ntile > 0) issue(0);
   for (int64_t it = 0; it < ntile; it++) {
-    if (it + 1 < ntile) { /* buffer (it+1)&1 was last read in iteration it-1, which ended with a barrier */
-      issue(it + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads(); /* tile it (and, first time, K~/V/key validity) visible to every warp */
+    cp_async_wait<0>(); /* this thread's copies of tile it (first time: and of K~, V) have landed */
+    __syncthreads();    /* ... everyone's; and every warp is done with tile it-1 */
+    if (it + 1 < ntile) issue(it + 1); /* into tile it-1's buffer */
     const int buf = (int)(it & 1);
+    const int64_t m0 = m_start + it * BQ;
     const T *sQ = sQ0 + buf * 2 * BQ * LDS;
     const float *st = s_stat0 + buf * 2 * BQ;
-    dkdv_step<T, D, BQ>(dk, dv, a, sK + warp * 16 * LDS, sV + warp * 16 * LDS, sQ, sQ + BQ * LDS, s_kvalid, st,
-                        st + BQ, ks.lo, m_start + it * BQ, qoff, kl0, sl2, lane);
-    __syncthreads(); /* buffer it&1 free for iteration it+1 */
+    constexpr int BQI = CF_ATTN_SM80_PASS ? BQ / 2 : BQ; /* see CF_ATTN_SM80_PASS */
+#pragma unroll
+    for (int j = 0; j < BQ / BQI; j++)
+      dkdv_step<T, D, BQI, MB>(dk, dv, a, sK + kw0 * LDS, sV + kw0 * LDS, sQ + j * BQI * LDS,
+                               sQ + (BQ + j * BQI) * LDS, s_kvalid, st + j * BQI, st + BQ + j * BQI, ks.lo,
+                               m0 + j * BQI, qoff, kw0, bwd_need_mask(a, ks.lo + kw0, MB * 16, m0 + j * BQI, qoff),
+                               sl2, lane);
   }
   cp_async_wait<0>(); /* no copy outlives the CTA (ntile = 0: K~/V were never waited for) */
-  dkdv_store<D>(dk, dv, a, b, hq, ks.lo, ks.hi, kl0, lane);
+  dkdv_store<D, MB>(dk, dv, a, b, hq, ks.lo, ks.hi, kl0, lane);
 }
 
-template <typename T, int D, int BQ, int BK>
-__global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_pre_kernel(const CfAttnArgs a) {
-  constexpr int NTHR = BQ * 2, LDS = D + 8, NTD = D / 8;
+template <typename T, int D, int NW, int MB, int BK>
+__global__ void __launch_bounds__(NW * 32, BwdPreCfg<D, NW, MB, BK>::MINB) attn_bwd_dq_pre_kernel(const CfAttnArgs a) {
+  using Cfg = BwdPreCfg<D, NW, MB, BK>;
+  constexpr int BQ = Cfg::BO, NTHR = Cfg::NTHR, LDS = Cfg::LDS, NTD = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
   T *sdO = sQ + BQ * LDS;
   T *sKV0 = sdO + BQ * LDS; /* buffer i: K~ at sKV0 + i * 2 * BK * LDS, V right after it */
-  float *s_lse2 = reinterpret_cast<float *>(smem + BwdSmem<D, BQ, BK, 2>::tiles);
+  float *s_lse2 = reinterpret_cast<float *>(smem + Cfg::tiles);
   float *s_D = s_lse2 + BQ;
   float *s_kvalid0 = s_D + BQ; /* buffer i: s_kvalid0 + i * BK */
 
@@ -387,19 +420,8 @@ __global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_pre_kernel(const CfAttn
   const bool vec = a.vec != 0;
   const int64_t nvq = qs.hi - qs.lo;
 
-  stage_plain<T, BQ, D>(sQ, (const T *)a.q_rot + ((b * a.H + hq) * a.Lq + qs.lo) * D, D, nvq, true, tid, NTHR);
-  stage_plain<T, BQ, D>(sdO, (const T *)a.dout + b * a.do_sb + hq * a.do_sh + qs.lo * a.do_sl, a.do_sl, nvq, vec,
-                        tid, NTHR);
-  stage_row_stats(a, b, hq, qs.lo, nvq, BQ, s_lse2, s_D, tid, NTHR);
-  /* every thread has read D (parked in dq_rot[..., 0]) before any thread overwrites dq_rot below */
-  __syncthreads();
-
-  const int rl0 = warp * 16 + (lane >> 2);
-  const float lse2[2] = {s_lse2[rl0], s_lse2[rl0 + 8]};
-  const float Drow[2] = {s_D[rl0], s_D[rl0 + 8]};
   const T *kg = (const T *)a.k_rot + (b * a.H + hq) * a.Lk * D;
   const T *vg = (const T *)a.v + b * a.v_sb + hk * a.v_sh;
-  const float sl2 = (float)a.scale * kLog2e;
   const int64_t ntile = (k_end - k_lo + BK - 1) / BK;
   auto issue = [&](int64_t it) {
     const int buf = (int)(it & 1);
@@ -410,26 +432,46 @@ __global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_pre_kernel(const CfAttn
     stage_key_valid(a, b, n0, nv, BK, s_kvalid0 + buf * BK, tid, NTHR);
     cp_async_commit();
   };
-
-  float dq[NTD][4];
-#pragma unroll
-  for (int i = 0; i < NTD; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  stage_async<T, BQ, D>(sQ, (const T *)a.q_rot + ((b * a.H + hq) * a.Lq + qs.lo) * D, D, nvq, true, tid, NTHR);
+  stage_async<T, BQ, D>(sdO, (const T *)a.dout + b * a.do_sb + hq * a.do_sh + qs.lo * a.do_sl, a.do_sl, nvq, vec, tid,
+                        NTHR);
+  cp_async_commit();
   if (ntile > 0) issue(0);
-  for (int64_t it = 0; it < ntile; it++) {
-    if (it + 1 < ntile) {
-      issue(it + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+  stage_row_stats(a, b, hq, qs.lo, nvq, BQ, s_lse2, s_D, tid, NTHR);
+  /* every thread has read D (parked in dq_rot[..., 0]) before any thread overwrites dq_rot below */
+  __syncthreads();
+
+  const int64_t w_lo = qs.lo + warp * MB * 16, r0 = w_lo + (lane >> 2);
+  float lse2[MB][2], Drow[MB][2];
+#pragma unroll
+  for (int m = 0; m < MB; m++)
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int rl = warp * MB * 16 + m * 16 + i * 8 + (lane >> 2);
+      lse2[m][i] = s_lse2[rl];
+      Drow[m][i] = s_D[rl];
     }
-    __syncthreads();
+  const T *sQw = sQ + warp * MB * 16 * LDS, *sdOw = sdO + warp * MB * 16 * LDS;
+  const float sl2 = (float)a.scale * kLog2e;
+
+  float dq[MB][NTD][4];
+  zero_acc(dq);
+  for (int64_t it = 0; it < ntile; it++) {
+    cp_async_wait<0>(); /* this thread's copies of tile it (first time: and of Q~, dO) have landed */
+    __syncthreads();    /* ... everyone's; and every warp is done with tile it-1 */
+    if (it + 1 < ntile) issue(it + 1);
     const int buf = (int)(it & 1);
+    const int64_t n0 = k_lo + it * BK;
     const T *sK = sKV0 + buf * 2 * BK * LDS;
-    dq_step<T, D, BK>(dq, a, sQ + warp * 16 * LDS, sdO + warp * 16 * LDS, sK, sK + BK * LDS, s_kvalid0 + buf * BK,
-                      k_lo + it * BK, qs.lo + rl0, qoff, lse2, Drow, sl2, lane);
-    __syncthreads();
+    constexpr int BKI = CF_ATTN_SM80_PASS ? BK / 2 : BK; /* see CF_ATTN_SM80_PASS */
+#pragma unroll
+    for (int j = 0; j < BK / BKI; j++)
+      dq_step<T, D, BKI, MB>(dq, a, sQw, sdOw, sK + j * BKI * LDS, sK + (BK + j * BKI) * LDS,
+                             s_kvalid0 + buf * BK + j * BKI, n0 + j * BKI, r0, qoff, lse2, Drow,
+                             bwd_need_mask(a, n0 + j * BKI, BKI, w_lo, qoff), sl2, lane);
   }
-  dq_store<D>(dq, a, b, hq, qs.lo + rl0, qs.hi, lane);
+  cp_async_wait<0>(); /* no copy outlives the CTA (ntile = 0: Q~/dO were never waited for) */
+  dq_store<D, MB>(dq, a, b, hq, r0, qs.hi, lane);
 }
 
 template <typename T, int D>
@@ -447,22 +489,27 @@ static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
   }
   if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
     if (const char *err = launch_prerotate<T, D>(a, st)) return err;
+    /* dkdv: d = 64: 4 warps x 32 keys, query tiles of 32; d = 128: dK~ and dV of 32 keys would not fit
+     * in registers, so 8 warps x 16 keys. dq: 4 warps x 32 rows, key tiles of 64 (d = 128: 32). All
+     * chosen as the largest tiles that compile without spills (-Xptxas -v). */
+    constexpr int KNW = D == 64 ? 4 : 8, KMB = D == 64 ? 2 : 1, KBQ = 32;
+    constexpr int QNW = 4, QMB = 2, QBK = D == 64 ? 64 : 32;
     {
-      const size_t smem = BwdSmem<D, BK, BQS, 2>::bytes;
-      auto kern = attn_bwd_dkdv_pre_kernel<T, D, BK, BQS>;
-      if (const char *err = allow_smem(kern, smem)) return err;
-      const dim3 grid(num_tiles(a, BK, a.Lk), H, B);
+      using Cfg = BwdPreCfg<D, KNW, KMB, KBQ>;
+      auto kern = attn_bwd_dkdv_pre_kernel<T, D, KNW, KMB, KBQ>;
+      if (const char *err = allow_smem(kern, Cfg::smem)) return err;
+      const dim3 grid(num_tiles(a, Cfg::BO, a.Lk), H, B);
       if (grid.x > 0) {
-        kern<<<grid, BK * 2, smem, st>>>(a);
+        kern<<<grid, Cfg::NTHR, Cfg::smem, st>>>(a);
         CF_LAUNCH_CHECK();
       }
     }
-    const size_t smem = BwdSmem<D, BQ, BKS, 2>::bytes;
-    auto kern = attn_bwd_dq_pre_kernel<T, D, BQ, BKS>;
-    if (const char *err = allow_smem(kern, smem)) return err;
-    const dim3 grid(num_tiles(a, BQ, a.Lq), H, B);
+    using Cfg = BwdPreCfg<D, QNW, QMB, QBK>;
+    auto kern = attn_bwd_dq_pre_kernel<T, D, QNW, QMB, QBK>;
+    if (const char *err = allow_smem(kern, Cfg::smem)) return err;
+    const dim3 grid(num_tiles(a, Cfg::BO, a.Lq), H, B);
     if (grid.x > 0) {
-      kern<<<grid, BQ * 2, smem, st>>>(a);
+      kern<<<grid, Cfg::NTHR, Cfg::smem, st>>>(a);
       CF_LAUNCH_CHECK();
     }
     return NULL;

@@ -22,6 +22,15 @@
 #include "cuda_util.cuh"
 #include "rotate_math.h"
 
+/* The device pass for sm_80-class GPUs (A100, also what sm_86 / sm_89 run) allocates registers less
+ * tightly than the sm_90 pass under the same 255-register cap, so the largest tiles would spill there:
+ * the kernels split their streamed tiles in halves in that pass (same results, same shared memory). */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define CF_ATTN_SM80_PASS 1
+#else
+#define CF_ATTN_SM80_PASS 0
+#endif
+
 namespace cfattn {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -80,58 +89,89 @@ template <typename T> __device__ __forceinline__ uint32_t raw_pair(const T *p) {
   return (uint32_t)lo | ((uint32_t)hi << 16);
 }
 
-/* ---- warp GEMMs (one warp, 16 output rows) ----
- * acc (16 x NT*8) += A (16 x K) . B^T, with A = sA[16][K] and B = sB[NT*8][K], both row-major in
- * shared memory: S = Q K^T, dP = dO V^T and their transposes. NT even. */
-template <typename T, int NT, int K>
-__device__ __forceinline__ void warp_gemm_abt(float (&acc)[NT][4], const T *sA, int lda, const T *sB, int ldb,
-                                              int lane) {
-  static_assert(NT % 2 == 0 && K % 16 == 0, "tile shape");
+/* ---- warp GEMMs: one warp owns MB blocks of 16 rows (MB * 16 output rows) ----
+ * Every B fragment loaded from shared memory feeds MB mma instructions, so shared-memory traffic per
+ * tensor-core FLOP falls as 1 / MB (rows per warp): at 16 rows a warp streams its B tiles faster than
+ * mma.sync consumes them on sm_80 / sm_90 and the kernel is shared-memory bound; FlashAttention-2
+ * gives each warp 32 + rows for this reason. acc[m][nt] is the 16 x 8 accumulator of row block m,
+ * column block nt. A operands are either re-read from shared memory per k step (_ss: few registers)
+ * or held in registers (_rs: loaded once, e.g. the forward's Q tile, or P / dS computed in place). */
+
+/* A fragments of rows [0, MB * 16) x cols [0, KT * 16) of a row-major shared tile, for the _rs GEMMs. */
+template <typename T, int MB, int KT>
+__device__ __forceinline__ void load_a(uint32_t (&a)[MB][KT][4], const T *sA, int lda, int lane) {
 #pragma unroll
-  for (int k0 = 0; k0 < K; k0 += 16) {
-    uint32_t a[4];
-    /* matrices (rows 0-7 | 8-15) x (cols k0 | k0+8) in the order a0, a1, a2, a3 */
-    ldsm_x4(a, sA + (lane & 15) * lda + k0 + (lane >> 4) * 8);
+  for (int m = 0; m < MB; m++)
 #pragma unroll
-    for (int nt = 0; nt < NT; nt += 2) {
-      uint32_t b[4];
-      /* matrices: (n-tile nt, k0), (nt, k0+8), (nt+1, k0), (nt+1, k0+8) = b0, b1 of nt and nt+1 */
-      ldsm_x4(b, sB + (nt * 8 + (lane & 7) + (lane >> 4) * 8) * ldb + k0 + ((lane >> 3) & 1) * 8);
-      Ty<T>::mma(acc[nt], a, b[0], b[1]);
-      Ty<T>::mma(acc[nt + 1], a, b[2], b[3]);
-    }
-  }
+    for (int kk = 0; kk < KT; kk++)
+      /* matrices (rows 0-7 | 8-15) x (cols kk*16 | +8) in the order a0, a1, a2, a3 */
+      ldsm_x4(a[m][kk], sA + (m * 16 + (lane & 15)) * lda + kk * 16 + (lane >> 4) * 8);
 }
 
-/* acc (16 x NT*8) += P (16 x KT*16, A fragments in registers) . B, B = sB[KT*16][NT*8] row-major in
- * shared memory (loaded transposed): O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K. */
-template <typename T, int NT, int KT>
-__device__ __forceinline__ void warp_gemm_pv(float (&acc)[NT][4], const uint32_t (&pa)[KT][4], const T *sB, int ldb,
-                                             int lane) {
+/* The B fragments (b0, b1 of n-tiles nt and nt+1, k step kk) of B^T = sB[n][k] row-major (S = Q K^T:
+ * sB = K), or of B = sB[k][n] row-major loaded transposed (TRANS: O += P V, sB = V). */
+template <typename T, bool TRANS>
+__device__ __forceinline__ void load_b(uint32_t (&b)[4], const T *sB, int ldb, int kk, int nt, int lane) {
+  if (TRANS) /* matrices: (k rows kk*16 | +8) x (cols nt*8 | +8) -> b0, b1 of nt, then b0, b1 of nt+1 */
+    ldsm_x4_t(b, sB + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + nt * 8 + (lane >> 4) * 8);
+  else       /* matrices: (n-tile nt, k kk*16), (nt, +8), (nt+1, kk*16), (nt+1, +8) */
+    ldsm_x4(b, sB + (nt * 8 + (lane & 7) + (lane >> 4) * 8) * ldb + kk * 16 + ((lane >> 3) & 1) * 8);
+}
+
+/* acc (MB*16 x NT*8) += A (registers, MB*16 x KT*16) . op(B), op(B) = B^T of sB[NT*8][KT*16]
+ * (TRANS = false) or B = sB[KT*16][NT*8] (TRANS = true). NT even. */
+template <typename T, bool TRANS, int MB, int NT, int KT>
+__device__ __forceinline__ void gemm_rs(float (&acc)[MB][NT][4], const uint32_t (&a)[MB][KT][4], const T *sB, int ldb,
+                                        int lane) {
   static_assert(NT % 2 == 0, "tile shape");
 #pragma unroll
-  for (int kk = 0; kk < KT; kk++) {
+  for (int kk = 0; kk < KT; kk++)
 #pragma unroll
     for (int nt = 0; nt < NT; nt += 2) {
       uint32_t b[4];
-      /* matrices: (k rows kk*16 | +8) x (cols nt*8 | +8) -> b0, b1 of nt, then b0, b1 of nt+1 */
-      ldsm_x4_t(b, sB + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + nt * 8 + (lane >> 4) * 8);
-      Ty<T>::mma(acc[nt], pa[kk], b[0], b[1]);
-      Ty<T>::mma(acc[nt + 1], pa[kk], b[2], b[3]);
+      load_b<T, TRANS>(b, sB, ldb, kk, nt, lane);
+#pragma unroll
+      for (int m = 0; m < MB; m++) {
+        Ty<T>::mma(acc[m][nt], a[m][kk], b[0], b[1]);
+        Ty<T>::mma(acc[m][nt + 1], a[m][kk], b[2], b[3]);
+      }
     }
+}
+
+/* acc (MB*16 x NT*8) += A . B^T with A = sA[MB*16][KT*16] read from shared memory one k step at a
+ * time and B = sB[NT*8][KT*16]: S = Q K^T, dP = dO V^T and their transposes. */
+template <typename T, int MB, int NT, int KT>
+__device__ __forceinline__ void gemm_ss(float (&acc)[MB][NT][4], const T *sA, int lda, const T *sB, int ldb, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KT; kk++) {
+    uint32_t a[MB][1][4];
+#pragma unroll
+    for (int m = 0; m < MB; m++)
+      ldsm_x4(a[m][0], sA + (m * 16 + (lane & 15)) * lda + kk * 16 + (lane >> 4) * 8);
+    gemm_rs<T, false, MB, NT, 1>(acc, a, sB + kk * 16, ldb, lane);
   }
 }
 
-/* Accumulator tiles (16 x KT*16, fp32) -> A fragments (16-bit) for warp_gemm_pv. */
-template <typename T, int KT>
-__device__ __forceinline__ void acc_to_a(uint32_t (&pa)[KT][4], const float (&s)[2 * KT][4]) {
+template <int MB, int NT> __device__ __forceinline__ void zero_acc(float (&acc)[MB][NT][4]) {
 #pragma unroll
-  for (int kk = 0; kk < KT; kk++) {
-    pa[kk][0] = Ty<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-    pa[kk][1] = Ty<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-    pa[kk][2] = Ty<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    pa[kk][3] = Ty<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-  }
+  for (int m = 0; m < MB; m++)
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[m][nt][0] = acc[m][nt][1] = acc[m][nt][2] = acc[m][nt][3] = 0.f;
+}
+
+/* Accumulator tiles (MB*16 x KT*16, fp32) -> A fragments (16-bit) for gemm_rs: two adjacent 16 x 8
+ * accumulator tiles are exactly one A operand, so P and dS never leave registers. */
+template <typename T, int MB, int KT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&pa)[MB][KT][4], const float (&s)[MB][2 * KT][4]) {
+#pragma unroll
+  for (int m = 0; m < MB; m++)
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++) {
+      pa[m][kk][0] = Ty<T>::pack(s[m][2 * kk][0], s[m][2 * kk][1]);
+      pa[m][kk][1] = Ty<T>::pack(s[m][2 * kk][2], s[m][2 * kk][3]);
+      pa[m][kk][2] = Ty<T>::pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+      pa[m][kk][3] = Ty<T>::pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+    }
 }
 
 /* ---- staging global -> shared ---- */

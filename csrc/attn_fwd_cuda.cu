@@ -21,101 +21,114 @@ template <int D, int BR, int BC, int NBUF> struct FwdSmem {
   static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)NBUF * BC * 4;
 };
 
-/* One warp's 16 query rows: O accumulator, running max (log2 units) and partial row sums. */
-template <int D> struct FwdRows {
-  float o[D / 8][4];
-  float mrow[2], lrow[2];
+/* One warp's MB * 16 query rows: O accumulator, running max (log2 units of the scaled score) and
+ * partial row sums. Thread rows: r0 + m * 16 + i * 8 for block m, half i (r0 = warp's row + lane / 4). */
+template <int D, int MB> struct FwdRows {
+  float o[MB][D / 8][4];
+  float mrow[MB][2], lrow[MB][2];
   __device__ __forceinline__ void init() {
+    zero_acc(o);
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    mrow[0] = mrow[1] = -INFINITY;
-    lrow[0] = lrow[1] = 0.f;
+    for (int m = 0; m < MB; m++) mrow[m][0] = mrow[m][1] = -INFINITY, lrow[m][0] = lrow[m][1] = 0.f;
   }
 };
 
-/* One key tile for one warp: S = Q~ K~^T, mask, online softmax, O += P V. sQw = the warp's 16 rows. */
-template <typename T, int D, int BC>
-__device__ __forceinline__ void fwd_tile(FwdRows<D> &st, const CfAttnArgs &a, const T *sQw, const T *sK, const T *sV,
-                                         const float *s_kvalid, int64_t n0, int64_t nv, int64_t q_lo, int64_t qoff,
-                                         int64_t r0, float sl2, int lane) {
+/* Given the raw scores S = Q~ K~^T of one key tile (s, MB*16 x BC): mask, online softmax, O += P V.
+ * w_lo: the warp's first query row (the mask is skipped when every key of the tile is visible to
+ * every row of the warp). P = exp2(S * scale * log2(e) - m) is one FFMA and one ex2 per score. */
+template <typename T, int D, int BC, int MB>
+__device__ __forceinline__ void fwd_softmax_pv(FwdRows<D, MB> &st, float (&s)[MB][BC / 8][4], const CfAttnArgs &a,
+                                               const T *sV, const float *s_kvalid, int64_t n0, int64_t nv,
+                                               int64_t w_lo, int64_t qoff, int64_t r0, float sl2, int lane) {
   constexpr int LDS = D + 8, NTS = BC / 8, NTO = D / 8;
-  float s[NTS][4];
+  /* uniform per warp: a full key tile of an unpadded range left of the causal diagonal needs no mask */
+  const bool need_mask = a.kpm != nullptr || nv < BC || (a.causal && n0 + BC - 1 > w_lo + qoff);
+  if (need_mask) {
 #pragma unroll
-  for (int i = 0; i < NTS; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-  warp_gemm_abt<T, NTS, D>(s, sQw, LDS, sK, LDS, lane);
-
-  /* uniform per CTA: interior tiles of an unpadded, non-causal-diagonal range skip the mask */
-  const bool need_mask = a.kpm != nullptr || nv < BC || (a.causal && n0 + BC - 1 > q_lo + qoff);
+    for (int m = 0; m < MB; m++)
 #pragma unroll
-  for (int nt = 0; nt < NTS; nt++)
+      for (int nt = 0; nt < NTS; nt++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      float x = s[nt][e] * sl2;
-      if (need_mask) {
-        const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
-        const int64_t row = r0 + (e >> 1) * 8;
-        const bool vis = s_kvalid[cc] != 0.f && (!a.causal || n0 + cc <= row + qoff);
-        if (!vis) x = -INFINITY;
-      }
-      s[nt][e] = x;
-    }
-
-  /* online softmax: rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3), each spread over a lane quad */
-#pragma unroll
-  for (int i = 0; i < 2; i++) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < NTS; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-    const float mnew = fmaxf(st.mrow[i], mx);
-    const float muse = mnew == -INFINITY ? 0.f : mnew; /* all masked so far: avoid -inf - -inf */
-    const float alpha = exp2f(st.mrow[i] - muse);
-    st.mrow[i] = mnew;
-    float sum = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < NTS; nt++) {
-      const float p0 = exp2f(s[nt][2 * i] - muse), p1 = exp2f(s[nt][2 * i + 1] - muse);
-      s[nt][2 * i] = p0;
-      s[nt][2 * i + 1] = p1;
-      sum += p0 + p1;
-    }
-    st.lrow[i] = st.lrow[i] * alpha + sum; /* this lane's partial row sum; the quad is summed at the end */
-#pragma unroll
-    for (int nt = 0; nt < NTO; nt++) {
-      st.o[nt][2 * i] *= alpha;
-      st.o[nt][2 * i + 1] *= alpha;
-    }
+        for (int e = 0; e < 4; e++) {
+          const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
+          const int64_t row = r0 + m * 16 + (e >> 1) * 8;
+          if (s_kvalid[cc] == 0.f || (a.causal && n0 + cc > row + qoff)) s[m][nt][e] = -INFINITY;
+        }
   }
 
-  uint32_t pa[NTS / 2][4];
-  acc_to_a<T, NTS / 2>(pa, s);
-  warp_gemm_pv<T, NTO, NTS / 2>(st.o, pa, sV, LDS, lane);
+  /* online softmax: rows (m, i) are spread over a lane quad (e = 2i, 2i + 1 of every column tile) */
+#pragma unroll
+  for (int m = 0; m < MB; m++)
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NTS; nt++) mx = fmaxf(mx, fmaxf(s[m][nt][2 * i], s[m][nt][2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+      const float mnew = fmaxf(st.mrow[m][i], mx * sl2);            /* sl2 > 0: max commutes with it */
+      const float muse = mnew == -INFINITY ? 0.f : mnew;            /* all masked so far: avoid -inf - -inf */
+      const float alpha = ex2_fast(st.mrow[m][i] - muse);
+      st.mrow[m][i] = mnew;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NTS; nt++) {
+        const float p0 = ex2_fast(fmaf(s[m][nt][2 * i], sl2, -muse));
+        const float p1 = ex2_fast(fmaf(s[m][nt][2 * i + 1], sl2, -muse));
+        s[m][nt][2 * i] = p0;
+        s[m][nt][2 * i + 1] = p1;
+        sum += p0 + p1;
+      }
+      st.lrow[m][i] = st.lrow[m][i] * alpha + sum; /* this lane's partial row sum; the quad is summed at the end */
+#pragma unroll
+      for (int nt = 0; nt < NTO; nt++) {
+        st.o[m][nt][2 * i] *= alpha;
+        st.o[m][nt][2 * i + 1] *= alpha;
+      }
+    }
+
+  uint32_t pa[MB][NTS / 2][4];
+  acc_to_a<T>(pa, s);
+  gemm_rs<T, true>(st.o, pa, sV, LDS, lane);
+}
+
+/* One key tile for one warp with its Q rows in shared memory (sQw): S = Q~ K~^T, then fwd_softmax_pv. */
+template <typename T, int D, int BC, int MB>
+__device__ __forceinline__ void fwd_tile(FwdRows<D, MB> &st, const CfAttnArgs &a, const T *sQw, const T *sK,
+                                         const T *sV, const float *s_kvalid, int64_t n0, int64_t nv, int64_t w_lo,
+                                         int64_t qoff, int64_t r0, float sl2, int lane) {
+  constexpr int LDS = D + 8;
+  float s[MB][BC / 8][4];
+  zero_acc(s);
+  gemm_ss<T, MB, BC / 8, D / 16>(s, sQw, LDS, sK, LDS, lane);
+  fwd_softmax_pv<T, D, BC, MB>(st, s, a, sV, s_kvalid, n0, nv, w_lo, qoff, r0, sl2, lane);
 }
 
 /* out = O / l (0 for a row that saw no key), lse = ln(sum exp) (-inf for such a row). */
-template <typename T, int D>
-__device__ __forceinline__ void fwd_finalize(const FwdRows<D> &st, const CfAttnArgs &a, int64_t b, int64_t hq,
+template <typename T, int D, int MB>
+__device__ __forceinline__ void fwd_finalize(const FwdRows<D, MB> &st, const CfAttnArgs &a, int64_t b, int64_t hq,
                                              int64_t r0, int64_t q_hi, int lane) {
   T *og = (T *)a.out + b * a.o_sb + hq * a.o_sh;
   float *lse = a.lse + (b * a.H + hq) * a.Lq;
 #pragma unroll
-  for (int i = 0; i < 2; i++) {
-    float l = st.lrow[i];
-    l += __shfl_xor_sync(kFull, l, 1);
-    l += __shfl_xor_sync(kFull, l, 2);
-    const int64_t row = r0 + i * 8;
-    if (row < q_hi) {
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      T *orow = og + row * a.o_sl;
+  for (int m = 0; m < MB; m++)
 #pragma unroll
-      for (int nt = 0; nt < D / 8; nt++) {
-        const uint32_t w = Ty<T>::pack(st.o[nt][2 * i] * inv, st.o[nt][2 * i + 1] * inv);
-        memcpy(orow + nt * 8 + 2 * (lane & 3), &w, 4);
+    for (int i = 0; i < 2; i++) {
+      float l = st.lrow[m][i];
+      l += __shfl_xor_sync(kFull, l, 1);
+      l += __shfl_xor_sync(kFull, l, 2);
+      const int64_t row = r0 + m * 16 + i * 8;
+      if (row < q_hi) {
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        T *orow = og + row * a.o_sl;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++) {
+          const uint32_t w = Ty<T>::pack(st.o[m][nt][2 * i] * inv, st.o[m][nt][2 * i + 1] * inv);
+          memcpy(orow + nt * 8 + 2 * (lane & 3), &w, 4);
+        }
+        if ((lane & 3) == 0) lse[row] = l > 0.f ? (st.mrow[m][i] + log2f(l)) * kLn2 : -INFINITY;
       }
-      if ((lane & 3) == 0) lse[row] = l > 0.f ? (st.mrow[i] + log2f(l)) * kLn2 : -INFINITY;
     }
-  }
 }
 
 /* What every forward CTA sets up first: its query tile, key range, per-head parameters, and the
@@ -173,7 +186,7 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a)
   const int64_t *kp = a.k_pos + c.b * a.kpos_sb;
   const int64_t r0 = c.qs.lo + warp * 16 + (lane >> 2); /* this thread's rows: r0 and r0 + 8 */
   const float sl2 = (float)a.scale * kLog2e;
-  FwdRows<D> st;
+  FwdRows<D, 1> st;
   st.init();
 
   KVPrefetch<T, BC, D, NTHR> pf;
@@ -185,34 +198,45 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a)
     __syncthreads();
     /* the next tile's loads fly while this tile's tensor-core work runs */
     if (n0 + BC < c.k_end) pf.load(a, kg, vg, kp, c.b, n0 + BC, imin64(BC, c.k_hi - n0 - BC), vec, tid);
-    fwd_tile<T, D, BC>(st, a, sQ + warp * 16 * LDS, sK, sV, s_kvalid, n0, nv, c.qs.lo, c.qoff, r0, sl2, lane);
+    fwd_tile<T, D, BC, 1>(st, a, sQ + warp * 16 * LDS, sK, sV, s_kvalid, n0, nv, c.qs.lo + warp * 16, c.qoff, r0,
+                          sl2, lane);
   }
-  fwd_finalize<T, D>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
+  fwd_finalize<T, D, 1>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
 
 /* Variant "prerot": q~ and k~ (per query head) were written by the pre-rotation pass, so key tiles are
- * plain copies: cp.async fills the second K/V buffer with tile i+1 while the tensor cores work on
- * tile i (two buffers, two barriers per tile). Same tile math as the default kernel (fwd_tile). */
-template <typename T, int D, int BR, int BC>
-__global__ void __launch_bounds__(BR * 2, 1) attn_fwd_pre_kernel(const CfAttnArgs a) {
-  constexpr int NTHR = BR * 2, LDS = D + 8, H2 = D / 2;
-  using Smem = FwdSmem<D, BR, BC, 2>;
+ * plain copies and the kernel is a FlashAttention-2 forward. NW warps of MB * 16 rows each (MB = 2:
+ * 32 rows per warp, see the warp GEMMs), two CTAs per SM (one CTA's barrier wait is the other's
+ * tensor-core time). K/V tiles of BC keys are double-buffered with cp.async and ONE barrier per tile:
+ * the barrier that publishes tile i also proves every warp finished tile i-1, whose buffer then
+ * receives tile i+1 while the tensor cores work on tile i. QREG: the warp's Q~ fragments live in
+ * registers for the whole key loop (d = 64; at d = 128 they would cost 64 registers, so they are
+ * re-read from shared memory per tile). */
+template <typename T, int D, int MB, int NW, int BC>
+struct FwdPreCfg {
+  static constexpr int BR = NW * MB * 16, NTHR = NW * 32, LDS = D + 8;
+  static constexpr bool QREG = D <= 64 && !CF_ATTN_SM80_PASS;
+  static constexpr size_t smem = (size_t)(BR + 4 * BC) * LDS * 2 + 2 * BC * 4;
+};
+
+template <typename T, int D, int MB, int NW, int BC>
+__global__ void __launch_bounds__(NW * 32, 2) attn_fwd_pre_kernel(const CfAttnArgs a) {
+  using Cfg = FwdPreCfg<T, D, MB, NW, BC>;
+  constexpr int BR = Cfg::BR, NTHR = Cfg::NTHR, LDS = Cfg::LDS;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
   T *sKV0 = sQ + BR * LDS; /* buffer i: K at sKV0 + i * 2 * BC * LDS, V right after it */
-  double *s_omega = reinterpret_cast<double *>(smem + Smem::tiles);
-  float *s_delta = reinterpret_cast<float *>(s_omega + H2);
-  float *s_beta = s_delta + H2;
-  float *s_kvalid0 = s_beta + H2; /* buffer i: s_kvalid0 + i * BC */
+  float *s_kvalid0 = reinterpret_cast<float *>(sKV0 + 4 * BC * LDS); /* buffer i: s_kvalid0 + i * BC */
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   FwdCta c;
   RotParams rp;
-  if (!fwd_setup<T, D, BR, true>(a, c, sQ, rp, s_omega, s_delta, s_beta, tid, NTHR)) return;
+  if (!fwd_setup<T, D, BR, true>(a, c, sQ, rp, nullptr, nullptr, nullptr, tid, NTHR)) return;
   const bool vec = a.vec != 0;
   const T *kg = (const T *)a.k_rot + (c.b * a.H + c.hq) * a.Lk * D; /* per query head, contiguous */
   const T *vg = (const T *)a.v + c.b * a.v_sb + c.hk * a.v_sh;
-  const int64_t r0 = c.qs.lo + warp * 16 + (lane >> 2);
+  const int64_t w_lo = c.qs.lo + warp * MB * 16, r0 = w_lo + (lane >> 2);
+  const T *sQw = sQ + warp * MB * 16 * LDS;
   const float sl2 = (float)a.scale * kLog2e;
   const int64_t ntile = (c.k_end - c.k_lo + BC - 1) / BC;
   auto issue = [&](int64_t it) {
@@ -224,26 +248,27 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_pre_kernel(const CfAttnArg
     stage_key_valid(a, c.b, n0, nv, BC, s_kvalid0 + buf * BC, tid, NTHR);
     cp_async_commit();
   };
-  FwdRows<D> st;
+  FwdRows<D, MB> st;
   st.init();
+  uint32_t qf[MB][D / 16][4];
   if (ntile > 0) issue(0);
   for (int64_t it = 0; it < ntile; it++) {
-    /* buffer (it+1)&1 was last read in iteration it-1, which ended with a barrier */
-    if (it + 1 < ntile) {
-      issue(it + 1);
-      cp_async_wait<1>(); /* tile it has landed (this thread's part) */
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads(); /* tile it (and sQ) visible to every warp */
+    cp_async_wait<0>(); /* this thread's copies of tile it have landed (the only group in flight) */
+    __syncthreads();    /* tile it (and sQ) visible to every warp; every warp is done with tile it-1 */
+    if (Cfg::QREG && it == 0) load_a<T>(qf, sQw, LDS, lane);
+    if (it + 1 < ntile) issue(it + 1); /* into tile it-1's buffer */
     const int buf = (int)(it & 1);
     const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
     const T *sK = sKV0 + buf * 2 * BC * LDS;
-    fwd_tile<T, D, BC>(st, a, sQ + warp * 16 * LDS, sK, sK + BC * LDS, s_kvalid0 + buf * BC, n0, nv, c.qs.lo, c.qoff,
-                       r0, sl2, lane);
-    __syncthreads(); /* every warp is done with buffer it&1 before iteration it+1 refills it */
+    float s[MB][BC / 8][4];
+    zero_acc(s);
+    if (Cfg::QREG)
+      gemm_rs<T, false>(s, qf, sK, LDS, lane);
+    else
+      gemm_ss<T, MB, BC / 8, D / 16>(s, sQw, LDS, sK, LDS, lane);
+    fwd_softmax_pv<T, D, BC, MB>(st, s, a, sK + BC * LDS, s_kvalid0 + buf * BC, n0, nv, w_lo, c.qoff, r0, sl2, lane);
   }
-  fwd_finalize<T, D>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
+  fwd_finalize<T, D, MB>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
 
 /* ---- experimental warp-specialized variant (CF_ATTN_FWD_VARIANT=ws; not the default) ----
@@ -301,18 +326,18 @@ __global__ void __launch_bounds__(BR * 2 + 128, 1) attn_fwd_ws_kernel(const CfAt
   }
   const int64_t r0 = c.qs.lo + warp * 16 + (lane >> 2);
   const float sl2 = (float)a.scale * kLog2e;
-  FwdRows<D> st;
+  FwdRows<D, 1> st;
   st.init();
   for (int64_t it = 0; it < ntile; it++) {
     const int buf = (int)(it & 1);
     const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
     const T *sK = sK0 + buf * 2 * BC * LDS;
     named_sync(FULL0 + buf, NALL);
-    fwd_tile<T, D, BC>(st, a, sQ + warp * 16 * LDS, sK, sK + BC * LDS, s_kvalid0 + buf * BC, n0, nv, c.qs.lo, c.qoff,
-                       r0, sl2, lane);
+    fwd_tile<T, D, BC, 1>(st, a, sQ + warp * 16 * LDS, sK, sK + BC * LDS, s_kvalid0 + buf * BC, n0, nv,
+                          c.qs.lo + warp * 16, c.qoff, r0, sl2, lane);
     if (it + 2 < ntile) named_arrive(EMPTY0 + buf, NALL);
   }
-  fwd_finalize<T, D>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
+  fwd_finalize<T, D, 1>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
 
 template <typename T, int D>
@@ -323,10 +348,14 @@ static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
   const char *variant = getenv("CF_ATTN_FWD_VARIANT");
   if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
     if (const char *err = launch_prerotate<T, D>(a, st)) return err;
-    const size_t smem = FwdSmem<D, BR, BC, 2>::bytes;
-    auto kern = attn_fwd_pre_kernel<T, D, BR, BC>;
-    if (const char *err = allow_smem(kern, smem)) return err;
-    kern<<<grid, BR * 2, smem, st>>>(a);
+    /* 4 warps x 32 rows = 128 rows per CTA; key tiles of 64 (d = 128: 32, so S, O and the
+     * addressing fit in 255 registers without spilling) */
+    constexpr int BCP = D == 64 ? 64 : 32;
+    using Cfg = FwdPreCfg<T, D, 2, 4, BCP>;
+    auto kern = attn_fwd_pre_kernel<T, D, 2, 4, BCP>;
+    if (const char *err = allow_smem(kern, Cfg::smem)) return err;
+    const dim3 grid_pre(num_tiles(a, Cfg::BR, a.Lq), (unsigned)a.H, (unsigned)a.B);
+    kern<<<grid_pre, Cfg::NTHR, Cfg::smem, st>>>(a);
   } else if (variant && !strcmp(variant, "ws")) {
     const size_t smem = FwdSmem<D, BR, BC, 2>::bytes;
     auto kern = attn_fwd_ws_kernel<T, D, BR, BC>;
