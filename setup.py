@@ -7,6 +7,7 @@ Environment knobs:
   COMPLEXFORMER_NO_CUDA=1        build CPU kernels only, even where nvcc exists
   COMPLEXFORMER_CUDA_ARCHS=80;90 SM versions to emit machine code for (PTX for the newest)
   COMPLEXFORMER_WERROR=1         warnings are errors (CI sets this)
+  COMPLEXFORMER_NVCC_FLAGS="..." extra nvcc flags, e.g. -DCF_ATTN_TUNING (benchmarks/cmha_cuda_kernel.py --tune)
   CUDA_HOME                      where the CUDA toolkit lives (else found from nvcc on PATH)
   MAX_JOBS                       parallel nvcc jobs
 """
@@ -105,6 +106,7 @@ class BuildExt(build_ext):
                  "--expt-relaxed-constexpr", "-Xptxas", "-warn-spills"] + arch_flags
         if WERROR:
             flags += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
+        flags += os.environ.get("COMPLEXFORMER_NVCC_FLAGS", "").split()
 
         def one(src):
             obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")

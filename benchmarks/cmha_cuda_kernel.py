@@ -17,8 +17,13 @@ Kernel variants, one row each (same inputs, same SDPA baseline):
           call, as the glue does, so time and peak memory include them.
 The experimental warp-specialized forward (CF_ATTN_FWD_VARIANT=ws) is timed afterwards in a child
 process with a time limit (forward only), so a fault in it cannot take this run down.
+--profile adds, per shape, the GPU time of every kernel of one forward + backward (torch.profiler,
+mean of 5 calls): ours (variant prerot) next to SDPA's, to see which launch to work on.
+Alternative tile configurations (compiled only with COMPLEXFORMER_NVCC_FLAGS=-DCF_ATTN_TUNING) are
+picked by CF_ATTN_TUNE=name,name (see the launchers); their kernels show up under their own
+template arguments in the --profile table.
 Usage: python benchmarks/cmha_cuda_kernel.py [--seqlen 2048] [--tokens 16384] [--hd 2048] [--dims 64 128]
-                                             [--variants fused prerot] [--variant ws] [--fwd-only]
+                                             [--variants fused prerot] [--variant ws] [--fwd-only] [--profile]
 """
 import argparse
 import math
@@ -48,6 +53,30 @@ def rotate(x, delta, beta, freqs, pos):
     r = torch.sqrt(re * re + im * im + 1e-9)
     phi = delta[None, :, None, :] * torch.atan2(im, re) + off
     return torch.cat([r * torch.cos(phi), r * torch.sin(phi)], -1).to(x.dtype)
+
+
+def profile_kernels(label, fns, calls=5):
+    """Mean GPU time per call of every kernel each fn launches (torch.profiler, after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        rows, total = [], 0.0
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None)
+            if t is None:
+                t = ev.cuda_time_total
+            if t <= 0:
+                continue
+            total += t / calls
+            rows.append((t / calls, ev.count // calls, ev.key))
+        print(f"\n{label} {name}: GPU time per forward+backward {total / 1000:.3f} ms")
+        for t, n, key in sorted(rows, reverse=True):
+            print(f"  {t / 1000:8.3f} ms  x{n}  {key[:150]}")
 
 
 def bench(d, args):
@@ -101,6 +130,9 @@ def bench(d, args):
         o.backward(dout)
         qg.grad = kg.grad = vg.grad = None
 
+    if args.profile:
+        variant[0] = "prerot"
+        profile_kernels(f"d={d}", {"cmha prerot": fused_fwd_bwd, "sdpa": sdpa_fwd_bwd})
     ref = sdpa_fwd()
     flops_fwd = 4.0 * B * H * L * L * d / 2
     passes = [("fwd", fused_fwd, sdpa_fwd, flops_fwd)]
@@ -137,6 +169,7 @@ def main():
                     help="kernel variants timed in this process (prerot: pre-rotated q~/k~ workspaces)")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--no-ws", action="store_true", help="skip the experimental 'ws' forward's child process")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of one forward+backward")
     args = ap.parse_args()
     if args.variant:
         os.environ["CF_ATTN_FWD_VARIANT"] = args.variant

@@ -54,6 +54,7 @@ if [ "$MODE" = "kernel" ]; then
   cd "$REPO"
   timeout ${BENCH_KERNEL_TIMEOUT:-120} python3 benchmarks/cmha_cuda_kernel.py ${KERNEL_ARGS:-} 2>&1 \
     | tee "$OUT/bench_cmha_kernel.txt" | tail -20
+  if [ -z "${NO_NCU:-}" ]; then
   step ncu
   # what bounds each attention kernel: tensor-pipe and shared-memory utilisation, stall reasons
   timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k "regex:attn_(fwd|bwd)_\w*pre" --launch-count 6 \
@@ -61,6 +62,7 @@ if [ "$MODE" = "kernel" ]; then
     --section WarpStateStats --section Occupancy --section LaunchStats \
     python3 benchmarks/cmha_cuda_kernel.py --variants prerot --reps 1 --no-ws >"$OUT/ncu.txt" 2>&1
   echo "ncu rc=$?"; grep -E "attn_|Duration|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Achieved Occupancy|Registers|One or More|Stall" "$OUT/ncu.txt" | head -80
+  fi
   cd /tmp
 fi
 

@@ -474,6 +474,30 @@ __global__ void __launch_bounds__(NW * 32, BwdPreCfg<D, NW, MB, BK>::MINB) attn_
   dq_store<D, MB>(dq, a, b, hq, r0, qs.hi, lane);
 }
 
+template <typename T, int D, int NW, int MB, int BQ>
+static const char *launch_dkdv_pre(const CfAttnArgs &a, cudaStream_t st) {
+  using Cfg = BwdPreCfg<D, NW, MB, BQ>;
+  auto kern = attn_bwd_dkdv_pre_kernel<T, D, NW, MB, BQ>;
+  if (const char *err = allow_smem(kern, Cfg::smem)) return err;
+  const dim3 grid(num_tiles(a, Cfg::BO, a.Lk), (unsigned)a.H, (unsigned)a.B);
+  if (grid.x == 0) return NULL;
+  kern<<<grid, Cfg::NTHR, Cfg::smem, st>>>(a);
+  CF_LAUNCH_CHECK();
+  return NULL;
+}
+
+template <typename T, int D, int NW, int MB, int BK>
+static const char *launch_dq_pre(const CfAttnArgs &a, cudaStream_t st) {
+  using Cfg = BwdPreCfg<D, NW, MB, BK>;
+  auto kern = attn_bwd_dq_pre_kernel<T, D, NW, MB, BK>;
+  if (const char *err = allow_smem(kern, Cfg::smem)) return err;
+  const dim3 grid(num_tiles(a, Cfg::BO, a.Lq), (unsigned)a.H, (unsigned)a.B);
+  if (grid.x == 0) return NULL;
+  kern<<<grid, Cfg::NTHR, Cfg::smem, st>>>(a);
+  CF_LAUNCH_CHECK();
+  return NULL;
+}
+
 template <typename T, int D>
 static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
   /* d = 128 streams 32 query rows per step in dkdv: dK~ and dV (2 x 64 fp32 per thread) stay in
@@ -492,26 +516,18 @@ static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
     /* dkdv: d = 64: 4 warps x 32 keys, query tiles of 32; d = 128: dK~ and dV of 32 keys would not fit
      * in registers, so 8 warps x 16 keys. dq: 4 warps x 32 rows, key tiles of 64 (d = 128: 32). All
      * chosen as the largest tiles that compile without spills (-Xptxas -v). */
-    constexpr int KNW = D == 64 ? 4 : 8, KMB = D == 64 ? 2 : 1, KBQ = 32;
-    constexpr int QNW = 4, QMB = 2, QBK = D == 64 ? 64 : 32;
-    {
-      using Cfg = BwdPreCfg<D, KNW, KMB, KBQ>;
-      auto kern = attn_bwd_dkdv_pre_kernel<T, D, KNW, KMB, KBQ>;
-      if (const char *err = allow_smem(kern, Cfg::smem)) return err;
-      const dim3 grid(num_tiles(a, Cfg::BO, a.Lk), H, B);
-      if (grid.x > 0) {
-        kern<<<grid, Cfg::NTHR, Cfg::smem, st>>>(a);
-        CF_LAUNCH_CHECK();
-      }
-    }
-    using Cfg = BwdPreCfg<D, QNW, QMB, QBK>;
-    auto kern = attn_bwd_dq_pre_kernel<T, D, QNW, QMB, QBK>;
-    if (const char *err = allow_smem(kern, Cfg::smem)) return err;
-    const dim3 grid(num_tiles(a, Cfg::BO, a.Lq), H, B);
-    if (grid.x > 0) {
-      kern<<<grid, Cfg::NTHR, Cfg::smem, st>>>(a);
-      CF_LAUNCH_CHECK();
-    }
+    const char *err = NULL;
+#ifdef CF_ATTN_TUNING
+    if (D == 128 && tune_on("dkdv128_nw4"))
+      err = launch_dkdv_pre<T, D, 4, 1, 32>(a, st);
+    else
+#endif
+      err = launch_dkdv_pre<T, D, D == 64 ? 4 : 8, D == 64 ? 2 : 1, 32>(a, st);
+    if (err) return err;
+#ifdef CF_ATTN_TUNING
+    if (D == 64 && tune_on("dq64_bk32")) return launch_dq_pre<T, D, 4, 2, 32>(a, st);
+#endif
+    return launch_dq_pre<T, D, 4, 2, D == 64 ? 64 : 32>(a, st);
     return NULL;
   }
   {

@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include "attn_cuda.h"
 #include "attn_cuda_ptx.cuh"
@@ -562,6 +563,15 @@ __device__ __forceinline__ bool map_tile(const CfAttnArgs &a, int64_t t, int R, 
 static inline unsigned num_tiles(const CfAttnArgs &a, int R, int64_t L) {
   return (unsigned)((L + R - 1) / R + (a.cu_seqlens ? a.nseq : 0));
 }
+
+#ifdef CF_ATTN_TUNING
+/* Build with -DCF_ATTN_TUNING (COMPLEXFORMER_NVCC_FLAGS) to compile alternative tile configurations,
+ * picked at run time by name from the comma-separated CF_ATTN_TUNE environment variable (benchmarks only). */
+static inline bool tune_on(const char *name) {
+  const char *v = getenv("CF_ATTN_TUNE");
+  return v && strstr(v, name) != NULL;
+}
+#endif
 
 /* Raise the dynamic shared-memory limit of a kernel (needed above 48 KB); NULL or an error message.
  * The largest configuration (backward dq, d = 128) needs 104 KB: fine on sm_80 / sm_90 data-center

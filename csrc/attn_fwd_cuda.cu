@@ -212,16 +212,16 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a)
  * receives tile i+1 while the tensor cores work on tile i. QREG: the warp's Q~ fragments live in
  * registers for the whole key loop (d = 64; at d = 128 they would cost 64 registers, so they are
  * re-read from shared memory per tile). */
-template <typename T, int D, int MB, int NW, int BC>
+template <typename T, int D, int MB, int NW, int BC, bool QR = (D <= 64)>
 struct FwdPreCfg {
-  static constexpr int BR = NW * MB * 16, NTHR = NW * 32, LDS = D + 8;
-  static constexpr bool QREG = D <= 64 && !CF_ATTN_SM80_PASS;
+  static constexpr int BR = NW * MB * 16, NTHR = NW * 32, LDS = D + 8, MINB = NW <= 4 ? 2 : 1;
+  static constexpr bool QREG = QR && !CF_ATTN_SM80_PASS;
   static constexpr size_t smem = (size_t)(BR + 4 * BC) * LDS * 2 + 2 * BC * 4;
 };
 
-template <typename T, int D, int MB, int NW, int BC>
-__global__ void __launch_bounds__(NW * 32, 2) attn_fwd_pre_kernel(const CfAttnArgs a) {
-  using Cfg = FwdPreCfg<T, D, MB, NW, BC>;
+template <typename T, int D, int MB, int NW, int BC, bool QR>
+__global__ void __launch_bounds__(NW * 32, FwdPreCfg<T, D, MB, NW, BC, QR>::MINB) attn_fwd_pre_kernel(const CfAttnArgs a) {
+  using Cfg = FwdPreCfg<T, D, MB, NW, BC, QR>;
   constexpr int BR = Cfg::BR, NTHR = Cfg::NTHR, LDS = Cfg::LDS;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
@@ -340,6 +340,16 @@ __global__ void __launch_bounds__(BR * 2 + 128, 1) attn_fwd_ws_kernel(const CfAt
   fwd_finalize<T, D, 1>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
 
+template <typename T, int D, int MB, int NW, int BC, bool QR>
+static const char *launch_fwd_pre(const CfAttnArgs &a, cudaStream_t st) {
+  using Cfg = FwdPreCfg<T, D, MB, NW, BC, QR>;
+  auto kern = attn_fwd_pre_kernel<T, D, MB, NW, BC, QR>;
+  if (const char *err = allow_smem(kern, Cfg::smem)) return err;
+  kern<<<dim3(num_tiles(a, Cfg::BR, a.Lq), (unsigned)a.H, (unsigned)a.B), Cfg::NTHR, Cfg::smem, st>>>(a);
+  CF_LAUNCH_CHECK();
+  return NULL;
+}
+
 template <typename T, int D>
 static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
   constexpr int BR = 128, BC = 64;
@@ -350,12 +360,11 @@ static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
     if (const char *err = launch_prerotate<T, D>(a, st)) return err;
     /* 4 warps x 32 rows = 128 rows per CTA; key tiles of 64 (d = 128: 32, so S, O and the
      * addressing fit in 255 registers without spilling) */
-    constexpr int BCP = D == 64 ? 64 : 32;
-    using Cfg = FwdPreCfg<T, D, 2, 4, BCP>;
-    auto kern = attn_fwd_pre_kernel<T, D, 2, 4, BCP>;
-    if (const char *err = allow_smem(kern, Cfg::smem)) return err;
-    const dim3 grid_pre(num_tiles(a, Cfg::BR, a.Lq), (unsigned)a.H, (unsigned)a.B);
-    kern<<<grid_pre, Cfg::NTHR, Cfg::smem, st>>>(a);
+#ifdef CF_ATTN_TUNING
+    if constexpr (D == 64)
+      if (tune_on("fwd64_bc128")) return launch_fwd_pre<T, D, 2, 4, 128, false>(a, st);
+#endif
+    return launch_fwd_pre<T, D, 2, 4, D == 64 ? 64 : 32, D <= 64>(a, st);
   } else if (variant && !strcmp(variant, "ws")) {
     const size_t smem = FwdSmem<D, BR, BC, 2>::bytes;
     auto kern = attn_fwd_ws_kernel<T, D, BR, BC>;
