@@ -18,18 +18,25 @@
 
 namespace cfattn {
 
-template <typename T>
+/* D_m = sum_c dO_mc O_mc. G = D / 8 lanes per row, each with 8 elements (one 16-byte load of O and
+ * of dO when rows are aligned), so a 256-thread block covers 256 / G rows (32 at d = 64). */
+template <typename T, int D>
 __global__ void __launch_bounds__(256) attn_bwd_dot_kernel(const CfAttnArgs a) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5), hq = blockIdx.y, b = blockIdx.z;
-  if (row >= a.Lq) return;
-  const T *o = (const T *)a.out + b * a.o_sb + hq * a.o_sh + row * a.o_sl;
-  const T *g = (const T *)a.dout + b * a.do_sb + hq * a.do_sh + row * a.do_sl;
+  constexpr int G = D / 8, RPB = 256 / G;
+  static_assert(32 % G == 0, "a row's lanes must sit in one warp");
+  const int sub = threadIdx.x % G;
+  const int64_t row = (int64_t)blockIdx.x * RPB + threadIdx.x / G, hq = blockIdx.y, b = blockIdx.z;
   float acc = 0.f;
-  for (int64_t c = lane; c < a.dv; c += 32) acc += Ty<T>::to_float(o[c]) * Ty<T>::to_float(g[c]);
+  if (row < a.Lq) {
+    float x[8], y[8];
+    load8(x, (const T *)a.out + b * a.o_sb + hq * a.o_sh + row * a.o_sl + sub * 8, a.vec != 0);
+    load8(y, (const T *)a.dout + b * a.do_sb + hq * a.do_sh + row * a.do_sl + sub * 8, a.vec != 0);
 #pragma unroll
-  for (int w = 16; w > 0; w >>= 1) acc += __shfl_xor_sync(kFull, acc, w);
-  if (lane == 0) a.dq_rot[((b * a.H + hq) * a.Lq + row) * a.d] = acc;
+    for (int i = 0; i < 8; i++) acc = fmaf(x[i], y[i], acc);
+  }
+#pragma unroll
+  for (int w = G / 2; w > 0; w >>= 1) acc += __shfl_xor_sync(kFull, acc, w); /* within the row's G lanes */
+  if (row < a.Lq && sub == 0) a.dq_rot[((b * a.H + hq) * a.Lq + row) * a.d] = acc;
 }
 
 /* Shared memory of the two main kernels: two tiles of ROWS_A rows (K, V or Q, dO, as owned),
@@ -507,22 +514,23 @@ static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
   constexpr int BQ = 128, BKS = 64;
   const unsigned H = (unsigned)a.H, B = (unsigned)a.B;
   if (a.Lq > 0) {
-    const dim3 grid((unsigned)((a.Lq + 7) / 8), H, B);
-    attn_bwd_dot_kernel<T><<<grid, 256, 0, st>>>(a);
+    const dim3 grid(cf_ceil_div_u(a.Lq, 256 / (D / 8)), H, B);
+    attn_bwd_dot_kernel<T, D><<<grid, 256, 0, st>>>(a);
     CF_LAUNCH_CHECK();
   }
   if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
     if (const char *err = launch_prerotate<T, D>(a, st)) return err;
     /* dkdv: d = 64: 4 warps x 32 keys, query tiles of 32; d = 128: dK~ and dV of 32 keys would not fit
-     * in registers, so 8 warps x 16 keys. dq: 4 warps x 32 rows, key tiles of 64 (d = 128: 32). All
-     * chosen as the largest tiles that compile without spills (-Xptxas -v). */
+     * in registers, so 4 warps x 16 keys (two CTAs per SM: 1.39 ms vs 1.48 with one CTA of 8 warps,
+     * H200). dq: 4 warps x 32 rows, key tiles of 64 (d = 128: 32; at d = 64 tiles of 32 took 1.26 ms
+     * against 1.03). All chosen as the largest tiles that compile without spills (-Xptxas -v). */
     const char *err = NULL;
 #ifdef CF_ATTN_TUNING
-    if (D == 128 && tune_on("dkdv128_nw4"))
-      err = launch_dkdv_pre<T, D, 4, 1, 32>(a, st);
+    if (D == 128 && tune_on("dkdv128_nw8"))
+      err = launch_dkdv_pre<T, D, 8, 1, 32>(a, st);
     else
 #endif
-      err = launch_dkdv_pre<T, D, D == 64 ? 4 : 8, D == 64 ? 2 : 1, 32>(a, st);
+      err = launch_dkdv_pre<T, D, 4, D == 64 ? 2 : 1, 32>(a, st);
     if (err) return err;
 #ifdef CF_ATTN_TUNING
     if (D == 64 && tune_on("dq64_bk32")) return launch_dq_pre<T, D, 4, 2, 32>(a, st);

@@ -25,7 +25,7 @@ typedef struct {
   int64_t B, H, Hkv, Lq, Lk, d, dv;
   int dtype;   /* CF_F16 or CF_BF16 */
   int causal, layout;
-  int vec;     /* 1: q, k, v (and dout) rows are 16-byte aligned, 16-byte loads are safe */
+  int vec;     /* 1: q, k, v (backward: and out, dout) rows are 16-byte aligned, 16-byte loads are safe */
   double scale;
   int64_t q_offset;
   /* out (B, H, Lq, dv) dtype of q: written by the forward, read by the backward */

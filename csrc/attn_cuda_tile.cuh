@@ -490,12 +490,14 @@ __device__ __forceinline__ void stage_key_valid(const CfAttnArgs &a, int64_t b, 
  * dst (B, H, L, D) contiguous = the Euler-rotated q (IS_Q, with beta) or k (per QUERY head: row block
  * of head hq is rotated with head hq's delta from kv head hq / (H / Hkv)), in the input's layout.
  * The same rot_fast as the fused tile loaders, so a kernel reading dst sees bit-identical tiles.
- * Grid (ceil(L / 64), H, B), 256 threads. The glue allocates dst (torch), only where the memory rule
+ * Grid (ceil(L / kPrerotRows), H, B), 256 threads. The glue allocates dst (torch), only where the memory rule
  * allows it (CMHA_CONTRACT: q~ always, k~ when H == Hkv in the forward, always in the backward whose
  * outputs are (B, H, Lk, d) anyway). */
+constexpr int kPrerotRows = 128; /* rows per CTA of the pre-rotation pass (256 threads) */
+
 template <typename T, int D, bool IS_Q>
 __global__ void __launch_bounds__(256) attn_prerotate_kernel(const CfAttnArgs a, T *dst) {
-  constexpr int ROWS = 64, H2 = D / 2;
+  constexpr int ROWS = kPrerotRows, H2 = D / 2;
   __shared__ double s_omega[H2];
   __shared__ float s_delta[H2], s_beta[H2];
   const int64_t hq = blockIdx.y, b = blockIdx.z, L = IS_Q ? a.Lq : a.Lk, r0 = (int64_t)blockIdx.x * ROWS;
@@ -514,12 +516,12 @@ __global__ void __launch_bounds__(256) attn_prerotate_kernel(const CfAttnArgs a,
 /* Launch the pre-rotation of q into a.q_rot and of k into a.k_rot (each when set). */
 template <typename T, int D> static inline const char *launch_prerotate(const CfAttnArgs &a, cudaStream_t st) {
   if (a.q_rot && a.Lq > 0) {
-    attn_prerotate_kernel<T, D, true><<<dim3((unsigned)((a.Lq + 63) / 64), (unsigned)a.H, (unsigned)a.B), 256, 0, st>>>(
+    attn_prerotate_kernel<T, D, true><<<dim3(cf_ceil_div_u(a.Lq, kPrerotRows), (unsigned)a.H, (unsigned)a.B), 256, 0, st>>>(
         a, (T *)a.q_rot);
     CF_LAUNCH_CHECK();
   }
   if (a.k_rot && a.Lk > 0) {
-    attn_prerotate_kernel<T, D, false><<<dim3((unsigned)((a.Lk + 63) / 64), (unsigned)a.H, (unsigned)a.B), 256, 0, st>>>(
+    attn_prerotate_kernel<T, D, false><<<dim3(cf_ceil_div_u(a.Lk, kPrerotRows), (unsigned)a.H, (unsigned)a.B), 256, 0, st>>>(
         a, (T *)a.k_rot);
     CF_LAUNCH_CHECK();
   }
@@ -562,6 +564,15 @@ __device__ __forceinline__ bool map_tile(const CfAttnArgs &a, int64_t t, int R, 
 
 static inline unsigned num_tiles(const CfAttnArgs &a, int R, int64_t L) {
   return (unsigned)((L + R - 1) / R + (a.cu_seqlens ? a.nseq : 0));
+}
+
+/* Do two CTAs with `bytes` of dynamic shared memory each fit on one SM of the current device? */
+static inline bool two_ctas_fit(size_t bytes) {
+  int dev = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
+    return false;
+  return (size_t)per_sm >= 2 * (bytes + 1024); /* the driver reserves 1 KB per CTA */
 }
 
 #ifdef CF_ATTN_TUNING

@@ -260,13 +260,18 @@ __global__ void __launch_bounds__(NW * 32, FwdPreCfg<T, D, MB, NW, BC, QR>::MINB
     const int buf = (int)(it & 1);
     const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
     const T *sK = sKV0 + buf * 2 * BC * LDS;
-    float s[MB][BC / 8][4];
-    zero_acc(s);
-    if (Cfg::QREG)
-      gemm_rs<T, false>(s, qf, sK, LDS, lane);
-    else
-      gemm_ss<T, MB, BC / 8, D / 16>(s, sQw, LDS, sK, LDS, lane);
-    fwd_softmax_pv<T, D, BC, MB>(st, s, a, sK + BC * LDS, s_kvalid0 + buf * BC, n0, nv, w_lo, c.qoff, r0, sl2, lane);
+    constexpr int BCI = CF_ATTN_SM80_PASS && BC > 64 ? 64 : BC; /* see CF_ATTN_SM80_PASS */
+#pragma unroll 1 /* one sub-tile's registers at a time */
+    for (int j = 0; j < BC / BCI; j++) {
+      float s[MB][BCI / 8][4];
+      zero_acc(s);
+      if (Cfg::QREG)
+        gemm_rs<T, false>(s, qf, sK + j * BCI * LDS, LDS, lane);
+      else
+        gemm_ss<T, MB, BCI / 8, D / 16>(s, sQw, LDS, sK + j * BCI * LDS, LDS, lane);
+      fwd_softmax_pv<T, D, BCI, MB>(st, s, a, sK + (BC + j * BCI) * LDS, s_kvalid0 + buf * BC + j * BCI, n0 + j * BCI,
+                                    nv - j * BCI, w_lo, c.qoff, r0, sl2, lane);
+    }
   }
   fwd_finalize<T, D, MB>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
@@ -358,13 +363,20 @@ static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
   const char *variant = getenv("CF_ATTN_FWD_VARIANT");
   if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
     if (const char *err = launch_prerotate<T, D>(a, st)) return err;
-    /* 4 warps x 32 rows = 128 rows per CTA; key tiles of 64 (d = 128: 32, so S, O and the
-     * addressing fit in 255 registers without spilling) */
+    /* 4 warps x 32 rows = 128 rows per CTA. d = 64: key tiles of 128 (as FlashAttention-2: half the
+     * softmax rescales and barriers per key; 0.76 vs 0.81 ms with tiles of 64 and Q~ in registers,
+     * H200) where two such CTAs fit an SM's shared memory (sm_90), else tiles of 64. d = 128: tiles
+     * of 32, so S, O and the addressing fit in 255 registers without spilling. */
+    if constexpr (D == 64) {
+      bool big = two_ctas_fit(FwdPreCfg<T, D, 2, 4, 128, false>::smem);
 #ifdef CF_ATTN_TUNING
-    if constexpr (D == 64)
-      if (tune_on("fwd64_bc128")) return launch_fwd_pre<T, D, 2, 4, 128, false>(a, st);
+      big = big && !tune_on("fwd64_bc64");
 #endif
-    return launch_fwd_pre<T, D, 2, 4, D == 64 ? 64 : 32, D <= 64>(a, st);
+      if (big) return launch_fwd_pre<T, D, 2, 4, 128, false>(a, st);
+      return launch_fwd_pre<T, D, 2, 4, 64, true>(a, st);
+    } else {
+      return launch_fwd_pre<T, D, 2, 4, 32, false>(a, st);
+    }
   } else if (variant && !strcmp(variant, "ws")) {
     const size_t smem = FwdSmem<D, BR, BC, 2>::bytes;
     auto kern = attn_fwd_ws_kernel<T, D, BR, BC>;

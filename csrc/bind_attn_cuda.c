@@ -278,7 +278,7 @@ static PyObject *attn_bwd_cuda(PyObject *self, PyObject *args) {
   a.dout = t.dout.data;
   a.lse = (float *)t.lse.data;
   a.dq_rot = (float *)t.dq.data, a.dk_rot = (float *)t.dk.data, a.dv_full = (float *)t.dv.data;
-  a.vec = a.vec && aligned16(&t.dout);
+  a.vec = a.vec && aligned16(&t.dout) && aligned16(&t.out); /* the backward also loads out and dout by 16 bytes */
   if (parse_workspaces("attn_bwd_cuda", qws, kws, &t, &a)) return NULL;
   const char *err;
   Py_BEGIN_ALLOW_THREADS
