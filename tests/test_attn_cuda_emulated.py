@@ -1,0 +1,122 @@
+"""The fused-attention CUDA kernels (csrc/attn_*cuda*.cu, attn_cuda_tile.cuh) on the CPU.
+
+Whatever kernels those files hold are compiled as host C++ under a fiber emulation of the CUDA
+execution model (tests/cuda_emu/emu_fibers.h: one fiber per CUDA thread, real block / named
+barriers, per-warp collectives; blocks one after another), with the PTX wrappers of
+csrc/attn_cuda_ptx.cuh replaced by emulated twins (tests/cuda_emu/attn_cuda_ptx.cuh: ldmatrix,
+mma.sync, cp.async with deferred completion, ex2). tests/cuda_emu/attn_driver.cpp calls the
+extern "C" launchers cf_attn_fwd_cuda / cf_attn_bwd_cuda on host buffers, variants "fused",
+"prerot" (with the rotation workspaces) and "ws", and compares out, lse, dq_rot, dk_rot, dv_full
+(and the workspaces' rotated q~, k~) with the float64 CPU kernel (attn_cpu.c) on the same inputs.
+Nothing here knows the kernels' tile shapes: a rewrite of the kernels is checked as it stands.
+
+Needs g++, gcc and the CUDA headers; skipped otherwise. CF_EMU_FULL=1 runs the long case list.
+To check another checkout's kernels: CF_EMU_CSRC=/path/to/csrc pytest tests/test_attn_cuda_emulated.py"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from cuda_emu_util import CSRC, EMU, cuda_include_dir, run
+
+CSRC_DIR = os.environ.get("CF_EMU_CSRC", CSRC)  # the kernels under test (default: this checkout's)
+PTX_HEADER = "attn_cuda_ptx.cuh"
+
+# k<<<cfg>>>(args); -> emu_launch_k((const void *)(k), cfg, [&]() { k(args); }); with the same line count
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
+# inline-asm named barriers (bar.sync / bar.arrive id, n) -> the emulation's counted barriers
+_NAMED_BAR = re.compile(r'asm\s+volatile\s*\(\s*"bar\.(sync|arrive)\s+%0,\s*%1;\\n"\s*::\s*"r"\(([^()]+)\),\s*'
+                        r'"r"\(([^()]+)\)\s*:\s*"memory"\s*\)\s*;')
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([A-Za-z_][\w ]*?)\s+(\w+)\[\]\s*;")
+
+
+def _keep_lines(m, text):
+    return text + "\n" * m.group(0).count("\n")
+
+
+def emulated_source(src, path):
+    """One attention source rewritten for emu_fibers.h (launches, shared memory, named barriers)."""
+    src = _LAUNCH.sub(lambda m: _keep_lines(
+        m, f"emu_launch_k((const void *)({m.group(1)}), {m.group(2)}, [&]() {{ {m.group(1)}({m.group(3)}); }});"), src)
+    src = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)} *{m.group(2)} = ({m.group(1)} *)emu_dyn_smem;", src)
+    src = src.replace("__shared__", "static")  # one block at a time: block-shared arrays
+    src = _NAMED_BAR.sub(lambda m: _keep_lines(m, f"emu_bar_{m.group(1)}({m.group(2)}, {m.group(3)});"), src)
+    left = [f"{path}:{i + 1}: {line.strip()}" for i, line in enumerate(src.splitlines())
+            if re.search(r"\basm\b", line) and not line.lstrip().startswith(("//", "/*", "*"))]
+    assert not left, ("inline PTX outside attn_cuda_ptx.cuh has no emulation; move it into a wrapper there "
+                      "(and add its twin to tests/cuda_emu/attn_cuda_ptx.cuh):\n" + "\n".join(left))
+    return f'#line 1 "{path}"\n' + src
+
+
+def prepare(build):
+    """Rewritten copies of csrc's attention CUDA sources in `build`, with the emulated PTX header;
+    returns the emulated translation units (one per .cu)."""
+    names = sorted(f for f in os.listdir(CSRC_DIR) if f.startswith("attn") and f.endswith((".cu", ".cuh")))
+    cus = [f for f in names if f.endswith(".cu")]
+    assert cus and PTX_HEADER in names, f"no attention CUDA sources in {CSRC_DIR}"
+    launches = 0
+    units = []
+    for name in names:
+        if name == PTX_HEADER:
+            continue
+        path = os.path.join(CSRC_DIR, name)
+        with open(path) as f:
+            src = f.read()
+        launches += len(_LAUNCH.findall(src))
+        src = emulated_source(src, path)
+        if name.endswith(".cu"):
+            unit = build / (name[:-3] + "_emu.cpp")
+            unit.write_text('#include "emu_fibers.h"\n' + src)
+            units.append(str(unit))
+        else:
+            (build / name).write_text(src)
+    assert launches >= 2, "expected kernel launches in the attention sources"
+    shutil.copy(os.path.join(EMU, PTX_HEADER), build / PTX_HEADER)
+    return units
+
+
+def build_driver(tmp_path):
+    gxx, gcc, inc = shutil.which("g++"), shutil.which("gcc") or shutil.which("cc"), cuda_include_dir()
+    if not (gxx and gcc and inc):
+        pytest.skip("needs g++, a C compiler and the CUDA headers")
+    units = prepare(tmp_path)
+    common = ["-O1", "-DCF_WITH_CUDA", f"-I{tmp_path}", f"-I{CSRC_DIR}", f"-I{EMU}", f"-I{inc}", "-w",
+              "-fno-math-errno", "-fno-trapping-math"]
+    jobs = [(u, gxx, "-std=c++17") for u in units]
+    jobs += [(os.path.join(EMU, "emu_fibers.cpp"), gxx, "-std=c++17"), (os.path.join(EMU, "attn_driver.cpp"), gxx,
+                                                                        "-std=c++17"),
+             (os.path.join(CSRC_DIR, "attn_cpu.c"), gcc, "-std=c11")]
+    objs, procs = [], []
+    for src, comp, std in jobs:  # two at a time (CI has 2 cores)
+        obj = str(tmp_path / (os.path.basename(src) + ".o"))
+        objs.append(obj)
+        cmd = [comp, std, "-fopenmp", *common, "-c", src, "-o", obj]
+        procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+        if len(procs) == 2:
+            _finish(procs)
+    _finish(procs)
+    exe = str(tmp_path / "attn_emu")
+    run([gxx, "-fopenmp", *objs, "-o", exe, "-lm"])
+    return exe
+
+
+def _finish(procs):
+    for cmd, p in procs:
+        out = p.communicate(timeout=900)[0]
+        assert p.returncode == 0, f"{' '.join(cmd)}\n{out[-6000:]}"
+    procs.clear()
+
+
+def test_attn_cuda_kernels_emulated(tmp_path):
+    exe = build_driver(tmp_path)
+    full = os.environ.get("CF_EMU_FULL", "") not in ("", "0")
+    r = subprocess.run([exe] + (["--full"] if full else []), capture_output=True, text=True, timeout=1800)
+    out = r.stdout + r.stderr
+    print(out[-20000:])
+    assert r.returncode == 0, out[-8000:]
+    m = re.search(r"\b(\d+) cases, (\d+) failures", out)
+    assert m, out[-4000:]
+    assert int(m.group(2)) == 0, out[-8000:]
+    assert int(m.group(1)) >= (60 if full else 30), out[-4000:]
