@@ -50,6 +50,21 @@ def emulated_source(src, path):
     return f'#line 1 "{path}"\n' + src
 
 
+_DEVICE_FN = re.compile(r"__device__\s+(?:__forceinline__\s+|inline\s+)*[\w:<>,\s\*&]*?\b(\w+)\s*\(")
+
+
+def check_ptx_twins():
+    """Every wrapper of csrc/attn_cuda_ptx.cuh needs an emulated twin of the same name."""
+    with open(os.path.join(CSRC_DIR, PTX_HEADER)) as f:
+        real = set(_DEVICE_FN.findall(f.read()))
+    with open(os.path.join(EMU, PTX_HEADER)) as f:
+        emulated = f.read()
+    missing = sorted(n for n in real if not re.search(rf"\b{n}\s*\(", emulated))
+    assert not missing, (f"csrc/{PTX_HEADER} has wrappers without an emulated twin in tests/cuda_emu/{PTX_HEADER}: "
+                         f"{', '.join(missing)} (emu_ldmatrix / emu_mma_16816 / emu_cp_async cover most PTX shapes)")
+    assert {"ldsm_x4", "mma_16816"} <= real, f"cannot parse the wrappers of csrc/{PTX_HEADER}"
+
+
 def prepare(build):
     """Rewritten copies of csrc's attention CUDA sources in `build`, with the emulated PTX header;
     returns the emulated translation units (one per .cu)."""
@@ -81,6 +96,7 @@ def build_driver(tmp_path):
     gxx, gcc, inc = shutil.which("g++"), shutil.which("gcc") or shutil.which("cc"), cuda_include_dir()
     if not (gxx and gcc and inc):
         pytest.skip("needs g++, a C compiler and the CUDA headers")
+    check_ptx_twins()
     units = prepare(tmp_path)
     common = ["-O1", "-DCF_WITH_CUDA", f"-I{tmp_path}", f"-I{CSRC_DIR}", f"-I{EMU}", f"-I{inc}", "-w",
               "-fno-math-errno", "-fno-trapping-math"]

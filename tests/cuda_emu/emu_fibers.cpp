@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #include <cstdarg>
+#include <algorithm>
 #include <map>
 
 uint3 threadIdx, blockIdx;
@@ -181,8 +182,23 @@ static void fiber_main() {
 }
 
 /* ---- stacks: 256 KB each with an inaccessible guard page below, allocated once, reused ---- */
+static unsigned char *stacks[EMU_MAX_THREADS];
+/* At exit: the deepest stack use over all fibers (pages ever touched, from mincore), so a kernel
+ * that comes close to the 256 KB (a crash in the guard page) shows up before it gets there. */
+static void stack_report() {
+  size_t deepest = 0;
+  std::vector<unsigned char> res(kStack / kPage);
+  for (unsigned char *s : stacks)
+    if (s && mincore(s, kStack, res.data()) == 0)
+      for (size_t i = 0; i < res.size(); i++)
+        if (res[i] & 1) {
+          deepest = std::max(deepest, kStack - i * kPage);
+          break;
+        }
+  if (deepest) printf("EMU: deepest fiber stack use %zu KB of %zu KB\n", deepest / 1024, kStack / 1024);
+}
 static unsigned char *stack_of(unsigned t) {
-  static unsigned char *stacks[EMU_MAX_THREADS];
+  if (!stacks[0] && !t) atexit(stack_report);
   if (!stacks[t]) {
     void *m = mmap(nullptr, kStack + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) emu_fail("cannot allocate a fiber stack");
@@ -216,6 +232,11 @@ void emu_check_smem(const void *p, size_t bytes, const char *what) {
     emu_fail("%s: address %p (%zu bytes) is outside the launch's dynamic shared memory [%p, +%zu) (static "
              "__shared__ arrays are not emulated for this instruction)",
              what, p, bytes, (void *)emu_dyn_smem, smem_bytes);
+}
+
+size_t emu_cvta_shared(const void *p) {
+  emu_check_smem(p, 1, "__cvta_generic_to_shared");
+  return (size_t)((const unsigned char *)p - emu_dyn_smem);
 }
 
 /* ---- cp.async ---- */

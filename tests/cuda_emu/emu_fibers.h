@@ -166,6 +166,11 @@ static inline void __syncwarp(unsigned mask = 0xffffffffu) {
   emu_warp_op<char>("__syncwarp", (char)0, [](const char *, char *out) { memset(out, 0, 32); });
 }
 
+/* ---- shared-memory addresses: 32-bit offsets into the launch's dynamic shared memory ---- */
+static inline unsigned char *emu_smem_at(uint32_t a) { return emu_dyn_smem + a; }
+size_t emu_cvta_shared(const void *p);
+#define __cvta_generic_to_shared(p) emu_cvta_shared(p)
+
 /* ---- cp.async (the attention's emulated PTX header maps its wrappers onto these) ---- */
 void emu_cp_async(void *dst, const void *src, int bytes, int src_bytes);
 void emu_cp_async_commit();
@@ -221,4 +226,8 @@ static inline int emu_attr(cudaDeviceAttr a) {
 }
 #define cudaDeviceGetAttribute(p, attr, dev) (*(p) = emu_attr(attr), cudaSuccess)
 #define cudaFuncSetAttribute(k, attr, v) (emu_func_set_attr((const void *)(k), (int)(attr), (int)(v)), cudaSuccess)
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor(p, k, threads, smem) (*(p) = 1, cudaSuccess)
+#define cudaStreamSynchronize(s) cudaSuccess
+#define cudaDeviceSynchronize() cudaSuccess
+#define cudaMemcpyAsync(dst, src, n, kind, s) (memcpy((dst), (src), (n)), cudaSuccess)
 #endif
