@@ -10,8 +10,15 @@ extern "C" launchers cf_attn_fwd_cuda / cf_attn_bwd_cuda on host buffers, varian
 (and the workspaces' rotated q~, k~) with the float64 CPU kernel (attn_cpu.c) on the same inputs.
 Nothing here knows the kernels' tile shapes: a rewrite of the kernels is checked as it stands.
 
-Needs g++, gcc and the CUDA headers; skipped otherwise. CF_EMU_FULL=1 runs the long case list.
-To check another checkout's kernels: CF_EMU_CSRC=/path/to/csrc pytest tests/test_attn_cuda_emulated.py"""
+The emulation checks synchronisation too: warps run greedily ahead of each other (EMU_SCHED=asc |
+desc; default: alternating per block), cp.async data lands only at its wait (the destination reads
+as NaN until then) and shared memory starts as NaN, so a missing barrier or wait shows up as wrong
+results; deadlocks, divergent warp collectives and misaligned ldmatrix / cp.async abort with an
+"EMU:" message naming the block and thread.
+
+Needs g++, gcc and the CUDA headers; skipped otherwise. CF_EMU_FULL=1 runs the long case list (a
+seeded random sweep of 120 configurations, ~1 min). To check another checkout's kernels:
+CF_EMU_CSRC=/path/to/csrc pytest tests/test_attn_cuda_emulated.py"""
 import os
 import re
 import shutil
@@ -19,13 +26,11 @@ import subprocess
 
 import pytest
 
-from cuda_emu_util import CSRC, EMU, cuda_include_dir, run
+from cuda_emu_util import _LAUNCH, CSRC, EMU, cuda_include_dir, run
 
 CSRC_DIR = os.environ.get("CF_EMU_CSRC", CSRC)  # the kernels under test (default: this checkout's)
 PTX_HEADER = "attn_cuda_ptx.cuh"
 
-# k<<<cfg>>>(args); -> emu_launch_k((const void *)(k), cfg, [&]() { k(args); }); with the same line count
-_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 # inline-asm named barriers (bar.sync / bar.arrive id, n) -> the emulation's counted barriers
 _NAMED_BAR = re.compile(r'asm\s+volatile\s*\(\s*"bar\.(sync|arrive)\s+%0,\s*%1;\\n"\s*::\s*"r"\(([^()]+)\),\s*'
                         r'"r"\(([^()]+)\)\s*:\s*"memory"\s*\)\s*;')
@@ -38,6 +43,8 @@ def _keep_lines(m, text):
 
 def emulated_source(src, path):
     """One attention source rewritten for emu_fibers.h (launches, shared memory, named barriers)."""
+    # k<<<cfg>>>(args); -> emu_launch_k((const void *)(k), cfg, [&]() { k(args); }); (same line count, so
+    # compiler messages point at the original lines)
     src = _LAUNCH.sub(lambda m: _keep_lines(
         m, f"emu_launch_k((const void *)({m.group(1)}), {m.group(2)}, [&]() {{ {m.group(1)}({m.group(3)}); }});"), src)
     src = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)} *{m.group(2)} = ({m.group(1)} *)emu_dyn_smem;", src)
@@ -114,7 +121,7 @@ def build_driver(tmp_path):
             _finish(procs)
     _finish(procs)
     exe = str(tmp_path / "attn_emu")
-    run([gxx, "-fopenmp", *objs, "-o", exe, "-lm"])
+    run([gxx, "-fopenmp", "-rdynamic", *objs, "-o", exe, "-lm", "-ldl"])  # -rdynamic: kernel names in EMU messages
     return exe
 
 

@@ -82,8 +82,8 @@ static inline void emu_mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t
   memcpy(in.a, a, sizeof in.a);
   in.b[0] = b0, in.b[1] = b1;
   memcpy(in.c, c, sizeof in.c);
-  const EmuMmaOut o =
-      emu_warp_op<EmuMmaOut>(bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16", in, [bf16](const EmuMmaIn *in, EmuMmaOut *out) {
+  const char *what = bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16";
+  const EmuMmaOut o = emu_warp_op<EmuMmaOut>(what, in, [bf16](const EmuMmaIn *in, EmuMmaOut *out) {
         float A[16][16], B[16][8];
         for (int l = 0; l < 32; l++) {
           const int g = l / 4, t = l % 4;

@@ -13,6 +13,7 @@
  * Prints one line per case and "N cases, F failures"; exits non-zero on a failure. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <algorithm>
@@ -31,6 +32,17 @@ extern "C" {
 #include "rotate_math.h"
 
 static std::mt19937 rng(1234);
+/* the case running now, named by the crash handler (a fault in a kernel would otherwise leave only
+ * the previous case's line in the log) */
+static char current[256];
+static void on_crash(int sig) {
+  char msg[400];
+  const int n = snprintf(msg, sizeof msg, "\nEMU: signal %d in case %s\n", sig, current);
+  fflush(stdout);
+  if (write(2, msg, n) < 0) {}
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
 static double rnd() { return std::normal_distribution<double>(0.0, 1.0)(rng); }
 static int cases = 0, fails = 0;
 
@@ -183,7 +195,8 @@ static void run_case(const Case &c) {
           const double ps = (double)pos[(Bp == B ? b : 0) * L + i];
           for (int64_t j = 0; j < h; j++) {
             const int64_t ire = cf_re_index(c.layout, j, h), iim = cf_im_index(c.layout, j, h);
-            const double off = cf_pos_angle(freqsd[(c.head_freqs ? hq * h : 0) + j], ps) + (is_q ? betad[hq * h + j] : 0);
+            const double off =
+                cf_pos_angle(freqsd[(c.head_freqs ? hq * h : 0) + j], ps) + (is_q ? betad[hq * h + j] : 0);
             cf_rot_fwd_f64(src[ire], src[iim], deltad[hq * h + j], off, &dst[ire], &dst[iim]);
           }
         }
@@ -193,6 +206,7 @@ static void run_case(const Case &c) {
 
   for (const std::string &variant : c.variants) {
     const auto t0 = std::chrono::steady_clock::now();
+    snprintf(current, sizeof current, "%s [%s]", c.name.c_str(), variant.c_str());
     cases++;
     Guarded g;
     /* device-side tensors: q (and dout) rows padded by qpad elements; bshd: (B, L, H, d) memory order */
@@ -223,7 +237,8 @@ static void run_case(const Case &c) {
           memcpy(kd + b * a.k_sb + hh * a.k_sh + i * a.k_sl, &k16[((b * Hkv + hh) * Lk + i) * d], d * 2);
           memcpy(vd + b * a.v_sb + hh * a.v_sh + i * a.v_sl, &v16[((b * Hkv + hh) * Lk + i) * dv], dv * 2);
         }
-    float *deltag = g.alloc<float>(delta.size()), *betag = g.alloc<float>(beta.size()), *freqsg = g.alloc<float>(freqs.size());
+    float *deltag = g.alloc<float>(delta.size()), *betag = g.alloc<float>(beta.size()),
+          *freqsg = g.alloc<float>(freqs.size());
     memcpy(deltag, delta.data(), delta.size() * 4), memcpy(betag, beta.data(), beta.size() * 4);
     memcpy(freqsg, freqs.data(), freqs.size() * 4);
     int64_t *qposg = g.alloc<int64_t>(qpos.size()), *kposg = g.alloc<int64_t>(kpos.size());
@@ -233,13 +248,15 @@ static void run_case(const Case &c) {
     int32_t *cug = c.cu.empty() ? nullptr : g.alloc<int32_t>(c.cu.size());
     if (cug) memcpy(cug, c.cu.data(), c.cu.size() * 4);
     uint16_t *outd = g.alloc<uint16_t>(B * H * Lq * dv);
-    float *lsed = g.alloc<float>(B * H * Lq), *dqd = g.alloc<float>(B * H * Lq * d), *dkd = g.alloc<float>(B * H * Lk * d),
+    float *lsed = g.alloc<float>(B * H * Lq), *dqd = g.alloc<float>(B * H * Lq * d),
+          *dkd = g.alloc<float>(B * H * Lk * d),
           *dvd = g.alloc<float>(B * H * Lk * dv);
     uint16_t *qws = nullptr, *kws = nullptr;
     if (variant == "prerot") qws = g.alloc<uint16_t>(B * H * Lq * d), kws = g.alloc<uint16_t>(B * H * Lk * d);
 
     a.q = qd, a.k = kd, a.v = vd;
-    a.delta = deltag, a.beta = betag, a.freqs = freqsg, a.delta_sh = h, a.beta_sh = h, a.freqs_sh = c.head_freqs ? h : 0;
+    a.delta = deltag, a.beta = betag, a.freqs = freqsg;
+    a.delta_sh = h, a.beta_sh = h, a.freqs_sh = c.head_freqs ? h : 0;
     a.q_pos = qposg, a.k_pos = kposg, a.qpos_sb = c.pos ? Lq : 0, a.qpos_sl = 1;
     a.kpos_sb = c.pos ? Lk : 0, a.kpos_sl = 1;
     a.kpm = kpmg, a.kpm_sb = Lk, a.kpm_sl = 1;
@@ -257,7 +274,11 @@ static void run_case(const Case &c) {
     if (variant == "ws") setenv("CF_ATTN_FWD_VARIANT", "ws", 1);
     const char *err = cf_attn_fwd_cuda(&a, 0, nullptr);
     unsetenv("CF_ATTN_FWD_VARIANT");
-    if (err) { printf("FAIL %s [%s]: forward launcher: %s\n", c.name.c_str(), variant.c_str(), err); fails++; continue; }
+    if (err) {
+      printf("FAIL %s [%s]: forward launcher: %s\n", c.name.c_str(), variant.c_str(), err);
+      fails++;
+      continue;
+    }
 
     /* forward: out relative to max |out|, lse absolute; rows that see no key exactly (-inf, 0) */
     Err eo, el;
@@ -295,7 +316,11 @@ static void run_case(const Case &c) {
       a.dout = dod, a.dq_rot = dqd, a.dk_rot = dkd, a.dv_full = dvd;
       a.vec = a.vec && al(a.do_sb) && al(a.do_sh) && al(a.do_sl);
       err = cf_attn_bwd_cuda(&a, 0, nullptr);
-      if (err) { printf("FAIL %s [%s]: backward launcher: %s\n", c.name.c_str(), variant.c_str(), err); fails++; continue; }
+      if (err) {
+        printf("FAIL %s [%s]: backward launcher: %s\n", c.name.c_str(), variant.c_str(), err);
+        fails++;
+        continue;
+      }
       Err eq, ek, ev;
       for (size_t i = 0; i < dq_ref.size(); i++) eq.add(dqd[i], dq_ref[i]);
       for (size_t i = 0; i < dk_ref.size(); i++) ek.add(dkd[i], dk_ref[i]);
@@ -309,12 +334,14 @@ static void run_case(const Case &c) {
       const double rq = eq.e / std::fmax(std::fmax(maxabs(dq_ref), fq), 1e-6),
                    rk = ek.e / std::fmax(std::fmax(maxabs(dk_ref), fk), 1e-6),
                    rv = ev.e / std::fmax(maxabs(dv_ref), 1e-6);
-      ok = check(rq, tol_grad, c, "dq_rot") & check(rk, tol_grad, c, "dk_rot") & check(rv, tol_grad, c, "dv_full") && ok;
+      ok = check(rq, tol_grad, c, "dq_rot") & check(rk, tol_grad, c, "dk_rot") &
+               check(rv, tol_grad, c, "dv_full") && ok;
       n += snprintf(line + n, sizeof line - n, " dq %.1e dk %.1e dv %.1e", rq, rk, rv);
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     fails += !ok;
-    printf("%s %-50s [%-6s] vec=%d %s (%.1fs)\n", ok ? "ok  " : "FAIL", c.name.c_str(), variant.c_str(), a.vec, line, secs);
+    printf("%s %-50s [%-6s] vec=%d %s (%.1fs)\n", ok ? "ok  " : "FAIL", c.name.c_str(), variant.c_str(), a.vec, line,
+           secs);
     fflush(stdout);
   }
 }
@@ -365,6 +392,14 @@ static Case random_case(int i) {
 
 int main(int argc, char **argv) {
   const bool full = argc > 1 && !strcmp(argv[1], "--full");
+  static char altstack[1 << 16]; /* the handler must run even after a fiber stack overflow */
+  stack_t ss = {};
+  ss.ss_sp = altstack, ss.ss_size = sizeof altstack;
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa = {};
+  sa.sa_handler = on_crash;
+  sa.sa_flags = SA_ONSTACK;
+  for (int sig : {SIGSEGV, SIGBUS, SIGABRT, SIGFPE}) sigaction(sig, &sa, nullptr);
   std::vector<Case> cs;
   auto add = [&](const char *name, auto setup) {
     Case c;
@@ -386,18 +421,23 @@ int main(int argc, char **argv) {
     c.variants = {"fused", "prerot", "ws"};
   });
   /* Lq != Lk with q_offset: decode, chunked prefill, negative offsets (leading rows see nothing) */
-  add("d128 decode Lq=1 Lk=200 GQA", [](Case &c) { c.d = 128, c.H = 4, c.Hkv = 2, c.Lq = 1, c.Lk = 200, c.q_offset = 199; });
+  add("d128 decode Lq=1 Lk=200 GQA", [](Case &c) {
+    c.d = 128, c.H = 4, c.Hkv = 2, c.Lq = 1, c.Lk = 200, c.q_offset = 199;
+  });
   add("d64 decode Lq=5 Lk=130 kpm", [](Case &c) { c.Lq = 5, c.Lk = 130, c.q_offset = 125, c.kpm = 1; });
   add("d64 chunk Lq=81 Lk=200 off=119", [](Case &c) { c.Lq = 81, c.Lk = 200, c.q_offset = 119; });
   add("d64 causal Lq=100 Lk=50 off=-30", [](Case &c) { c.Lq = 100, c.Lk = 50, c.q_offset = -30; });
-  add("d128 full Lq=17 Lk=200 off=-5", [](Case &c) { c.d = 128, c.Lq = 17, c.Lk = 200, c.causal = false, c.q_offset = -5; });
+  add("d128 full Lq=17 Lk=200 off=-5", [](Case &c) {
+    c.d = 128, c.Lq = 17, c.Lk = 200, c.causal = false, c.q_offset = -5;
+  });
   /* masks */
   add("d128 kpm B=2 last batch fully masked L=70", [](Case &c) {
     c.d = 128, c.B = 2, c.H = c.Hkv = 1, c.Lq = c.Lk = 70, c.causal = false, c.kpm = 2;
   });
   add("d64 cu_seqlens causal T=200", [](Case &c) { c.Lq = c.Lk = 200, c.cu = {0, 5, 5, 70, 71, 200}; });
   add("d128 cu_seqlens full T=129 interleaved", [](Case &c) {
-    c.d = 128, c.H = c.Hkv = 1, c.Lq = c.Lk = 129, c.causal = false, c.cu = {0, 64, 129}, c.layout = CF_LAYOUT_INTERLEAVED;
+    c.d = 128, c.H = c.Hkv = 1, c.Lq = c.Lk = 129, c.causal = false, c.cu = {0, 64, 129};
+    c.layout = CF_LAYOUT_INTERLEAVED;
   });
   /* odd lengths, strides */
   add("d64 L=1", [](Case &c) { c.Lq = c.Lk = 1, c.H = c.Hkv = 1; });
@@ -420,7 +460,9 @@ int main(int argc, char **argv) {
       c.d = 128, c.Lq = c.Lk = 300, c.cu = {0, 1, 130, 131, 300}, c.kpm = 1, c.H = c.Hkv = 1;
     });
     add("full: d64 decode Lq=3 Lk=513 full", [](Case &c) { c.Lq = 3, c.Lk = 513, c.causal = false, c.q_offset = 510; });
-    add("full: d128 Lq=200 Lk=60 off=-100", [](Case &c) { c.d = 128, c.Lq = 200, c.Lk = 60, c.q_offset = -100, c.pos = 1, c.B = 2; });
+    add("full: d128 Lq=200 Lk=60 off=-100", [](Case &c) {
+      c.d = 128, c.Lq = 200, c.Lk = 60, c.q_offset = -100, c.pos = 1, c.B = 2;
+    });
   }
   const int nrand = full ? 120 : 16;
   for (int i = 0; i < nrand; i++) cs.push_back(random_case(i));

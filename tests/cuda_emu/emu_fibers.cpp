@@ -2,11 +2,14 @@
  * memory. One OS thread runs everything: blocks one after another, the fibers (CUDA threads) of a
  * block interleaved at their synchronisation points. */
 #include "emu_fibers.h"
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <cstdarg>
 #include <algorithm>
 #include <map>
+#include <string>
 
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
@@ -14,10 +17,26 @@ unsigned char *emu_dyn_smem;
 EmuFiber *emu_cur;
 EmuWarp emu_warps[EMU_MAX_THREADS / 32];
 
+/* the running kernel's name (the test links with -rdynamic, so dladdr finds the symbol) */
+static const void *cur_kernel;
+static const char *kernel_name() {
+  static std::string name;
+  Dl_info info;
+  name = "?";
+  if (cur_kernel && dladdr(cur_kernel, &info) && info.dli_sname) {
+    int st = 0;
+    char *dm = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &st);
+    name = st == 0 && dm ? dm : info.dli_sname;
+    free(dm);
+  }
+  return name.c_str();
+}
+
 void emu_fail(const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  printf("EMU: block (%u,%u,%u) thread %u: ", blockIdx.x, blockIdx.y, blockIdx.z, emu_cur ? emu_cur->tid : 0u);
+  printf("EMU: %s, block (%u,%u,%u) thread %u: ", kernel_name(), blockIdx.x, blockIdx.y, blockIdx.z,
+         emu_cur ? emu_cur->tid : 0u);
   vprintf(fmt, ap);
   printf("\n");
   va_end(ap);
@@ -283,8 +302,8 @@ void emu_func_set_attr(const void *kernel, int attr, int value) {
 }
 
 static void deadlock() {
-  printf("EMU: deadlock in block (%u,%u,%u): %u of %u threads exited, none can run:\n", blockIdx.x, blockIdx.y,
-         blockIdx.z, nexited, nthreads);
+  printf("EMU: deadlock in %s, block (%u,%u,%u): %u of %u threads exited, none can run:\n", kernel_name(),
+         blockIdx.x, blockIdx.y, blockIdx.z, nexited, nthreads);
   for (unsigned t = 0; t < nthreads;) {
     unsigned e = t + 1;
     while (e < nthreads && fibers[e].state == fibers[t].state && fibers[e].what == fibers[t].what) e++;
@@ -308,6 +327,7 @@ static EmuFiber *pick() {
 }
 
 void emu_run_grid(dim3 g, dim3 b, size_t smem, const void *kernel, const std::function<void()> &fn) {
+  cur_kernel = kernel;
   const unsigned n = b.x * b.y * b.z;
   if (n == 0 || n > EMU_MAX_THREADS) emu_fail("launch with %u threads per block", n);
   if (smem > EMU_SMEM_DEFAULT) {
@@ -318,6 +338,7 @@ void emu_run_grid(dim3 g, dim3 b, size_t smem, const void *kernel, const std::fu
                smem);
   }
   smem_setup(smem);
+  cur_kernel = kernel;
   gridDim = g;
   blockDim = b;
   body = &fn;
