@@ -19,11 +19,11 @@ EmuWarp emu_warps[EMU_MAX_THREADS / 32];
 
 /* the running kernel's name (the test links with -rdynamic, so dladdr finds the symbol) */
 static const void *cur_kernel;
-static const char *kernel_name() {
+static const char *kernel_name(const void *k = cur_kernel) {
   static std::string name;
   Dl_info info;
   name = "?";
-  if (cur_kernel && dladdr(cur_kernel, &info) && info.dli_sname) {
+  if (k && dladdr(k, &info) && info.dli_sname) {
     int st = 0;
     char *dm = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &st);
     name = st == 0 && dm ? dm : info.dli_sname;
@@ -228,13 +228,13 @@ static unsigned char *stack_of(unsigned t) {
 }
 
 /* ---- dynamic shared memory: its end touches an inaccessible page ---- */
-static unsigned char *smem_region; /* EMU_SMEM_OPTIN rounded up to pages, then a guard page */
+static unsigned char *smem_region; /* EMU_SMEM_MAX rounded up to pages, then a guard page */
 static size_t smem_region_bytes, smem_bytes;
 size_t emu_smem_bytes() { return smem_bytes; }
 
 static void smem_setup(size_t bytes) {
   if (!smem_region) {
-    smem_region_bytes = (EMU_SMEM_OPTIN + kPage - 1) / kPage * kPage;
+    smem_region_bytes = (EMU_SMEM_MAX + kPage - 1) / kPage * kPage;
     void *m = mmap(nullptr, smem_region_bytes + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) emu_fail("cannot allocate shared memory");
     mprotect((unsigned char *)m + smem_region_bytes, kPage, PROT_NONE);
@@ -290,15 +290,55 @@ void emu_cp_async_wait(int n) {
   f->copies.resize(keep);
 }
 
+/* ---- the device ---- */
+struct EmuDevice {
+  const char *name;
+  int major, minor, sms, optin, per_sm;
+};
+static const EmuDevice &device() {
+  static const EmuDevice h100 = {"h100", 9, 0, 132, 227 * 1024, 228 * 1024};
+  static const EmuDevice a100 = {"a100", 8, 0, 108, 163 * 1024, 164 * 1024};
+  const char *e = getenv("EMU_DEVICE");
+  if (e && *e && strcmp(e, "h100") && strcmp(e, "a100")) emu_fail("EMU_DEVICE=%s: expected h100 or a100", e);
+  return e && !strcmp(e, "a100") ? a100 : h100;
+}
+int emu_attr(cudaDeviceAttr a) {
+  const EmuDevice &d = device();
+  switch (a) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: return d.optin;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: return d.per_sm;
+    case cudaDevAttrMaxSharedMemoryPerBlock: return (int)EMU_SMEM_DEFAULT;
+    case cudaDevAttrMultiProcessorCount: return d.sms;
+    case cudaDevAttrComputeCapabilityMajor: return d.major;
+    case cudaDevAttrComputeCapabilityMinor: return d.minor;
+    case cudaDevAttrMaxThreadsPerBlock: return 1024;
+    case cudaDevAttrWarpSize: return 32;
+    case cudaDevAttrMaxRegistersPerBlock: return 65536;
+    default: emu_fail("cudaDeviceGetAttribute(%d) is not emulated (add it to emu_attr)", (int)a);
+  }
+}
+
 /* ---- launches ---- */
 static std::map<const void *, int> max_dyn_smem; /* cudaFuncAttributeMaxDynamicSharedMemorySize */
 void emu_func_set_attr(const void *kernel, int attr, int value) {
   if (attr == (int)cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || (size_t)value > EMU_SMEM_OPTIN)
-      emu_fail("cudaFuncSetAttribute: %d bytes of dynamic shared memory (the device allows %zu)", value,
-               EMU_SMEM_OPTIN);
+    if (value < 0 || value > device().optin)
+      emu_fail("cudaFuncSetAttribute: %d bytes of dynamic shared memory (the %s allows %d)", value, device().name,
+               device().optin);
     max_dyn_smem[kernel] = value;
   }
+}
+
+/* At exit: every kernel instantiation launched, with its launch and block counts (what a run covered). */
+static std::map<std::string, std::pair<long, long>> launched;
+static void launch_report() {
+  printf("EMU: kernels run (launches, blocks):\n");
+  for (auto &k : launched) printf("  %6ld %8ld  %s\n", k.second.first, k.second.second, k.first.c_str());
+}
+static void count_launch(const void *kernel, long blocks) {
+  if (launched.empty()) atexit(launch_report);
+  auto &e = launched[kernel_name(kernel)];
+  e.first++, e.second += blocks;
 }
 
 static void deadlock() {
@@ -330,6 +370,7 @@ void emu_run_grid(dim3 g, dim3 b, size_t smem, const void *kernel, const std::fu
   cur_kernel = kernel;
   const unsigned n = b.x * b.y * b.z;
   if (n == 0 || n > EMU_MAX_THREADS) emu_fail("launch with %u threads per block", n);
+  if (smem > (size_t)device().optin) emu_fail("launch with %zu bytes of dynamic shared memory", smem);
   if (smem > EMU_SMEM_DEFAULT) {
     auto it = max_dyn_smem.find(kernel);
     if (it == max_dyn_smem.end() || (size_t)it->second < smem)
@@ -338,6 +379,7 @@ void emu_run_grid(dim3 g, dim3 b, size_t smem, const void *kernel, const std::fu
                smem);
   }
   smem_setup(smem);
+  count_launch(kernel, (long)g.x * g.y * g.z);
   cur_kernel = kernel;
   gridDim = g;
   blockDim = b;

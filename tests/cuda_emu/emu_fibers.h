@@ -22,8 +22,10 @@
  *    other warps have not written yet (or have already overwritten), i.e. as wrong results.
  *  - dynamic shared memory starts every block filled with 0xFF bytes (NaN as float16/bfloat16/
  *    float32: reading an element nobody wrote poisons the result); its end is followed by an
- *    inaccessible page (reads past the requested size crash); a launch asking for more than the
- *    emulated opt-in limit without cudaFuncSetAttribute, or more than 227 KB, aborts.
+ *    inaccessible page (reads past the requested size crash); a launch asking for more than 48 KB
+ *    without cudaFuncSetAttribute allowing it, or more than the device's opt-in limit, aborts.
+ *  - the device (EMU_DEVICE): h100 (default) or a100, i.e. their shared-memory limits, SM counts
+ *    and compute capabilities as cudaDeviceGetAttribute reports them.
  *  - cp.async: the destination turns to NaN bytes at issue and receives the data only when a
  *    cp.async.wait_group retires the copy's group (groups older than the newest N), so reading a
  *    tile before its wait, or issuing a copy into a buffer that another warp still reads, poisons
@@ -52,7 +54,7 @@ extern unsigned char *emu_dyn_smem; /* `extern __shared__` arrays (the test rewr
 
 /* ---- the runtime (emu_fibers.cpp) ---- */
 constexpr int EMU_MAX_THREADS = 1024, EMU_SLOT = 64; /* bytes per lane and collective, in and out */
-constexpr size_t EMU_SMEM_OPTIN = 227 * 1024;        /* cudaDevAttrMaxSharedMemoryPerBlockOptin */
+constexpr size_t EMU_SMEM_MAX = 227 * 1024;          /* the largest opt-in limit of the emulated devices */
 constexpr size_t EMU_SMEM_DEFAULT = 48 * 1024;       /* without cudaFuncSetAttribute */
 
 struct EmuCopy {
@@ -215,15 +217,9 @@ template <typename F> void emu_launch_k(const void *k, dim3 g, dim3 b, F f) {
 #define cudaGetDevice(p) (*(p) = 0, cudaSuccess)
 #define cudaSetDevice(d) cudaSuccess
 #define cudaMemsetAsync(p, v, n, s) (memset((p), (v), (n)), cudaSuccess)
-static inline int emu_attr(cudaDeviceAttr a) {
-  switch (a) {
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: return (int)EMU_SMEM_OPTIN;
-    case cudaDevAttrMultiProcessorCount: return 132;
-    case cudaDevAttrComputeCapabilityMajor: return 9;
-    case cudaDevAttrComputeCapabilityMinor: return 0;
-    default: return 0;
-  }
-}
+/* the emulated device's attributes: EMU_DEVICE=h100 (default: sm_90, 227 KB opt-in shared memory per
+ * block, 228 KB per SM) or a100 (sm_80, 163 / 164 KB); unknown attributes abort */
+int emu_attr(cudaDeviceAttr a);
 #define cudaDeviceGetAttribute(p, attr, dev) (*(p) = emu_attr(attr), cudaSuccess)
 #define cudaFuncSetAttribute(k, attr, v) (emu_func_set_attr((const void *)(k), (int)(attr), (int)(v)), cudaSuccess)
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor(p, k, threads, smem) (*(p) = 1, cudaSuccess)
