@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One device call does all GPU verification: build with CUDA, run the CUDA tests, run them again
-# under compute-sanitizer (memcheck, and racecheck on the attention kernels), then the GPU
-# benchmarks. Logs land in $OUT (the device tool brings them back). Each step has its own time
-# limit so one hang cannot eat the lease.
+# One device call does all GPU verification: build with CUDA, run the CUDA tests, time the attention
+# kernels, run compute-sanitizer (memcheck, and racecheck on the attention kernels), then the other
+# GPU benchmarks. Logs land in $OUT (the device tool brings them back). Each step has its own time
+# limit so one hang cannot eat the lease; the steps come in order of importance, so a call cut short
+# by its own limit still returns the results that matter most.
 # Usage (repo root): bash benchmarks/gpu_run.sh [full|tests|sanitize|bench|kernel]
 #   tests: build + CUDA tests; sanitize: + memcheck/racecheck; bench: build + benchmarks; full: all
-#   kernel: build + the attention kernel tests + the kernel benchmark + an ncu profile of the
-#           attention kernels (one launch each; skipped where ncu cannot read the counters)
-# TEST_PATHS (default: all of tests/) narrows the CUDA tests.
+#   kernel: build + CUDA tests + the attention kernel benchmark + an ncu profile of the attention
+#           kernels (NO_NCU=1 skips it; ncu needs a runtime that exposes the counters)
+# Knobs: TEST_PATHS (default tests/; e.g. "$PWD/tests --ignore=$PWD/tests/test_pdl_cuda.py"),
+#   TEST_FILTER (added to -m cuda), KERNEL_ARGS (benchmarks/cmha_cuda_kernel.py), CMHA_ARGS
+#   (benchmarks/cmha.py), SKIP_PDL_BENCH=1, NO_SAN=1 (full without sanitizers), *_TIMEOUT per step.
 set -u
 OUT=${OUT:-/tmp/cf-out}
 mkdir -p "$OUT"
@@ -15,6 +18,7 @@ REPO=$(pwd)
 MODE=${1:-full}
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=dev
 step() { echo; echo "=== $* ($(date +%T))"; }
+want() { for m in "$@"; do [ "$MODE" = "$m" ] && return 0; done; return 1; }
 
 step gpu
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
@@ -22,16 +26,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 step build
 export COMPLEXFORMER_CUDA_ARCHS=${COMPLEXFORMER_CUDA_ARCHS:-90} MAX_JOBS=16 COMPLEXFORMER_WERROR=1
 timeout ${BUILD_TIMEOUT:-400} python3 -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
-rc=$?; grep -E "complexformer:|error|warning" "$OUT/build.log" | grep -v "^ *gcc" | tail -15
+rc=$?; grep -E "complexformer:|error|warning" "$OUT/build.log" | grep -v "^ *gcc\|nvcc -c" | tail -15
 [ $rc -eq 0 ] || { echo "BUILD FAILED rc=$rc"; tail -60 "$OUT/build.log"; exit 1; }
 
 cd /tmp  # import the installed package, not the source tree
 # scripts that put the repo root on sys.path (benchmarks) must find the extension there too
 cp "$(python3 -c 'import complexformer._C as c; print(c.__file__)')" "$REPO/complexformer/"
 step info
-timeout ${INFO_TIMEOUT:-120} python3 -m complexformer.info 2>&1 | tee "$OUT/info.txt"
+timeout ${INFO_TIMEOUT:-120} python3 -m complexformer.info 2>&1 | tee "$OUT/info.txt" | tail -4
 
-if [ "$MODE" != "bench" ]; then
+if want tests sanitize full kernel; then
   step cuda tests
   # -v into the log: if the step limit cuts the run, the log still says which tests passed
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${TEST_PATHS:-$REPO/tests} -m "cuda ${TEST_FILTER:-}" -v -rfE --tb=short \
@@ -39,34 +43,28 @@ if [ "$MODE" != "bench" ]; then
   echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/cuda_tests.txt" | tail -40
 fi
 
-if [ "$MODE" = "bench" ] || [ "$MODE" = "full" ]; then
-  step benchmarks
-  cd "$REPO"
-  timeout ${BENCH_PDL_TIMEOUT:-120} python3 benchmarks/pdl.py --device cuda 2>&1 | tee "$OUT/bench_pdl.txt" | tail -25
-  timeout ${BENCH_KERNEL_TIMEOUT:-90} python3 benchmarks/cmha_cuda_kernel.py 2>&1 | tee "$OUT/bench_cmha_kernel.txt" | tail -20
-  timeout ${BENCH_CMHA_TIMEOUT:-120} python3 benchmarks/cmha.py --device cuda --out "$OUT" ${CMHA_ARGS:-} 2>&1 \
-    | tee "$OUT/bench_cmha.txt" | tail -25
-  cd /tmp
-fi
-
-if [ "$MODE" = "kernel" ]; then
-  step kernel benchmark
+if want bench full kernel; then
+  step attention kernel benchmark
   cd "$REPO"
   timeout ${BENCH_KERNEL_TIMEOUT:-120} python3 benchmarks/cmha_cuda_kernel.py ${KERNEL_ARGS:-} 2>&1 \
-    | tee "$OUT/bench_cmha_kernel.txt" | tail -20
-  if [ -z "${NO_NCU:-}" ]; then
-  step ncu
-  # what bounds each attention kernel: tensor-pipe and shared-memory utilisation, stall reasons
-  timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k "regex:attn_(fwd|bwd)_\w*pre" --launch-count 6 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section Occupancy --section LaunchStats \
-    python3 benchmarks/cmha_cuda_kernel.py --variants prerot --reps 1 --no-ws >"$OUT/ncu.txt" 2>&1
-  echo "ncu rc=$?"; grep -E "attn_|Duration|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Achieved Occupancy|Registers|One or More|Stall" "$OUT/ncu.txt" | head -80
-  fi
+    | tee "$OUT/bench_cmha_kernel.txt" | tail -${KERNEL_TAIL:-20}
   cd /tmp
 fi
 
-if [ "$MODE" = "sanitize" ] || { [ "$MODE" = "full" ] && [ -z "${NO_SAN:-}" ]; }; then
+if want kernel && [ -z "${NO_NCU:-}" ]; then
+  step ncu
+  # what bounds each attention kernel: tensor-pipe and shared-memory utilisation, stall reasons
+  cd "$REPO"
+  for k in attn_fwd_pre attn_bwd_dkdv_pre attn_bwd_dq_pre; do
+    timeout ${NCU_TIMEOUT:-60} ncu --clock-control none -k regex:$k --launch-count 1 --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 benchmarks/cmha_cuda_kernel.py --variants prerot --reps 1 --no-ws --dims 64 >"$OUT/ncu_$k.txt" 2>&1
+    echo "ncu $k rc=$?"; grep -E "Duration|Throughput|pipeline" "$OUT/ncu_$k.txt" | head -12
+  done
+  cd /tmp
+fi
+
+if want sanitize || { want full && [ -z "${NO_SAN:-}" ]; }; then
   step memcheck
   # Without the caching allocator every tensor is its own cudaMalloc, so overruns are caught.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${MEMCHECK_TIMEOUT:-150} compute-sanitizer --tool memcheck \
@@ -76,5 +74,16 @@ if [ "$MODE" = "sanitize" ] || { [ "$MODE" = "full" ] && [ -z "${NO_SAN:-}" ]; }
   timeout ${RACECHECK_TIMEOUT:-90} compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 -m pytest "$REPO/tests/test_cuda_smoke.py" -q -p no:cacheprovider >"$OUT/racecheck.txt" 2>&1
   echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|hazard|passed|failed" "$OUT/racecheck.txt" | tail -8
+fi
+
+if want bench full; then
+  step benchmarks
+  cd "$REPO"
+  timeout ${BENCH_CMHA_TIMEOUT:-120} python3 benchmarks/cmha.py --device cuda --out "$OUT" ${CMHA_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_cmha.txt" | tail -25
+  if [ -z "${SKIP_PDL_BENCH:-}" ]; then
+    timeout ${BENCH_PDL_TIMEOUT:-120} python3 benchmarks/pdl.py --device cuda 2>&1 | tee "$OUT/bench_pdl.txt" | tail -25
+  fi
+  cd /tmp
 fi
 step done

@@ -55,9 +55,12 @@ def test_rotate_kernels(dtype):
     _close(delta.grad, dc.grad, tol)
 
 
-@pytest.mark.parametrize("mode", ["causal", "kpm", "varlen"])
-def test_fused_attention_kernels(mode):
-    B, H, Hkv, L, d = (1 if mode == "varlen" else 2), 4, 2, 67, 64
+# GQA (H=4, Hkv=2: the forward rotates key tiles per CTA, the backward pre-rotates) with a mask of
+# each kind, then H == Hkv (every kernel "prerot") at both head dims over several key / query tiles.
+@pytest.mark.parametrize("mode,H,Hkv,L,d", [("causal", 4, 2, 67, 64), ("kpm", 4, 2, 67, 64), ("varlen", 4, 2, 67, 64),
+                                            ("causal", 2, 2, 300, 64), ("causal", 2, 2, 200, 128)])
+def test_fused_attention_kernels(mode, H, Hkv, L, d):
+    B = 1 if mode == "varlen" or L > 100 else 2
     q = torch.randn(B, H, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, Hkv, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, Hkv, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
