@@ -313,8 +313,9 @@ def _device_arg(t):
 #             forward; a GQA forward stays "fused"); the backward always (its outputs are that size).
 #   "ws":     (forward only, experimental) warp-specialised fused rotation, read by the C launcher.
 # Override per process with CF_ATTN_FWD_VARIANT / CF_ATTN_BWD_VARIANT; these two constants are the
-# defaults. GPU run 2026-11-26 (H200, bf16, causal, B=8, L=2048, fraction of SDPA-flash TFLOP/s):
-# prerot fwd 0.38 / 0.42 (d=64 / 128), fwd+bwd 0.35 / 0.43; fused fwd 0.27 / 0.29, fwd+bwd 0.25 / 0.28.
+# defaults. GPU run 7 (benchmarks/RESULTS.md; H200, bf16, causal, B=8, L=2048, fraction of
+# SDPA-flash TFLOP/s): prerot fwd 0.65 / 0.58 (d=64 / 128), fwd+bwd 0.66 / 0.63; fused fwd 0.36 / 0.36,
+# fwd+bwd 0.35 / 0.34.
 _CUDA_FWD_VARIANT = "prerot"
 _CUDA_BWD_VARIANT = "prerot"
 _CUDA_VARIANTS = {"FWD": ("fused", "prerot", "ws"), "BWD": ("fused", "prerot")}
