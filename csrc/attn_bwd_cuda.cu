@@ -481,28 +481,16 @@ __global__ void __launch_bounds__(NW * 32, BwdPreCfg<D, NW, MB, BK>::MINB) attn_
   dq_store<D, MB>(dq, a, b, hq, r0, qs.hi, lane);
 }
 
+/* The prerot dkdv / dq kernels over the key / query tiles of the grid. */
 template <typename T, int D, int NW, int MB, int BQ>
 static const char *launch_dkdv_pre(const CfAttnArgs &a, cudaStream_t st) {
   using Cfg = BwdPreCfg<D, NW, MB, BQ>;
-  auto kern = attn_bwd_dkdv_pre_kernel<T, D, NW, MB, BQ>;
-  if (const char *err = allow_smem(kern, Cfg::smem)) return err;
-  const dim3 grid(num_tiles(a, Cfg::BO, a.Lk), (unsigned)a.H, (unsigned)a.B);
-  if (grid.x == 0) return NULL;
-  kern<<<grid, Cfg::NTHR, Cfg::smem, st>>>(a);
-  CF_LAUNCH_CHECK();
-  return NULL;
+  return launch_tiles(attn_bwd_dkdv_pre_kernel<T, D, NW, MB, BQ>, Cfg::smem, Cfg::NTHR, Cfg::BO, a.Lk, a, st);
 }
-
 template <typename T, int D, int NW, int MB, int BK>
 static const char *launch_dq_pre(const CfAttnArgs &a, cudaStream_t st) {
   using Cfg = BwdPreCfg<D, NW, MB, BK>;
-  auto kern = attn_bwd_dq_pre_kernel<T, D, NW, MB, BK>;
-  if (const char *err = allow_smem(kern, Cfg::smem)) return err;
-  const dim3 grid(num_tiles(a, Cfg::BO, a.Lq), (unsigned)a.H, (unsigned)a.B);
-  if (grid.x == 0) return NULL;
-  kern<<<grid, Cfg::NTHR, Cfg::smem, st>>>(a);
-  CF_LAUNCH_CHECK();
-  return NULL;
+  return launch_tiles(attn_bwd_dq_pre_kernel<T, D, NW, MB, BK>, Cfg::smem, Cfg::NTHR, Cfg::BO, a.Lq, a, st);
 }
 
 template <typename T, int D>

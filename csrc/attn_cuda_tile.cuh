@@ -585,7 +585,7 @@ static inline bool tune_on(const char *name) {
 #endif
 
 /* Raise the dynamic shared-memory limit of a kernel (needed above 48 KB); NULL or an error message.
- * The largest configuration (backward dq, d = 128) needs 104 KB: fine on sm_80 / sm_90 data-center
+ * The largest configuration (backward dq, d = 128) needs 106 KB: fine on sm_80 / sm_90 data-center
  * GPUs (163 / 227 KB), too much for sm_86 / sm_89 (99 KB), which get a clear error instead. */
 template <typename K> static inline const char *allow_smem(K kernel, size_t bytes) {
   int dev = 0, optin = 0;
@@ -594,9 +594,22 @@ template <typename K> static inline const char *allow_smem(K kernel, size_t byte
     return "cannot query the device's shared-memory limit";
   if ((size_t)optin < bytes)
     return "this GPU allows too little shared memory per block for the fused attention kernel (it needs up to "
-           "104 KB at d = 128, 140 KB for the prerot variant's backward); use backend='sdpa'";
+           "106 KB at d = 128); use backend='sdpa'";
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
   return e == cudaSuccess ? NULL : cudaGetErrorString(e);
+}
+
+/* Launch kern over grid (tiles of `rows` along L, H, B) with `nthr` threads and `smem` bytes of
+ * dynamic shared memory on stream st; NULL or an error message. */
+template <typename K>
+static inline const char *launch_tiles(K kern, size_t smem, int nthr, int rows, int64_t L, const CfAttnArgs &a,
+                                       cudaStream_t st) {
+  if (const char *err = allow_smem(kern, smem)) return err;
+  const dim3 grid(num_tiles(a, rows, L), (unsigned)a.H, (unsigned)a.B);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return NULL;
+  kern<<<grid, nthr, smem, st>>>(a);
+  CF_LAUNCH_CHECK();
+  return NULL;
 }
 
 }  // namespace cfattn

@@ -348,11 +348,7 @@ __global__ void __launch_bounds__(BR * 2 + 128, 1) attn_fwd_ws_kernel(const CfAt
 template <typename T, int D, int MB, int NW, int BC, bool QR>
 static const char *launch_fwd_pre(const CfAttnArgs &a, cudaStream_t st) {
   using Cfg = FwdPreCfg<T, D, MB, NW, BC, QR>;
-  auto kern = attn_fwd_pre_kernel<T, D, MB, NW, BC, QR>;
-  if (const char *err = allow_smem(kern, Cfg::smem)) return err;
-  kern<<<dim3(num_tiles(a, Cfg::BR, a.Lq), (unsigned)a.H, (unsigned)a.B), Cfg::NTHR, Cfg::smem, st>>>(a);
-  CF_LAUNCH_CHECK();
-  return NULL;
+  return launch_tiles(attn_fwd_pre_kernel<T, D, MB, NW, BC, QR>, Cfg::smem, Cfg::NTHR, Cfg::BR, a.Lq, a, st);
 }
 
 template <typename T, int D>
