@@ -66,8 +66,8 @@ __device__ __forceinline__ void stage_row_stats(const CfAttnArgs &a, int64_t b, 
 
 /* One streamed query tile of the dkdv kernel for one warp (MB * 16 keys, local kw0 ..): recompute S^T
  * and P^T, then dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK~ += dS^T Q~. sKw, sVw: the
- * warp's keys. need_mask (warp-uniform): padded or causal-diagonal tiles; elsewhere every P^T entry
- * is live. Query rows past the range need no mask (lse2 = +inf gives P = 0, D = 0 gives dS = 0), nor
+ * warp's keys. need_mask (warp-uniform, bwd_need_mask): a key padding mask or a tile on the causal
+ * diagonal; elsewhere every P^T entry is live. Query rows past the range need no mask (lse2 = +inf gives P = 0, D = 0 gives dS = 0), nor
  * do key rows past the range (their dK~ / dV rows are never stored). */
 template <typename T, int D, int BQ, int MB>
 __device__ __forceinline__ void dkdv_step(float (&dk)[MB][D / 8][4], float (&dv)[MB][D / 8][4], const CfAttnArgs &a,

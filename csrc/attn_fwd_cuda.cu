@@ -209,10 +209,10 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a)
  * 32 rows per warp, see the warp GEMMs), two CTAs per SM (one CTA's barrier wait is the other's
  * tensor-core time). K/V tiles of BC keys are double-buffered with cp.async and ONE barrier per tile:
  * the barrier that publishes tile i also proves every warp finished tile i-1, whose buffer then
- * receives tile i+1 while the tensor cores work on tile i. QREG: the warp's Q~ fragments live in
- * registers for the whole key loop (d = 64; at d = 128 they would cost 64 registers, so they are
- * re-read from shared memory per tile). */
-template <typename T, int D, int MB, int NW, int BC, bool QR = (D <= 64)>
+ * receives tile i+1 while the tensor cores work on tile i. QR: the warp's Q~ fragments live in
+ * registers for the whole key loop (only with d = 64 and key tiles of 64: with tiles of 128, or at
+ * d = 128, the registers go to S and O, and Q~ is re-read from shared memory per tile). */
+template <typename T, int D, int MB, int NW, int BC, bool QR>
 struct FwdPreCfg {
   static constexpr int BR = NW * MB * 16, NTHR = NW * 32, LDS = D + 8, MINB = NW <= 4 ? 2 : 1;
   static constexpr bool QREG = QR && !CF_ATTN_SM80_PASS;
