@@ -500,9 +500,8 @@ static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
   /* 128 owned rows per CTA (8 warps): each streamed tile's rotation is shared by 128 rows */
   constexpr int BK = 128, BQS = D == 64 ? 64 : 32;
   constexpr int BQ = 128, BKS = 64;
-  const unsigned H = (unsigned)a.H, B = (unsigned)a.B;
   if (a.Lq > 0) {
-    const dim3 grid(cf_ceil_div_u(a.Lq, 256 / (D / 8)), H, B);
+    const dim3 grid(cf_ceil_div_u(a.Lq, 256 / (D / 8)), (unsigned)a.H, (unsigned)a.B);
     attn_bwd_dot_kernel<T, D><<<grid, 256, 0, st>>>(a);
     CF_LAUNCH_CHECK();
   }
@@ -524,29 +523,11 @@ static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
     if (D == 64 && tune_on("dq64_bk32")) return launch_dq_pre<T, D, 4, 2, 32>(a, st);
 #endif
     return launch_dq_pre<T, D, 4, 2, D == 64 ? 64 : 32>(a, st);
-    return NULL;
   }
-  {
-    const size_t smem = BwdSmem<D, BK, BQS>::bytes;
-    auto kern = attn_bwd_dkdv_kernel<T, D, BK, BQS>;
-    if (const char *err = allow_smem(kern, smem)) return err;
-    const dim3 grid(num_tiles(a, BK, a.Lk), H, B);
-    if (grid.x > 0) {
-      kern<<<grid, BK * 2, smem, st>>>(a);
-      CF_LAUNCH_CHECK();
-    }
-  }
-  {
-    const size_t smem = BwdSmem<D, BQ, BKS>::bytes;
-    auto kern = attn_bwd_dq_kernel<T, D, BQ, BKS>;
-    if (const char *err = allow_smem(kern, smem)) return err;
-    const dim3 grid(num_tiles(a, BQ, a.Lq), H, B);
-    if (grid.x > 0) {
-      kern<<<grid, BQ * 2, smem, st>>>(a);
-      CF_LAUNCH_CHECK();
-    }
-  }
-  return NULL;
+  if (const char *err = launch_tiles(attn_bwd_dkdv_kernel<T, D, BK, BQS>, BwdSmem<D, BK, BQS>::bytes, BK * 2, BK,
+                                     a.Lk, a, st))
+    return err;
+  return launch_tiles(attn_bwd_dq_kernel<T, D, BQ, BKS>, BwdSmem<D, BQ, BKS>::bytes, BQ * 2, BQ, a.Lq, a, st);
 }
 
 }  // namespace cfattn

@@ -354,9 +354,7 @@ static const char *launch_fwd_pre(const CfAttnArgs &a, cudaStream_t st) {
 template <typename T, int D>
 static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
   constexpr int BR = 128, BC = 64;
-  const dim3 grid(num_tiles(a, BR, a.Lq), (unsigned)a.H, (unsigned)a.B);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return NULL;
-  const char *variant = getenv("CF_ATTN_FWD_VARIANT");
+  if (num_tiles(a, BR, a.Lq) == 0 || a.H == 0 || a.B == 0) return NULL;
   if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
     if (const char *err = launch_prerotate<T, D>(a, st)) return err;
     /* 4 warps x 32 rows = 128 rows per CTA. d = 64: key tiles of 128 (as FlashAttention-2: half the
@@ -373,19 +371,11 @@ static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
     } else {
       return launch_fwd_pre<T, D, 2, 4, 32, false>(a, st);
     }
-  } else if (variant && !strcmp(variant, "ws")) {
-    const size_t smem = FwdSmem<D, BR, BC, 2>::bytes;
-    auto kern = attn_fwd_ws_kernel<T, D, BR, BC>;
-    if (const char *err = allow_smem(kern, smem)) return err;
-    kern<<<grid, BR * 2 + 128, smem, st>>>(a);
-  } else {
-    const size_t smem = FwdSmem<D, BR, BC, 1>::bytes;
-    auto kern = attn_fwd_kernel<T, D, BR, BC>;
-    if (const char *err = allow_smem(kern, smem)) return err;
-    kern<<<grid, BR * 2, smem, st>>>(a);
   }
-  CF_LAUNCH_CHECK();
-  return NULL;
+  const char *variant = getenv("CF_ATTN_FWD_VARIANT");
+  if (variant && !strcmp(variant, "ws"))
+    return launch_tiles(attn_fwd_ws_kernel<T, D, BR, BC>, FwdSmem<D, BR, BC, 2>::bytes, BR * 2 + 128, BR, a.Lq, a, st);
+  return launch_tiles(attn_fwd_kernel<T, D, BR, BC>, FwdSmem<D, BR, BC, 1>::bytes, BR * 2, BR, a.Lq, a, st);
 }
 
 }  // namespace cfattn
