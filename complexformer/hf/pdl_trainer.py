@@ -29,9 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .pdl import fused_linear_pdl_loss, pdl_loss, token_counts
+from ..pdl import fused_linear_pdl_loss, pdl_loss, token_counts
 
-__all__ = ["PDLTrainer", "label_token_counts"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,15 +286,6 @@ def _check_fused_linear_support(model):
             )
 
 
-def __getattr__(name):
-    # PDLTrainer is built on first use, so that importing complexformer.hf (label_token_counts)
-    # does not import transformers, which takes seconds.
-    if name == "PDLTrainer":
-        cls = globals()["PDLTrainer"] = _build_pdl_trainer()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _build_pdl_trainer():
     try:
         from transformers import Trainer as _Trainer
@@ -459,6 +449,6 @@ def _build_pdl_trainer():
             self.loss_is_scaled_for_ga = "normalizer" in kw
             return (loss * scale, outputs) if return_outputs else loss * scale
 
-    PDLTrainer.__module__ = __name__
+    PDLTrainer.__module__ = "complexformer.hf"
     PDLTrainer.__qualname__ = "PDLTrainer"
     return PDLTrainer
