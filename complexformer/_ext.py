@@ -3,7 +3,11 @@
 Outputs and workspaces are always allocated here, by torch, so the caching allocator and CUDA
 graphs keep working; the C side only ever borrows memory for the duration of one call.
 """
+import numbers
+import operator
+
 import torch
+from torch.autograd import forward_ad
 from torch.utils.dlpack import to_dlpack
 
 try:
@@ -73,3 +77,42 @@ def check_tensor(name, t, *, dtypes=None, ndim=None, device=None, allow_empty=Tr
         raise ValueError(f"{name}: device {t.device} not supported (CPU or CUDA)")
     if not allow_empty and t.numel() == 0:
         raise ValueError(f"{name}: must not be empty")
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int(name, v, *, lo=_INT64_MIN, hi=_INT64_MAX, what="an int"):
+    """``v`` as a Python int: any integral value (int, NumPy integer, anything with __index__;
+    not bool), within [lo, hi] (by default int64, what the ops take), else an error naming ``name``."""
+    if isinstance(v, bool) or isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected {what}, got {type(v).__name__}")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected {what}, got {type(v).__name__}") from None
+    if not lo <= i <= hi:
+        raise ValueError(f"{name}: {i} is out of range (expected {lo} <= {name} <= {hi})")
+    return i
+
+
+def check_real(name, v, what="a number"):
+    """``v`` as a Python float: int, float or NumPy scalar (not bool, not a tensor)."""
+    if isinstance(v, (bool, torch.Tensor)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected {what}, got {type(v).__name__}")
+    return float(v)
+
+
+def needs_torch_math(*tensors):
+    """True when a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) is active or
+    a tensor carries a forward-mode tangent (torch.autograd.forward_ad). The kernels' autograd is
+    reverse mode only, so the public functions then run their plain-PyTorch math, which every
+    transform composes with (rather than silently returning a zero tangent)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-from .reference import EPS_R, split_pairs
+from .reference import split_pairs
+from .rotate import _modulus
 
 BACKENDS = ("auto", "fused", "sdpa", "reference")
 LAYOUTS = {"half": 0, "interleaved": 1}
@@ -67,9 +68,9 @@ def _check_param(name, t, H, h, device, allow_shared):
 
 def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
               layout, backend, positions):
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected 'half' or 'interleaved', got {layout!r}")
     _ext.check_tensor("q", q, dtypes=_FLOAT, ndim=4)
     dev = q.device
@@ -95,19 +96,18 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     _check_param("freqs", freqs, H, h, dev, True)
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0
-    elif isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite Python float or None, got {scale!r}")
+    elif not math.isfinite(_ext.check_real("scale", scale, "a finite float or None")):
+        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     if q_offset is not None:
-        if isinstance(q_offset, bool) or not isinstance(q_offset, int):
-            raise TypeError(f"q_offset: expected a Python int or None, got {type(q_offset).__name__}")
-        if not -_POS_LIMIT < q_offset < _POS_LIMIT:
-            raise ValueError(f"q_offset: {q_offset} out of range (|q_offset| < 2^31)")
+        q_offset = _ext.check_int("q_offset", q_offset, lo=-_POS_LIMIT + 1, hi=_POS_LIMIT - 1,
+                                  what="an int or None")
     if key_padding_mask is not None:
         _ext.check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), ndim=2, device=dev)
         if tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(f"key_padding_mask: expected shape ({B}, {Lk}) (B, Lk), got {tuple(key_padding_mask.shape)}")
     if cu_seqlens is not None:
         _ext.check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=dev)
+        cu_seqlens = cu_seqlens.contiguous()  # like every other argument: strides are ours to fix
         if q_offset is not None:
             raise ValueError("cu_seqlens: cannot be combined with q_offset (each packed sequence is its own square block)")
         if B != 1 or Lq != Lk:
@@ -184,7 +184,7 @@ def _rotate_torch(x, delta, beta, freqs, pos, layout, H):
     if G > 1:
         xx = xx.repeat_interleave(G, dim=1)
     re, im = split_pairs(xx, layout)
-    r = torch.sqrt(re * re + im * im + EPS_R)
+    r = _modulus(re, im)
     theta = torch.atan2(im, re)
     omega = (freqs if freqs.dim() == 2 else freqs[None]).double()
     ang = omega[None, :, None, :] * pos.double()[:, None, :, None]  # (Bp, H|1, L, h)
@@ -227,11 +227,12 @@ def _sdpa_mask(p, device):
     alignment); q_offset >= Lk - 1 means every key is visible (decoding); anything else gets an
     explicit boolean mask. SDPA returns NaN on a row with no visible key: such rows (only
     possible with a key padding mask or q_offset < 0) are unmasked before the call and zeroed
-    after it (row_ok), which also zeroes their gradients."""
+    after it (row_ok), which also zeroes their gradients. is_causal needs scale > 0: torch's CPU
+    kernel gives NaN rows for a causal mask with scale <= 0, so those get the explicit mask."""
     if p.kpm is None and p.cu is None:
         if not p.causal or p.q_offset >= p.Lk - 1:
             return None, False, None
-        if p.q_offset == 0 and p.Lq == p.Lk:
+        if p.q_offset == 0 and p.Lq == p.Lk and p.scale > 0:
             return None, True, None
     vis = _visible(p, device)
     if p.kpm is None and p.q_offset >= 0:
@@ -249,9 +250,26 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p):
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     mask, is_causal, row_ok = _sdpa_mask(p, q.device)
     out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
+    out = out.masked_fill(_sdpa_nan_rows(qr, kr, mask, p), float("nan"))
     if row_ok is not None:
         out = out.masked_fill(~row_ok, 0.0)
     return out
+
+
+def _sdpa_nan_rows(qr, kr, mask, p):
+    """(B, H, Lq, 1) bool: rows the reference makes NaN but torch's flash kernels may return as 0
+    (they treat a row whose every score is NaN like a fully masked one): a query with a NaN or
+    infinite entry, or a query that sees a NaN key. No host sync; O(B H L d) next to the attention."""
+    bad = ~torch.isfinite(qr).all(-1)  # (B, H, Lq)
+    kbad = torch.isnan(kr).any(-1)  # (B, H, Lk)
+    if mask is not None:
+        sees = (mask & kbad[:, :, None, :]).any(-1)
+    elif p.causal:  # key n visible to query m iff n <= m + q_offset
+        first = torch.where(kbad.any(-1), kbad.int().argmax(-1), p.Lk)  # (B, H): the first NaN key
+        sees = first[..., None] <= torch.arange(p.Lq, device=qr.device) + p.q_offset
+    else:
+        sees = kbad.any(-1, keepdim=True).expand_as(bad)
+    return (bad | sees)[..., None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +434,11 @@ def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
 
 
 def _fused_backward(ctx, dout, dlse):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "cmha_attention(backend='fused'): double backward (create_graph=True, e.g. a gradient "
+            "penalty or a Hessian-vector product) is not supported by the fused kernel; use "
+            "backend='reference' for higher-order gradients")
     q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse = ctx.saved_tensors
     causal, scale, q_offset, layout = ctx.args
     dq_rot, dk_rot, dv_full = _cmha_fused_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out,
@@ -513,9 +536,12 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
     p = _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
                   layout, backend, positions)
     delta, beta, freqs = delta.to(p.pdtype), beta.to(p.pdtype), freqs.to(p.pdtype)
-    if p.Lq == 0 or p.Lk == 0:
+    if p.Lq == 0 or p.Lk == 0 or p.dv == 0:
         # Nothing to attend to (or nobody asking): the reference math gives the empty / zero
         # result, still attached to the graph so .backward() works and yields zero gradients.
+        return _attention_reference(q, k, v, delta, beta, freqs, p)
+    if _ext.needs_torch_math(q, k, v, delta, beta, freqs):
+        # forward-mode AD or a torch.func transform: the kernels' autograd is reverse mode only
         return _attention_reference(q, k, v, delta, beta, freqs, p)
     if backend == "auto":
         backend = _auto_backend(q, p)

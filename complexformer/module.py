@@ -265,4 +265,13 @@ class CMHA(nn.Module):
             raise ValueError(f"key_padding_mask: expected shape (B={B}, past_len + L={Lk}), got {tuple(mask.shape)}")
         if mask.device != device:
             raise ValueError(f"key_padding_mask: on {mask.device}, but x is on {device}")
-        return mask if mask.dtype == torch.bool else mask != 0
+        if mask.dtype == torch.bool:
+            return mask
+        # 0/1 integers (a Hugging Face attention mask). Any other value is refused: it may be an
+        # additive mask (0 / -inf style) or a position tensor passed by mistake. One host sync on
+        # CUDA, skipped while torch.compile traces or a CUDA graph is captured.
+        capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and bool(((mask != 0) & (mask != 1)).any()):
+            bad = mask[(mask != 0) & (mask != 1)][0].item()
+            raise ValueError(f"key_padding_mask: integer masks must hold 0 or 1 (1 = attend), found {bad}")
+        return mask != 0

@@ -31,6 +31,7 @@ Semantics (SPEC section 2):
     CUDA kernels take float32/float16/bfloat16 (float32 accumulation).
 """
 import math
+import numbers
 import os
 from typing import Optional, Tuple
 
@@ -38,7 +39,8 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._ext import check_tensor, dl, dl_opt, num_threads, require_cuda_kernels, stream
+from ._ext import (check_int, check_real, check_tensor, dl, dl_opt, needs_torch_math, num_threads,
+                   require_cuda_kernels, stream)
 from ._selfcheck import selfcheck
 
 __all__ = ["PDLLoss", "fused_linear_pdl_loss", "pdl_loss", "pdl_weights", "token_counts"]
@@ -121,10 +123,9 @@ def token_counts(ids, vocab_size, *, ignore_index=-100):
     (deterministic), plus one host synchronisation to report out-of-range ids.
     """
     check_tensor("ids", ids, dtypes=_INT_DTYPES)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    # counts are one int64 per id: anything beyond 2^40 ids (8 TiB of counts) is a mistake
+    vocab_size = check_int("vocab_size", vocab_size, lo=1, hi=2**40, what="a positive int")
+    ignore_index = check_int("ignore_index", ignore_index)
     require_cuda_kernels("token_counts", ids)
     return _token_counts_op(ids, vocab_size, ignore_index)
 
@@ -145,20 +146,21 @@ def pdl_weights(counts, alpha=1.0, eps=1e-7, *, max_weight=None):
     check_tensor("counts", counts, ndim=1, allow_empty=False)
     if counts.is_complex() or counts.dtype == torch.bool:
         raise TypeError(f"counts: expected an integer or floating tensor, got {counts.dtype}")
+    alpha, eps = check_real("alpha", alpha), check_real("eps", eps)
     for name, v in (("alpha", alpha), ("eps", eps)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not math.isfinite(v):
             raise ValueError(f"{name}: expected a finite number, got {v!r}")
     if alpha < 0:
         raise ValueError(f"alpha: must be >= 0 (power-law *decay*), got {alpha}")
     if eps <= 0:
         raise ValueError(f"eps: must be > 0 (an unseen token would get an infinite weight), got {eps}")
-    if max_weight is not None and (
-        isinstance(max_weight, bool) or not isinstance(max_weight, (int, float)) or not max_weight > 0
-    ):
+    if max_weight is not None and not check_real("max_weight", max_weight) > 0:
         raise ValueError(f"max_weight: expected a positive number or None, got {max_weight!r}")
     c = counts.to(torch.float64)
-    if counts.numel() and bool((c < 0).any()):
+    if bool((c < 0).any()):
         raise ValueError("counts: must be non-negative")
+    if not bool(torch.isfinite(c).all()):  # NaN would become a NaN weight, inf a zero weight
+        raise ValueError("counts: must be finite (found NaN or inf)")
     w = (c + eps).pow(-float(alpha))
     if max_weight is not None:
         w = w.clamp(max=float(max_weight))
@@ -300,6 +302,12 @@ def _pdl_loss_backward(ctx, grad_loss, _grad_grad):
     ctx.grad = None
     if grad_loss is None:  # the loss took no part in what is differentiated
         return None, None, None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, a gradient penalty, Hessian-vector products): the
+        # gradient is rebuilt from the saved logits in differentiable torch ops
+        logits, targets, weights, normalizer = ctx.saved_tensors
+        return _pdl_grad_torch(logits, targets, weights, normalizer, *ctx.args, grad_loss), None, None, None, \
+            None, None, None
     if grad is None:
         logits, targets, weights, normalizer = ctx.saved_tensors
         _, grad = _pdl_loss_fwd(logits.detach(), targets, weights, normalizer, *ctx.args)
@@ -315,14 +323,14 @@ _pdl_loss_fwd.register_autograd(_pdl_loss_backward, setup_context=_pdl_loss_setu
 
 
 def _check_options(ignore_index, reduction, label_smoothing):
-    if reduction not in _REDUCTIONS:
+    """(ignore_index, label_smoothing) as a Python int and float, validated."""
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected 'none', 'sum' or 'mean', got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
-        0.0 <= label_smoothing <= 1.0
-    ):
+    ignore_index = check_int("ignore_index", ignore_index)
+    ls = check_real("label_smoothing", label_smoothing, "a number in [0, 1]")
+    if not 0.0 <= ls <= 1.0:
         raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
+    return ignore_index, ls
 
 
 def _check_targets_weights(targets, weights, batch_shape, V, device):
@@ -335,25 +343,35 @@ def _check_targets_weights(targets, weights, batch_shape, V, device):
 
 
 def _check_normalizer(normalizer, reduction, device, kernel_dtype):
-    """None, or the mean's denominator as a 1-element tensor on ``device``."""
+    """None, or the mean's denominator as a 1-element tensor of ``kernel_dtype`` on ``device``.
+
+    One rule for numbers and tensors alike: the value, in the kernel's dtype (float32, or float64
+    for float64 logits), must be positive and finite, so 1e300 or inf (inf in float32) and
+    1e-320 (0 in float32) are refused instead of giving a NaN or a silent 0. A CUDA tensor is not
+    read back (that would be a host sync): there the kernel makes a non-positive value NaN."""
     if normalizer is None:
         return None
     if reduction != "mean":
         raise ValueError(f"normalizer: only applies to reduction='mean' (got reduction={reduction!r})")
+    dt = str(kernel_dtype).replace("torch.", "")
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1 or not normalizer.is_floating_point() and normalizer.dtype not in _INT_DTYPES:
-            raise ValueError(f"normalizer: expected a positive number or a 1-element tensor, got shape {tuple(normalizer.shape)}")
-        if normalizer.device.type == "cpu" and not float(normalizer) > 0:
-            raise ValueError(f"normalizer: must be positive, got {float(normalizer)}")
+            raise ValueError(f"normalizer: expected a positive number or a 1-element tensor, got shape "
+                             f"{tuple(normalizer.shape)} of {normalizer.dtype}")
         if normalizer.device.type != "cpu" and normalizer.device != device:
             raise ValueError(f"normalizer: on {normalizer.device}, but the logits are on {device}")
-        # a device tensor cannot be checked without a sync: the kernel makes a non-positive one NaN
-        return normalizer.detach().reshape(()).to(device=device, dtype=kernel_dtype)
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not (
-        math.isfinite(normalizer) and normalizer > 0
-    ):
-        raise ValueError(f"normalizer: must be a positive finite number, got {normalizer!r}")
-    return torch.full((), float(normalizer), dtype=kernel_dtype, device=device)
+        value = normalizer.detach().reshape(()).to(dtype=kernel_dtype)
+        if value.device.type != "cpu":
+            return value.to(device)
+    else:
+        if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+            raise TypeError(f"normalizer: expected a positive number or a 1-element tensor, got "
+                            f"{type(normalizer).__name__}")
+        value = torch.tensor(float(normalizer), dtype=torch.float64).to(kernel_dtype)
+    if not (bool(torch.isfinite(value)) and float(value) > 0):
+        raise ValueError(f"normalizer: must be positive and finite in {dt} (the loss's dtype), got "
+                         f"{float(normalizer)!r} ({float(value)!r} in {dt})")
+    return value.to(device)
 
 
 def _prepare_logits(name, logits):
@@ -403,17 +421,22 @@ def pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", l
     except that a batch with no counted token gives 0, not NaN. See the module docstring for
     out-of-range targets on CUDA (NaN, or ``COMPLEXFORMER_SYNC_CHECKS=1`` to raise).
     """
-    _check_options(ignore_index, reduction, label_smoothing)
+    ignore_index, label_smoothing = _check_options(ignore_index, reduction, label_smoothing)
     logits = _prepare_logits("logits", logits)
     V = logits.shape[-1]
     _check_targets_weights(targets, weights, logits.shape[:-1], V, logits.device)
     kdtype = _acc_dtype(logits.dtype)
     norm = _check_normalizer(normalizer, reduction, logits.device, kdtype)
+    if needs_torch_math(logits, weights, norm):
+        # forward-mode AD or a torch.func transform: the same math in differentiable torch ops
+        _check_targets_in_range(targets, V, ignore_index)
+        return _pdl_loss_torch(logits.to(kdtype), targets, weights.to(kdtype), ignore_index, reduction,
+                               label_smoothing, norm)
     targets = targets.reshape(-1).contiguous()
     if logits.is_cuda and _sync_checks():
         _check_targets_in_range(targets, V, ignore_index)
     w = weights.detach().to(kdtype).contiguous()
-    args = (logits, targets, w, norm, ignore_index, _REDUCTIONS[reduction], float(label_smoothing))
+    args = (logits, targets, w, norm, ignore_index, _REDUCTIONS[reduction], label_smoothing)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return _pdl_loss_value(*args)  # evaluation: the loss alone, no gradient buffer
     loss, _ = _pdl_loss_fwd(*args)
@@ -429,7 +452,7 @@ class PDLLoss(torch.nn.Module):
     def __init__(self, weights, *, ignore_index=-100, reduction="mean", label_smoothing=0.0):
         super().__init__()
         check_tensor("weights", weights, dtypes=_FLOAT_DTYPES, ndim=1, allow_empty=False)
-        _check_options(ignore_index, reduction, label_smoothing)
+        ignore_index, label_smoothing = _check_options(ignore_index, reduction, label_smoothing)
         self.register_buffer("weights", weights.detach().clone())
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -603,10 +626,15 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, ignore_in
 
 def reference_pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                        normalizer=None):
-    """The loss in plain PyTorch math (float64 recommended), for tests: the SPEC's formula."""
+    """The loss in plain PyTorch math (float64 recommended), for tests: the SPEC's formula.
+    Differentiable to any order and traceable by every torch.func transform (no host syncs)."""
+    return _pdl_loss_torch(logits, targets, weights, ignore_index, reduction, label_smoothing, normalizer)
+
+
+def _pdl_loss_torch(logits, targets, weights, ignore_index, reduction, label_smoothing, normalizer):
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
-    y = targets.reshape(-1)
+    y = targets.reshape(-1).long()
     w = weights.to(z.dtype)
     valid = y != ignore_index
     ys = torch.where(valid, y, 0)
@@ -620,8 +648,23 @@ def reference_pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction
         return rows.view(targets.shape)
     if reduction == "sum":
         return rows.sum()
-    denom = wy.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=z.dtype)
-    return rows.sum() / denom if float(denom) > 0 else rows.sum() * 0
+    if normalizer is not None:
+        return rows.sum() / torch.as_tensor(normalizer, dtype=z.dtype, device=z.device)
+    # the kernels' rule: a weight sum of exactly 0 (no counted target) gives 0, any other divides
+    denom = wy.sum()
+    nz = denom != 0
+    return torch.where(nz, rows.sum() / torch.where(nz, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+
+
+def _pdl_grad_torch(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing, grad_loss):
+    """d(loss)/d(logits) * grad_loss in differentiable torch ops (create_graph=True): the Hessian
+    of weighted cross-entropy then comes from autograd through this expression."""
+    with torch.enable_grad():
+        z = logits if logits.requires_grad else logits.detach().requires_grad_()
+        name = {v: k for k, v in _REDUCTIONS.items()}[reduction]
+        loss = _pdl_loss_torch(z, targets, weights, ignore_index, name, label_smoothing, normalizer)
+        (g,) = torch.autograd.grad(loss, z, grad_loss.to(loss.dtype), create_graph=True)
+    return g
 
 
 @selfcheck("pdl_loss", 1e-4)

@@ -95,6 +95,16 @@ def _pos_angle(freqs, pos):
     return a - 2 * math.pi * torch.round(a / (2 * math.pi))
 
 
+def _modulus(re, im):
+    """sqrt(re^2 + im^2 + eps_r) without overflow (rotate_math.h's cf_rot_r): pairs whose squares
+    could exceed the dtype's range are scaled by a power of two first."""
+    big = 1e19 if re.dtype != torch.float64 else 1e150
+    k = 66 if re.dtype != torch.float64 else 600
+    sc = torch.where((re.abs() > big) | (im.abs() > big), 2.0 ** -k, 1.0).to(re.dtype)
+    a, b = re * sc, im * sc
+    return torch.sqrt(a * a + b * b + EPS_R * sc * sc) / sc
+
+
 def _split(x, layout):
     h = x.shape[-1] // 2
     return (x[..., :h], x[..., h:]) if layout == 0 else (x[..., 0::2], x[..., 1::2])
@@ -113,7 +123,7 @@ def rotate_reference(x, delta, beta, freqs, pos, *, layout="half", dtype=None):
     H = delta.shape[0]
     xe = x.to(dt).repeat_interleave(H // x.shape[1], 1)
     re, im = _split(xe, layout)
-    r = torch.sqrt(re * re + im * im + EPS_R)
+    r = _modulus(re, im)
     off = _pos_angle(freqs, _prep_pos(pos, x.device))
     if beta is not None:
         off = off + beta.double()[None, :, None, :]
@@ -131,7 +141,7 @@ def _rotate_backward_torch(x, grad, delta, beta, freqs, pos, *, layout, need_fre
     xe = x.to(dt).repeat_interleave(H // Hx, 1)
     re, im = _split(xe, layout)
     g_re, g_im = _split(grad.to(dt), layout)
-    r = torch.sqrt(re * re + im * im + EPS_R)
+    r = _modulus(re, im)
     c, s, th = re / r, im / r, torch.atan2(im, re)
     off = _pos_angle(freqs, pos)
     if beta is not None:
@@ -303,10 +313,20 @@ def _rotate_setup(ctx, inputs, output):
     ctx.layout = layout
 
 
+def _rotate_bwd_any(x, grad, delta, beta, freqs, positions, layout, need_freqs):
+    """The backward kernel, or under create_graph=True (double backward) the same formulas in
+    differentiable torch ops, so second derivatives are exact rather than silently dropped."""
+    if torch.is_grad_enabled():
+        dx, dd, db, df = _rotate_backward_torch(x, grad, delta, beta, freqs, positions, layout=layout,
+                                                need_freqs_grad=need_freqs)
+        return dx, dd, db, df
+    return _rotate_bwd_op(x, grad, delta, beta, freqs, positions, layout, need_freqs)
+
+
 def _rotate_grad(ctx, grad):
     x, delta, beta, freqs, positions = ctx.saved_tensors
-    dx, dd, db, df = _rotate_bwd_op(x, grad, delta, beta, freqs, positions, ctx.layout,
-                                    ctx.needs_input_grad[3])
+    dx, dd, db, df = _rotate_bwd_any(x, grad, delta, beta, freqs, positions, ctx.layout,
+                                     ctx.needs_input_grad[3])
     return (dx if ctx.needs_input_grad[0] else None,) + _param_grads(ctx, dd, db, df, delta, beta, freqs, 1) \
         + (None, None)
 
@@ -337,8 +357,8 @@ def _rotate_qk_setup(ctx, inputs, output):
 def _rotate_qk_grad(ctx, gq, gk):
     q, k, delta, beta, freqs, q_pos, k_pos = ctx.saved_tensors
     nf = ctx.needs_input_grad[4]
-    dq, ddq, db, dfq = _rotate_bwd_op(q, gq, delta, beta, freqs, q_pos, ctx.layout, nf)
-    dk, ddk, _, dfk = _rotate_bwd_op(k, gk, delta, None, freqs, k_pos, ctx.layout, nf)
+    dq, ddq, db, dfq = _rotate_bwd_any(q, gq, delta, beta, freqs, q_pos, ctx.layout, nf)
+    dk, ddk, _, dfk = _rotate_bwd_any(k, gk, delta, None, freqs, k_pos, ctx.layout, nf)
     n = ctx.needs_input_grad
     return ((dq if n[0] else None, dk if n[1] else None)
             + _param_grads(ctx, ddq + ddk, db, dfq + dfk if nf else dfq, delta, beta, freqs, 2)
@@ -350,6 +370,13 @@ _rotate_qk_op.register_autograd(_rotate_qk_grad, setup_context=_rotate_qk_setup)
 
 # ----------------------------------------------------------------------------------------------
 # Public API
+
+def _public_layout(layout):
+    """The public functions take the names only (True would otherwise pass as 1, "interleaved")."""
+    if not isinstance(layout, str):
+        raise ValueError(f"layout: expected 'half' or 'interleaved', got {layout!r}")
+    return _layout_id(layout)
+
 
 def _check_params(x, delta, beta, freqs):
     _ext.check_tensor("delta", delta, dtypes=_FLOATS, ndim=2, device=x.device)
@@ -411,14 +438,17 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
         (B, H, L, d) in x's dtype. The math runs in float32 (float64 for float64 inputs).
         Differentiable with respect to x, delta, beta and freqs.
     """
-    layout_id = _layout_id(layout)
+    layout_id = _public_layout(layout)
     _check_x("x", x)
     if is_query and beta is None:
         raise ValueError("beta: required for queries (is_query=True); pass is_query=False for keys")
     H = _check_params(x, delta, beta if is_query else None, freqs)
     _check_heads("x", x, H)
     pos = _resolve_positions("positions", positions, x.shape[0], x.shape[2], x.device)
-    return _rotate_op(x, delta, beta if is_query else None, freqs, pos, layout_id)
+    b = beta if is_query else None
+    if _ext.needs_torch_math(x, delta, b, freqs):  # forward-mode AD / torch.func: torch ops
+        return rotate_reference(x, delta, b, freqs, pos, layout=layout_id).to(x.dtype)
+    return _rotate_op(x, delta, b, freqs, pos, layout_id)
 
 
 def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=None, layout="half"):
@@ -426,7 +456,7 @@ def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=N
 
     q (B, H or a divisor, Lq, d), k (B, Hkv, Lk, d) -> (q~ (B, H, Lq, d), k~ (B, H, Lk, d)).
     Used by the "sdpa" attention backend; differentiable like ``euler_rotate``."""
-    layout_id = _layout_id(layout)
+    layout_id = _public_layout(layout)
     _check_x("q", q)
     _check_x("k", k)
     if k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
@@ -440,6 +470,9 @@ def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=N
     _check_heads("k", k, H)
     qp = _resolve_positions("q_positions", q_positions, q.shape[0], q.shape[2], q.device)
     kp = _resolve_positions("k_positions", k_positions, k.shape[0], k.shape[2], k.device)
+    if _ext.needs_torch_math(q, k, delta, beta, freqs):  # forward-mode AD / torch.func: torch ops
+        return (rotate_reference(q, delta, beta, freqs, qp, layout=layout_id).to(q.dtype),
+                rotate_reference(k, delta, None, freqs, kp, layout=layout_id).to(k.dtype))
     return _rotate_qk_op(q, k, delta, beta, freqs, qp, kp, layout_id)
 
 

@@ -129,11 +129,11 @@ static int parse_common(CfAttnParams *p, int *dtype, PyObject *oq, PyObject *ok,
     p->cu_seqlens = c;
     p->nseq = S;
   }
-  if (cf_tensor_arg(oout, "out", &out) || check_input(&out, "out", 4, dt) ||
+  if (cf_tensor_out(oout, "out", &out) || check_input(&out, "out", 4, dt) ||
       cf_check_shape(&out, "out", 4, (const int64_t[]){B, H, Lq, dv}) || cf_check_contiguous(&out, "out"))
     return -1;
   const int ldt = dt;  /* lse: float32 for float32 q, float64 for float64 q */
-  if (cf_tensor_arg(olse, "lse", &lse) || check_input(&lse, "lse", 3, ldt) ||
+  if (cf_tensor_out(olse, "lse", &lse) || check_input(&lse, "lse", 3, ldt) ||
       cf_check_dim(&lse, "lse", 0, B) || cf_check_dim(&lse, "lse", 1, H) ||
       cf_check_dim(&lse, "lse", 2, Lq) || cf_check_contiguous(&lse, "lse"))
     return -1;
@@ -160,7 +160,7 @@ static int parse_common(CfAttnParams *p, int *dtype, PyObject *oq, PyObject *ok,
   p->scale = scale;
   p->q_offset = (int64_t)q_offset;
   p->layout = layout;
-  p->nthreads = nthreads < 1 ? 1 : nthreads;
+  p->nthreads = cf_clamp_threads(nthreads);
   p->out = out.data;
   p->lse = lse.data;
   return 0;
@@ -214,13 +214,13 @@ static PyObject *attn_bwd_cpu(PyObject *self, PyObject *args) {
   if (cf_tensor_arg(odout, "dout", &dout) || check_input(&dout, "dout", 4, dtype) ||
       cf_check_shape(&dout, "dout", 4, (const int64_t[]){p.B, p.H, p.Lq, p.dv}) || cf_check_last_contiguous(&dout, "dout"))
     return NULL;
-  if (cf_tensor_arg(odq, "dq_rot", &dq) || check_input(&dq, "dq_rot", 4, dtype) ||
+  if (cf_tensor_out(odq, "dq_rot", &dq) || check_input(&dq, "dq_rot", 4, dtype) ||
       cf_check_shape(&dq, "dq_rot", 4, (const int64_t[]){p.B, p.H, p.Lq, p.d}) || cf_check_contiguous(&dq, "dq_rot"))
     return NULL;
-  if (cf_tensor_arg(odk, "dk_rot", &dk) || check_input(&dk, "dk_rot", 4, dtype) ||
+  if (cf_tensor_out(odk, "dk_rot", &dk) || check_input(&dk, "dk_rot", 4, dtype) ||
       cf_check_shape(&dk, "dk_rot", 4, (const int64_t[]){p.B, p.H, p.Lk, p.d}) || cf_check_contiguous(&dk, "dk_rot"))
     return NULL;
-  if (cf_tensor_arg(odv, "dv_full", &dvf) || check_input(&dvf, "dv_full", 4, dtype) ||
+  if (cf_tensor_out(odv, "dv_full", &dvf) || check_input(&dvf, "dv_full", 4, dtype) ||
       cf_check_shape(&dvf, "dv_full", 4, (const int64_t[]){p.B, p.H, p.Lk, p.dv}) || cf_check_contiguous(&dvf, "dv_full"))
     return NULL;
   p.dout = dout.data;

@@ -228,7 +228,7 @@ static PyObject *attn_fwd_cuda(PyObject *self, PyObject *args) {
   AttnTensors t;
   CfAttnArgs a;
   if (parse_common("attn_fwd_cuda", o, &t, &a, causal, scale, q_offset, layout)) return NULL;
-  if (cf_tensor_arg(o[10], "out", &t.out) || cf_tensor_arg(o[11], "lse", &t.lse)) return NULL;
+  if (cf_tensor_out(o[10], "out", &t.out) || cf_tensor_out(o[11], "lse", &t.lse)) return NULL;
   if (check_out_like(&t.out, "out", &t.q, a.dv, &a.o_sb, &a.o_sh, &a.o_sl) || cf_check_contiguous(&t.out, "out"))
     return NULL;
   const int64_t lshape[3] = {a.B, a.H, a.Lq};
@@ -263,8 +263,8 @@ static PyObject *attn_bwd_cuda(PyObject *self, PyObject *args) {
   CfAttnArgs a;
   if (parse_common("attn_bwd_cuda", o, &t, &a, causal, scale, q_offset, layout)) return NULL;
   if (cf_tensor_arg(o[10], "out", &t.out) || cf_tensor_arg(o[11], "dout", &t.dout) ||
-      cf_tensor_arg(o[12], "lse", &t.lse) || cf_tensor_arg(o[13], "dq_rot", &t.dq) ||
-      cf_tensor_arg(o[14], "dk_rot", &t.dk) || cf_tensor_arg(o[15], "dv_full", &t.dv))
+      cf_tensor_arg(o[12], "lse", &t.lse) || cf_tensor_out(o[13], "dq_rot", &t.dq) ||
+      cf_tensor_out(o[14], "dk_rot", &t.dk) || cf_tensor_out(o[15], "dv_full", &t.dv))
     return NULL;
   if (check_out_like(&t.out, "out", &t.q, a.dv, &a.o_sb, &a.o_sh, &a.o_sl) ||
       check_out_like(&t.dout, "dout", &t.q, a.dv, &a.do_sb, &a.do_sh, &a.do_sl))

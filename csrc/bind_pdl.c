@@ -21,8 +21,8 @@ static PyObject *pdl_token_counts(PyObject *self, PyObject *args) {
   unsigned long long stream;
   if (!PyArg_ParseTuple(args, "OOLiKO", &o_ids, &o_counts, &ignore, &nthreads, &stream, &o_bad)) return NULL;
   CfTensor ids, counts, bad;
-  if (cf_tensor_arg(o_ids, "ids", &ids) || cf_tensor_arg(o_counts, "counts", &counts) ||
-      cf_tensor_opt(o_bad, "bad", &bad))
+  if (cf_tensor_arg(o_ids, "ids", &ids) || cf_tensor_out(o_counts, "counts", &counts) ||
+      cf_tensor_out_opt(o_bad, "bad", &bad))
     return NULL;
   if (cf_check_dtype(&ids, "ids", CF_I32 | CF_I64) || cf_check_contiguous(&ids, "ids") ||
       cf_check_dtype(&counts, "counts", CF_I64) || cf_check_ndim(&counts, "counts", 1) ||
@@ -53,7 +53,7 @@ static PyObject *pdl_token_counts(PyObject *self, PyObject *args) {
   int rc;
   Py_BEGIN_ALLOW_THREADS
   rc = cf_pdl_token_counts_cpu(ids.data, ids.dtype == CF_I64, ids.numel, ignore, (int64_t *)counts.data,
-                               V, nthreads, &bad_pos, &bad_value);
+                               V, cf_clamp_threads(nthreads), &bad_pos, &bad_value);
   Py_END_ALLOW_THREADS
   if (rc) {
     PyErr_Format(PyExc_ValueError,
@@ -85,8 +85,8 @@ static PyObject *pdl_loss_fwd(PyObject *self, PyObject *args) {
   CfTensor z, y, w, norm, loss, grad, ws;
   if (cf_tensor_arg(o_z, "logits", &z) || cf_tensor_arg(o_y, "targets", &y) ||
       cf_tensor_arg(o_w, "weights", &w) || cf_tensor_opt(o_norm, "normalizer", &norm) ||
-      cf_tensor_arg(o_loss, "row_loss", &loss) || cf_tensor_opt(o_grad, "grad", &grad) ||
-      cf_tensor_opt(o_ws, "workspace", &ws))
+      cf_tensor_out(o_loss, "row_loss", &loss) || cf_tensor_out_opt(o_grad, "grad", &grad) ||
+      cf_tensor_out_opt(o_ws, "workspace", &ws))
     return NULL;
   if (z.ndim != 2 && z.ndim != 3) {
     PyErr_Format(PyExc_ValueError, "logits: expected 2 or 3 dimensions, got %d", z.ndim);
@@ -159,7 +159,7 @@ static PyObject *pdl_loss_fwd(PyObject *self, PyObject *args) {
   int64_t bad_pos = -1, bad_value = 0;
   int rc;
   Py_BEGIN_ALLOW_THREADS
-  rc = cf_pdl_loss_cpu(&a, z.dtype == CF_F64, norm_value, nthreads, &bad_pos, &bad_value);
+  rc = cf_pdl_loss_cpu(&a, z.dtype == CF_F64, norm_value, cf_clamp_threads(nthreads), &bad_pos, &bad_value);
   Py_END_ALLOW_THREADS
   if (rc) {
     PyErr_Format(PyExc_ValueError,
@@ -179,7 +179,7 @@ static PyObject *pdl_scale(PyObject *self, PyObject *args) {
   unsigned long long stream;
   if (!PyArg_ParseTuple(args, "OOiK", &o_grad, &o_g, &per_row, &stream)) return NULL;
   CfTensor grad, g;
-  if (cf_tensor_arg(o_grad, "grad", &grad) || cf_tensor_arg(o_g, "grad_output", &g)) return NULL;
+  if (cf_tensor_out(o_grad, "grad", &grad) || cf_tensor_arg(o_g, "grad_output", &g)) return NULL;
   if (grad.device != CF_DEV_CUDA) {
     PyErr_SetString(PyExc_ValueError, "grad: pdl_scale runs on CUDA tensors only");
     return NULL;

@@ -87,7 +87,7 @@ static int parse_job(PyObject *ox, PyObject *odelta, PyObject *obeta, PyObject *
 /* A contiguous output of the given shape, dtype and device. */
 static int check_out(PyObject *o, const char *name, const CfTensor *like, int dtype, int ndim,
                      const int64_t *shape, CfTensor *t) {
-  if (cf_tensor_arg(o, name, t) || cf_check_ndim(t, name, ndim) || cf_check_dtype(t, name, dtype) ||
+  if (cf_tensor_out(o, name, t) || cf_check_ndim(t, name, ndim) || cf_check_dtype(t, name, dtype) ||
       cf_check_contiguous(t, name) || cf_check_same_device(like, "inputs", t, name))
     return -1;
   for (int i = 0; i < ndim; i++)
@@ -125,7 +125,7 @@ static PyObject *rotate_fwd(PyObject *self, PyObject *args) {
 #endif
   }
   Py_BEGIN_ALLOW_THREADS
-  cf_rotate_fwd_cpu(&job, out.data, nthreads);
+  cf_rotate_fwd_cpu(&job, out.data, cf_clamp_threads(nthreads));
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -164,8 +164,8 @@ static PyObject *rotate_fwd_qk(PyObject *self, PyObject *args) {
 #endif
   }
   Py_BEGIN_ALLOW_THREADS
-  if (qout.numel) cf_rotate_fwd_cpu(&jq, qout.data, nthreads);
-  if (kout.numel) cf_rotate_fwd_cpu(&jk, kout.data, nthreads);
+  if (qout.numel) cf_rotate_fwd_cpu(&jq, qout.data, cf_clamp_threads(nthreads));
+  if (kout.numel) cf_rotate_fwd_cpu(&jk, kout.data, cf_clamp_threads(nthreads));
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -207,7 +207,7 @@ static PyObject *rotate_bwd(PyObject *self, PyObject *args) {
       check_out(ows, "workspace", &x, cuda ? CF_F32 : CF_F64, 4, wsshape, &ws) ||
       check_out(odd, "ddelta", &x, pdt, 2, pshape, &dd))
     return NULL;
-  if (cf_tensor_opt(odb, "dbeta", &db) || cf_tensor_opt(odf, "dfreqs", &df)) return NULL;
+  if (cf_tensor_out_opt(odb, "dbeta", &db) || cf_tensor_out_opt(odf, "dfreqs", &df)) return NULL;
   if (odb != Py_None) {
     if (obeta == Py_None) {
       PyErr_SetString(PyExc_ValueError, "dbeta: given for keys (beta is None)");
@@ -244,7 +244,7 @@ static PyObject *rotate_bwd(PyObject *self, PyObject *args) {
 #endif
   }
   Py_BEGIN_ALLOW_THREADS
-  cf_rotate_bwd_cpu(&jb, nthreads);
+  cf_rotate_bwd_cpu(&jb, cf_clamp_threads(nthreads));
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }

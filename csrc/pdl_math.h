@@ -44,13 +44,14 @@ CF_INLINE double cf_pdl_row_loss(double lse, double zy, double wy, double W, dou
   return l * inv_norm;
 }
 
-/* 1 / norm. A denominator the kernel computed itself (sum of the batch's target weights) may be
- * 0 when the batch has no counted token: the loss is then 0 with a zero gradient, as the
- * reference trainer does. A caller-given normalizer that is not positive is a bug upstream:
- * NaN, never a silent 0. */
-CF_INLINE double cf_pdl_inv_norm(double norm, int zero_ok) {
-  if (norm > 0.0) return 1.0 / norm;
-  return zero_ok ? 0.0 : NAN;
+/* 1 / norm. A denominator the kernel computed itself (sum of the batch's target weights) is
+ * exactly 0 when the batch has no counted token (or only zero-weight targets): the loss is then
+ * 0 with a zero gradient, as the reference trainer does. Any other sum, negative included (a
+ * negative class weight), is divided by, as F.cross_entropy(weight=w) does. A caller-given
+ * normalizer that is not positive is a bug upstream: NaN, never a silent 0. */
+CF_INLINE double cf_pdl_inv_norm(double norm, int computed) {
+  if (computed) return norm != 0.0 ? 1.0 / norm : 0.0;
+  return norm > 0.0 ? 1.0 / norm : NAN;
 }
 
 #endif

@@ -1,6 +1,11 @@
 #include "tensor.h"
 #include "dlpack.h"
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define CF_DLPACK_FLAG_READ_ONLY 1ULL /* DLPACK_FLAG_BITMASK_READ_ONLY (DLPack 1.0) */
 
 static int map_dtype(DLDataType d) {
   if (d.lanes != 1) return 0;
@@ -54,6 +59,7 @@ int cf_tensor_arg(PyObject *capsule, const char *name, CfTensor *t) {
         return -1;
       }
       dl = &m->dl_tensor;
+      t->read_only = (m->flags & CF_DLPACK_FLAG_READ_ONLY) != 0;
     }
   }
   if (!dl) {
@@ -110,6 +116,29 @@ int cf_tensor_opt(PyObject *capsule, const char *name, CfTensor *t) {
     return 0;
   }
   return cf_tensor_arg(capsule, name, t);
+}
+
+static int refuse_read_only(const CfTensor *t, const char *name) {
+  if (!t->read_only) return 0;
+  PyErr_Format(PyExc_ValueError, "%s: is read-only, but it is an output the kernel writes", name);
+  return -1;
+}
+
+int cf_tensor_out(PyObject *capsule, const char *name, CfTensor *t) {
+  return cf_tensor_arg(capsule, name, t) || refuse_read_only(t, name) ? -1 : 0;
+}
+
+int cf_tensor_out_opt(PyObject *capsule, const char *name, CfTensor *t) {
+  return cf_tensor_opt(capsule, name, t) || refuse_read_only(t, name) ? -1 : 0;
+}
+
+int cf_clamp_threads(int nthreads) {
+#ifdef _OPENMP
+  const int cap = 4 * (omp_get_num_procs() > 64 ? omp_get_num_procs() : 64);
+#else
+  const int cap = 1;
+#endif
+  return nthreads < 1 ? 1 : nthreads > cap ? cap : nthreads;
 }
 
 int cf_check_dtype(const CfTensor *t, const char *name, int mask) {

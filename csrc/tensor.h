@@ -15,6 +15,7 @@ typedef struct {
   int64_t shape[CF_MAX_DIMS];
   int64_t strides[CF_MAX_DIMS];     /* in elements, filled in even for compact tensors */
   int64_t numel;
+  int read_only;                    /* DLPack 1.x DLPACK_FLAG_BITMASK_READ_ONLY */
 } CfTensor;
 
 /* Parse a DLPack capsule (legacy or versioned). The capsule stays owned by the caller
@@ -22,6 +23,14 @@ typedef struct {
 int cf_tensor_arg(PyObject *capsule, const char *name, CfTensor *t);
 /* Like cf_tensor_arg, but Py_None gives t->data == NULL and returns 0. */
 int cf_tensor_opt(PyObject *capsule, const char *name, CfTensor *t);
+/* An output the kernel writes: cf_tensor_arg / cf_tensor_opt, and a ValueError for a tensor its
+ * producer marked read-only (e.g. a NumPy view of an immutable bytes object). */
+int cf_tensor_out(PyObject *capsule, const char *name, CfTensor *t);
+int cf_tensor_out_opt(PyObject *capsule, const char *name, CfTensor *t);
+
+/* A caller's CPU thread count made safe for OpenMP: at least 1, and at most a few times the
+ * processors (libgomp aborts or runs out of stack for absurd counts such as 10**6). */
+int cf_clamp_threads(int nthreads);
 
 int cf_check_dtype(const CfTensor *t, const char *name, int dtype_mask);
 int cf_check_ndim(const CfTensor *t, const char *name, int ndim);
