@@ -265,8 +265,8 @@ def _sdpa_nan_rows(qr, kr, mask, p):
     if mask is not None:
         sees = (mask & kbad[:, :, None, :]).any(-1)
     elif p.causal:  # key n visible to query m iff n <= m + q_offset
-        first = torch.where(kbad.any(-1), kbad.int().argmax(-1), p.Lk)  # (B, H): the first NaN key
-        sees = first[..., None] <= torch.arange(p.Lq, device=qr.device) + p.q_offset
+        first = kbad.int().argmax(-1, keepdim=True)  # (B, H, 1): the first NaN key, if any
+        sees = kbad.any(-1, keepdim=True) & (first <= torch.arange(p.Lq, device=qr.device) + p.q_offset)
     else:
         sees = kbad.any(-1, keepdim=True).expand_as(bad)
     return (bad | sees)[..., None]

@@ -126,7 +126,8 @@ __device__ __forceinline__ void fwd_finalize(const FwdRows<D, MB> &st, const CfA
           const uint32_t w = Ty<T>::pack(st.o[m][nt][2 * i] * inv, st.o[m][nt][2 * i + 1] * inv);
           memcpy(orow + nt * 8 + 2 * (lane & 3), &w, 4);
         }
-        if ((lane & 3) == 0) lse[row] = l > 0.f ? (st.mrow[m][i] + log2f(l)) * kLn2 : -INFINITY;
+        /* l NaN (a NaN score): lse NaN too, so the backward makes the row's gradients NaN */
+        if ((lane & 3) == 0) lse[row] = l > 0.f ? (st.mrow[m][i] + log2f(l)) * kLn2 : l == 0.f ? -INFINITY : l;
       }
     }
 }

@@ -1,0 +1,633 @@
+"""Adversarial use of the public API: no silent wrong answers.
+
+Each case here once returned a plausible but wrong value (a zero tangent, a dropped second-order
+term, a loss of 0, a 0 output row, all-zero rotations) or crashed the process. Every test compares
+against plain-PyTorch float64 math or requires a clear exception naming the argument. Ends with
+hypothesis fuzz passes over the public functions and a memory-growth check over many calls.
+"""
+import math
+import operator
+
+import numpy as np
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import complexformer as cf
+from complexformer import _C
+from complexformer._ext import dl
+from complexformer.reference import cmha_attention_pairwise, default_freqs
+from complexformer.rotate import euler_rotate_qk, rotate_reference
+
+F64 = torch.float64
+ATTN_BACKENDS = ["fused", "sdpa", "auto", "reference"]
+
+
+def pdl_case(N=7, V=5, dtype=F64, negative=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, V, generator=g, dtype=dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    w = torch.rand(V, generator=g, dtype=dtype) + 0.1
+    if negative:
+        w[y[0]] = -w[y[0]]
+    return z, y, w
+
+
+def attn_case(B=1, H=2, Hkv=1, Lq=5, Lk=5, d=8, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, d, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, Lk, d, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, Lk, d, generator=g, dtype=dtype)
+    delta = (torch.randn(H, d // 2, generator=g) / math.sqrt(d // 2)).to(dtype)
+    beta = (0.3 * torch.randn(H, d // 2, generator=g)).to(dtype)
+    freqs = default_freqs(d, dtype=dtype)
+    return q, k, v, delta, beta, freqs
+
+
+def rot_case(B=2, H=2, Hx=1, L=4, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, Hx, L, d, generator=g, dtype=F64)
+    delta = torch.randn(H, d // 2, generator=g, dtype=F64)
+    beta = torch.randn(H, d // 2, generator=g, dtype=F64)
+    freqs = torch.rand(d // 2, generator=g, dtype=F64)
+    return x, delta, beta, freqs
+
+
+# ------------------------------------------------------------------ 1. forward-mode AD, torch.func
+
+
+def test_pdl_loss_forward_ad_matches_cross_entropy():
+    z, y, w = pdl_case()
+    t = torch.randn_like(z)
+    want = torch.func.jvp(lambda z: F.cross_entropy(z, y, weight=w, label_smoothing=0.1), (z,), (t,))[1]
+    got = torch.func.jvp(lambda z: cf.pdl_loss(z, y, w, label_smoothing=0.1), (z,), (t,))[1]
+    torch.testing.assert_close(got, want)
+    with fwAD.dual_level():
+        out = cf.pdl_loss(fwAD.make_dual(z, t), y, w, label_smoothing=0.1)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want)
+
+
+def test_pdl_loss_func_grad_jacrev_hessian():
+    z, y, w = pdl_case()
+    ce = lambda z: F.cross_entropy(z, y, weight=w)  # noqa: E731
+    pdl = lambda z: cf.pdl_loss(z, y, w)  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(pdl)(z), torch.func.grad(ce)(z))
+    torch.testing.assert_close(torch.func.jacrev(pdl)(z), torch.func.jacrev(ce)(z))
+    torch.testing.assert_close(torch.func.hessian(pdl)(z), torch.func.hessian(ce)(z))
+    per = torch.func.vmap(pdl)(torch.stack([z, 2 * z]))
+    torch.testing.assert_close(per, torch.stack([ce(z), ce(2 * z)]))
+
+
+@pytest.mark.parametrize("is_query", [True, False])
+def test_euler_rotate_forward_ad(is_query):
+    x, delta, beta, freqs = rot_case()
+    tx, td = torch.randn_like(x), torch.randn_like(delta)
+    b = beta if is_query else None
+    pos = torch.arange(x.shape[2])[None]
+    want = torch.func.jvp(lambda x, dl: rotate_reference(x, dl, b, freqs, pos), (x, delta), (tx, td))[1]
+    got = torch.func.jvp(lambda x, dl: cf.euler_rotate(x, dl, beta, freqs, is_query=is_query), (x, delta),
+                         (tx, td))[1]
+    torch.testing.assert_close(got, want)
+    with fwAD.dual_level():
+        out = cf.euler_rotate(fwAD.make_dual(x, tx), fwAD.make_dual(delta, td), beta, freqs, is_query=is_query)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want)
+    jac = torch.func.jacrev(lambda x: cf.euler_rotate(x, delta, beta, freqs, is_query=is_query))(x)
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda x: rotate_reference(x, delta, b, freqs, pos))(x))
+
+
+def test_euler_rotate_qk_forward_ad():
+    x, delta, beta, freqs = rot_case()
+    k = torch.randn_like(x)
+    t = torch.randn_like(x)
+    got = torch.func.jvp(lambda q: euler_rotate_qk(q, k, delta, beta, freqs)[0], (x,), (t,))[1]
+    want = torch.func.jvp(lambda q: cf.euler_rotate(q, delta, beta, freqs), (x,), (t,))[1]
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_cmha_attention_forward_ad(backend):
+    q, k, v, delta, beta, freqs = attn_case()
+    tq, tb = torch.randn_like(q), torch.randn_like(beta)
+
+    def f(backend):
+        return lambda q, b: cf.cmha_attention(q, k, v, delta, b, freqs, backend=backend)
+
+    want = torch.func.jvp(f("reference"), (q, beta), (tq, tb))[1]
+    torch.testing.assert_close(torch.func.jvp(f(backend), (q, beta), (tq, tb))[1], want)
+    with fwAD.dual_level():
+        out = cf.cmha_attention(fwAD.make_dual(q, tq), k, v, delta, fwAD.make_dual(beta, tb), freqs, backend=backend)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want)
+    g = torch.func.grad(lambda q: f(backend)(q, beta).square().sum())(q)
+    torch.testing.assert_close(g, torch.func.grad(lambda q: f("reference")(q, beta).square().sum())(q))
+
+
+# ------------------------------------------------------------------ 2. double backward
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_pdl_loss_gradient_penalty_matches_cross_entropy(reduction, smoothing):
+    z, y, w = pdl_case(N=9, V=6)
+    y[2] = -100
+
+    def penalised(fn):
+        zz = z.clone().requires_grad_()
+        loss = fn(zz, y, weight=w, reduction=reduction, label_smoothing=smoothing).sum()
+        (g,) = torch.autograd.grad(loss, zz, create_graph=True)
+        assert g.requires_grad
+        (loss + 10 * g.square().sum()).backward()
+        return zz.grad
+
+    ours = lambda z, y, weight, **kw: cf.pdl_loss(z, y, weight, **kw)  # noqa: E731
+    torch.testing.assert_close(penalised(ours), penalised(F.cross_entropy))
+
+
+def test_pdl_loss_gradgradcheck():
+    z, y, w = pdl_case(N=4, V=3)
+    y[1] = -100
+    z.requires_grad_()
+    for kw in ({}, {"normalizer": 3.0}, {"reduction": "none", "label_smoothing": 0.3}):
+        torch.autograd.gradgradcheck(lambda z: cf.pdl_loss(z, y, w, **kw), (z,))
+
+
+def test_euler_rotate_gradgradcheck():
+    x, delta, beta, freqs = rot_case(B=1, L=3, d=4)
+    ins = [t.clone().requires_grad_() for t in (x, delta, beta, freqs)]
+    torch.autograd.gradgradcheck(lambda *a: cf.euler_rotate(*a), ins)
+    k = torch.randn(1, 2, 3, 4, dtype=F64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda q, k, dl: euler_rotate_qk(q, k, dl, ins[2], ins[3]),
+                                 (ins[0], k, ins[1]))
+
+
+def test_fused_attention_double_backward_raises_naming_the_op():
+    q, k, v, delta, beta, freqs = attn_case()
+    q.requires_grad_()
+    out = cf.cmha_attention(q, k, v, delta, beta, freqs, backend="fused")
+    with pytest.raises(RuntimeError, match=r"cmha_attention\(backend='fused'\): double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+# ------------------------------------------------------------------ 3. negative weights
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("which", ["one", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_negative_weights_match_cross_entropy(reduction, which, dtype):
+    z, y, w = pdl_case(dtype=dtype, negative=which == "one")
+    if which == "all":
+        w = -w
+    zz, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got = cf.pdl_loss(zz, y, w, reduction=reduction, label_smoothing=0.1)
+    want = F.cross_entropy(zr, y, weight=w, reduction=reduction, label_smoothing=0.1)
+    assert float(got.abs().sum()) > 0
+    torch.testing.assert_close(got, want.to(got.dtype))
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(zz.grad, zr.grad)
+
+
+def test_zero_weight_sum_still_gives_zero():
+    z, y, w = pdl_case()
+    assert cf.pdl_loss(z, torch.full_like(y, -100), w).item() == 0.0
+
+
+# ------------------------------------------------------------------ 4. sdpa: scale <= 0, causal
+
+
+@pytest.mark.parametrize("scale", [-1.0, -0.25, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sdpa_non_positive_scale_causal(scale, dtype):
+    q, k, v, delta, beta, freqs = attn_case(dtype=dtype, Lq=6, Lk=6)
+    ref, _ = cmha_attention_pairwise(q, k, v, delta, beta, freqs, scale=scale)
+    for backend in ATTN_BACKENDS:
+        out = cf.cmha_attention(q, k, v, delta, beta, freqs, scale=scale, backend=backend)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, msg=backend)
+
+
+# ------------------------------------------------------------------ 5. NaN / Inf propagate; no overflow
+
+
+def _nan_rows(out):
+    return torch.isnan(out).any(-1)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "k0", "delta", "q_inf", "v"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nan_and_inf_propagate_like_the_reference(where, dtype, causal):
+    q, k, v, delta, beta, freqs = attn_case(dtype=dtype, H=2, Hkv=2, Lq=6, Lk=6)
+    if where == "q":
+        q[0, 0, 2, 1] = float("nan")
+    elif where == "q_inf":
+        q[0, 1, 0, 0] = float("inf")  # row 0 sees only key 0 (causal): a lone +-inf score
+    elif where == "k":
+        k[0, 1, 3, 2] = float("nan")
+    elif where == "k0":
+        k[0, 0, 0, 0] = float("nan")  # the only key row 0 sees under the causal mask
+    elif where == "delta":
+        delta[1, 0] = float("nan")
+    else:
+        v[0, 0, 4, 0] = float("nan")
+    ref = cf.cmha_attention(q, k, v, delta, beta, freqs, causal=causal, backend="reference")
+    assert _nan_rows(ref).any()
+    for backend in ("fused", "sdpa"):
+        out = cf.cmha_attention(q, k, v, delta, beta, freqs, causal=causal, backend=backend)
+        assert torch.equal(_nan_rows(out), _nan_rows(ref)), backend
+        ok = ~_nan_rows(ref)
+        torch.testing.assert_close(out[ok], ref[ok], msg=backend)
+
+
+def test_nan_row_gives_nan_gradient_in_fused():
+    q, k, v, delta, beta, freqs = attn_case(H=1, Hkv=1)
+    q[0, 0, 3, 0] = float("nan")
+    q.requires_grad_()
+    cf.cmha_attention(q, k, v, delta, beta, freqs, backend="fused").sum().backward()
+    assert torch.isnan(q.grad[0, 0, 3]).all()
+
+
+def test_fully_masked_rows_stay_zero():
+    q, k, v, delta, beta, freqs = attn_case(H=1, Hkv=1, Lq=4, Lk=4)
+    q[0, 0, 1] = float("nan")  # a NaN query that sees nothing: 0, as every backend documents
+    kpm = torch.tensor([[True, True, True, True]])
+    for backend in ("fused", "sdpa", "reference"):
+        out = cf.cmha_attention(q, k, v, delta, beta, freqs, q_offset=-2, key_padding_mask=kpm, backend=backend)
+        assert torch.all(out[0, 0, :2] == 0), backend
+        assert torch.isnan(out[0, 0, 2:]).sum() == 0, backend
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 5e37])
+def test_rotation_does_not_overflow_float32(scale):
+    x, delta, beta, freqs = rot_case()
+    big = x * scale
+    want = rotate_reference(big, delta, beta, freqs, torch.arange(4)[None], dtype=F64)
+    got = cf.euler_rotate(big.float(), delta.float(), beta.float(), freqs.float())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double() / scale, want / scale, atol=1e-5, rtol=1e-5)
+    got64 = cf.euler_rotate(big * 1e270, delta, beta, freqs)  # float64 past 1e154
+    assert torch.isfinite(got64).all()
+    torch.testing.assert_close(got64 / (scale * 1e270), want / scale)
+
+
+def test_rotation_gradients_at_large_magnitude():
+    x, delta, beta, freqs = rot_case()
+    for dtype, s in ((torch.float32, 1e20), (F64, 1e200)):
+        xs = (x * s).to(dtype).requires_grad_()
+        dl, bt = delta.to(dtype).requires_grad_(), beta.to(dtype).requires_grad_()
+        out = cf.euler_rotate(xs, dl, bt, freqs.to(dtype))
+        gy = torch.randn_like(out)
+        gx, gd, gb = torch.autograd.grad(out, (xs, dl, bt), gy)
+        # float64 reference on the scaled-down input: dx is scale-free, d delta / d beta scale with r
+        xr = x.clone().requires_grad_()
+        dr, br = delta.clone().requires_grad_(), beta.clone().requires_grad_()
+        ref = rotate_reference(xr, dr, br, freqs, torch.arange(4)[None])
+        rx, rd, rb = torch.autograd.grad(ref, (xr, dr, br), gy.double())
+        for a, b, sc in ((gx, rx, 1.0), (gd, rd, s), (gb, rb, s)):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a.double() / sc, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["fused", "sdpa", "reference"])
+def test_attention_with_huge_queries(backend):
+    q, k, v, delta, beta, freqs = attn_case()
+    q[0, 0, 1] *= 1e25 / q[0, 0, 1].abs().max()
+    ref, _ = cmha_attention_pairwise(q, k, v, delta, beta, freqs)
+    out = cf.cmha_attention(q.float(), k.float(), v.float(), delta, beta, freqs, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ 6, 7. the raw extension
+
+
+def test_bindings_clamp_nthreads():
+    ids = torch.randint(0, 50, (10000,))
+    counts = [torch.empty(50, dtype=torch.int64) for _ in range(2)]
+    for c, nt in zip(counts, (1, 2**31 - 1)):
+        _C.pdl_token_counts(dl(ids), dl(c), -100, nt, 0, None)
+    assert torch.equal(counts[0], counts[1])
+    z, y, w = pdl_case(N=33, V=7, dtype=torch.float32)
+    outs = []
+    for nt in (1, 10**6):
+        row, grad = torch.empty(33), torch.empty(33, 7)
+        _C.pdl_loss_fwd(dl(z), dl(y), dl(w), None, dl(row), dl(grad), -100, 2, 0.0, -1.0, 0, nt, 0, None)
+        outs.append((row, grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    q, k, v, delta, beta, freqs = attn_case(dtype=torch.float32)
+    pos = torch.arange(5)[None]
+    res = []
+    for nt in (1, 10**6):
+        out, lse = torch.empty(1, 2, 5, 8), torch.empty(1, 2, 5)
+        _C.attn_fwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,
+                        dl(out), dl(lse), 1, 0.35, 0, 0, nt)
+        rot = torch.empty(1, 2, 5, 8)
+        _C.rotate_fwd(dl(q), dl(delta), dl(beta), dl(freqs), dl(pos), dl(rot), 0, nt, 0)
+        res.append((out, lse, rot))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def _read_only_capsule(n, dtype):
+    arr = np.frombuffer(bytes(n * np.dtype(dtype).itemsize), dtype=dtype)
+    assert not arr.flags.writeable
+    return arr, arr.__dlpack__(max_version=(1, 0))
+
+
+def test_bindings_refuse_read_only_outputs():
+    arr, cap = _read_only_capsule(10, np.int64)
+    with pytest.raises(ValueError, match="counts: is read-only"):
+        _C.pdl_token_counts(dl(torch.tensor([1, 2, 3])), cap, -100, 1, 0, None)
+    assert not arr.any()  # the immutable bytes were not written
+    q, k, v, delta, beta, freqs = attn_case(dtype=torch.float32)
+    arr, cap = _read_only_capsule(80, np.float32)
+    with pytest.raises(ValueError, match="out: is read-only"):
+        _C.rotate_fwd(dl(q[:, :1, :5, :8].contiguous().view(1, 1, 5, 8)), dl(delta[:1]), dl(beta[:1]), dl(freqs),
+                      dl(torch.arange(5)[None]), cap, 0, 1, 0)
+    assert not arr.any()
+    # a writable NumPy output is still fine (DLPack 1.x capsule without the flag)
+    out = np.zeros(10, dtype=np.int64)
+    _C.pdl_token_counts(dl(torch.tensor([1, 2, 2])), out.__dlpack__(max_version=(1, 0)), -100, 1, 0, None)
+    assert out.tolist() == [0, 1, 2] + [0] * 7
+
+
+# ------------------------------------------------------------------ clear errors
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"ignore_index": 2**63}, "ignore_index: 9223372036854775808 is out of range"),
+    ({"ignore_index": -(2**63) - 1}, "ignore_index: .* is out of range"),
+    ({"ignore_index": 1.0}, "ignore_index: expected an int"),
+    ({"normalizer": 1e300}, "normalizer: must be positive and finite in float32"),
+    ({"normalizer": 1e-320}, "normalizer: must be positive and finite in float32"),
+    ({"normalizer": torch.tensor(float("inf"))}, "normalizer: must be positive and finite"),
+    ({"normalizer": torch.tensor(1e-320, dtype=F64)}, "normalizer: must be positive and finite in float32"),
+    ({"normalizer": torch.tensor(-2.0)}, "normalizer: must be positive"),
+    ({"normalizer": float("nan")}, "normalizer: must be positive"),
+    ({"normalizer": "3"}, "normalizer: expected a positive number"),
+    ({"label_smoothing": np.float64(1.5)}, "label_smoothing"),
+])
+def test_pdl_loss_clear_errors(kw, match):
+    z, y, w = pdl_case(dtype=torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        cf.pdl_loss(z, y, w, **kw)
+
+
+def test_normalizer_float64_range_and_numpy_scalars():
+    z, y, w = pdl_case()
+    S = float(w[y].sum())
+    want = cf.pdl_loss(z, y, w)
+    for n in (S, np.float64(S), np.float32(S), torch.tensor(S), torch.tensor(S, dtype=F64)):
+        torch.testing.assert_close(cf.pdl_loss(z, y, w, normalizer=n), want, rtol=1e-6, atol=0)
+    assert cf.pdl_loss(z, y, w, normalizer=1e300).item() > 0  # representable in float64
+    with pytest.raises(ValueError, match="in float64"):
+        cf.pdl_loss(z, y, w, normalizer=1e-330)
+
+
+def test_numpy_integers_are_ints():
+    z, y, w = pdl_case()
+    y[0] = -100
+    want = cf.pdl_loss(z, y, w)
+    for ii in (np.int64(-100), np.int32(-100), torch.tensor(-100).item()):
+        torch.testing.assert_close(cf.pdl_loss(z, y, w, ignore_index=ii), want)
+        assert torch.equal(cf.token_counts(y, np.int64(5), ignore_index=ii), cf.token_counts(y, 5))
+    torch.testing.assert_close(cf.PDLLoss(w, ignore_index=np.int64(-100))(z, y), want)
+    q, k, v, delta, beta, freqs = attn_case(Lq=2)
+    torch.testing.assert_close(cf.cmha_attention(q, k, v, delta, beta, freqs, q_offset=np.int64(1), scale=np.float32(0.5)),
+                               cf.cmha_attention(q, k, v, delta, beta, freqs, q_offset=1, scale=0.5))
+
+
+@pytest.mark.parametrize("vocab_size, exc", [(2**70, ValueError), (0, ValueError), (True, TypeError), (5.0, TypeError)])
+def test_token_counts_vocab_size_errors(vocab_size, exc):
+    with pytest.raises(exc, match="vocab_size"):
+        cf.token_counts(torch.tensor([1, 2]), vocab_size)
+    with pytest.raises(ValueError, match="ignore_index"):
+        cf.token_counts(torch.tensor([1, 2]), 5, ignore_index=2**64)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_pdl_weights_rejects_non_finite_counts(bad):
+    with pytest.raises(ValueError, match="counts: must be finite"):
+        cf.pdl_weights(torch.tensor([1.0, bad, 3.0]))
+
+
+def test_strided_cu_seqlens_are_made_contiguous():
+    q, k, v, delta, beta, freqs = attn_case(Lq=7, Lk=7)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    strided = torch.tensor([0, -1, 3, -1, 7, -1], dtype=torch.int32)[::2]
+    assert not strided.is_contiguous()
+    for backend in ATTN_BACKENDS:
+        torch.testing.assert_close(cf.cmha_attention(q, k, v, delta, beta, freqs, cu_seqlens=strided, backend=backend),
+                                   cf.cmha_attention(q, k, v, delta, beta, freqs, cu_seqlens=cu, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_empty_value_dim(backend):
+    q, k, v, delta, beta, freqs = attn_case()
+    q.requires_grad_()
+    out = cf.cmha_attention(q, k, v[..., :0], delta, beta, freqs, backend=backend)
+    assert out.shape == (1, 2, 5, 0)
+    out.sum().backward()
+    assert torch.all(q.grad == 0)
+
+
+def test_layout_must_be_a_name():
+    x, delta, beta, freqs = rot_case()
+    q, k, v, dl_, bt, fr = attn_case()
+    for bad in (True, 1, 0, None):
+        with pytest.raises(ValueError, match="layout"):
+            cf.euler_rotate(x, delta, beta, freqs, layout=bad)
+        with pytest.raises(ValueError, match="layout"):
+            euler_rotate_qk(x, x, delta, beta, freqs, layout=bad)
+        with pytest.raises(ValueError, match="layout"):
+            cf.cmha_attention(q, k, v, dl_, bt, fr, layout=bad)
+
+
+def test_cmha_module_key_padding_mask_values():
+    m = cf.CMHA(16, 2).double()
+    x = torch.randn(2, 3, 16, dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    want = m(x, key_padding_mask=mask.bool())
+    torch.testing.assert_close(m(x, key_padding_mask=mask), want)  # Hugging Face 0/1 masks
+    torch.testing.assert_close(m(x, key_padding_mask=mask.to(torch.uint8)), want)
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=f"key_padding_mask: .*found {bad}"):
+            m(x, key_padding_mask=torch.tensor([[1, bad, 1], [1, 1, 1]]))
+
+
+# ------------------------------------------------------------------ hypothesis fuzz
+
+_REF_OK = dict(atol=1e-9, rtol=1e-9)
+
+
+@given(N=st.integers(0, 12), V=st.integers(1, 9), reduction=st.sampled_from(["mean", "sum", "none"]),
+       smoothing=st.sampled_from([0.0, 0.1, 1.0]), neg=st.booleans(), ignore_p=st.floats(0, 1),
+       three_d=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_pdl_loss_against_cross_entropy(N, V, reduction, smoothing, neg, ignore_p, three_d, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = 3 * torch.randn(N, V, generator=g, dtype=F64)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) < ignore_p] = -100
+    w = torch.rand(V, generator=g, dtype=F64) + 0.05
+    if neg:
+        w = torch.where(torch.rand(V, generator=g) < 0.5, -w, w)
+    zz = z.clone().requires_grad_()
+    shape = (1, N) if three_d else (N,)
+    got = cf.pdl_loss(zz.view(*shape, V), y.view(shape), w, reduction=reduction, label_smoothing=smoothing)
+    zr = z.clone().requires_grad_()
+    valid = y != -100
+    if reduction == "mean" and float(w[y[valid]].sum()) == 0:  # no counted target: 0, not NaN
+        want = (zr * 0).sum()
+    else:
+        want = F.cross_entropy(zr, y, weight=w, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(got.reshape(want.shape), want, **_REF_OK)
+    if N:
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(zz.grad, zr.grad, **_REF_OK)
+
+
+@given(B=st.integers(1, 2), G=st.sampled_from([1, 2]), Hx=st.integers(1, 2), L=st.integers(0, 5),
+       h=st.integers(1, 4), layout=st.sampled_from(["half", "interleaved"]), per_head=st.booleans(),
+       is_query=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_euler_rotate_against_reference(B, G, Hx, L, h, layout, per_head, is_query, seed):
+    g = torch.Generator().manual_seed(seed)
+    H, d = G * Hx, 2 * h
+    x = torch.randn(B, Hx, L, d, generator=g, dtype=F64)
+    delta = torch.randn(H, h, generator=g, dtype=F64)
+    beta = torch.randn(H, h, generator=g, dtype=F64)
+    freqs = torch.rand((H, h) if per_head else (h,), generator=g, dtype=F64)
+    pos = torch.randint(-1000, 10**6, (B, L), generator=g)
+    got = cf.euler_rotate(x, delta, beta, freqs, positions=pos, is_query=is_query, layout=layout)
+    want = rotate_reference(x, delta, beta if is_query else None, freqs, pos, layout=layout)
+    torch.testing.assert_close(got, want, **_REF_OK)
+
+
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2]), Lq=st.integers(1, 6),
+       Lk=st.integers(1, 7), h=st.integers(1, 4), causal=st.booleans(), q_offset=st.integers(-3, 3),
+       use_kpm=st.booleans(), scale=st.sampled_from([None, -0.5, 0.0, 1.0]),
+       backend=st.sampled_from(ATTN_BACKENDS), layout=st.sampled_from(["half", "interleaved"]),
+       seed=st.integers(0, 2**16))
+def test_fuzz_cmha_attention_against_pairwise(B, Hkv, G, Lq, Lk, h, causal, q_offset, use_kpm, scale, backend,
+                                              layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    H, d = Hkv * G, 2 * h
+    q = torch.randn(B, H, Lq, d, generator=g, dtype=F64)
+    k = torch.randn(B, Hkv, Lk, d, generator=g, dtype=F64)
+    v = torch.randn(B, Hkv, Lk, d, generator=g, dtype=F64)
+    delta = torch.randn(H, h, generator=g, dtype=F64)
+    beta = torch.randn(H, h, generator=g, dtype=F64)
+    freqs = torch.rand(h, generator=g, dtype=F64)
+    kpm = torch.rand(B, Lk, generator=g) > 0.3 if use_kpm else None
+    out = cf.cmha_attention(q, k, v, delta, beta, freqs, causal=causal, scale=scale, q_offset=q_offset,
+                            key_padding_mask=kpm, layout=layout, backend=backend)
+    ref, _ = cmha_attention_pairwise(q, k, v, delta, beta, freqs, causal=causal, scale=scale, q_offset=q_offset,
+                                     key_padding_mask=kpm, layout=layout)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                  st.text(max_size=3), st.just(torch.tensor([1.0, float("nan")])), st.just(torch.zeros(2, 3, 4)),
+                  st.just(torch.zeros(3, dtype=torch.int32)), st.just(np.int64(-100)), st.just(np.float32(0.5)),
+                  st.just(torch.tensor(float("inf"))), st.just(torch.zeros(0)))
+
+_ERRORS = (TypeError, ValueError, RuntimeError, NotImplementedError, IndexError)
+
+
+def _checked(fn, kwargs):
+    """A call with junk in it raises a clear exception, or returns a result with no NaN."""
+    try:
+        out = fn(**kwargs)
+    except _ERRORS as e:
+        assert str(e), "an exception without a message"
+        return
+    outs = out if isinstance(out, tuple) else (out,)
+    for o in outs:
+        assert not torch.isnan(o.float()).any(), (fn.__name__, kwargs)
+
+
+@given(arg=st.sampled_from(["logits", "targets", "weights", "ignore_index", "reduction", "label_smoothing",
+                            "normalizer"]), junk=_JUNK)
+def test_fuzz_pdl_loss_junk_arguments(arg, junk):
+    z, y, w = pdl_case(dtype=torch.float32)
+    kw = {"logits": z, "targets": y, "weights": w, arg: junk}
+    _checked(cf.pdl_loss, kw)
+
+
+@given(arg=st.sampled_from(["ids", "vocab_size", "ignore_index"]), junk=_JUNK)
+def test_fuzz_token_counts_junk_arguments(arg, junk):
+    kw = {"ids": torch.tensor([0, 1, 2]), "vocab_size": 4, "ignore_index": -100, arg: junk}
+    _checked(cf.token_counts, kw)
+
+
+@given(arg=st.sampled_from(["counts", "alpha", "eps", "max_weight"]), junk=_JUNK)
+def test_fuzz_pdl_weights_junk_arguments(arg, junk):
+    kw = {"counts": torch.tensor([0, 1, 2]), "alpha": 1.0, "eps": 1e-7, "max_weight": None, arg: junk}
+    _checked(cf.pdl_weights, kw)
+
+
+@given(arg=st.sampled_from(["x", "delta", "beta", "freqs", "positions", "is_query", "layout"]), junk=_JUNK)
+def test_fuzz_euler_rotate_junk_arguments(arg, junk):
+    x, delta, beta, freqs = rot_case()
+    kw = {"x": x, "delta": delta, "beta": beta, "freqs": freqs, arg: junk}
+    _checked(cf.euler_rotate, kw)
+
+
+@given(arg=st.sampled_from(["q", "k", "v", "delta", "beta", "freqs", "causal", "scale", "q_offset",
+                            "key_padding_mask", "cu_seqlens", "layout", "backend", "positions"]), junk=_JUNK)
+def test_fuzz_cmha_attention_junk_arguments(arg, junk):
+    q, k, v, delta, beta, freqs = attn_case()
+    kw = {"q": q, "k": k, "v": v, "delta": delta, "beta": beta, "freqs": freqs, arg: junk}
+    _checked(cf.cmha_attention, kw)
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_no_memory_growth_over_many_calls():
+    """Normal and error paths of every op, 2000 rounds after a warm-up: resident memory may not
+    grow by more than 32 MiB (a leak of one small tensor or capsule per call would be ~100 MiB)."""
+    z, y, w = pdl_case(N=16, V=32, dtype=torch.float32)
+    zg = z.clone().requires_grad_()
+    x, delta, beta, freqs = (t.float() for t in rot_case())
+    q, k, v, dl_, bt, fr = attn_case(dtype=torch.float32)
+    ro = np.frombuffer(bytes(32 * 8), dtype=np.int64)
+
+    def round_():
+        cf.pdl_loss(zg, y, w).backward()
+        cf.pdl_loss(z, y, w, reduction="none")
+        cf.token_counts(y, 32)
+        cf.euler_rotate(x, delta, beta, freqs)
+        cf.cmha_attention(q, k, v, dl_, bt, fr, backend="fused")
+        cf.cmha_attention(q, k, v, dl_, bt, fr, backend="sdpa")
+        for fn in (lambda: cf.pdl_loss(z, y + 100, w),  # out-of-range target, raised inside the kernel
+                   lambda: cf.pdl_loss(z, y, w, normalizer=-1.0),
+                   lambda: cf.token_counts(y + 100, 32),
+                   lambda: _C.pdl_token_counts(dl(y), ro.__dlpack__(max_version=(1, 0)), -100, 1, 0, None),
+                   lambda: cf.cmha_attention(q, k, v[..., :3, :], dl_, bt, fr)):
+            with pytest.raises(_ERRORS):
+                fn()
+
+    for _ in range(200):
+        round_()
+    before = _rss_bytes()
+    for _ in range(2000):
+        round_()
+    grown = _rss_bytes() - before
+    assert grown < 32 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 2000 rounds"
+
+
+def test_operator_index_semantics_documented():
+    # what "an int" means for every integer argument: operator.index, never truncation
+    assert operator.index(np.int64(3)) == 3
+    with pytest.raises(TypeError, match="ignore_index"):
+        cf.pdl_loss(*pdl_case(), ignore_index=np.float64(-100.0))
