@@ -12,7 +12,9 @@ softmax attention on (q~, k~, v). The backends differ only in how they do that:
 - "auto":      the fastest correct path for the device, dtype and shape (rule in `_auto_backend`).
 
 Masks are by index, positions only enter the rotation (CMHA_CONTRACT). A query row with no
-visible key outputs 0 (never NaN) in every backend, and its gradients are 0.
+visible key outputs 0 (never NaN) in every backend, and its gradients are 0. A NaN or Inf in q, k,
+v or the parameters gives NaN rows wherever the reference math does (every backend). Forward-mode
+AD and torch.func transforms run the "reference" math; the fused backend refuses double backward.
 """
 import math
 import os

@@ -14,8 +14,8 @@ computed and no N x V buffer is allocated at all.
 
 Semantics (SPEC section 2):
   * ``reduction="mean"`` divides by the batch's sum of target weights ``sum_t w[y_t]``, like
-    ``F.cross_entropy(weight=w)``, except that a batch with no counted token gives 0 (and a zero
-    gradient), not NaN. ``normalizer=`` replaces that denominator: with S the sum over a whole
+    ``F.cross_entropy(weight=w)`` (negative weights included), except that a batch whose target
+    weights sum to exactly 0 (no counted token) gives 0 (and a zero gradient), not NaN. ``normalizer=`` replaces that denominator: with S the sum over a whole
     batch, ``pdl_loss(a, normalizer=S) + pdl_loss(b, normalizer=S) == pdl_loss(a + b)``, which is
     what gradient accumulation needs (Hugging Face's ``num_items_in_batch`` is a token count, not
     a weight sum, so it is the wrong denominator for a weighted loss).
@@ -27,6 +27,9 @@ Semantics (SPEC section 2):
     set ``COMPLEXFORMER_SYNC_CHECKS=1`` to check targets eagerly (one host sync) and raise instead.
   * the loss is float32 for float16/bfloat16/float32 logits and float64 for float64 logits; the
     gradient has the logits' dtype. No gradient flows to ``weights`` or ``normalizer``.
+  * autograd: the kernels serve reverse mode; ``create_graph=True`` (double backward, gradient
+    penalties, Hessian-vector products) rebuilds the gradient in torch ops, and forward-mode AD or
+    a ``torch.func`` transform runs the whole loss in torch ops (``reference_pdl_loss``).
   * CPU kernels take float32/float64 logits (float16/bfloat16 are upcast to float32 by a copy);
     CUDA kernels take float32/float16/bfloat16 (float32 accumulation).
 """
@@ -430,8 +433,8 @@ def pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", l
     if needs_torch_math(logits, weights, norm):
         # forward-mode AD or a torch.func transform: the same math in differentiable torch ops
         _check_targets_in_range(targets, V, ignore_index)
-        return _pdl_loss_torch(logits.to(kdtype), targets, weights.to(kdtype), ignore_index, reduction,
-                               label_smoothing, norm)
+        return _pdl_loss_torch(logits.to(kdtype), targets, weights.detach().to(kdtype), ignore_index, reduction,
+                               label_smoothing, None if norm is None else norm.detach())
     targets = targets.reshape(-1).contiguous()
     if logits.is_cuda and _sync_checks():
         _check_targets_in_range(targets, V, ignore_index)

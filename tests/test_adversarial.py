@@ -31,8 +31,8 @@ def pdl_case(N=7, V=5, dtype=F64, negative=False, seed=0):
     z = torch.randn(N, V, generator=g, dtype=dtype)
     y = torch.randint(0, V, (N,), generator=g)
     w = torch.rand(V, generator=g, dtype=dtype) + 0.1
-    if negative:
-        w[y[0]] = -w[y[0]]
+    if negative:  # one negative class weight that makes the batch's target-weight sum negative
+        w[y[0]] = -(w.sum() * N)
     return z, y, w
 
 
@@ -102,9 +102,13 @@ def test_euler_rotate_qk_forward_ad():
     x, delta, beta, freqs = rot_case()
     k = torch.randn_like(x)
     t = torch.randn_like(x)
-    got = torch.func.jvp(lambda q: euler_rotate_qk(q, k, delta, beta, freqs)[0], (x,), (t,))[1]
-    want = torch.func.jvp(lambda q: cf.euler_rotate(q, delta, beta, freqs), (x,), (t,))[1]
-    torch.testing.assert_close(got, want)
+    pos = torch.arange(x.shape[2])[None]
+    for i, b in ((0, beta), (1, None)):  # q~ (with beta), k~ (without)
+        got = torch.func.jvp(lambda y: euler_rotate_qk(*((y, k) if i == 0 else (x, y)), delta, beta, freqs)[i],
+                             (x if i == 0 else k,), (t,))[1]
+        want = torch.func.jvp(lambda y: rotate_reference(y, delta, b, freqs, pos), (x if i == 0 else k,), (t,))[1]
+        assert want.abs().max() > 0.1
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
@@ -183,7 +187,9 @@ def test_negative_weights_match_cross_entropy(reduction, which, dtype):
     zz, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
     got = cf.pdl_loss(zz, y, w, reduction=reduction, label_smoothing=0.1)
     want = F.cross_entropy(zr, y, weight=w, reduction=reduction, label_smoothing=0.1)
-    assert float(got.abs().sum()) > 0
+    assert float(got.detach().abs().sum()) > 0
+    if reduction == "mean":
+        assert float(w[y].sum()) < 0
     torch.testing.assert_close(got, want.to(got.dtype))
     got.sum().backward()
     want.sum().backward()
