@@ -100,6 +100,7 @@ struct Case {
   std::vector<int32_t> cu;     /* packed sequences (B = 1, Lq = Lk) */
   int pos = 0;                 /* 0: q_offset + arange / arange, shared (Bp = 1); 1: per batch, random */
   bool head_freqs = false;     /* freqs (H, h) instead of (h,) */
+  bool nan_q = false;          /* one NaN in q: its row (and what it touches) must come out NaN */
   int64_t qpad = 0;            /* extra elements per q and dout row (not a multiple of 8: vec = 0) */
   bool bshd = false;           /* q, k, v stored (B, L, H, d) */
   double scale = 0;            /* 0: 1 / sqrt(d) */
@@ -109,6 +110,7 @@ struct Case {
 struct Err {
   double e = 0;
   void add(double got, double ref, bool nan_ok = false) {
+    if (std::isnan(got) && std::isnan(ref)) return; /* NaN where the reference has NaN: propagated */
     const double x = std::fabs(got - ref);
     if (!(x <= e)) e = (std::isnan(x) && nan_ok) ? e : (std::isnan(x) ? INFINITY : x);
   }
@@ -144,6 +146,7 @@ static void run_case(const Case &c) {
     }
   };
   fill(q, q16), fill(k, k16), fill(v, v16), fill(dout, do16);
+  if (c.nan_q) q16[(Lq / 2) * d + 1] = 0x7fc0, q[(Lq / 2) * d + 1] = NAN; /* bf16 and f16 NaN alike */
   std::vector<float> delta(H * h), beta(H * h), freqs(c.head_freqs ? H * h : h);
   for (auto &x : delta) x = (float)(1.0 + 0.5 * rnd());
   for (auto &x : beta) x = (float)(0.3 * rnd());
@@ -453,6 +456,7 @@ int main(int argc, char **argv) {
   });
   /* odd lengths, strides */
   add("d64 L=1", [](Case &c) { c.Lq = c.Lk = 1, c.H = c.Hkv = 1; });
+  add("d64 NaN in one query causal L=70", [](Case &c) { c.Lq = c.Lk = 70, c.nan_q = true; });
   add("d128 f16 L=17 scale=0.3", [](Case &c) { c.dtype = CF_F16, c.d = 128, c.Lq = c.Lk = 17, c.scale = 0.3; });
   add("d64 misaligned q rows (vec=0) L=65", [](Case &c) { c.Lq = c.Lk = 65, c.qpad = 3, c.kpm = 1; });
   add("d128 bshd layout L=100 GQA", [](Case &c) { c.d = 128, c.H = 2, c.Hkv = 1, c.Lq = c.Lk = 100, c.bshd = true; });
