@@ -420,6 +420,8 @@ def test_numpy_integers_are_ints():
         torch.testing.assert_close(cf.pdl_loss(z, y, w, ignore_index=ii), want)
         assert torch.equal(cf.token_counts(y, np.int64(5), ignore_index=ii), cf.token_counts(y, 5))
     torch.testing.assert_close(cf.PDLLoss(w, ignore_index=np.int64(-100))(z, y), want)
+    m = cf.CMHA(np.int64(16), np.int32(2), num_kv_heads=np.int64(1))
+    assert (m.embed_dim, m.num_heads, m.num_kv_heads) == (16, 2, 1) and type(m.embed_dim) is int
     q, k, v, delta, beta, freqs = attn_case(Lq=2)
     torch.testing.assert_close(cf.cmha_attention(q, k, v, delta, beta, freqs, q_offset=np.int64(1), scale=np.float32(0.5)),
                                cf.cmha_attention(q, k, v, delta, beta, freqs, q_offset=1, scale=0.5))
