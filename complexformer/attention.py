@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-from .reference import split_pairs
-from .rotate import _modulus
+from .reference import EPS_R, split_pairs
 
 BACKENDS = ("auto", "fused", "sdpa", "reference")
 LAYOUTS = {"half": 0, "interleaved": 1}
@@ -186,7 +185,7 @@ def _rotate_torch(x, delta, beta, freqs, pos, layout, H):
     if G > 1:
         xx = xx.repeat_interleave(G, dim=1)
     re, im = split_pairs(xx, layout)
-    r = _modulus(re, im)
+    r = torch.sqrt(re * re + im * im + EPS_R)
     theta = torch.atan2(im, re)
     omega = (freqs if freqs.dim() == 2 else freqs[None]).double()
     ang = omega[None, :, None, :] * pos.double()[:, None, :, None]  # (Bp, H|1, L, h)

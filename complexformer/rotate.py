@@ -95,16 +95,6 @@ def _pos_angle(freqs, pos):
     return a - 2 * math.pi * torch.round(a / (2 * math.pi))
 
 
-def _modulus(re, im):
-    """sqrt(re^2 + im^2 + eps_r) without overflow (rotate_math.h's cf_rot_r): pairs whose squares
-    could exceed the dtype's range are scaled by a power of two first."""
-    big = 1e19 if re.dtype != torch.float64 else 1e150
-    k = 66 if re.dtype != torch.float64 else 600
-    sc = torch.where((re.abs() > big) | (im.abs() > big), 2.0 ** -k, 1.0).to(re.dtype)
-    a, b = re * sc, im * sc
-    return torch.sqrt(a * a + b * b + EPS_R * sc * sc) / sc
-
-
 def _split(x, layout):
     h = x.shape[-1] // 2
     return (x[..., :h], x[..., h:]) if layout == 0 else (x[..., 0::2], x[..., 1::2])
@@ -123,7 +113,7 @@ def rotate_reference(x, delta, beta, freqs, pos, *, layout="half", dtype=None):
     H = delta.shape[0]
     xe = x.to(dt).repeat_interleave(H // x.shape[1], 1)
     re, im = _split(xe, layout)
-    r = _modulus(re, im)
+    r = torch.sqrt(re * re + im * im + EPS_R)
     off = _pos_angle(freqs, _prep_pos(pos, x.device))
     if beta is not None:
         off = off + beta.double()[None, :, None, :]
@@ -141,7 +131,7 @@ def _rotate_backward_torch(x, grad, delta, beta, freqs, pos, *, layout, need_fre
     xe = x.to(dt).repeat_interleave(H // Hx, 1)
     re, im = _split(xe, layout)
     g_re, g_im = _split(grad.to(dt), layout)
-    r = _modulus(re, im)
+    r = torch.sqrt(re * re + im * im + EPS_R)
     c, s, th = re / r, im / r, torch.atan2(im, re)
     off = _pos_angle(freqs, pos)
     if beta is not None:

@@ -138,7 +138,7 @@ CF_AI void rotate_pairs_f64(int layout, int64_t h, const double *restrict x,
 
 CF_AI void rotate_pair_f32(float re, float im, float delta, float off, float mul, float *out_re,
                            float *out_im) {
-  float r = cf_rot_r_f32(re, im);
+  float r = sqrtf(re * re + im * im + (float)CF_EPS_R);
   float s, c;
   cf_fast_sincosf(delta * cf_fast_atan2f(im, re) + off, &s, &c);
   *out_re = mul * r * c;

@@ -153,15 +153,14 @@ CF_AI void FN(mask_tile)(const CfAttnParams *p, int64_t b, const AttnRows *rows,
 }
 
 /* Row reductions over a BK-wide score row, written lane-wise (NR independent partial results)
- * so gcc vectorises them without reassociating a single accumulator. The max is NaN as soon as
- * one score is NaN (a NaN in q, k or delta), so the NaN reaches the output as in torch. */
+ * so gcc vectorises them without reassociating a single accumulator. */
 CF_AI T FN(row_max)(const T *restrict x) {
   T m[NR];
   for (int l = 0; l < NR; l++) m[l] = x[l];
   for (int64_t n = NR; n < BK; n += NR)
-    for (int l = 0; l < NR; l++) m[l] = (x[n + l] > m[l]) | (x[n + l] != x[n + l]) ? x[n + l] : m[l];
+    for (int l = 0; l < NR; l++) m[l] = x[n + l] > m[l] ? x[n + l] : m[l];
   T r = m[0];
-  for (int l = 1; l < NR; l++) r = (m[l] > r) | (m[l] != m[l]) ? m[l] : r;
+  for (int l = 1; l < NR; l++) r = m[l] > r ? m[l] : r;
   return r;
 }
 
@@ -216,10 +215,12 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
     AttnRows rows;
     rows_init(p, t, &rows);
     const int64_t nq = rows.nq;
-    /* ninf[r]: row r met a visible key whose score is -inf (an infinite q or k); if nothing
-     * else is visible, softmax is 0/0 and the row is NaN, as torch's softmax gives */
-    unsigned char ninf[BQ];
-    for (int64_t r = 0; r < nq; r++) ws->mrow[r] = (T)-INFINITY, ninf[r] = 0;
+    /* bad[r]: bit 0, row r met a visible key scored -inf (an infinite q or k): if nothing else
+     * is visible, softmax is 0/0, NaN in torch; bit 1, it met a NaN score: the row is NaN. A
+     * NaN score mixed with others makes the running sum NaN by itself; only tiles whose max
+     * comes out -inf (all masked, -inf or NaN: the NaN-blind max) need the scan that sets these. */
+    unsigned char bad[BQ];
+    for (int64_t r = 0; r < nq; r++) ws->mrow[r] = (T)-INFINITY, bad[r] = 0;
     for (int64_t x = 0; x < nq * NR; x++) ws->lsum[x] = 0;
     for (int64_t x = 0; x < nq * dv; x++) ws->o[x] = 0;
     if (rows.hi > rows.lo) {
@@ -237,9 +238,10 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
         for (int64_t r = 0; r < nq; r++) {
           T *sr = s + r * BK;
           T mold = ws->mrow[r], mx = FN(row_max)(sr);
-          T mnew = (mx > mold) | (mx != mx) ? mx : mold;  /* a NaN score makes the row NaN */
-          if (mnew == (T)-INFINITY) {  /* nothing visible yet in this row (rare: scan it) */
-            for (int64_t n = 0; n < nk && !ninf[r]; n++) ninf[r] = visible(p, b, &rows, r, n0 + n);
+          T mnew = mx > mold ? mx : mold;
+          if (!(mnew > (T)-INFINITY)) {  /* nothing (finite) visible yet in this row: rare, scan it */
+            for (int64_t n = 0; n < nk; n++)
+              if (visible(p, b, &rows, r, n0 + n)) bad[r] |= sr[n] != sr[n] ? 2 : 1;
             for (int64_t n = 0; n < BK; n++) sr[n] = 0;
             continue;
           }
@@ -260,11 +262,11 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
       T l = 0;
       for (int c = 0; c < NR; c++) l += ws->lsum[r * NR + c];
       /* l == 0: no visible key (output 0), unless only -inf scores were visible; l NaN: NaN */
-      const int empty = l == 0 && !ninf[r];
-      T inv = l > 0 ? (T)1 / l : empty ? (T)0 : (T)NAN;
+      const int empty = l == 0 && !bad[r], nan = (bad[r] & 2) || l != l || (l == 0 && bad[r]);
+      T inv = nan ? (T)NAN : l > 0 ? (T)1 / l : (T)0;
       T *orow = out + (rows.m0 + r) * dv;
       for (int64_t c = 0; c < dv; c++) orow[c] = ws->o[r * dv + c] * inv;
-      lse[rows.m0 + r] = l > 0 ? ws->mrow[r] + (T)log((double)l) : empty ? (T)-INFINITY : (T)NAN;
+      lse[rows.m0 + r] = nan ? (T)NAN : empty ? (T)-INFINITY : ws->mrow[r] + (T)log((double)l);
     }
   }
 }

@@ -227,8 +227,7 @@ __device__ __forceinline__ float fast_atan2(float y, float x) {
 
 __device__ __forceinline__ void rot_fast(float re, float im, float delta, float offset, float *o_re, float *o_im) {
   const float x = fmaf(re, re, fmaf(im, im, (float)CF_EPS_R));
-  float r = x * rsqrtf(x);
-  if (!(x <= 3.4028234e38f)) r = cf_rot_r_f32(re, im);  /* re^2 + im^2 overflowed (bf16 above 1e19), or NaN */
+  const float r = x * rsqrtf(x);
   float phi = fmaf(delta, fast_atan2(im, re), offset);
   phi = fmaf(-6.28318530717958647f, rintf(phi * 0.159154943091895336f), phi);
   float sn, cs;

@@ -12,12 +12,7 @@
  * taken as (-s, c) / r, i.e. re^2 + im^2 is replaced by r^2: this keeps |d/dx| <= 1 + |delta| as
  * r -> 0 (never a division by re^2 + im^2) and differs from the exact derivative of the
  * eps-regularised function by a relative eps_r / (re^2 + im^2), far below float64 noise for any
- * pair not already within 1e-4 of the origin.
- *
- * r never overflows: where re^2 + im^2 would exceed the type's range (|re| or |im| above 1e19 in
- * float32, 1e150 in float64) the pair is scaled by a power of two first (exact; eps_r is then far
- * below an ulp of r). Every other pair evaluates sqrt(re^2 + im^2 + eps_r) bit for bit, with a
- * select rather than a branch, so vectorised loops stay vectorised. */
+ * pair not already within 1e-4 of the origin. */
 #ifndef CF_ROTATE_MATH_H
 #define CF_ROTATE_MATH_H
 #include <math.h>
@@ -35,16 +30,9 @@ CF_INLINE double cf_pos_angle(double omega, double p) {
   return a - CF_TWO_PI * rint(a * (1.0 / CF_TWO_PI));
 }
 
-/* BIG: above it a square may overflow; DOWN = 2^-k, UP = 2^k (exact decimal spellings). */
-#define CF_DEFINE_ROTATE(T, SUF, SQRT, ATAN2, SIN, COS, BIG, DOWN, UP)                          \
-  CF_INLINE T cf_rot_r_##SUF(T re, T im) {                                                       \
-    const int big = re > (T)BIG || re < -(T)BIG || im > (T)BIG || im < -(T)BIG;                   \
-    const T sc = big ? (T)DOWN : (T)1;                                                           \
-    const T a = re * sc, b = im * sc;                                                            \
-    return SQRT(a * a + b * b + (T)CF_EPS_R * sc * sc) * (big ? (T)UP : (T)1);                   \
-  }                                                                                              \
+#define CF_DEFINE_ROTATE(T, SUF, SQRT, ATAN2, SIN, COS)                                          \
   CF_INLINE void cf_rot_fwd_##SUF(T re, T im, T delta, T offset, T *out_re, T *out_im) {          \
-    T r = cf_rot_r_##SUF(re, im);                                                                \
+    T r = SQRT(re * re + im * im + (T)CF_EPS_R);                                                 \
     T phi = delta * ATAN2(im, re) + offset;                                                      \
     *out_re = r * COS(phi);                                                                      \
     *out_im = r * SIN(phi);                                                                      \
@@ -52,7 +40,7 @@ CF_INLINE double cf_pos_angle(double omega, double p) {
   /* Returns d phi; writes the input gradients and theta (for d delta = d phi * theta). */        \
   CF_INLINE T cf_rot_bwd_##SUF(T re, T im, T delta, T offset, T g_re, T g_im, T *d_re, T *d_im,   \
                                T *theta) {                                                       \
-    T r = cf_rot_r_##SUF(re, im);                                                                \
+    T r = SQRT(re * re + im * im + (T)CF_EPS_R);                                                 \
     T inv = (T)1 / r;                                                                            \
     T c = re * inv, s = im * inv;                                                                \
     T th = ATAN2(im, re);                                                                        \
@@ -66,8 +54,8 @@ CF_INLINE double cf_pos_angle(double omega, double p) {
     return -r * B;                                                                               \
   }
 
-CF_DEFINE_ROTATE(float, f32, sqrtf, atan2f, sinf, cosf, 1e19, 1.3552527156068805e-20, 7.378697629483821e+19)
-CF_DEFINE_ROTATE(double, f64, sqrt, atan2, sin, cos, 1e150, 2.409919865102884e-181, 4.149515568880993e+180)
+CF_DEFINE_ROTATE(float, f32, sqrtf, atan2f, sinf, cosf)
+CF_DEFINE_ROTATE(double, f64, sqrt, atan2, sin, cos)
 
 /* Index of element j's real and imaginary parts within a head of size d = 2h. */
 enum { CF_LAYOUT_HALF = 0, CF_LAYOUT_INTERLEAVED = 1 };
