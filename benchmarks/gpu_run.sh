@@ -55,10 +55,10 @@ if want kernel && [ -z "${NO_NCU:-}" ]; then
   step ncu
   # what bounds each attention kernel: tensor-pipe and shared-memory utilisation, stall reasons
   cd "$REPO"
-  for k in attn_fwd_pre attn_bwd_dkdv_pre attn_bwd_dq_pre; do
+  for k in attn_fwd_pre attn_bwd_dkdv attn_bwd_dq_kernel; do
     timeout ${NCU_TIMEOUT:-60} ncu --clock-control none -k regex:$k --launch-count 1 --section SpeedOfLight \
       --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \
-      python3 benchmarks/cmha_cuda_kernel.py --variants prerot --reps 1 --no-ws --dims 64 >"$OUT/ncu_$k.txt" 2>&1
+      python3 benchmarks/cmha_cuda_kernel.py --reps 1 --dims 64 >"$OUT/ncu_$k.txt" 2>&1
     echo "ncu $k rc=$?"; grep -E "Duration|Throughput|pipeline" "$OUT/ncu_$k.txt" | head -12
   done
   cd /tmp

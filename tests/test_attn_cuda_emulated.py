@@ -5,16 +5,15 @@ execution model (tests/cuda_emu/emu_fibers.h: one fiber per CUDA thread, real bl
 barriers, per-warp collectives; blocks one after another), with the PTX wrappers of
 csrc/attn_cuda_ptx.cuh replaced by emulated twins (tests/cuda_emu/attn_cuda_ptx.cuh: ldmatrix,
 mma.sync, cp.async with deferred completion, ex2). tests/cuda_emu/attn_driver.cpp calls the
-extern "C" launchers cf_attn_fwd_cuda / cf_attn_bwd_cuda on host buffers, variants "fused",
-"prerot" (with the rotation workspaces) and "ws", and compares out, lse, dq_rot, dk_rot, dv_full
-(and the workspaces' rotated q~, k~) with the float64 CPU kernel (attn_cpu.c) on the same inputs.
+extern "C" launchers cf_attn_fwd_cuda / cf_attn_bwd_cuda on host buffers, without the rotation
+workspaces (the forward that rotates key tiles on load, the GQA path) and with them (the pre-rotated
+forward and the backward), and compares out, lse, dq_rot, dk_rot, dv_full (and the workspaces'
+rotated q~, k~) with the float64 CPU kernel (attn_cpu.c) on the same inputs.
 Nothing here knows the kernels' tile shapes: a rewrite of the kernels is checked as it stands.
 
 Two device passes run side by side: the kernels compiled as for sm_90 on an emulated H100 and as
 for sm_80 (`__CUDA_ARCH__` = 800: the CF_ATTN_SM80_PASS tile splits) on an emulated A100 (whose
-shared memory makes the launchers pick other tile configurations). Both are built with
-CF_ATTN_TUNING, and the "tune" variant turns on every CF_ATTN_TUNE alternative found in the sources.
-Each run ends with the list of kernel instantiations it launched (what the run covered).
+shared memory makes the launchers pick other tile configurations). Each run ends with the list of kernel instantiations it launched (what the run covered).
 
 The emulation checks synchronisation too: warps run greedily ahead of each other (EMU_SCHED=asc |
 desc; default: alternating per block), cp.async data lands only at its wait (the destination reads
@@ -82,13 +81,12 @@ def check_ptx_twins():
 
 def prepare(build):
     """Rewritten copies of csrc's attention CUDA sources in `build`, with the emulated PTX header;
-    returns the emulated translation units (one per .cu) and the names of the alternative tile
-    configurations (CF_ATTN_TUNE) the sources know."""
+    returns the emulated translation units (one per .cu)."""
     names = sorted(f for f in os.listdir(CSRC_DIR) if f.startswith("attn") and f.endswith((".cu", ".cuh")))
     cus = [f for f in names if f.endswith(".cu")]
     assert cus and PTX_HEADER in names, f"no attention CUDA sources in {CSRC_DIR}"
     launches = 0
-    units, tune = [], set()
+    units = []
     for name in names:
         if name == PTX_HEADER:
             continue
@@ -96,7 +94,6 @@ def prepare(build):
         with open(path) as f:
             src = f.read()
         launches += len(_LAUNCH.findall(src))
-        tune |= set(re.findall(r'tune_on\("(\w+)"\)', src))
         src = emulated_source(src, path)
         if name.endswith(".cu"):
             unit = build / (name[:-3] + "_emu.cpp")
@@ -106,7 +103,7 @@ def prepare(build):
             (build / name).write_text(src)
     assert launches >= 2, "expected kernel launches in the attention sources"
     shutil.copy(os.path.join(EMU, PTX_HEADER), build / PTX_HEADER)
-    return units, sorted(tune)
+    return units
 
 
 # the device passes emulated: sm_90 on an H100-like device, sm_80 (CF_ATTN_SM80_PASS tiles) on an A100
@@ -114,19 +111,19 @@ ARCHS = {"sm90": (900, "h100"), "sm80": (800, "a100")}
 
 
 def build_drivers(tmp_path):
-    """The driver linked with the kernels compiled for each of ARCHS; ({arch: exe}, tune names)."""
+    """The driver linked with the kernels compiled for each of ARCHS: {arch: exe}."""
     gxx, gcc, inc = shutil.which("g++"), shutil.which("gcc") or shutil.which("cc"), cuda_include_dir()
     if not (gxx and gcc and inc):
         pytest.skip("needs g++, a C compiler and the CUDA headers")
     check_ptx_twins()
-    units, tune = prepare(tmp_path)
+    units = prepare(tmp_path)
     common = ["-O1", "-DCF_WITH_CUDA", f"-I{tmp_path}", f"-I{CSRC_DIR}", f"-I{EMU}", f"-I{inc}", "-w",
               "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     jobs = [(os.path.join(EMU, "emu_fibers.cpp"), gxx, "-std=c++17", []),
             (os.path.join(EMU, "attn_driver.cpp"), gxx, "-std=c++17", []),
             (os.path.join(CSRC_DIR, "attn_cpu.c"), gcc, "-std=c11", [])]
-    for arch, (cc, _) in ARCHS.items():  # CF_ATTN_TUNING: the alternative tile configurations too
-        jobs += [(u, gxx, "-std=c++17", [f"-DEMU_CUDA_ARCH={cc}", "-DCF_ATTN_TUNING", f"-o{arch}"]) for u in units]
+    for arch, (cc, _) in ARCHS.items():
+        jobs += [(u, gxx, "-std=c++17", [f"-DEMU_CUDA_ARCH={cc}", f"-o{arch}"]) for u in units]
     objs, procs = {}, []
     for src, comp, std, extra in jobs:  # two at a time (CI has 2 cores)
         tag = next((x[2:] for x in extra if x.startswith("-o")), "")
@@ -142,7 +139,7 @@ def build_drivers(tmp_path):
         exes[arch] = str(tmp_path / f"attn_emu_{arch}")
         # -rdynamic: kernel names in EMU messages
         run([gxx, "-fopenmp", "-rdynamic", *objs[""], *objs[arch], "-o", exes[arch], "-lm", "-ldl"])
-    return exes, tune
+    return exes
 
 
 def _finish(procs):
@@ -153,11 +150,11 @@ def _finish(procs):
 
 
 def test_attn_cuda_kernels_emulated(tmp_path):
-    exes, tune = build_drivers(tmp_path)
+    exes = build_drivers(tmp_path)
     full = os.environ.get("CF_EMU_FULL", "") not in ("", "0")
     procs = {}
     for arch, exe in exes.items():  # both device passes at once (2 cores)
-        env = dict(os.environ, EMU_DEVICE=ARCHS[arch][1], CF_EMU_TUNE=",".join(tune))
+        env = dict(os.environ, EMU_DEVICE=ARCHS[arch][1])
         procs[arch] = subprocess.Popen([exe] + (["--full"] if full else []), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, env=env)
     logs = {arch: p.communicate(timeout=1800)[0] for arch, p in procs.items()}

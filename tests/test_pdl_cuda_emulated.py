@@ -2,10 +2,9 @@
 (tests/cuda_emu/emu_threads.h: one host thread per CUDA thread, real block barriers and warp
 shuffles) and compared with the CPU kernel (pdl_cpu.c) by tests/cuda_emu/pdl_driver.cpp, so
 indexing, the online-softmax reductions, the alignment / scalar paths, dtype conversions, the
-denominator modes, NaN rows for bad targets, both fused-kernel variants (the shared-memory row
-cache whole, partial and absent: emu_threads.h reports a device with little shared memory), the
-scale kernel and token_counts are checked on
-machines without a GPU. Speed and real concurrency are test_pdl_cuda.py's job.
+denominator modes, NaN rows for bad targets, the shared-memory row cache whole, partial and absent
+(emu_threads.h reports a device with little shared memory), the scale kernel and token_counts are
+checked on machines without a GPU. Speed and real concurrency are test_pdl_cuda.py's job.
 Needs g++ and the CUDA headers (cuda_fp16.h); skipped otherwise."""
 import re
 
@@ -13,9 +12,9 @@ from cuda_emu_util import CSRC, build_and_run, rewrite_launches
 
 
 def emulated_source(src):
-    src = rewrite_launches(src, 7, "the prologue, loss (legacy 2, cached 1), scale (2) and token_counts launches")
+    src = rewrite_launches(src, 8, "the prologue, loss, scale (2) and token_counts (4) launches")
     src, n = re.subn(r"extern __shared__ (\w+(?: \w+)?) (\w+)\[\];", r"\1 *\2 = (\1 *)emu_dyn_smem;", src)
-    assert n == 2, "expected token_counts' histogram and the cached loss kernel's row cache"
+    assert n == 2, "expected token_counts' histogram and the loss kernel's row cache"
     src = src.replace("__shared__", "static")  # one block at a time: block-shared arrays
     return '#include "emu_threads.h"\n' + src
 
