@@ -12,7 +12,7 @@ gradient is wanted (``torch.no_grad()``, or logits that do not require grad) onl
 computed and no N x V buffer is allocated at all.
 ``fused_linear_pdl_loss`` also fuses the LM head, so all N x V logits never exist at once.
 
-Semantics (SPEC section 2):
+Semantics (docs/design.md, "PDL"):
   * ``reduction="mean"`` divides by the batch's sum of target weights ``sum_t w[y_t]``, like
     ``F.cross_entropy(weight=w)``, except that a batch with no counted token gives 0 (and a zero
     gradient), not NaN. ``normalizer=`` replaces that denominator: with S the sum over a whole
@@ -585,7 +585,7 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, ignore_in
 
 def reference_pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                        normalizer=None):
-    """The loss in plain PyTorch math (float64 recommended), for tests: the SPEC's formula."""
+    """The loss in plain PyTorch math (float64 recommended), for tests: the formula of docs/design.md, "PDL"."""
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     y = targets.reshape(-1)

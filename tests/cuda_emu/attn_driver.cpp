@@ -1,5 +1,5 @@
 /* The fused-attention CUDA launchers (cf_attn_fwd_cuda / cf_attn_bwd_cuda, compiled under
- * emu_fibers.h by tests/test_attn_cuda_emulated.py) against the float64 CPU kernel (attn_cpu.c)
+ * emu_fibers.h by tests/test_cuda_emulated.py) against the float64 CPU kernel (attn_cpu.c)
  * on the same inputs (bfloat16 / float16 values, float32 parameters, both widened exactly).
  *
  * Every case runs twice: "load" (no workspaces: the forward that rotates each key tile on load,
@@ -293,7 +293,7 @@ static void run_case(const Case &c) {
       for (int64_t j = 0; j < dv; j++) eo.add(from16(outd[r * dv + j], dt), out_ref[r * dv + j]);
     }
     const double mo = std::fmax(maxabs(out_ref), 1e-6);
-    /* in units of the 16-bit rounding (eps = 2^-8 bf16, 2^-11 f16); over the CF_EMU_FULL sweep the
+    /* in units of the 16-bit rounding (eps = 2^-8 bf16, 2^-11 f16); over the full (--full) sweep the
      * worst errors are ~2 eps (out, grads, q~ k~) and ~10 eps (lse: absolute, grows with the logits) */
     const double eps = dt == CF_BF16 ? 1.0 / 256 : 1.0 / 2048;
     const double tol_out = 4 * eps, tol_lse = 16 * eps, tol_grad = 6 * eps, tol_rot = 3 * eps;

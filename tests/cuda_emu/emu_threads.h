@@ -1,5 +1,5 @@
 /* A host emulation of the CUDA launch model with real concurrency inside a block, for checking
- * csrc/pdl_cuda.cu on a machine without a GPU (tests/test_pdl_cuda_emulated.py). Unlike
+ * csrc/pdl_cuda.cu on a machine without a GPU (tests/test_cuda_emulated.py). Unlike
  * emu_runtime.h (sequential threads), every CUDA thread of a block is a host thread, so
  * __syncthreads (a block barrier), warp shuffles (a barrier-synchronised exchange) and block-wide
  * __shared__ arrays (the test rewrites `__shared__` to `static`: one block runs at a time) behave

@@ -15,7 +15,7 @@ pre-pass writes q~ and k~ and the attention kernels copy tiles with cp.async), a
 timed call as the glue does, so time and peak memory include them.
 --profile adds, per shape, the GPU time of every kernel of one forward + backward (torch.profiler,
 mean of 5 calls): ours next to SDPA's, to see which launch to work on.
-Usage: python benchmarks/cmha_cuda_kernel.py [--seqlen 2048] [--tokens 16384] [--hd 2048] [--dims 64 128]
+Usage: python benchmarks/attn_cuda_kernel.py [--seqlen 2048] [--tokens 16384] [--hd 2048] [--dims 64 128]
                                              [--fwd-only] [--profile]
 """
 import argparse
