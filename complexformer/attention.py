@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from . import _C, _ext
 from ._selfcheck import selfcheck
 from .reference import EPS_R, split_pairs
+from .rotate import LAYOUTS, euler_rotate_qk
+from .rotate import _compute_dtype as _acc_dtype
 
 BACKENDS = ("auto", "fused", "sdpa", "reference")
-LAYOUTS = {"half": 0, "interleaved": 1}
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TWO_PI = 2.0 * math.pi
 _POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in float64 angles
@@ -242,8 +243,6 @@ def _sdpa_mask(p, device):
 
 
 def _attention_sdpa(q, k, v, delta, beta, freqs, p):
-    from .rotate import euler_rotate_qk
-
     G = p.H // p.Hkv
     # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
     qr, kr = euler_rotate_qk(q, k, delta, beta, freqs, q_positions=p.q_pos, k_positions=p.k_pos, layout=p.layout)
@@ -266,10 +265,6 @@ _FUSED_CPU_MAX_D = 256
 def _fused_cuda_supported(dtype, d, dv):
     """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
     return bool(_C.attn_cuda_supported(str(dtype).replace("torch.", ""), d, dv))
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fused_unsupported(q, p):

@@ -24,8 +24,7 @@ import torch
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-
-EPS_R = 1e-9
+from .reference import EPS_R
 LAYOUTS = {"half": 0, "interleaved": 1}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CPU_CHUNKS = 64  # token chunks of the CPU backward reduction
