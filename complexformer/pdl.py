@@ -12,7 +12,7 @@ gradient is wanted (``torch.no_grad()``, or logits that do not require grad) onl
 computed and no N x V buffer is allocated at all.
 ``fused_linear_pdl_loss`` also fuses the LM head, so all N x V logits never exist at once.
 
-Semantics (SPEC section 2):
+Semantics (docs/design.md, "PDL"):
   * ``reduction="mean"`` divides by the batch's sum of target weights ``sum_t w[y_t]``, like
     ``F.cross_entropy(weight=w)`` (negative weights included), except that a batch whose target
     weights sum to exactly 0 (no counted token) gives 0 (and a zero gradient), not NaN. ``normalizer=`` replaces that denominator: with S the sum over a whole
@@ -58,24 +58,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _sync_checks():
     return os.environ.get("COMPLEXFORMER_SYNC_CHECKS", "0") not in ("", "0")
-
-
-# The fused CUDA kernel's variant (csrc/pdl.h CF_PDL_CUDA_*), read at every call so a benchmark or
-# test can compare them in one process: "cached" keeps each row in shared memory between
-# the kernel's two sweeps; "legacy" re-reads it from global memory; "cached2" (default) is "cached" with two
-# blocks per SM for rows over 96 KB (half the cache each). The default is the one place to flip:
-# _CUDA_VARIANT_DEFAULT.
-_CUDA_VARIANTS = {"cached": 0, "legacy": 1, "cached2": 2}
-# GPU run 2026-11-26 (H200, bf16, fwd+bwd, N=16384, V=128256): cached2 2.80 ms = 0.71 of copy
-# bandwidth, cached 3.15 ms = 0.63, legacy 3.71 ms = 0.53 (benchmarks/RESULTS.md).
-_CUDA_VARIANT_DEFAULT = "cached2"
-
-
-def _cuda_variant():
-    name = os.environ.get("CF_PDL_CUDA_VARIANT", "") or _CUDA_VARIANT_DEFAULT
-    if name not in _CUDA_VARIANTS:
-        raise ValueError(f"CF_PDL_CUDA_VARIANT: expected one of {sorted(_CUDA_VARIANTS)}, got {name!r}")
-    return _CUDA_VARIANTS[name]
 
 
 def _acc_dtype(dtype):
@@ -190,7 +172,7 @@ def _run_kernel(logits, targets, weights, norm, norm_mode, ignore_index, reducti
     if logits.is_cuda:
         ws = torch.empty(4, dtype=torch.float32, device=logits.device)
         _C.pdl_loss_fwd(dl(logits), dl(targets), dl(weights), dl_opt(norm), dl(row_loss), dl_opt(grad),
-                        ignore_index, reduction, label_smoothing, 0.0, norm_mode, _cuda_variant(), stream(logits),
+                        ignore_index, reduction, label_smoothing, 0.0, norm_mode, 1, stream(logits),
                         dl(ws))
     else:
         norm_value = float(norm) if norm is not None else -1.0
@@ -629,7 +611,7 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, ignore_in
 
 def reference_pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                        normalizer=None):
-    """The loss in plain PyTorch math (float64 recommended), for tests: the SPEC's formula.
+    """The loss in plain PyTorch math (float64 recommended), for tests: the formula of docs/design.md, "PDL".
     Differentiable to any order and traceable by every torch.func transform (no host syncs)."""
     return _pdl_loss_torch(logits, targets, weights, ignore_index, reduction, label_smoothing, normalizer)
 

@@ -311,7 +311,7 @@ def test_gradients_match_reference(backend):
     got = torch.autograd.grad((m(x) * g).sum(), list(params.values()))
     want = torch.autograd.grad((ref_forward(m, x) * g).sum(), list(params.values()))
     for name, a, b in zip(params, got, want):
-        # relative 1e-6, not 1e-12: the rotation kernel's bounded backward (SPEC: in terms of re/r, im/r)
+        # relative 1e-6, not 1e-12: the rotation kernel's bounded backward (docs/design.md, "Deviations")
         # differs from autograd of r = sqrt(re^2 + im^2 + eps_r) by O(eps_r / r^2) ~ 1e-8 in dq, dk.
         rel = ((a - b).norm() / b.norm()).item()
         assert rel < 1e-6, (name, rel)
