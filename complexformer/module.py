@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from ._ext import check_int
 from .attention import cmha_attention
 from .reference import default_freqs
 
@@ -90,9 +91,9 @@ class CMHA(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        embed_dim, num_heads, num_kv_heads = (
+            check_int(name, val, lo=1, what="a positive int")
+            for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)))
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         head_dim = embed_dim // num_heads

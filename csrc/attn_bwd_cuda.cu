@@ -50,7 +50,9 @@ __device__ __forceinline__ void stage_row_stats(const CfAttnArgs &a, int64_t b, 
     if (i < nvalid) {
       const float l = a.lse[base + i];
       l2 = l == -INFINITY ? INFINITY : l * kLog2e;
-      dd = a.dq_rot[(base + i) * a.d];
+      /* a NaN row (NaN lse, from a NaN input): D = 0, so dS = P (dP - D) is NaN on the keys the row
+       * sees (P NaN) and 0 on the masked ones (P = 0), as torch's softmax backward gives */
+      dd = l == l ? a.dq_rot[(base + i) * a.d] : 0.f;
     }
     s_lse2[i] = l2;
     s_D[i] = dd;

@@ -384,12 +384,17 @@ CF_HOT static void FN(bwd_item)(const CfAttnParams *p, FN(BwdWs) *ws, int64_t b,
           continue;
         }
         for (int64_t n = nk; n < BK; n++) sr[n] = (T)-INFINITY;
+        if (l != l) {  /* a NaN row (NaN input): NaN on its visible keys only, as torch's softmax */
+          for (int64_t n = 0; n < BK; n++) sr[n] = sr[n] == (T)-INFINITY ? (T)0 : (T)NAN;
+          continue;
+        }
         for (int64_t n = 0; n < BK; n++) sr[n] = CF_EXP(sr[n] - l);
       }
       FN(gemm)(nq, BK, dv, dot, dos, 1, ws->vt + (n0 - n0c) * dv, BK, dp, BK, 0);
       /* dV += P^T dO, before s is overwritten by dS */
       FN(gemm)(nk, dv, nq, s, 1, BK, dot, dos, dvf + n0 * dv, dv, 1);
       for (int64_t r = 0; r < nq; r++) {  /* dS = P (dP - D) */
+        if (ws->lrow[r] != ws->lrow[r]) continue;  /* NaN row: dS = P (NaN where visible, 0 masked) */
         T *sr = s + r * BK;
         const T *dpr = dp + r * BK;
         T D = ws->drow[r];

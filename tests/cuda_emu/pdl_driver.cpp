@@ -39,7 +39,8 @@ template <> double tol<__nv_bfloat16>() { return 1e-2; }
 
 template <typename T>
 void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, int64_t shift, int reduction,
-               double eps, int norm_mode, float norm_given, bool i64, bool with_bad, bool no_grad = false, float offset = 0.f) {
+               double eps, int norm_mode, float norm_given, bool i64, bool with_bad, bool no_grad = false, float offset = 0.f,
+               bool neg_w = false) {
   cases++;
   const int64_t N = B * Tn, st = V + pad, sb = Tn * st + 3;
   std::vector<T> zs(shift + B * sb + 16);
@@ -52,7 +53,7 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
         zf[(b * Tn + t) * V + c] = back(v);
       }
   std::vector<float> w(V);
-  for (auto &x : w) x = 0.1f + std::fabs(rnd());
+  for (auto &x : w) x = (0.1f + std::fabs(rnd())) * (neg_w ? -1.f : 1.f);
   std::vector<int64_t> y(N);
   std::vector<int32_t> y32(N);
   for (int64_t r = 0; r < N; r++) {
@@ -106,6 +107,11 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
       gerr = std::fmax(gerr, std::fabs((double)back(grad_d[r * V + k]) - grad_c[r * V + k]));
       gscale = std::fmax(gscale, std::fabs(grad_c[r * V + k]));
     }
+  }
+  if (neg_w && reduction == CF_PDL_MEAN) {  // a negative weight sum divides (as torch), never a silent 0
+    double s = 0;
+    for (int64_t r = 0; r < N; r++) s += r == bad_row ? 0.0 : std::fabs((double)loss_d[r]);
+    nan_ok = nan_ok && s > 0;
   }
   const bool ok = !(lerr > 2e-5 * lscale) && !(gerr > tol<T>() * gscale) && nan_ok;
   if (!ok) {
@@ -200,6 +206,11 @@ int main() {
     cf_pdl_loss_cuda(&a, CF_F32, &zero, ws.data(), 0, nullptr);
     if (!std::isnan(loss[0])) { printf("FAIL: normalizer 0 gave %g, expected NaN\n", loss[0]); fails++; }
   }
+  // negative class weights: the mean divides by the (negative) target-weight sum, like F.cross_entropy
+  loss_case<float>("float32 negative weights", 1, 6, 33, 0, 0, CF_PDL_MEAN, 0.1, CF_PDL_NORM_BATCH, 0.f, true, false,
+                   false, 0.f, true);
+  loss_case<__nv_bfloat16>("bfloat16 negative weights", 2, 3, 1031, 3, 1, CF_PDL_MEAN, 0.0, CF_PDL_NORM_BATCH, 0.f,
+                           false, true, false, 0.f, true);
   counts_case<int64_t>(5000, 50, false);
   counts_case<int32_t>(5000, 50, true);
   counts_case<int64_t>(20000, 20000, true);
