@@ -29,7 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..pdl import fused_linear_pdl_loss, pdl_loss, token_counts
+from ..fused_linear import fused_linear_pdl_loss
+from ..pdl import pdl_loss, token_counts
 
 
 
