@@ -158,8 +158,9 @@ def _fused_linear_fwd(
         valid = targets != ignore_index
         idx = torch.where(valid & (targets >= 0) & (targets < V), targets, 0)
         norm, mode = (weights[idx] * valid).to(_acc_dtype(hidden.dtype)).sum(), _NORM_PRECOMPUTED
-    return _chunked(hidden, weight, bias, targets, weights, norm, mode, ignore_index, reduction, label_smoothing,
-                    chunk_size, row_scale, grad_mask)
+    with torch.autocast(hidden.device.type, enabled=False):  # the matmuls run in the dtypes chosen here
+        return _chunked(hidden, weight, bias, targets, weights, norm, mode, ignore_index, reduction,
+                        label_smoothing, chunk_size, row_scale, grad_mask)
 
 
 @_fused_linear_fwd.register_fake
