@@ -59,7 +59,24 @@ def eager_ce(h, W, y, w):
     return F.cross_entropy(F.linear(h, W), y, weight=w.to(h.dtype))
 
 
-def case_fns(names, device, chunk=None):
+def triton_case(name, device):
+    """Liger-Kernel's fused linear CE with ce_weight, or cut-cross-entropy (unweighted): the loss
+    function, or why it is skipped (both are triton packages: CUDA only)."""
+    if device.type != "cuda":
+        return "CUDA only (triton)"
+    try:
+        if name == "liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            return lambda h, W, y, w: LigerFusedLinearCrossEntropyLoss(ce_weight=w)(W, h, y)
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, W, y, w: linear_cross_entropy(h, W, y)
+    except ImportError as e:
+        return f"not importable ({e.__class__.__name__}: {e})"
+
+
+def case_fns(names, device):
     """name -> loss(h, W, y, w), or a string saying why it is skipped."""
     out = {}
     for name in names:
@@ -74,26 +91,8 @@ def case_fns(names, device, chunk=None):
             out[name] = eager_ce
         elif name == "compile":
             out[name] = torch.compile(eager_ce)
-        elif name == "liger":
-            if device.type != "cuda":
-                out[name] = "CUDA only (triton)"
-                continue
-            try:
-                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-            except ImportError as e:
-                out[name] = f"not importable ({e.__class__.__name__}: {e})"
-                continue
-            out[name] = lambda h, W, y, w: LigerFusedLinearCrossEntropyLoss(ce_weight=w)(W, h, y)
-        elif name == "cce":
-            if device.type != "cuda":
-                out[name] = "CUDA only (triton)"
-                continue
-            try:
-                from cut_cross_entropy import linear_cross_entropy
-            except ImportError as e:
-                out[name] = f"not importable ({e.__class__.__name__}: {e})"
-                continue
-            out[name] = lambda h, W, y, w: linear_cross_entropy(h, W, y)
+        elif name in ("liger", "cce"):
+            out[name] = triton_case(name, device)
         else:
             raise ValueError(f"unknown case {name!r}")
     return out

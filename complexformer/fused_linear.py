@@ -289,9 +289,9 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
       + c * bytes_per_row              the chunk buffers.
     No N x V tensor exists at any time. Between forward and backward the op keeps only the
     gradients (and references to its inputs). Example, CPU float32, N=4096, D=1024, V=32000:
-    c = 1024 (budget 131 MB / 256 KB per row = 512 rows: c = 512), peak = 16.8 MB + 131 MB +
-    131 MB = 279 MB, against about 4 N V 4 bytes = 2.1 GB held at the peak of F.linear +
-    F.cross_entropy.
+    the budget N V 4 / 4 = 131 MB holds 512 rows of 2 V 4 = 256 KB (< R), so c = 512 and the
+    peak is 16.8 MB + 131 MB + 131 MB = 279 MB, where F.linear + F.cross_entropy hold several
+    N x V buffers (524 MB each) at their peak (benchmarks/fused_linear.py measures both).
     """
     reject_unsupported_autodiff("fused_linear_pdl_loss", hidden, lm_head_weight, bias)
     _check_options(ignore_index, reduction, label_smoothing)

@@ -5,6 +5,8 @@ gradcheck, opcheck, torch.compile, unsupported autograd modes and bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import complexformer as cf
 from complexformer.fused_linear import fused_linear_chunk_rows
@@ -36,7 +38,7 @@ def run(fn, h, W, b, go_seed=5):
     leaves = [t.detach().clone().requires_grad_() for t in (h, W) + ((b,) if b is not None else ())]
     out = fn(*leaves)
     go = torch.rand(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(go_seed)) + 0.5
-    grads = torch.autograd.grad(out, leaves, go.to(out.dtype))
+    grads = torch.autograd.grad(out, leaves, go.to(out.device, out.dtype))
     return (out.detach(),) + grads
 
 
@@ -68,6 +70,27 @@ def test_odd_sizes(N, V, chunk):
     ours = run(lambda hh, WW, bb: cf.fused_linear_pdl_loss(hh, WW, y, w, bias=bb, chunk_size=chunk), h, W, b)
     ref = run(lambda hh, WW, bb: unfused(hh, WW, y, w, bb), h, W, b)
     for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(0, 25), D=st.integers(1, 9), V=st.integers(1, 40), chunk=st.one_of(st.none(), st.integers(1, 30)),
+       bias=st.booleans(), reduction=st.sampled_from(REDUCTIONS), smoothing=st.sampled_from([0.0, 0.3]),
+       three_d=st.booleans(), ignore_every=st.integers(0, 4), seed=st.integers(0, 3))
+def test_hypothesis_matches_linear_then_pdl_loss(N, D, V, chunk, bias, reduction, smoothing, three_d, ignore_every,
+                                                  seed):
+    """Any shape and chunking (N = 0, V = 1, all rows ignored included) against F.linear + pdl_loss
+    (itself checked against F.cross_entropy in test_pdl.py; it gives 0 where a mean has no counted
+    token, as the fused op does)."""
+    h, W, b, y, w = make(N, D, V, bias=bias, ignore_every=ignore_every, seed=seed)
+    if three_d and N % 2 == 0:
+        h, y = h.view(2, N // 2, D), y.view(2, N // 2)
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    ours = run(lambda hh, WW, *bb: cf.fused_linear_pdl_loss(hh, WW, y, w, bias=bb[0] if bb else None,
+                                                            chunk_size=chunk, **kw), h, W, b)
+    ref = run(lambda hh, WW, *bb: cf.pdl_loss(F.linear(hh, WW, bb[0] if bb else None), y, w, **kw), h, W, b)
+    for a, r in zip(ours, ref):
+        assert a.shape == r.shape
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
@@ -156,6 +179,33 @@ def test_low_precision_flash_attention_rule(dtype, reduction):
     assert ours[0].dtype == torch.float32 and [g.dtype for g in ours[1:]] == [dtype] * 3
     for o, lw, r, what in zip(ours, torch_low, ref, ("loss", "grad_hidden", "grad_weight", "grad_bias")):
         fa_rule(o, lw, r, FLOOR[dtype], what)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_flash_attention_rule_deterministic_and_no_host_sync(dtype):
+    h64, W64, b64, y, w = make(1000, 128, 5003, bias=True, ignore_every=7, scale=2.0)
+    ref = run(lambda a, b, c: unfused(a, b, y, w.double(), c, label_smoothing=0.1), h64, W64, b64)
+    lo = [t.to("cuda", dtype) for t in (h64, W64, b64)]
+    yd, wd = y.cuda(), w.cuda()
+    fused = lambda a, b, c: cf.fused_linear_pdl_loss(a, b, yd, wd, bias=c, chunk_size=256,  # noqa: E731
+                                                     label_smoothing=0.1)
+    again = run(fused, *lo)  # also the weights' one-time check, which reads them once
+    leaves = [t.detach().clone().requires_grad_() for t in lo]
+    go = torch.rand((), device="cuda") + 0.5
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation now raises
+    try:
+        out = fused(*leaves)
+        grads = torch.autograd.grad(out, leaves, go)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ours = run(fused, *lo)
+    assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in grads)
+    assert all(torch.equal(a, b) for a, b in zip(ours, again))  # deterministic
+    torch_low = run(lambda a, b, c: unfused(a, b, yd, wd, c, label_smoothing=0.1), *lo)
+    for o, lw, r, what in zip(ours, torch_low, ref, ("loss", "grad_hidden", "grad_weight", "grad_bias")):
+        fa_rule(o.cpu(), lw.cpu(), r, FLOOR[dtype], what)
 
 
 # ---------------------------------------------------------------- the chunk rule
