@@ -3,6 +3,7 @@ own loss and gradients (float64) without building the logits, PDL weights give t
 loss, PDLTrainer and the plain Trainer take the same step as unpatched models (gradient
 accumulation), and unsupported models raise."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -100,6 +101,17 @@ def test_patched_forward_equals_the_models_own_loss(family, data):
     labels = batch.pop("labels")
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
     torch.testing.assert_close(patched(**batch, shift_labels=shifted).loss, ref.loss, rtol=1e-12, atol=1e-12)
+    # the Trainer reads the original signature; a deep copy runs on its own parameters
+    assert {"input_ids", "labels", "attention_mask"} <= set(inspect.signature(patched.forward).parameters)
+    clone = copy.deepcopy(patched)
+    with torch.no_grad():
+        clone.get_output_embeddings().weight.mul_(2)
+    a, b = clone(**batch, labels=labels).loss, patched(**batch, labels=labels).loss
+    torch.testing.assert_close(b, ref.loss, rtol=1e-12, atol=1e-12)
+    assert is_fused_pdl(clone) and abs(a.item() - b.item()) > 1e-3
+    # positional arguments still work
+    torch.testing.assert_close(patched(batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss,
+                               ref.loss, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 
 import torch
 
@@ -86,8 +87,9 @@ def is_fused_pdl(model):
 class _Patch:
     """What apply_fused_pdl keeps on the model: the original forward and the loss settings."""
 
-    def __init__(self, forward, weights, ignore_index, label_smoothing):
-        self.forward = forward
+    def __init__(self, forward, names, weights, ignore_index, label_smoothing):
+        self.forward = forward  # the original forward, a function of (self, ...)
+        self.names = names  # its parameters after self, for positional arguments
         self.weights = weights  # None (cross-entropy) or float32 on the CPU
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
@@ -153,41 +155,57 @@ def apply_fused_pdl(model, weights=None, *, ignore_index=-100, label_smoothing=0
         check_pdl_weights(weights)
         weights = weights.detach().to("cpu", torch.float32).contiguous()
     previous = getattr(model, _PATCH, None)
-    original = previous.forward if previous is not None else model.forward
-    patch = _Patch(original, weights, int(ignore_index), float(label_smoothing))
-    names = list(inspect.signature(original).parameters)
+    if previous is not None:
+        func = previous.forward
+    elif "forward" in vars(model):  # the instance's forward was replaced before
+        func = getattr(vars(model)["forward"], "__func__", None)
+        if func is None or vars(model)["forward"].__self__ is not model:
+            raise NotImplementedError(
+                "apply_fused_pdl: model.forward was already replaced on this instance by something that is "
+                "not a method of it; apply the fused PDL patch first")
+    else:
+        func = type(model).forward
+    names = list(inspect.signature(func).parameters)[1:]  # without self
+    setattr(model, _PATCH, _Patch(func, names, weights, int(ignore_index), float(label_smoothing)))
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        kwargs.update(zip(names, args))
-        labels, shifted = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
-        num_items = kwargs.pop("num_items_in_batch", None)
-        if labels is None and shifted is None:
-            if num_items is not None:
-                kwargs["num_items_in_batch"] = num_items
-            return original(**kwargs)
-        want_states = kwargs.pop("output_hidden_states", None)
-        kwargs.pop("logits_to_keep", None)
-        outputs = original(**kwargs, output_hidden_states=True, logits_to_keep=1)
-        hidden = outputs["hidden_states"][-1]
-        targets = shifted if shifted is not None else shift_labels(labels, patch.ignore_index)
-        if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-            raise ValueError(f"labels: shape {tuple(targets.shape)} does not match the model's hidden states "
-                             f"{tuple(hidden.shape[:-1])}")
-        kw = dict(ignore_index=patch.ignore_index, label_smoothing=patch.label_smoothing)
-        if num_items is not None:
-            if patch.weights is not None:
-                raise ValueError(
-                    "apply_fused_pdl: num_items_in_batch is a token count, the wrong denominator for a PDL "
-                    "(weighted) loss; train with complexformer.hf.PDLTrainer, which passes the weight sum")
-            kw["normalizer"] = num_items.to(hidden.device) if torch.is_tensor(num_items) else num_items
-        head = model.get_output_embeddings()
-        loss = fused_head_loss(head, hidden, targets, patch.weights_on(hidden.device, V), **kw)
-        fields = {k: v for k, v in outputs.items() if k not in ("loss", "hidden_states")}
-        if want_states:
-            fields["hidden_states"] = outputs["hidden_states"]
-        return type(outputs)(loss=loss, **fields)
+    def forward(self, *args, **kwargs):
+        return _fused_forward(self, *args, **kwargs)
 
-    model.forward = forward
-    setattr(model, _PATCH, patch)
+    # A method bound to the model (not a closure over it): copy.deepcopy(model) gives a copy whose
+    # forward runs on the copy. The signature stays the original's (Trainer reads it).
+    functools.update_wrapper(forward, func)
+    model.forward = types.MethodType(forward, model)
     return model
+
+
+def _fused_forward(self, *args, **kwargs):
+    patch = getattr(self, _PATCH)
+    original = types.MethodType(patch.forward, self)
+    kwargs.update(zip(patch.names, args))
+    labels, shifted = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    if labels is None and shifted is None:
+        if num_items is not None:
+            kwargs["num_items_in_batch"] = num_items
+        return original(**kwargs)
+    want_states = kwargs.pop("output_hidden_states", None)
+    kwargs.pop("logits_to_keep", None)
+    outputs = original(**kwargs, output_hidden_states=True, logits_to_keep=1)
+    hidden = outputs["hidden_states"][-1]
+    targets = shifted if shifted is not None else shift_labels(labels, patch.ignore_index)
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels: shape {tuple(targets.shape)} does not match the model's hidden states "
+                         f"{tuple(hidden.shape[:-1])}")
+    kw = dict(ignore_index=patch.ignore_index, label_smoothing=patch.label_smoothing)
+    if num_items is not None:
+        if patch.weights is not None:
+            raise ValueError(
+                "apply_fused_pdl: num_items_in_batch is a token count, the wrong denominator for a PDL "
+                "(weighted) loss; train with complexformer.hf.PDLTrainer, which passes the weight sum")
+        kw["normalizer"] = num_items.to(hidden.device) if torch.is_tensor(num_items) else num_items
+    head = self.get_output_embeddings()
+    loss = fused_head_loss(head, hidden, targets, patch.weights_on(hidden.device, head.weight.shape[0]), **kw)
+    fields = {k: v for k, v in outputs.items() if k not in ("loss", "hidden_states")}
+    if want_states:
+        fields["hidden_states"] = outputs["hidden_states"]
+    return type(outputs)(loss=loss, **fields)
