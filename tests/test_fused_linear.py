@@ -143,6 +143,16 @@ def test_frozen_head_and_no_grad():
     torch.testing.assert_close(v, unfused(h.detach(), W, y, w, b))
 
 
+def test_nan_propagates_like_torch():
+    h, W, b, y, w = make(6, 4, 9, dtype=torch.float32)
+    h[2, 1] = float("nan")
+    ours = run(lambda hh, WW: cf.fused_linear_pdl_loss(hh, WW, y, w, reduction="none", chunk_size=4), h, W, None)
+    ref = run(lambda hh, WW: unfused(hh, WW, y, w, reduction="none"), h, W, None)
+    for a, r in zip(ours, ref):
+        assert torch.equal(a.isnan(), r.isnan())
+    assert cf.fused_linear_pdl_loss(h, W, y, w).isnan()
+
+
 def test_deterministic():
     h, W, b, y, w = make(300, 32, 500, dtype=torch.float32, bias=True, ignore_every=5)
     a = run(lambda hh, WW, bb: cf.fused_linear_pdl_loss(hh, WW, y, w, bias=bb, chunk_size=64), h, W, b)
