@@ -129,6 +129,27 @@ def test_pdl_weights_and_label_smoothing(family, data):
         patched(**batch, num_items_in_batch=torch.tensor(5))
 
 
+def test_model_configured_for_pdl_keeps_its_weights(data):
+    """A model whose config says loss="pdl" and holds a pdl_weights buffer (as
+    ComplexFormerForCausalLM does): weights=None means that buffer, read at every call."""
+    examples, weights = data
+    batch = pad_collate(examples)
+    model = tiny("llama")
+    model.config.loss = "pdl"
+    model.register_buffer("pdl_weights", torch.full((TINY_VOCAB,), float("nan")))
+    patched = apply_fused_pdl(model)
+    with pytest.raises(ValueError, match="weights: class weights must be finite"):
+        patched(**batch)
+    model.pdl_weights.copy_(weights)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, TINY_VOCAB), batch["labels"][:, 1:].reshape(-1),
+                          weight=weights.double())
+    torch.testing.assert_close(patched(**batch).loss, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        patched(**batch, num_items_in_batch=torch.tensor(5))
+
+
 def test_bias_head_and_autocast(data):
     examples, _ = data
     batch = pad_collate(examples[:4])

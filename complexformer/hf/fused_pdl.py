@@ -87,10 +87,11 @@ def is_fused_pdl(model):
 class _Patch:
     """What apply_fused_pdl keeps on the model: the original forward and the loss settings."""
 
-    def __init__(self, forward, names, weights, ignore_index, label_smoothing):
+    def __init__(self, forward, names, weights, ignore_index, label_smoothing, model_weights=False):
         self.forward = forward  # the original forward, a function of (self, ...)
         self.names = names  # its parameters after self, for positional arguments
         self.weights = weights  # None (cross-entropy) or float32 on the CPU
+        self.model_weights = model_weights  # read the model's own pdl_weights buffer at each call
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self._on = {}
@@ -118,8 +119,10 @@ def apply_fused_pdl(model, weights=None, *, ignore_index=-100, label_smoothing=0
             ``ComplexFormerForCausalLM`` / converted CMHA models, which keep these heads).
             Models that transform their logits (soft-capping, ``logit_scale``,
             ``logits_scaling``) raise NotImplementedError.
-        weights: None for cross-entropy (exactly the model's own loss), or the (V,) PDL class
-            weights (``complexformer.pdl_weights``; finite and >= 0).
+        weights: None for the model's own loss: cross-entropy, or, for a model configured for
+            PDL (``config.loss == "pdl"`` with a ``pdl_weights`` buffer, as
+            ``ComplexFormerForCausalLM``), PDL with that buffer, read at every call; or the (V,)
+            PDL class weights (``complexformer.pdl_weights``; finite and >= 0).
         ignore_index, label_smoothing: as in ``pdl_loss``.
 
     Returns the same model (patched in place; ``apply_fused_pdl`` again replaces the settings).
@@ -166,7 +169,11 @@ def apply_fused_pdl(model, weights=None, *, ignore_index=-100, label_smoothing=0
     else:
         func = type(model).forward
     names = list(inspect.signature(func).parameters)[1:]  # without self
-    setattr(model, _PATCH, _Patch(func, names, weights, int(ignore_index), float(label_smoothing)))
+    # a model configured for PDL (ComplexFormerForCausalLM with config.loss == "pdl") keeps its
+    # weights in a buffer: weights=None then means those, not cross-entropy
+    model_weights = weights is None and getattr(getattr(model, "config", None), "loss", None) == "pdl" and \
+        isinstance(getattr(model, "pdl_weights", None), torch.Tensor)
+    setattr(model, _PATCH, _Patch(func, names, weights, int(ignore_index), float(label_smoothing), model_weights))
 
     def forward(self, *args, **kwargs):
         return _fused_forward(self, *args, **kwargs)
@@ -197,14 +204,19 @@ def _fused_forward(self, *args, **kwargs):
         raise ValueError(f"labels: shape {tuple(targets.shape)} does not match the model's hidden states "
                          f"{tuple(hidden.shape[:-1])}")
     kw = dict(ignore_index=patch.ignore_index, label_smoothing=patch.label_smoothing)
+    head = self.get_output_embeddings()
+    if patch.model_weights:
+        weights = self.pdl_weights
+        check_pdl_weights(weights)  # e.g. still unset (NaN): set them with model.set_pdl_weights(...)
+    else:
+        weights = patch.weights_on(hidden.device, head.weight.shape[0])
     if num_items is not None:
-        if patch.weights is not None:
+        if patch.weights is not None or patch.model_weights:
             raise ValueError(
                 "apply_fused_pdl: num_items_in_batch is a token count, the wrong denominator for a PDL "
                 "(weighted) loss; train with complexformer.hf.PDLTrainer, which passes the weight sum")
         kw["normalizer"] = num_items.to(hidden.device) if torch.is_tensor(num_items) else num_items
-    head = self.get_output_embeddings()
-    loss = fused_head_loss(head, hidden, targets, patch.weights_on(hidden.device, head.weight.shape[0]), **kw)
+    loss = fused_head_loss(head, hidden, targets, weights, **kw)
     fields = {k: v for k, v in outputs.items() if k not in ("loss", "hidden_states")}
     if want_states:
         fields["hidden_states"] = outputs["hidden_states"]
