@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._ext import check_tensor, require_cuda_kernels
+from ._selfcheck import selfcheck
 from .pdl import (
     _FLOAT_DTYPES, _MEAN, _NONE, _NORM_GIVEN, _NORM_PRECOMPUTED, _REDUCTIONS, _acc_dtype, _check_normalizer,
     _check_options, _check_targets_in_range, _check_targets_weights, _run_kernel, _scale, _sync_checks, _tracing,
@@ -337,3 +338,24 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     loss, _, _, _ = _fused_linear_fwd(h2, lm_head_weight, bias, t, w, norm, ignore_index, _REDUCTIONS[reduction],
                                       float(label_smoothing), chunk, None, mask)
     return loss.view(batch_shape) if reduction == "none" else loss
+
+
+@selfcheck("fused_linear_pdl_loss", 1e-4)
+def _selfcheck_fused_linear(device):
+    """float32 on ``device`` (two chunks and a bias) against F.linear + cross-entropy in float64."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 24, generator=g, dtype=torch.float64)
+    W = torch.randn(1003, 24, generator=g, dtype=torch.float64) / 5
+    b = torch.randn(1003, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 1003, (37,), generator=g)
+    y[::5] = -100
+    w = torch.rand(1003, generator=g, dtype=torch.float64) + 0.1
+    leaves = [t.clone().requires_grad_() for t in (h, W, b)]
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(*leaves), y, weight=w, label_smoothing=0.1)
+    want = (ref,) + torch.autograd.grad(ref, leaves)
+    ours = [t.float().to(device).requires_grad_() for t in (h, W, b)]
+    out = fused_linear_pdl_loss(ours[0], ours[1], y.to(device), w.float().to(device), bias=ours[2],
+                                label_smoothing=0.1, chunk_size=20)
+    got = (out,) + torch.autograd.grad(out, ours)
+    return max(float((a.detach().double().cpu() - r.detach()).abs().max() / r.detach().abs().max().clamp(min=1))
+               for a, r in zip(got, want))
