@@ -8,7 +8,8 @@ The rows are processed in chunks. For each chunk: one matmul gives its logits, t
 that gradient into the chunk's rows of grad_hidden and its contribution to grad_weight (and
 grad_bias). So the forward computes the gradients too (for a scalar loss; the backward only
 rescales them by grad_output, or does nothing when it is exactly 1), and the whole thing costs the
-same three matmuls as ``F.linear`` + cross-entropy with at most two chunk x V buffers in memory.
+same three matmuls as ``F.linear`` + cross-entropy with only chunk x V buffers in memory (two;
+four on the CPU for float16/bfloat16, whose kernel computes in float32).
 
 See :func:`fused_linear_pdl_loss` for the chunk-size rule and the peak-memory formula.
 """
