@@ -9,7 +9,7 @@ that gradient into the chunk's rows of grad_hidden and its contribution to grad_
 grad_bias). So the forward computes the gradients too (for a scalar loss; the backward only
 rescales them by grad_output, or does nothing when it is exactly 1), and the whole thing costs the
 same three matmuls as ``F.linear`` + cross-entropy with only chunk x V buffers in memory (two;
-four on the CPU for float16/bfloat16, whose kernel computes in float32).
+three on the CPU for float16/bfloat16, whose kernel computes in float32).
 
 See :func:`fused_linear_pdl_loss` for the chunk-size rule and the peak-memory formula.
 """
@@ -48,11 +48,12 @@ def _kernel_dtype(dtype, device):
 
 def _bytes_per_chunk_row(V, dtype, device):
     """Chunk buffer bytes per row: the logits and their gradient in the kernel's dtype, plus (CPU,
-    float16/bfloat16) the low-precision logits the matmul writes and the gradient it reads."""
+    float16/bfloat16) one low-precision buffer: the logits the matmul writes, then the rounded
+    gradient the next matmul reads."""
     kd = _kernel_dtype(dtype, device)
     per = 2 * V * kd.itemsize
     if kd != dtype:
-        per += 2 * V * dtype.itemsize
+        per += V * dtype.itemsize
     return per
 
 
@@ -280,8 +281,8 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     the read-modify-write of the (V, D) gradient accumulator, run near full speed;
     bytes_per_row = 2 V k (the logits and their gradient in the kernel's dtype, k bytes each:
     the dtype's size, or 4 for float16/bfloat16 on the CPU, whose kernel computes in float32,
-    which then also keeps 2 V s bytes of low-precision copies, s = 2); then the chunks are evened
-    out: c = ceil(N / ceil(N / c)).
+    which then also keeps V s bytes of low-precision logits / gradient, s = 2); then the chunks
+    are evened out: c = ceil(N / ceil(N / c)).
 
     Peak memory beyond the inputs (e = hidden's element size):
         N D e                          grad_hidden
