@@ -143,6 +143,9 @@ def apply_fused_pdl(model, weights=None, *, ignore_index=-100, label_smoothing=0
     ``hidden_states`` is returned only if you asked for it (``output_hidden_states=True``).
 
     :class:`complexformer.hf.PDLTrainer` uses the fused path automatically for a patched model.
+    Patch the transformers model itself, before wrapping it (PEFT's ``get_peft_model``, DDP,
+    ``accelerate.prepare``): the wrappers call its forward. The patch is a method bound to the
+    instance, so ``copy.deepcopy(model)`` gives a patched copy that runs on its own parameters.
     """
     from ..pdl import _check_options
 
