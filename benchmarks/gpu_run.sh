@@ -10,7 +10,8 @@
 #           kernels (NO_NCU=1 skips it; ncu needs a runtime that exposes the counters)
 # Knobs: TEST_PATHS (default tests/; e.g. "$PWD/tests --ignore=$PWD/tests/test_pdl_cuda.py"),
 #   TEST_FILTER (added to -m cuda), KERNEL_ARGS (benchmarks/attn_cuda_kernel.py), CMHA_ARGS
-#   (benchmarks/cmha.py), SKIP_PDL_BENCH=1, NO_SAN=1 (full without sanitizers), *_TIMEOUT per step.
+#   (benchmarks/cmha.py), SKIP_PDL_BENCH=1, SKIP_FUSED_BENCH=1, NO_SAN=1 (full without sanitizers),
+#   *_TIMEOUT per step.
 set -u
 OUT=${OUT:-/tmp/cf-out}
 mkdir -p "$OUT"
@@ -83,6 +84,10 @@ if want bench full; then
     | tee "$OUT/bench_cmha.txt" | tail -25
   if [ -z "${SKIP_PDL_BENCH:-}" ]; then
     timeout ${BENCH_PDL_TIMEOUT:-120} python3 benchmarks/pdl.py --device cuda 2>&1 | tee "$OUT/bench_pdl.txt" | tail -25
+  fi
+  if [ -z "${SKIP_FUSED_BENCH:-}" ]; then  # Liger-Kernel / cut-cross-entropy rows need their wheels installed
+    timeout ${BENCH_FUSED_TIMEOUT:-180} python3 benchmarks/fused_linear.py --device cuda 2>&1 \
+      | tee "$OUT/bench_fused_linear.txt" | tail -15
   fi
   cd /tmp
 fi

@@ -2,7 +2,8 @@
 
 Checks that label_token_counts all-reduces to the single-process counts over the union, and that a
 2-process PDLTrainer (DDP, gradient accumulation 2, batch 2 per process) takes the same step as one
-process on the whole batch of 8, while a per-process normaliser does not.
+process on the whole batch of 8 (also with a model patched by apply_fused_pdl), while a
+per-process normaliser does not.
 """
 import os
 import socket
@@ -58,7 +59,7 @@ def _check_trainer(rank, world, out_dir):
     )
 
     from complexformer import pdl as _pdl
-    from complexformer.hf import PDLTrainer, _WindowNormalizer
+    from complexformer.hf import PDLTrainer, _WindowNormalizer, apply_fused_pdl
 
     lr = 0.5
     examples = ragged_examples()  # 8 ragged sequences: 2 processes x 2 micro-batches x 2
@@ -72,14 +73,15 @@ def _check_trainer(rank, world, out_dir):
             return batches, _WindowNormalizer(self.pdl_weight_sum(batches, device), 1)
 
     results = {}
-    for name, cls in (("exact", PDLTrainer), ("local", LocalNormaliser)):
-        trained = tiny_gpt2()
+    for name, cls in (("exact", PDLTrainer), ("local", LocalNormaliser), ("fused", PDLTrainer)):
+        # "fused": a model patched by apply_fused_pdl (fused LM head + loss, no logits)
+        trained = apply_fused_pdl(tiny_gpt2()) if name == "fused" else tiny_gpt2()
         trainer = cls(model=trained, args=training_args(out_dir, batch=2, accum=2, lr=lr),
                       train_dataset=examples, data_collator=pad_collate, pdl_weights=weights)
         assert trainer.args.world_size == world
         trainer.train()
         results[name] = max_param_diff(trained, ref)
-    assert results["exact"] < 1e-12, f"rank {rank}: {results}"
+    assert results["exact"] < 1e-12 and results["fused"] < 1e-12, f"rank {rank}: {results}"
     assert results["local"] > 1e-4, f"rank {rank}: {results}"
 
 
