@@ -37,7 +37,8 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("complexformer.models needs transformers: pip install 'complexformer[hf]'") from e
 
-from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, rope_freqs
+from .hf.cmha import cmha_parameters
+from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, _hf_init, rope_freqs
 from .pdl import pdl_loss
 
 ATTENTIONS = ("cmha", "rope", "none")
@@ -161,19 +162,20 @@ class ComplexFormerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        std = self.config.initializer_range
+        # transformers' init functions skip tensors already loaded from a checkpoint
+        init, std = _hf_init(), self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
-                module.bias.zero_()
+                init.constant_(module.bias, 0.0)
         elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
         elif isinstance(module, nn.RMSNorm):
-            module.weight.fill_(1.0)
+            init.constant_(module.weight, 1.0)
         elif isinstance(module, CMHAAttention):
-            module.reset_cmha_parameters()
+            module.init_weights_hf()
         elif isinstance(module, ComplexFormerForCausalLM) and module.pdl_weights is not None:
-            module.pdl_weights.fill_(float("nan"))  # "not set": set_pdl_weights or a checkpoint fills it
+            init.constant_(module.pdl_weights, float("nan"))  # "not set": set_pdl_weights or a checkpoint fills it
 
 
 class ComplexFormerModel(ComplexFormerPreTrainedModel):
@@ -325,15 +327,6 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         return result if return_dict else result.to_tuple()
-
-
-def cmha_parameters(model):
-    """Every learnable CMHA angle (delta, beta) of ``model``'s CMHA attention modules, in module order."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, CMHAAttention):
-            out.extend(p for n, p in m.named_parameters(recurse=False) if n in ("delta", "beta"))
-    return out
 
 
 AutoConfig.register("complexformer", ComplexFormerConfig, exist_ok=True)
