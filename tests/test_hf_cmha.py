@@ -86,6 +86,19 @@ def test_converted_generate_matches_original_with_and_without_cache(family):
     assert torch.equal(samples[0], samples[1])
 
 
+def test_beam_search_reorders_the_recorded_positions():
+    """Beam search reorders the cache rows; the key positions travel with them (left padding makes
+    the rows' positions differ)."""
+    model = tiny_family("llama")
+    conv = _converted(model)
+    _perturb_angles(conv)
+    ids, mask = left_padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
+    assert torch.equal(conv.generate(ids, **kw), conv.generate(ids, use_cache=False, **kw))
+    plain = _converted(model)
+    assert torch.equal(plain.generate(ids, **kw), model.generate(ids, **kw))
+
+
 def test_incremental_decoding_with_learned_angles_matches_full_forward():
     """After training (delta != 1, beta != 0) the cache of raw keys still reproduces the full forward,
     for a left-padded batch decoded token by token through a DynamicCache."""
