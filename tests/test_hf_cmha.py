@@ -139,6 +139,23 @@ def test_frequency_rescaling_rope_types_are_exact(rope):
                         mask.bool()) < RTOL
 
 
+def test_masks_reach_the_fused_kernel_when_plain(monkeypatch):
+    """A sliding window the sequence does not exceed is plain causal attention: the module gets the
+    2-D padding mask (fused kernel); a window that binds keeps HF's 4-D mask."""
+    calls = []
+    orig = CMHAAttention._attend_masked
+    monkeypatch.setattr(CMHAAttention, "_attend_masked", lambda self, *a: calls.append(1) or orig(self, *a))
+    ids, mask = padded_batch()
+    for window, masked in ((32, False), (6, True)):
+        model = tiny_family("mistral", sliding_window=window)
+        conv = _converted(model)
+        calls.clear()
+        with torch.no_grad():
+            got = conv(ids, attention_mask=mask).logits
+            assert _rel_err(model(ids, attention_mask=mask).logits, got, mask.bool()) < RTOL
+        assert bool(calls) == masked, window
+
+
 def test_packed_sequences_by_position_ids_are_exact():
     """position_ids restarting inside a row (packed sequences, no mask): HF builds a block mask."""
     model = tiny_family("qwen2")

@@ -54,14 +54,29 @@ LEARNABLE = ("delta", "beta")
 
 def _cmha_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                attention_mask=None, **kwargs):
-    """HF mask hook for :data:`ATTN_IMPLEMENTATION`: the 2-D padding mask (or None) for plain causal
-    attention, which CMHA's fused kernel takes directly; HF's boolean 4-D mask for any other pattern."""
-    plain = mask_function is causal_mask_function and not isinstance(kv_offset, torch.Tensor) and kv_offset == 0
-    if plain and (attention_mask is None or attention_mask.shape[-1] == kv_length):
+    """HF mask hook for :data:`ATTN_IMPLEMENTATION`: None or the 2-D padding mask (which CMHA's fused
+    kernel takes directly) whenever the mask is plain causal + padding, else HF's boolean 4-D mask.
+
+    "Plain" is decided exactly: by the mask function itself, or, for other patterns (a sliding window
+    that the sequence does not exceed, ...), by comparing HF's 4-D mask with the causal + padding
+    one (one elementwise comparison per forward, skipped under torch.compile). The 2-D form also
+    needs the index alignment the module assumes: queries bottom-right after the keys.
+    """
+    ints = not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
+    aligned = ints and q_offset - kv_offset == kv_length - q_length and (
+        attention_mask is None or attention_mask.shape[-1] == kv_offset + kv_length)
+    if aligned and mask_function is causal_mask_function:
         return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                                     attention_mask)
     kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
+    full = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
+    if aligned and full is not None and not torch.compiler.is_compiling():
+        plain = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, causal_mask_function,
+                          attention_mask, **dict(kwargs, use_vmap=False))
+        if torch.equal(full, plain.expand_as(full)):
+            return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                        causal_mask_function, attention_mask)
+    return full
 
 
 def _unconverted_attention(module, *args, **kwargs):
