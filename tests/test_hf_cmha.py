@@ -359,3 +359,32 @@ def test_lora_with_learnable_angles(tmp_path):
     after = dict(lora.named_parameters())
     for n, p in before.items():
         assert torch.equal(p, after[n]) != (n in trainable and ("lora_B" in n or n.endswith((".delta", ".beta")))), n
+
+
+def test_missing_transformers_names_the_extra():
+    """Without transformers, importing complexformer.hf still works (label_token_counts needs only
+    torch) and every Hugging Face name raises an ImportError naming the [hf] extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import complexformer.hf as hf\n"
+        "assert 'transformers' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "for name in ('convert_to_cmha', 'load_cmha', 'PDLTrainer'):\n"
+        "    try:\n"
+        "        getattr(hf, name)\n"
+        "    except ImportError as e:\n"
+        "        assert 'complexformer[hf]' in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError(name)\n"
+        "try:\n"
+        "    import complexformer.models\n"
+        "except ImportError as e:\n"
+        "    assert 'complexformer[hf]' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('complexformer.models')\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -10,7 +10,6 @@ transformers is imported only when a name that needs it is first used, so that i
 ``complexformer.hf`` for ``label_token_counts`` stays fast.
 """
 import importlib
-import importlib.util
 
 from .pdl_trainer import _WindowNormalizer, label_token_counts  # noqa: F401
 
@@ -22,8 +21,10 @@ __all__ = ["PDLTrainer", "label_token_counts", *_CMHA_NAMES]
 
 
 def _need_transformers(name):
-    if importlib.util.find_spec("transformers") is None:
-        raise ImportError(f"complexformer.hf.{name} needs transformers: pip install 'complexformer[hf]'")
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"complexformer.hf.{name} needs transformers: pip install 'complexformer[hf]'") from e
 
 
 def __getattr__(name):

@@ -45,6 +45,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     ) from e
 
 from ..attention import BACKENDS, cmha_attention
+from ..module import CMHA
 from ..reference import default_freqs
 from ..rotate import euler_rotate_qk
 
@@ -267,14 +268,7 @@ class CMHAAttention(nn.Module):
         p = position_ids if position_ids is not None else cache_position
         if p is None:
             return (past + torch.arange(L, device=device))[None]
-        if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
-            raise TypeError("position_ids: expected an integer tensor, got "
-                            f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
-        if p.dim() == 1:
-            p = p[None]
-        if p.dim() != 2 or p.shape[1] != L or p.shape[0] not in (1, B):
-            raise ValueError(f"position_ids: expected shape (B={B}, L={L}) or (L,), got {tuple(p.shape)}")
-        return p.to(device=device, dtype=torch.int64)
+        return CMHA._check_positions(p, B, L, device)
 
     def _check_cache_layer(self, cache):
         if self.layer_idx < len(cache.layers):
