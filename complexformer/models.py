@@ -35,7 +35,7 @@ try:
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 except ImportError as e:  # pragma: no cover
-    raise ImportError("complexformer.models needs transformers: pip install 'complexformer[hf]'") from e
+    raise ImportError(f"complexformer.models needs transformers >= 4.56: pip install -U 'complexformer[hf]' ({e})") from e
 
 from .hf.cmha import cmha_parameters
 from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, _hf_init, rope_freqs

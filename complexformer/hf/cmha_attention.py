@@ -39,9 +39,10 @@ try:
     from transformers.masking_utils import (
         AttentionMaskInterface, causal_mask_function, flash_attention_mask, sdpa_mask,
     )
-except ImportError as e:  # pragma: no cover - exercised only without transformers
+except ImportError as e:  # pragma: no cover - exercised only without (a recent enough) transformers
     raise ImportError(
-        "complexformer's Hugging Face integration needs transformers: pip install 'complexformer[hf]'"
+        "complexformer's CMHA attention for Hugging Face models needs transformers >= 4.56 (Cache layers, "
+        f"AttentionMaskInterface): pip install -U 'complexformer[hf]' ({e})"
     ) from e
 
 from ..attention import BACKENDS, cmha_attention
@@ -92,20 +93,19 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _unconverted_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _cmha_mask)
 
 
+class _TorchInit:
+    normal_ = staticmethod(nn.init.normal_)
+    constant_ = staticmethod(nn.init.constant_)
+
+
 def _hf_init():
-    """transformers' init functions that skip tensors loaded from a checkpoint (transformers >= 5),
+    """transformers' init functions, which skip tensors loaded from a checkpoint (transformers >= 5),
     else torch's."""
     try:
         from transformers import initialization
     except ImportError:
-        initialization = None
-    if initialization is None or not hasattr(initialization, "copy_"):
-        class _Torch:
-            normal_ = staticmethod(nn.init.normal_)
-            copy_ = staticmethod(lambda t, other: t.copy_(other))
-            constant_ = staticmethod(nn.init.constant_)
-        return _Torch
-    return initialization
+        return _TorchInit
+    return initialization if hasattr(initialization, "constant_") else _TorchInit
 
 
 def _param_dtype(dtype):
@@ -210,21 +210,8 @@ class CMHAAttention(nn.Module):
         return self._freqs_master.clone()
 
     @torch.no_grad()
-    def reset_cmha_parameters(self):
+    def reset_cmha_parameters(self, init=_TorchInit):
         """Learnable delta: 1 ("rope") or N(0, 1/sqrt(h)) ("normal"); learnable beta: 0."""
-        if "delta" in self.learnable:
-            if self.delta_init == "normal":
-                self.delta.normal_(0.0, (self.head_dim // 2) ** -0.5)
-            else:
-                self.delta.fill_(1.0)
-        if "beta" in self.learnable:
-            self.beta.zero_()
-
-    @torch.no_grad()
-    def init_weights_hf(self):
-        """:meth:`reset_cmha_parameters` for a model's ``_init_weights`` under HF loading: tensors
-        already loaded from a checkpoint (flagged ``_is_hf_initialized``) are left alone."""
-        init = _hf_init()
         if "delta" in self.learnable:
             if self.delta_init == "normal":
                 init.normal_(self.delta, 0.0, (self.head_dim // 2) ** -0.5)
@@ -232,6 +219,11 @@ class CMHAAttention(nn.Module):
                 init.constant_(self.delta, 1.0)
         if "beta" in self.learnable:
             init.constant_(self.beta, 0.0)
+
+    def init_weights_hf(self):
+        """:meth:`reset_cmha_parameters` for a model's ``_init_weights`` under HF loading: tensors
+        already loaded from a checkpoint (flagged ``_is_hf_initialized``) are left alone."""
+        self.reset_cmha_parameters(_hf_init())
 
     def extra_repr(self):
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
@@ -285,7 +277,7 @@ class CMHAAttention(nn.Module):
         """Absolute positions (B, Lk) of the keys this layer attends to (cached + new)."""
         slot, layers = self.num_layers, cache.layers
         if self.layer_idx == 0:
-            filler = cache.layer_class_to_replicate or DynamicLayer
+            filler = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
             while len(layers) < slot:
                 layers.append(filler())
             if len(layers) == slot:
