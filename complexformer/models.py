@@ -261,6 +261,14 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         self._pdl_checked = False
         self.post_init()
 
+    @property
+    def accepts_loss_kwargs(self):
+        # Trainer: True means "my loss is normalised by num_items_in_batch, do not divide it by the
+        # accumulation steps". HF's CE is; the PDL mean cannot be (its normaliser is a weight sum of
+        # the whole window), so under a plain Trainer loss="pdl" averages the micro-batch means.
+        # PDLTrainer computes the exact window mean instead.
+        return self.config.loss == "ce"
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 

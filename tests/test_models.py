@@ -176,6 +176,41 @@ def test_trainer_step(tmp_path):
         {"model.layers.0.self_attn.delta", "model.layers.1.self_attn.beta", "model.embed_tokens.weight"} <= moved
 
 
+@pytest.mark.parametrize("loss", ["ce", "pdl"])
+def test_trainer_gradient_accumulation_normalises_the_loss(tmp_path, loss):
+    """Plain Trainer, 2 micro-batches of 4: CE is the token mean of the whole window (HF's
+    num_items_in_batch); loss="pdl" is the mean of the micro-batch PDL means, never k times too
+    large. (PDLTrainer gives the exact window PDL mean: tests/test_hf.py.)"""
+    from transformers import Trainer
+
+    examples = ragged_examples()
+    m = tiny(loss=loss).train()
+    if loss == "pdl":
+        m.set_pdl_weights(complexformer.pdl_weights(complexformer.token_counts(
+            pad_collate(examples)["labels"][:, 1:], V)))
+    ref = copy.deepcopy(m)
+    lr = 0.5
+    class InOrder(Trainer):  # the micro-batches in dataset order, so the reference can replay them
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=m, args=training_args(tmp_path, batch=4, accum=2, lr=lr), train_dataset=examples,
+                      data_collator=pad_collate)
+    trainer.train()
+    micro = [pad_collate(examples[:4]), pad_collate(examples[4:])]
+    if loss == "ce":
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = sum(ref(**b).loss * int((b["labels"][:, 1:] != -100).sum()) for b in micro) / n
+    else:
+        total = sum(ref(**b).loss for b in micro) / 2
+    total.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= lr * p.grad
+    for a, b in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
     m = tiny(dtype=torch.float32, num_hidden_layers=1)
