@@ -86,6 +86,21 @@ def test_converted_generate_matches_original_with_and_without_cache(family):
     assert torch.equal(samples[0], samples[1])
 
 
+def test_qwen2_mixed_full_and_sliding_layers_generate():
+    """Qwen2 with use_sliding_window: layer 0 full, layers 1-2 sliding (window 5), so the cache mixes
+    full and sliding-window layers of different lengths; the recorded positions serve both."""
+    model = tiny_family("qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1, layers=3)
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    conv = _converted(model)
+    ids, mask = left_padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    want, cached, uncached = model.generate(ids, **kw), conv.generate(ids, **kw), conv.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, want.sequences) and torch.equal(uncached.sequences, want.sequences)
+    for a, b in zip(want.logits, cached.logits):
+        assert _rel_err(a, b) < RTOL
+
+
 def test_beam_search_reorders_the_recorded_positions():
     """Beam search reorders the cache rows; the key positions travel with them (left padding makes
     the rows' positions differ)."""
