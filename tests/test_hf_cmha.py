@@ -403,3 +403,17 @@ def test_missing_transformers_names_the_extra():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_gradient_checkpointing_same_gradients():
+    conv = _converted(tiny_family("llama", dtype=torch.float64)).train()
+    ids, mask = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    conv(ids, attention_mask=mask, labels=labels).loss.backward()
+    ref = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    conv.gradient_checkpointing_enable()
+    conv(ids, attention_mask=mask, labels=labels).loss.backward()
+    for p, g in zip(conv.parameters(), ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert all(p.grad.abs().max() > 0 for p in cmha_parameters(conv))
