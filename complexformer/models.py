@@ -39,8 +39,9 @@ except ImportError as e:  # pragma: no cover
 
 from .hf.cmha import cmha_parameters
 from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, _hf_init, rope_freqs
-from .pdl import pdl_loss
+from .pdl import pdl_loss, pdl_weights
 
+_TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
 ATTENTIONS = ("cmha", "rope", "none")
 LOSSES = ("ce", "pdl")
 # The name the model outputs give the cache: `cache` from transformers 5.24, `past_key_values` before.
@@ -62,7 +63,8 @@ class ComplexFormerConfig(PretrainedConfig):
         delta_init: "normal" (the authors' N(0, 1/sqrt(head_dim/2))) or "rope" (delta = 1: start as RoPE);
             only for attention="cmha".
         attention_bias: biases on q/k/v/o projections.
-        loss: "ce" | "pdl"; pdl_alpha: the exponent used by :meth:`ComplexFormerForCausalLM.set_pdl_counts`.
+        loss: "ce" | "pdl"; pdl_alpha: the PDL exponent :meth:`ComplexFormerForCausalLM.set_pdl_counts`
+            uses (``set_pdl_weights`` takes ready weights instead).
         tie_word_embeddings: LM head shares the embedding matrix.
         attn_backend: CMHA backend ("auto", "fused", "sdpa", "reference").
         initializer_range: std of the normal init of linear and embedding weights.
@@ -248,7 +250,9 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
     the loss is HF's shifted one (logits at t predict labels at t+1, -100 ignored): cross-entropy, or
     the PDL weighted mean when ``config.loss == "pdl"``."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers 5 maps tied parameters to their source; 4.x lists them
+    _tied_weights_keys = ({"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_MAJOR >= 5
+                          else ["lm_head.weight"])
 
     def __init__(self, config):
         super().__init__(config)
@@ -260,6 +264,15 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
             self.pdl_weights = None
         self._pdl_checked = False
         self.post_init()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bfloat16) / .half() would round the PDL weights to 8 (11) bits: keep them float32.
+        w = self._buffers.get("pdl_weights")
+        super()._apply(fn, *args, **kwargs)
+        new = self._buffers.get("pdl_weights")
+        if w is not None and new is not None and new.dtype not in (torch.float32, torch.float64):
+            self._buffers["pdl_weights"] = w.to(device=new.device, dtype=torch.float32)
+        return self
 
     @property
     def accepts_loss_kwargs(self):
@@ -299,6 +312,11 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
             raise ValueError("weights: must be finite and >= 0")
         self.pdl_weights.copy_(w.to(self.pdl_weights.device, torch.float32))
         self._pdl_checked = True
+
+    def set_pdl_counts(self, counts, eps=1e-7, max_weight=None):
+        """Set the PDL weights from target-token counts (``complexformer.token_counts`` or
+        ``complexformer.hf.label_token_counts``): ``pdl_weights(counts, config.pdl_alpha, eps, max_weight=...)``."""
+        self.set_pdl_weights(pdl_weights(counts, alpha=self.config.pdl_alpha, eps=eps, max_weight=max_weight))
 
     def _pdl_loss(self, logits, labels, num_items_in_batch=None, ignore_index=-100):
         w = self.pdl_weights

@@ -98,7 +98,8 @@ def test_pdl_loss_buffer_and_errors(tmp_path):
         m(**batch)
     counts = complexformer.token_counts(batch["labels"][:, 1:], V)
     w = complexformer.pdl_weights(counts, alpha=1.0)
-    m.set_pdl_weights(w)
+    m.set_pdl_counts(counts)  # config.pdl_alpha = 1.0
+    assert torch.equal(m.pdl_weights, w.double())
     out = m(**batch)
     z = out.logits[:, :-1].reshape(-1, V)
     y = batch["labels"][:, 1:].reshape(-1)
@@ -110,6 +111,8 @@ def test_pdl_loss_buffer_and_errors(tmp_path):
         tiny().set_pdl_weights(w)
     with pytest.raises(ValueError, match="shape"):
         m.set_pdl_weights(w[:-1])
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    assert half.pdl_weights.dtype == torch.float32 and torch.equal(half.pdl_weights, w)  # never rounded to 8 bits
     # the weights are saved with the model
     m.save_pretrained(tmp_path)
     r = ComplexFormerForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
