@@ -223,3 +223,21 @@ def test_torch_compile_matches_eager():
         compiled = torch.compile(m)
         got = compiled(ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pdl_trainer_fused_linear_equals_unfused(tmp_path):
+    """PDLTrainer(use_fused_linear=True) reads hidden_states[-1] (the LM head's input) and the head
+    weight: the step equals the one through materialised logits."""
+    from complexformer.hf import PDLTrainer
+
+    examples = ragged_examples()
+    w = complexformer.pdl_weights(complexformer.token_counts(pad_collate(examples)["labels"][:, 1:], V))
+    models = []
+    for fused in (False, True):
+        m = tiny().train()
+        PDLTrainer(model=m, args=training_args(tmp_path, batch=4, accum=2, lr=0.5), train_dataset=examples,
+                   data_collator=pad_collate, pdl_weights=w, use_fused_linear=fused).train()
+        models.append(m)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(models[0].model.layers[0].self_attn.delta, tiny().model.layers[0].self_attn.delta)
