@@ -280,6 +280,11 @@ static PyObject *attn_bwd_cuda(PyObject *self, PyObject *args) {
   a.dq_rot = (float *)t.dq.data, a.dk_rot = (float *)t.dk.data, a.dv_full = (float *)t.dv.data;
   a.vec = a.vec && aligned16(&t.dout) && aligned16(&t.out); /* the backward also loads out and dout by 16 bytes */
   if (parse_workspaces("attn_bwd_cuda", qws, kws, &t, &a)) return NULL;
+  if (!a.q_rot && a.B * a.H * a.Lq * a.Lk > 0) {
+    PyErr_SetString(PyExc_ValueError, "attn_bwd_cuda: q_ws, k_ws: the backward needs the rotation workspaces "
+                                      "(None only when Lq or Lk is 0)");
+    return NULL;
+  }
   const char *err;
   Py_BEGIN_ALLOW_THREADS
   err = cf_attn_bwd_cuda(&a, t.q.device_id, (void *)(uintptr_t)stream);

@@ -454,5 +454,5 @@ def test_backward_needs_workspaces():
     c = Case(L=17, d=64)
     x = make_inputs(c)
     out, lse = run_fwd(c, x, "pre")
-    with pytest.raises(RuntimeError, match="workspaces"):
+    with pytest.raises(ValueError, match="q_ws, k_ws"):
         run_bwd(c, x, out, lse, torch.randn_like(out), workspaces_given=False)
