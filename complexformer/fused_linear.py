@@ -23,7 +23,6 @@ from ._selfcheck import selfcheck
 from .pdl import (
     _FLOAT_DTYPES, _MEAN, _NONE, _NORM_GIVEN, _NORM_PRECOMPUTED, _REDUCTIONS, _acc_dtype, _check_normalizer,
     _check_options, _check_targets_in_range, _check_targets_weights, _run_kernel, _scale, _sync_checks, _tracing,
-    check_pdl_weights,
 )
 
 __all__ = ["fused_linear_pdl_loss", "fused_linear_chunk_rows"]
@@ -257,7 +256,7 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
         hidden: (N, D) or (B, T, D) float32, float64 (CPU), float16 or bfloat16.
         lm_head_weight: (V, D) in nn.Linear's layout, hidden's dtype and device.
         targets, weights, ignore_index, reduction, label_smoothing, normalizer: as in ``pdl_loss``
-            (``weights`` must be finite and >= 0).
+            (negative weights divide like ``F.cross_entropy(weight=w)``, NaN propagates).
         bias: None or (V,), hidden's dtype.
         chunk_size: rows per chunk (default: the rule below).
         memory_budget: bytes for the chunk buffers when ``chunk_size`` is None (default: a quarter
@@ -322,7 +321,6 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
     _check_targets_weights(targets, weights, hidden.shape[:-1], V, hidden.device)
-    check_pdl_weights(weights)
     batch_shape = hidden.shape[:-1]
     acc = _acc_dtype(hidden.dtype)
     norm = _check_normalizer(normalizer, reduction, hidden.device, acc)
