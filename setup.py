@@ -7,7 +7,7 @@ Environment knobs:
   COMPLEXFORMER_NO_CUDA=1        build CPU kernels only, even where nvcc exists
   COMPLEXFORMER_CUDA_ARCHS=80;90 SM versions to emit machine code for (PTX for the newest)
   COMPLEXFORMER_WERROR=1         warnings are errors (CI sets this)
-  COMPLEXFORMER_NVCC_FLAGS="..." extra nvcc flags, e.g. -DCF_ATTN_TUNING (benchmarks/cmha_cuda_kernel.py --tune)
+  COMPLEXFORMER_NVCC_FLAGS="..." extra nvcc flags, e.g. -lineinfo (for profilers)
   CUDA_HOME                      where the CUDA toolkit lives (else found from nvcc on PATH)
   MAX_JOBS                       parallel nvcc jobs
 """

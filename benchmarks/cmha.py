@@ -8,8 +8,8 @@ to change). Rows:
   authors                       the published ComplexFormer formulation in plain torch: Euler
                                 transform, then per query chunk a (B, H, chunk, Lk, d/2) cosine
                                 tensor cos(delta (theta_q - theta_k) + beta + omega (p_m - p_n))
-                                * r_q r_k summed over j, softmax, P @ V. The O(L^2 d) path SPEC
-                                says not to copy, here with the causal mask applied (fair timing).
+                                * r_q r_k summed over j, softmax, P @ V. The O(L^2 d) path
+                                docs/design.md does not copy, here with the causal mask applied (fair timing).
   rope+sdpa                     the cost floor: plain RoPE (cos/sin tables precomputed) + torch
                                 SDPA of the same shape (no delta, beta or their gradients).
   sdpa-only (CUDA)              torch SDPA alone on the same q, k, v: the flash kernel's TFLOP/s.

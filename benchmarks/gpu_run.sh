@@ -9,8 +9,9 @@
 #   kernel: build + CUDA tests + the attention kernel benchmark + an ncu profile of the attention
 #           kernels (NO_NCU=1 skips it; ncu needs a runtime that exposes the counters)
 # Knobs: TEST_PATHS (default tests/; e.g. "$PWD/tests --ignore=$PWD/tests/test_pdl_cuda.py"),
-#   TEST_FILTER (added to -m cuda), KERNEL_ARGS (benchmarks/cmha_cuda_kernel.py), CMHA_ARGS
-#   (benchmarks/cmha.py), SKIP_PDL_BENCH=1, NO_SAN=1 (full without sanitizers), *_TIMEOUT per step.
+#   TEST_FILTER (added to -m cuda), KERNEL_ARGS (benchmarks/attn_cuda_kernel.py), CMHA_ARGS
+#   (benchmarks/cmha.py), SKIP_PDL_BENCH=1, SKIP_FUSED_BENCH=1, NO_SAN=1 (full without sanitizers),
+#   *_TIMEOUT per step.
 set -u
 OUT=${OUT:-/tmp/cf-out}
 mkdir -p "$OUT"
@@ -38,7 +39,7 @@ timeout ${INFO_TIMEOUT:-120} python3 -m complexformer.info 2>&1 | tee "$OUT/info
 if want tests sanitize full kernel; then
   step cuda tests
   # -v into the log: if the step limit cuts the run, the log still says which tests passed
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${TEST_PATHS:-$REPO/tests} -m "cuda ${TEST_FILTER:-}" -v -rfE --tb=short \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${TEST_PATHS:-$REPO/tests} -m "cuda ${TEST_FILTER:-}" --runslow -v -rfE --tb=short \
     -p no:cacheprovider >"$OUT/cuda_tests.txt" 2>&1
   echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/cuda_tests.txt" | tail -40
 fi
@@ -46,7 +47,7 @@ fi
 if want bench full kernel; then
   step attention kernel benchmark
   cd "$REPO"
-  timeout ${BENCH_KERNEL_TIMEOUT:-120} python3 benchmarks/cmha_cuda_kernel.py ${KERNEL_ARGS:-} 2>&1 \
+  timeout ${BENCH_KERNEL_TIMEOUT:-120} python3 benchmarks/attn_cuda_kernel.py ${KERNEL_ARGS:-} 2>&1 \
     | tee "$OUT/bench_cmha_kernel.txt" | tail -${KERNEL_TAIL:-20}
   cd /tmp
 fi
@@ -55,10 +56,10 @@ if want kernel && [ -z "${NO_NCU:-}" ]; then
   step ncu
   # what bounds each attention kernel: tensor-pipe and shared-memory utilisation, stall reasons
   cd "$REPO"
-  for k in attn_fwd_pre attn_bwd_dkdv_pre attn_bwd_dq_pre; do
+  for k in attn_fwd_pre attn_bwd_dkdv attn_bwd_dq_kernel; do
     timeout ${NCU_TIMEOUT:-60} ncu --clock-control none -k regex:$k --launch-count 1 --section SpeedOfLight \
       --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \
-      python3 benchmarks/cmha_cuda_kernel.py --variants prerot --reps 1 --no-ws --dims 64 >"$OUT/ncu_$k.txt" 2>&1
+      python3 benchmarks/attn_cuda_kernel.py --reps 1 --dims 64 >"$OUT/ncu_$k.txt" 2>&1
     echo "ncu $k rc=$?"; grep -E "Duration|Throughput|pipeline" "$OUT/ncu_$k.txt" | head -12
   done
   cd /tmp
@@ -83,6 +84,10 @@ if want bench full; then
     | tee "$OUT/bench_cmha.txt" | tail -25
   if [ -z "${SKIP_PDL_BENCH:-}" ]; then
     timeout ${BENCH_PDL_TIMEOUT:-120} python3 benchmarks/pdl.py --device cuda 2>&1 | tee "$OUT/bench_pdl.txt" | tail -25
+  fi
+  if [ -z "${SKIP_FUSED_BENCH:-}" ]; then  # Liger-Kernel / cut-cross-entropy rows need their wheels installed
+    timeout ${BENCH_FUSED_TIMEOUT:-180} python3 benchmarks/fused_linear.py --device cuda 2>&1 \
+      | tee "$OUT/bench_fused_linear.txt" | tail -15
   fi
   cd /tmp
 fi

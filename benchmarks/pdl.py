@@ -11,8 +11,7 @@ What it measures, per (N, V), on the same inputs in the same run:
     buffer of the logits' dtype
   * CUDA: achieved HBM bandwidth of pdl's forward + backward against the roofline traffic
     (read the logits once + write the gradient once), in GB/s and as a fraction of a measured
-    device-to-device copy of the same size; and the same for each fused-kernel variant
-    (CF_PDL_CUDA_VARIANT: cached = default, legacy, cached2), synced per call and back to back.
+    device-to-device copy of the same size, synced per call and back to back.
   * token_counts vs torch.bincount throughput on N * 256 random ids per vocabulary size.
 
 Usage:
@@ -34,7 +33,6 @@ from _util import fmt_bytes, markdown_table, peak_bytes, time_ms  # noqa: E402
 
 import complexformer as cf  # noqa: E402
 
-CUDA_VARIANTS = ["cached", "legacy", "cached2"]  # complexformer/pdl.py _CUDA_VARIANTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ISSUE_SIZES = [(4096, 32000), (4096, 128256), (16384, 32000), (16384, 128256)]
 
@@ -68,21 +66,6 @@ def fwd_bwd(loss_fn, z, y, w):
 
 def pdl_fn(z, y, w):
     return cf.pdl_loss(z, y, w)
-
-
-def pdl_variant_fn(variant):
-    """pdl_loss with the given fused CUDA kernel variant (CF_PDL_CUDA_VARIANT, read per call)."""
-    def fn(z, y, w):
-        old = os.environ.get("CF_PDL_CUDA_VARIANT")
-        os.environ["CF_PDL_CUDA_VARIANT"] = variant
-        try:
-            return cf.pdl_loss(z, y, w)
-        finally:
-            if old is None:
-                del os.environ["CF_PDL_CUDA_VARIANT"]
-            else:
-                os.environ["CF_PDL_CUDA_VARIANT"] = old
-    return fn
 
 
 def stream_ms(fn, reps, warmup):
@@ -151,15 +134,12 @@ def bench_loss(args, dtype, device):
             copy_bw = copy_bandwidth(buf, device, args.warmup, args.reps)
             bw = roof / t_pdl
             row += [f"{bw / 1e9:.0f}", f"{bw / copy_bw:.2f}"]
-            # the fused kernel's variants on the same inputs: synced per call and back to back
-            for v in CUDA_VARIANTS:
-                fn = fwd_bwd(pdl_variant_fn(v), z, y, w)
-                t = time_ms(fn, device=device, reps=args.reps, warmup=args.warmup) / 1e3
-                tb = stream_ms(fn, max(args.reps, 10), args.warmup) / 1e3
-                vrows.append([N, V, v, f"{t * 1e3:.3f}", f"{roof / t / copy_bw:.2f}", f"{tb * 1e3:.3f}",
-                              f"{roof / tb / copy_bw:.2f}", f"{copy_bw / 1e9:.0f}"])
-                print(f"  N={N} V={V} variant {v:8s} {t * 1e3:9.3f} ms synced, {tb * 1e3:9.3f} ms back to back",
-                      flush=True)
+            # the same call synced per call and back to back
+            fn = fwd_bwd(pdl_fn, z, y, w)
+            t = time_ms(fn, device=device, reps=args.reps, warmup=args.warmup) / 1e3
+            tb = stream_ms(fn, max(args.reps, 10), args.warmup) / 1e3
+            vrows.append([N, V, f"{t * 1e3:.3f}", f"{roof / t / copy_bw:.2f}", f"{tb * 1e3:.3f}",
+                          f"{roof / tb / copy_bw:.2f}", f"{copy_bw / 1e9:.0f}"])
         rows.append(row)
         del z, y, w, fns
         if device.type == "cuda":
@@ -174,15 +154,11 @@ def bench_loss(args, dtype, device):
     print(markdown_table(headers, rows))
     if vrows:
         print()
-        print("pdl_loss fused CUDA kernel variants (CF_PDL_CUDA_VARIANT), forward+backward on the same inputs: "
-              "cached = the default (row kept in shared memory between the kernel's two sweeps), legacy = row "
-              "re-read from global memory, cached2 = cached with two blocks per SM for rows over 96 KB; "
-              "synced = one sync per call (as above, includes host dispatch gaps), b2b = calls back to back, "
-              "one sync (the device's throughput); fractions of the measured copy bandwidth, roofline traffic "
-              "= read the logits once + write the gradient once")
-        print(markdown_table(["N", "V", "variant", "synced ms", "synced of copy BW", "b2b ms", "b2b of copy BW",
-                              "copy GB/s"], vrows))
-
+        print("pdl_loss forward+backward against the copy bandwidth: synced = one sync per call (as above, "
+              "includes host dispatch gaps), b2b = calls back to back, one sync (the device's throughput); "
+              "roofline traffic = read the logits once + write the gradient once")
+        print(markdown_table(["N", "V", "synced ms", "synced of copy BW", "b2b ms", "b2b of copy BW", "copy GB/s"],
+                             vrows))
 
 def bench_counts(args, device):
     sizes = parse_sizes(args.sizes) if args.sizes else ISSUE_SIZES

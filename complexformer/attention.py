@@ -1,23 +1,25 @@
-"""cmha_attention: Complex Multi-Head Attention (SPEC section 1) and its backends.
+"""cmha_attention: Complex Multi-Head Attention (docs/design.md, "CMHA") and its backends.
 
 CMHA = an Euler rotation of q and k (exact factorisation of the polar score), then ordinary
 softmax attention on (q~, k~, v). The backends differ only in how they do that:
 
-- "fused":     the project's attention kernel (_C.attn_fwd_* / _C.attn_bwd_*): q and k tiles are
-               rotated on load, keys per *query* head, so GQA never builds a (B, H, Lk, d) K. A
-               registered op (complexformer::cmha_fused) with autograd; its backward returns gradients
-               w.r.t. the rotated q~, k~ and the glue maps them back through the rotation.
+- "fused":     the project's attention kernel (_C.attn_fwd_* / _C.attn_bwd_*), keys rotated per
+               *query* head: the CPU kernel rotates tiles on load; the CUDA kernels pre-rotate q
+               and k into workspaces, except in a GQA forward, which rotates key tiles on load so
+               it never builds a (B, H, Lk, d) K (docs/design.md, "Memory"). A registered op
+               (complexformer::cmha_fused) with autograd; its backward returns gradients w.r.t.
+               the rotated q~, k~ and the glue maps them back through the rotation.
 - "sdpa":      the project's rotation kernel (euler_rotate) then torch's scaled_dot_product_attention.
 - "reference": plain PyTorch math, differentiable by autograd; for tests and as the last fallback.
 - "auto":      the fastest correct path for the device, dtype and shape (rule in `_auto_backend`).
 
-Masks are by index, positions only enter the rotation (CMHA_CONTRACT). A query row with no
-visible key outputs 0 (never NaN) in every backend, and its gradients are 0. A NaN or Inf in q, k,
-v or the parameters gives NaN rows wherever the reference math does (every backend). Forward-mode
-AD and torch.func transforms run the "reference" math; the fused backend refuses double backward.
+Masks are by index, positions only enter the rotation (docs/design.md, "Masks and positions"). A
+query row with no visible key outputs 0 (never NaN) in every backend, and its gradients are 0. A
+NaN or Inf in q, k, v or the parameters gives NaN rows wherever the reference math does (every
+backend). Forward-mode AD and torch.func transforms run the "reference" math; the fused backend
+refuses double backward.
 """
 import math
-import os
 from typing import Optional
 
 import torch
@@ -26,9 +28,10 @@ import torch.nn.functional as F
 from . import _C, _ext
 from ._selfcheck import selfcheck
 from .reference import EPS_R, split_pairs
+from .rotate import LAYOUTS, euler_rotate_qk
+from .rotate import _compute_dtype as _acc_dtype
 
 BACKENDS = ("auto", "fused", "sdpa", "reference")
-LAYOUTS = {"half": 0, "interleaved": 1}
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TWO_PI = 2.0 * math.pi
 _POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in float64 angles
@@ -154,7 +157,7 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
 # "reference": plain PyTorch math.
 # --------------------------------------------------------------------------------------------
 def _visible(p, device):
-    """bool (B|1, 1, Lq, Lk): key n visible to query m (CMHA_CONTRACT, masks by index); None = all."""
+    """bool (B|1, 1, Lq, Lk): key n visible to query m (masks by index, docs/design.md); None = all."""
     vis = None
     m = torch.arange(p.Lq, device=device)[:, None]
     n = torch.arange(p.Lk, device=device)[None, :]
@@ -243,8 +246,6 @@ def _sdpa_mask(p, device):
 
 
 def _attention_sdpa(q, k, v, delta, beta, freqs, p):
-    from .rotate import euler_rotate_qk
-
     G = p.H // p.Hkv
     # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
     qr, kr = euler_rotate_qk(q, k, delta, beta, freqs, q_positions=p.q_pos, k_positions=p.k_pos, layout=p.layout)
@@ -283,25 +284,14 @@ _FUSED_CPU_MAX_D = 256
 @torch.compiler.assume_constant_result  # a C call dynamo cannot trace; its answer is fixed per build
 def _fused_cuda_supported(dtype, d, dv):
     """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
-    name = str(dtype).replace("torch.", "")
-    if hasattr(_C, "attn_cuda_supported"):
-        return bool(_C.attn_cuda_supported(name, d, dv))
-    return name in ("float16", "bfloat16") and d == dv and d in (64, 128)
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _has_fused(device_type):
-    return hasattr(_C, "attn_fwd_cpu" if device_type == "cpu" else "attn_fwd_cuda")
+    return bool(_C.attn_cuda_supported(str(dtype).replace("torch.", ""), d, dv))
 
 
 def _fused_unsupported(q, p):
     """None when the fused kernel serves this case, else the reason (for errors and for auto)."""
     dev = q.device.type
-    if not _has_fused(dev):
-        return f"no fused {dev.upper()} attention kernel in this build of complexformer._C"
+    if dev == "cuda" and not _ext.HAS_CUDA_KERNELS:
+        return "this build of complexformer._C has no CUDA kernels"
     if dev == "cuda":
         if not _ext.HAS_CUDA_KERNELS:
             return "complexformer was built without CUDA kernels (no nvcc at build time)"
@@ -324,42 +314,17 @@ def _device_arg(t):
     return _ext.stream(t) if t.device.type == "cuda" else _ext.num_threads()
 
 
-# CUDA kernel variants (csrc/attn_fwd_cuda.cu, attn_bwd_cuda.cu; benchmarks/cmha_cuda_kernel_notes.md):
-#   "fused":  q/k tiles rotated on load by every CTA;
-#   "prerot": one pre-pass writes the rotated q~ and k~ (k per query head) into torch-allocated
-#             workspaces, then kernels with plain cp.async-pipelined tile copies run on them. The
-#             forward takes it only when H == Hkv (GQA never materialises a (B, H, Lk, d) K in the
-#             forward; a GQA forward stays "fused"); the backward always (its outputs are that size).
-#   "ws":     (forward only, experimental) warp-specialised fused rotation, read by the C launcher.
-# Override per process with CF_ATTN_FWD_VARIANT / CF_ATTN_BWD_VARIANT; these two constants are the
-# defaults. GPU run 7 (benchmarks/RESULTS.md; H200, bf16, causal, B=8, L=2048, fraction of
-# SDPA-flash TFLOP/s): prerot fwd 0.65 / 0.58 (d=64 / 128), fwd+bwd 0.66 / 0.63; fused fwd 0.36 / 0.36,
-# fwd+bwd 0.35 / 0.34.
-_CUDA_FWD_VARIANT = "prerot"
-_CUDA_BWD_VARIANT = "prerot"
-_CUDA_VARIANTS = {"FWD": ("fused", "prerot", "ws"), "BWD": ("fused", "prerot")}
-
-
-def _cuda_variant(kind):
-    """The variant the CUDA "fused" backend runs for kind "FWD" or "BWD" (env var over the default)."""
-    v = os.environ.get(f"CF_ATTN_{kind}_VARIANT") or (_CUDA_FWD_VARIANT if kind == "FWD" else _CUDA_BWD_VARIANT)
-    if v in ("default", ""):
-        v = "fused"
-    if v not in _CUDA_VARIANTS[kind]:
-        raise ValueError(f"CF_ATTN_{kind}_VARIANT={v!r}: expected one of {_CUDA_VARIANTS[kind]}")
-    return v
-
-
-def _prerot_workspaces(q, k, kind):
-    """() or (q_ws, k_ws) for the "prerot" CUDA variant: torch-allocated (B, H, L, d) buffers that the
-    kernel fills with the rotated q~ and k~ (k per query head) before the attention proper."""
-    if q.device.type != "cuda" or _cuda_variant(kind) != "prerot":
+def _rotation_workspaces(q, k, kind):
+    """() or (q_ws, k_ws) for the CUDA kernels: torch-allocated (B, H, L, d) buffers that a pre-pass
+    fills with the rotated q~ and k~ (k per query head), so the attention kernels copy plain tiles.
+    The backward always takes them (its outputs are that size anyway); the forward only when
+    H == Hkv: a GQA forward rotates each key tile on load and never holds a (B, H, Lk, d) K
+    (docs/design.md, "Memory")."""
+    if q.device.type != "cuda":
         return ()
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
-    if kind == "FWD" and k.shape[1] != H:  # GQA: no expanded K in the forward (CMHA_CONTRACT)
-        return ()
-    if B * H * Lq * d == 0 or B * H * Lk * d == 0:
+    if (kind == "FWD" and k.shape[1] != H) or B * H * Lq * Lk * d == 0:  # empty: the forward rotates on load
         return ()
     return (_ext.dl(torch.empty(B, H, Lq, d, dtype=q.dtype, device=q.device)),
             _ext.dl(torch.empty(B, H, Lk, d, dtype=q.dtype, device=q.device)))
@@ -376,7 +341,7 @@ def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.
     fn = _C.attn_fwd_cuda if q.device.type == "cuda" else _C.attn_fwd_cpu
     fn(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
        _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(lse),
-       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q), *_prerot_workspaces(q, k, "FWD"))
+       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q), *_rotation_workspaces(q, k, "FWD"))
     return out, lse
 
 
@@ -403,7 +368,7 @@ def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: to
     fn(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
        _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(dout), _ext.dl(lse),
        _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full),
-       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q), *_prerot_workspaces(q, k, "BWD"))
+       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q), *_rotation_workspaces(q, k, "BWD"))
     return dq_rot, dk_rot, dv_full
 
 
@@ -425,13 +390,8 @@ def _fused_setup_context(ctx, inputs, output):
 def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
     """(dx, ddelta, dbeta | None, dfreqs | None) through the rotation helper's registered backward
     op (traceable by torch.compile), or its Python function where no op is registered."""
-    op = getattr(torch.ops.complexformer, "euler_rotate_backward", None)
-    if op is not None:
-        dx, dd, db, df = op(x, grad, delta, beta, freqs, pos, layout, need_freqs)
-        return dx, dd, (db if beta is not None else None), (df if need_freqs else None)
-    from .rotate import _rotate_backward
-
-    return _rotate_backward(x, grad, delta, beta, freqs, pos, layout=layout, need_freqs_grad=need_freqs)
+    dx, dd, db, df = torch.ops.complexformer.euler_rotate_backward(x, grad, delta, beta, freqs, pos, layout, need_freqs)
+    return dx, dd, (db if beta is not None else None), (df if need_freqs else None)
 
 
 def _fused_backward(ctx, dout, dlse):
@@ -469,11 +429,8 @@ def _attention_fused(q, k, v, delta, beta, freqs, p):
 # --------------------------------------------------------------------------------------------
 # "auto": THE place to adjust backend choice.
 # --------------------------------------------------------------------------------------------
-# CPU: fused. Measured 2026-11-26 on the 2-core dev machine (benchmarks/cmha_backends.py, 2 threads,
-#   float32, B=1, H=8, d=64, causal, fwd+bwd, ms fused / sdpa): L=128 64 / 96, L=512 80 / 108,
-#   L=2048 256 / 340 (the kernels alone, 1 thread, L=2048: 175 / 291 ms); decode (no grad, Lq=1,
-#   Lk=4096, H=32, Hkv=8, d=128) 48 / 128, Lq=64 84 / 206. An earlier, slower CPU kernel lost
-#   (L=2048 4749 / 948): rerun that script before changing this.
+# CPU: fused; it beats rotate + SDPA at every length and in decoding (benchmarks/RESULTS.md, "CPU:
+#   choice of the auto backend"; rerun benchmarks/cmha_backends.py before changing this).
 # CUDA: sdpa by default (torch's flash kernel), until the GPU measurements say the fused kernel wins
 #   (then set _AUTO_FUSED_ON_CUDA = True, or narrow by shape in _auto_backend). With a key padding
 #   mask or cu_seqlens the fused kernel is taken whenever it serves the case: SDPA would then need
@@ -482,23 +439,13 @@ _AUTO_FUSED_ON_CPU = True
 _AUTO_FUSED_ON_CUDA = False
 
 
-def _sdpa_unsupported(q, p):
-    if not hasattr(_C, "rotate_fwd"):
-        return "no rotation kernel in this build of complexformer._C"
-    return None
-
-
 def _auto_backend(q, p):
     """The backend "auto" runs for this (validated) case."""
     if q.device.type == "cuda":
         use_fused = _AUTO_FUSED_ON_CUDA or p.kpm is not None or p.cu is not None
     else:
         use_fused = _AUTO_FUSED_ON_CPU
-    if use_fused and _fused_unsupported(q, p) is None:
-        return "fused"
-    if _sdpa_unsupported(q, p) is None:
-        return "sdpa"
-    return "reference"
+    return "fused" if use_fused and _fused_unsupported(q, p) is None else "sdpa"
 
 
 _IMPL = {"fused": _attention_fused, "sdpa": _attention_sdpa, "reference": _attention_reference}
@@ -506,7 +453,7 @@ _IMPL = {"fused": _attention_fused, "sdpa": _attention_sdpa, "reference": _atten
 
 def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset=None, key_padding_mask=None,
                    cu_seqlens=None, layout="half", backend="auto", positions=None):
-    """Complex Multi-Head Attention (SPEC section 1): out (B, H, Lq, dv).
+    """Complex Multi-Head Attention (docs/design.md, "CMHA"): out (B, H, Lq, dv).
 
     Args:
         q: (B, H, Lq, d) queries; k: (B, Hkv, Lk, d) keys; v: (B, Hkv, Lk, dv) values. Same dtype
@@ -525,10 +472,11 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
             restart at 0 in each sequence.
         layout: "half" (re = x[:d/2], im = x[d/2:], the authors' layout) or "interleaved".
         backend: "auto", "fused", "sdpa" or "reference" (see the module docstring). "auto": on
-            CPU "sdpa" (measured faster than the fused CPU kernel, numbers at _auto_backend); on
-            CUDA "fused" when the fused kernel serves the case (float16/bfloat16, d == dv in
-            {64, 128}) and a key padding mask or cu_seqlens is given, else "sdpa". "fused"
-            raises a RuntimeError for a case its kernel cannot serve.
+            CPU "fused" when its kernel serves the case (float32/float64, d, dv <= 256), else
+            "sdpa"; on CUDA "fused" when the fused kernel serves the case (float16/bfloat16,
+            d == dv in {64, 128}) and a key padding mask or cu_seqlens is given, else "sdpa"
+            (measurements: benchmarks/RESULTS.md). "fused" raises a RuntimeError for a case its
+            kernel cannot serve.
         positions: optional (q_positions, k_positions), each (L,) or (B, L) integer tensors, the
             absolute positions used by the rotation (e.g. a module's position_ids and KV-cache key
             positions). Masks stay index-based (causal by index with q_offset, padding,
@@ -550,10 +498,6 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
         why = _fused_unsupported(q, p)
         if why is not None:
             raise RuntimeError(f"cmha_attention(backend='fused'): {why}; use backend='auto' or 'sdpa'")
-    elif backend == "sdpa":
-        why = _sdpa_unsupported(q, p)
-        if why is not None:
-            raise RuntimeError(f"cmha_attention(backend='sdpa'): {why}; use backend='reference'")
     return _IMPL[backend](q, k, v, delta, beta, freqs, p)
 
 
@@ -585,7 +529,5 @@ def _selfcheck_backend(backend):
     return check
 
 
-# sdpa / fused are checked when this build has their kernels (a build without them still passes).
-for _b in ["reference", "auto"] + (["sdpa"] if hasattr(_C, "rotate_fwd") else []) + (
-        ["fused"] if _has_fused("cpu") else []):
+for _b in ("reference", "auto", "sdpa", "fused"):
     selfcheck(f"cmha_attention[{_b}]", 5e-3)(_selfcheck_backend(_b))

@@ -5,7 +5,7 @@ softmax attention; output projection. The rotation and attention are one op,
 :func:`complexformer.cmha_attention`; this file only handles shapes, parameters and the cache.
 
 Why the cache stores the raw (un-rotated) K and V: the rotated key depends on the *query* head's
-delta (SPEC section 1), so a rotated cache would be H wide instead of Hkv wide under GQA, and it
+delta (docs/design.md, "Memory"), so a rotated cache would be H wide instead of Hkv wide under GQA, and it
 would go stale whenever delta changes. The attention kernels rotate key tiles on the fly from the
 raw keys and their positions, so the cache only ever concatenates along the sequence.
 """
@@ -44,7 +44,7 @@ class CMHACache(NamedTuple):
 class CMHA(nn.Module):
     r"""Complex Multi-Head Attention (ComplexFormer).
 
-    Score of query m against key n in head i (SPEC section 1), with r, theta the modulus and
+    Score of query m against key n in head i (docs/design.md, "CMHA"), with r, theta the modulus and
     angle of the (re_j, im_j) pairs of q and k:
 
         s_mn = scale * sum_j r^q_mj r^k_nj cos(delta_ij (theta^q_mj - theta^k_nj) + beta_ij + omega_ij (p_m - p_n))

@@ -10,9 +10,10 @@ grad_output, in place, or not at all when grad_output is exactly 1 (the usual ``
 Peak memory is the gradient buffer itself: no N x V softmax or log-probability temporary; when no
 gradient is wanted (``torch.no_grad()``, or logits that do not require grad) only the loss is
 computed and no N x V buffer is allocated at all.
-``fused_linear_pdl_loss`` also fuses the LM head, so all N x V logits never exist at once.
+``fused_linear_pdl_loss`` (``fused_linear.py``) also fuses the LM head, so the N x V logits never
+exist at once.
 
-Semantics (SPEC section 2):
+Semantics (docs/design.md, "PDL"):
   * ``reduction="mean"`` divides by the batch's sum of target weights ``sum_t w[y_t]``, like
     ``F.cross_entropy(weight=w)`` (negative weights included), except that a batch whose target
     weights sum to exactly 0 (no counted token) gives 0 (and a zero gradient), not NaN. ``normalizer=`` replaces that denominator: with S the sum over a whole
@@ -36,6 +37,7 @@ Semantics (SPEC section 2):
 import math
 import numbers
 import os
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -58,24 +60,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _sync_checks():
     return os.environ.get("COMPLEXFORMER_SYNC_CHECKS", "0") not in ("", "0")
-
-
-# The fused CUDA kernel's variant (csrc/pdl.h CF_PDL_CUDA_*), read at every call so a benchmark or
-# test can compare them in one process: "cached" keeps each row in shared memory between
-# the kernel's two sweeps; "legacy" re-reads it from global memory; "cached2" (default) is "cached" with two
-# blocks per SM for rows over 96 KB (half the cache each). The default is the one place to flip:
-# _CUDA_VARIANT_DEFAULT.
-_CUDA_VARIANTS = {"cached": 0, "legacy": 1, "cached2": 2}
-# GPU run 2026-11-26 (H200, bf16, fwd+bwd, N=16384, V=128256): cached2 2.80 ms = 0.71 of copy
-# bandwidth, cached 3.15 ms = 0.63, legacy 3.71 ms = 0.53 (benchmarks/RESULTS.md).
-_CUDA_VARIANT_DEFAULT = "cached2"
-
-
-def _cuda_variant():
-    name = os.environ.get("CF_PDL_CUDA_VARIANT", "") or _CUDA_VARIANT_DEFAULT
-    if name not in _CUDA_VARIANTS:
-        raise ValueError(f"CF_PDL_CUDA_VARIANT: expected one of {sorted(_CUDA_VARIANTS)}, got {name!r}")
-    return _CUDA_VARIANTS[name]
 
 
 def _acc_dtype(dtype):
@@ -190,7 +174,7 @@ def _run_kernel(logits, targets, weights, norm, norm_mode, ignore_index, reducti
     if logits.is_cuda:
         ws = torch.empty(4, dtype=torch.float32, device=logits.device)
         _C.pdl_loss_fwd(dl(logits), dl(targets), dl(weights), dl_opt(norm), dl(row_loss), dl_opt(grad),
-                        ignore_index, reduction, label_smoothing, 0.0, norm_mode, _cuda_variant(), stream(logits),
+                        ignore_index, reduction, label_smoothing, 0.0, norm_mode, 1, stream(logits),
                         dl(ws))
     else:
         norm_value = float(norm) if norm is not None else -1.0
@@ -345,6 +329,35 @@ def _check_targets_weights(targets, weights, batch_shape, V, device):
         raise ValueError(f"weights: has {weights.shape[0]} entries but the logits have V={V} classes")
 
 
+def check_pdl_weights(weights):
+    """The class weights' rule, shared by every PDL entry point: finite and >= 0, else a ValueError
+    naming ``weights``. (A negative weight makes the weighted mean's denominator meaningless, and
+    can make a batch's weight sum 0 or negative.) On CUDA the check reads the tensor once per
+    tensor version (one host sync), then is remembered; under torch.compile tracing values are
+    unknown and it is skipped."""
+    if torch.compiler.is_compiling():
+        return
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(weights) or weights.device.type == "meta":
+        return
+    seen = _checked_weights.get(id(weights))
+    if weights.is_cuda and seen is not None and seen[0]() is weights and seen[1] == weights._version:
+        return
+    ok = (weights >= 0) & (weights < math.inf)
+    if not bool(ok.all()):
+        bad = weights[~ok][0].item()
+        raise ValueError(f"weights: class weights must be finite and >= 0, got {bad} (PDL weights come from "
+                         f"pdl_weights(counts), which are positive)")
+    if weights.is_cuda:
+        if len(_checked_weights) > 64:
+            _checked_weights.clear()
+        _checked_weights[id(weights)] = (weakref.ref(weights), weights._version)
+
+
+_checked_weights = {}  # id -> (weakref to the tensor, its version when checked)
+
+
 def _check_normalizer(normalizer, reduction, device, kernel_dtype):
     """None, or the mean's denominator as a 1-element tensor of ``kernel_dtype`` on ``device``.
 
@@ -470,166 +483,13 @@ class PDLLoss(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# fused_linear_pdl_loss: LM head + loss, chunked over rows
-# --------------------------------------------------------------------------------------------
-
-
-def _default_chunk(n, h, v):
-    # Liger-Kernel's rule: a chunk of logits about the size of the hidden states, power of 2 rows
-    inc = max(1, -(-v // h))
-    rows = max(1, -(-n // inc))
-    return min(n, 1 << (rows - 1).bit_length()) if n else 1
-
-
-@torch.library.custom_op("complexformer::fused_linear_pdl_fwd", mutates_args=())
-def _fused_linear_fwd(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    weights: Tensor,
-    normalizer: Optional[Tensor],
-    ignore_index: int,
-    reduction: int,
-    label_smoothing: float,
-    chunk_size: int,
-    row_scale: Optional[Tensor],
-    need_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(row losses (N,) or the reduced loss, grad_hidden (N, H), grad_weight (V, H)) for
-    grad_output = 1, or for per-row grad_output ``row_scale``. need_grad=False: empty grads."""
-    n, h = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    acc = _acc_dtype(hidden.dtype)
-    # the mean's denominator over the whole batch, before any chunk runs
-    norm, mode = normalizer, _NORM_GIVEN
-    if normalizer is None and reduction == _MEAN:
-        valid = targets != ignore_index
-        idx = torch.where(valid & (targets >= 0) & (targets < V), targets, 0)
-        norm, mode = (weights[idx] * valid).to(acc).sum(), _NORM_PRECOMPUTED
-    losses = torch.empty(n, dtype=acc, device=dev)
-    grad_hidden = torch.empty((n, h) if need_grad else (0,), dtype=hidden.dtype, device=dev)
-    # low-precision lm_head gradients accumulate in float32
-    gw_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    grad_weight = torch.zeros((V, h) if need_grad else (0,), dtype=gw_dtype, device=dev)
-    chunk = max(1, min(chunk_size, n))
-    logits_buf = torch.empty((chunk, V), dtype=hidden.dtype, device=dev)
-    grad_buf = torch.empty((chunk, V), dtype=hidden.dtype, device=dev) if need_grad else None
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        hc = hidden[s:e]
-        lc = logits_buf[: e - s]
-        torch.mm(hc, weight.t(), out=lc)
-        row_loss, g = _run_kernel(lc, targets[s:e], weights, norm, mode, ignore_index, reduction, label_smoothing,
-                                  grad=grad_buf[: e - s] if need_grad else None, want_grad=need_grad)
-        losses[s:e] = row_loss
-        if need_grad:
-            if row_scale is not None:
-                g.mul_(row_scale[s:e, None].to(g.dtype))
-            torch.mm(g, weight, out=grad_hidden[s:e])
-            if gw_dtype == g.dtype:
-                grad_weight.addmm_(g.t(), hc)
-            else:
-                grad_weight.add_(torch.mm(g.t(), hc).to(gw_dtype))  # TODO: fp32-out GEMM
-    loss = losses if reduction == _NONE else losses.sum()
-    return loss, grad_hidden, grad_weight.to(weight.dtype)
-
-
-@_fused_linear_fwd.register_fake
-def _(hidden, weight, targets, weights, normalizer, ignore_index, reduction, label_smoothing, chunk_size,
-      row_scale, need_grad):
-    n, h = hidden.shape
-    acc = _acc_dtype(hidden.dtype)
-    loss = hidden.new_empty((n,) if reduction == _NONE else (), dtype=acc)
-    gh = hidden.new_empty((n, h) if need_grad else (0,))
-    gw = weight.new_empty(tuple(weight.shape) if need_grad else (0,))
-    return loss, gh, gw
-
-
-def _fused_setup(ctx, inputs, output):
-    hidden, weight, targets, weights, normalizer, ignore_index, reduction, ls, chunk, row_scale, need_grad = inputs
-    _, gh, gw = output
-    ctx.mark_non_differentiable(gh, gw)
-    ctx.set_materialize_grads(False)
-    ctx.args = (ignore_index, reduction, ls, chunk)
-    ctx.save_for_backward(hidden, weight, targets, weights, normalizer)
-    ctx.grads = (gh, gw) if need_grad else None
-
-
-def _fused_backward(ctx, grad_loss, _gh, _gw):
-    ignore_index, reduction, ls, chunk = ctx.args
-    grads = ctx.grads
-    ctx.grads = None
-    if grad_loss is None:
-        return (None,) * 11
-    if grads is None or reduction == _NONE:
-        # reduction "none" (per-row grad_output) or a second backward: recompute, chunk by chunk
-        hidden, weight, targets, weights, normalizer = ctx.saved_tensors
-        scale = grad_loss.reshape(-1) if reduction == _NONE else None
-        _, gh, gw = _fused_linear_fwd(hidden.detach(), weight.detach(), targets, weights, normalizer, ignore_index,
-                                      reduction, ls, chunk, scale, True)
-        if reduction == _NONE:
-            return gh, gw, None, None, None, None, None, None, None, None, None
-    else:
-        gh, gw = grads
-    return _scale(gh, grad_loss), _scale(gw, grad_loss), None, None, None, None, None, None, None, None, None
-
-
-_fused_linear_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
-
-
-def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, ignore_index=-100, reduction="mean",
-                          normalizer=None, label_smoothing=0.0, chunk_size=None):
-    """``pdl_loss(hidden @ lm_head_weight.T, targets, weights, ...)`` without materialising the
-    N x V logits: rows are processed in chunks (``chunk_size`` rows, default about as many logits
-    as hidden values, Liger-Kernel's rule); each chunk's logits gradient is turned into
-    grad_hidden and grad_weight contributions during the forward, so the backward is a rescale.
-    Peak extra memory: two chunk x V buffers plus the (V, H) weight gradient (float32 for
-    float16/bfloat16 weights). reduction="none" recomputes the chunks in the backward.
-
-    hidden: (N, H) or (B, T, H); lm_head_weight: (V, H) (nn.Linear layout, no bias); targets:
-    (N,) or (B, T). Gradients flow to hidden and lm_head_weight.
-    """
-    _check_options(ignore_index, reduction, label_smoothing)
-    check_tensor("hidden", hidden, dtypes=_FLOAT_DTYPES, ndim=(2, 3))
-    check_tensor("lm_head_weight", lm_head_weight, dtypes=_FLOAT_DTYPES, ndim=2, device=hidden.device)
-    if lm_head_weight.dtype != hidden.dtype:
-        raise TypeError(f"lm_head_weight: dtype {lm_head_weight.dtype} differs from hidden's {hidden.dtype}")
-    if lm_head_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"lm_head_weight: expected shape (V, {hidden.shape[-1]}) to match hidden, got {tuple(lm_head_weight.shape)}")
-    V = lm_head_weight.shape[0]
-    if V == 0 or hidden.shape[-1] == 0:
-        raise ValueError("lm_head_weight: V and the hidden size must not be empty")
-    require_cuda_kernels("fused_linear_pdl_loss", hidden)
-    if hidden.is_cuda and hidden.dtype == torch.float64:
-        raise TypeError("hidden: float64 is supported on the CPU only (CUDA: float32, float16, bfloat16)")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    _check_targets_weights(targets, weights, hidden.shape[:-1], V, hidden.device)
-    batch_shape = hidden.shape[:-1]
-    if not hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16):
-        hidden, lm_head_weight = hidden.float(), lm_head_weight.float()
-    kdtype = _acc_dtype(hidden.dtype)
-    norm = _check_normalizer(normalizer, reduction, hidden.device, kdtype)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1).contiguous()
-    if hidden.is_cuda and _sync_checks():
-        _check_targets_in_range(t, V, ignore_index)
-    chunk = chunk_size or _default_chunk(h2.shape[0], h2.shape[1], V)
-    w = weights.detach().to(kdtype).contiguous()
-    loss, _, _ = _fused_linear_fwd(h2, lm_head_weight, t, w, norm, ignore_index, _REDUCTIONS[reduction],
-                                   float(label_smoothing), chunk, None, reduction != "none")
-    return loss.view(batch_shape) if reduction == "none" else loss
-
-
-# --------------------------------------------------------------------------------------------
 # plain-PyTorch reference (tests, self-check) and self-checks
 # --------------------------------------------------------------------------------------------
 
 
 def reference_pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                        normalizer=None):
-    """The loss in plain PyTorch math (float64 recommended), for tests: the SPEC's formula.
+    """The loss in plain PyTorch math (float64 recommended), for tests: the formula of docs/design.md, "PDL".
     Differentiable to any order and traceable by every torch.func transform (no host syncs)."""
     return _pdl_loss_torch(logits, targets, weights, ignore_index, reduction, label_smoothing, normalizer)
 
@@ -693,3 +553,7 @@ def _selfcheck_token_counts(device):
     ids = torch.randint(-1, 3000, (10007,), generator=torch.Generator().manual_seed(1))
     got = token_counts(ids.to(device), 3000, ignore_index=-1).cpu()
     return float((got - torch.bincount(ids[ids >= 0], minlength=3000)).abs().max())
+
+
+# Kept importable from here too (it lived in this module before).
+from .fused_linear import fused_linear_pdl_loss  # noqa: E402

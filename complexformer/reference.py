@@ -1,4 +1,4 @@
-"""Plain float64 PyTorch evaluations of the SPEC formulas, for tests and self-checks.
+"""Plain float64 PyTorch evaluations of the formulas of docs/design.md, for tests and self-checks.
 
 `cmha_attention_pairwise` evaluates every score pair by pair from the polar form,
 
@@ -39,7 +39,7 @@ def seq_positions(cu_seqlens, total):
 
 
 def visible_mask(B, Lq, Lk, *, causal, q_offset=None, key_padding_mask=None, cu_seqlens=None, device=None):
-    """bool (B, 1, Lq, Lk): key n visible to query m (SPEC section 1, masks by index)."""
+    """bool (B, 1, Lq, Lk): key n visible to query m (docs/design.md, "Masks and positions")."""
     if q_offset is None:
         q_offset = Lk - Lq
     m = torch.arange(Lq, device=device)[:, None]

@@ -1,4 +1,4 @@
-"""The Euler rotation of CMHA (SPEC section 1) as a PyTorch op with C and CUDA kernels.
+"""The Euler rotation of CMHA (docs/design.md, "CMHA") as a PyTorch op with C and CUDA kernels.
 
 Every (re, im) pair j of head i at position p becomes
 
@@ -12,7 +12,7 @@ Layers of this file:
   * ``euler_rotate`` (public): validates, normalises positions, calls the registered op
     ``complexformer::euler_rotate`` (autograd, torch.compile, CUDA graphs).
   * ``euler_rotate_qk`` (internal, for the "sdpa" attention backend): q and k in one launch.
-  * ``_rotate_forward`` / ``_rotate_backward`` (internal, see CMHA_CONTRACT.md): raw kernel calls
+  * ``_rotate_forward`` / ``_rotate_backward`` (internal, docs/design.md, "Attention"): raw kernel calls
     without autograd; the fused-attention glue calls ``_rotate_backward`` with float32 gradients.
   * ``rotate_reference`` / ``_rotate_backward_torch``: the same math in plain PyTorch, used where no
     kernel exists (float64 on CUDA) and as the baseline of benchmarks and self-checks.
@@ -24,8 +24,7 @@ import torch
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-
-EPS_R = 1e-9
+from .reference import EPS_R
 LAYOUTS = {"half": 0, "interleaved": 1}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CPU_CHUNKS = 64  # token chunks of the CPU backward reduction
@@ -155,7 +154,7 @@ def _rotate_backward_torch(x, grad, delta, beta, freqs, pos, *, layout, need_fre
 
 
 # ----------------------------------------------------------------------------------------------
-# Raw kernel calls (no autograd): the internal API of CMHA_CONTRACT.md
+# Raw kernel calls (no autograd): the internal API of docs/design.md, "Attention"
 
 def _rotate_forward(x, delta, beta, freqs, pos, *, layout):
     """x (B, Hx, L, d), Hx | H -> x~ (B, H, L, d) in x's dtype. beta None for keys; pos (Bp, L) int."""
@@ -411,7 +410,7 @@ def _resolve_positions(name, positions, B, L, device):
 
 
 def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout="half"):
-    """Euler-rotate queries or keys for CMHA (SPEC section 1).
+    """Euler-rotate queries or keys for CMHA (docs/design.md, "CMHA").
 
     Args:
         x: (B, Hx, L, d) float16 / bfloat16 / float32 / float64; d even. Keys may have fewer heads

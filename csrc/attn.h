@@ -1,4 +1,4 @@
-/* Fused CMHA attention (SPEC section 1, CMHA_CONTRACT.md): shared declarations.
+/* Fused CMHA attention (docs/design.md, "Attention"): shared declarations.
  *
  * The kernels compute ordinary softmax attention on the Euler-rotated q~ and k~, rotating each
  * query tile once when it is loaded and each key tile per query head on the fly, so grouped-query

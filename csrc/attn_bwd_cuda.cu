@@ -1,17 +1,18 @@
-/* Fused CMHA attention backward on CUDA: FlashAttention-2 structure, deterministic (no atomics),
- * rotated Q~/K~ tiles recomputed on load exactly as in the forward (attn_cuda_tile.cuh).
+/* Fused CMHA attention backward on CUDA: FlashAttention-2 structure, deterministic (no atomics).
  * Outputs are gradients with respect to the ROTATED q~ and k~ (scale applied) and v, per query head
- * (contract: CMHA_CONTRACT.md); the glue sums over GQA groups and back-rotates.
+ * (contract: docs/design.md, "Attention"); the glue sums over GQA groups and back-rotates.
  *
- * Three launches on the caller's stream:
+ * Four launches on the caller's stream:
+ *  0. the pre-rotation pass (attn_cuda_tile.cuh, launch_prerotate) writes q~ and k~ (per query head)
+ *     into the workspaces q_rot, k_rot, so the kernels below copy plain tiles;
  *  1. dot:  D_m = sum_c dO_mc O_mc, one warp per row. D is parked in dq_rot[b, h, m, 0]: dq_rot is
  *     not written before launch 3, and there every CTA reads D of its own rows (then a barrier)
  *     before it overwrites them, so no extra workspace crosses the C boundary.
- *  2. dkdv: a CTA per (key tile of 128, query head, batch), 8 warps x 16 keys. It keeps dK~ and dV of
- *     its keys in registers while query tiles stream by; computing the transposed products
+ *  2. dkdv: a CTA per (key tile, query head, batch). It keeps dK~ and dV of its keys in registers
+ *     while query tiles stream by; computing the transposed products
  *     S^T = K~ Q~^T and dP^T = V dO^T makes P^T and dS^T land directly in A-operand layout for
  *     dV += P^T dO and dK~ += dS^T Q~.
- *  3. dq: a CTA per (query tile of 128, query head, batch) streams key tiles and recomputes S, P and
+ *  3. dq: a CTA per (query tile, query head, batch) streams key tiles and recomputes S, P and
  *     dP: dQ~ += dS K~ (instead of atomics from launch 2).
  * P = exp(scale * S - lse) from the forward's lse; a row with lse = -inf (no visible key) has P = 0. */
 #include "attn_cuda_tile.cuh"
@@ -38,14 +39,6 @@ __global__ void __launch_bounds__(256) attn_bwd_dot_kernel(const CfAttnArgs a) {
   for (int w = G / 2; w > 0; w >>= 1) acc += __shfl_xor_sync(kFull, acc, w); /* within the row's G lanes */
   if (row < a.Lq && sub == 0) a.dq_rot[((b * a.H + hq) * a.Lq + row) * a.d] = acc;
 }
-
-/* Shared memory of the two main kernels: two tiles of ROWS_A rows (K, V or Q, dO, as owned),
- * two of ROWS_B rows (streamed), parameters, and per-streamed-row / per-owned-row scalars. */
-template <int D, int ROWS_A, int ROWS_B, int NBUF = 1> struct BwdSmem {
-  static constexpr int LDS = D + 8;
-  static constexpr size_t tiles = (size_t)(2 * ROWS_A + 2 * NBUF * ROWS_B) * LDS * 2;
-  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)2 * (ROWS_A + NBUF * ROWS_B) * 4;
-};
 
 /* Per-row softmax statistics of query rows [m0, m0 + rows): lse * log2(e) (+inf where the row is
  * outside the range or saw no key, so exp2(x - lse2) = 0 there) and D (0 outside). */
@@ -202,135 +195,12 @@ __device__ __forceinline__ void dq_store(const float (&dq)[MB][D / 8][4], const 
     }
 }
 
-template <typename T, int D, int BK, int BQ>
-__global__ void __launch_bounds__(BK * 2, 1) attn_bwd_dkdv_kernel(const CfAttnArgs a) {
-  constexpr int NTHR = BK * 2, LDS = D + 8, H2 = D / 2, NTD = D / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T *sK = reinterpret_cast<T *>(smem);
-  T *sV = sK + BK * LDS;
-  T *sQ = sV + BK * LDS;
-  T *sdO = sQ + BQ * LDS;
-  double *s_omega = reinterpret_cast<double *>(smem + BwdSmem<D, BK, BQ>::tiles);
-  float *s_delta = reinterpret_cast<float *>(s_omega + H2);
-  float *s_beta = s_delta + H2;
-  float *s_kvalid = s_beta + H2;
-  float *s_lse2 = s_kvalid + BK;
-  float *s_D = s_lse2 + BQ;
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t hq = blockIdx.y, b = blockIdx.z, hk = hq / (a.H / a.Hkv);
-  Span ks;
-  if (!map_tile(a, blockIdx.x, BK, a.Lk, ks)) return;
-  const bool packed = a.cu_seqlens != nullptr;
-  const int64_t q_lo = packed ? ks.seq_lo : 0, q_hi = packed ? ks.seq_hi : a.Lq;
-  const int64_t qoff = packed ? 0 : a.q_offset;
-  const bool vec = a.vec != 0;
-  const int64_t nvk = ks.hi - ks.lo;
-
-  stage_params(a, hq, H2, s_delta, s_beta, s_omega, tid, NTHR);
-  __syncthreads();
-  const RotParams rp = {s_delta, s_beta, s_omega};
-  stage_rotated<T, BK, D, false>(sK, (const T *)a.k + b * a.k_sb + hk * a.k_sh + ks.lo * a.k_sl, a.k_sl, nvk,
-                                 a.k_pos + b * a.kpos_sb + ks.lo * a.kpos_sl, a.kpos_sl, rp, a.layout, vec, tid, NTHR);
-  stage_plain<T, BK, D>(sV, (const T *)a.v + b * a.v_sb + hk * a.v_sh + ks.lo * a.v_sl, a.v_sl, nvk, vec, tid, NTHR);
-  stage_key_valid(a, b, ks.lo, nvk, BK, s_kvalid, tid, NTHR);
-
-  const T *qg = (const T *)a.q + b * a.q_sb + hq * a.q_sh;
-  const T *dog = (const T *)a.dout + b * a.do_sb + hq * a.do_sh;
-  const int64_t *qp = a.q_pos + b * a.qpos_sb;
-  const int kl0 = warp * 16 + (lane >> 2); /* this thread's key rows (local): kl0, kl0 + 8 */
-  const float sl2 = (float)a.scale * kLog2e;
-
-  float dk[1][NTD][4], dv[1][NTD][4];
-  zero_acc(dk);
-  zero_acc(dv);
-
-  /* causal: queries m < ks.lo - qoff see none of these keys */
-  const int64_t m_start = a.causal ? imax64(q_lo, ks.lo - qoff) : q_lo;
-  for (int64_t m0 = m_start; m0 < q_hi; m0 += BQ) {
-    const int64_t nvq = imin64(BQ, q_hi - m0);
-    __syncthreads(); /* previous sQ/sdO reads done; first pass: sK/sV/s_kvalid published */
-    stage_rotated<T, BQ, D, true>(sQ, qg + m0 * a.q_sl, a.q_sl, nvq, qp + m0 * a.qpos_sl, a.qpos_sl, rp, a.layout,
-                                  vec, tid, NTHR);
-    stage_plain<T, BQ, D>(sdO, dog + m0 * a.do_sl, a.do_sl, nvq, vec, tid, NTHR);
-    stage_row_stats(a, b, hq, m0, nvq, BQ, s_lse2, s_D, tid, NTHR);
-    __syncthreads();
-
-    dkdv_step<T, D, BQ, 1>(dk, dv, a, sK + warp * 16 * LDS, sV + warp * 16 * LDS, sQ, sdO, s_kvalid, s_lse2, s_D,
-                           ks.lo, m0, qoff, warp * 16, bwd_need_mask(a, ks.lo + warp * 16, 16, m0, qoff), sl2, lane);
-  }
-  dkdv_store<D, 1>(dk, dv, a, b, hq, ks.lo, ks.hi, kl0, lane);
-}
-
-template <typename T, int D, int BQ, int BK>
-__global__ void __launch_bounds__(BQ * 2, 1) attn_bwd_dq_kernel(const CfAttnArgs a) {
-  constexpr int NTHR = BQ * 2, LDS = D + 8, H2 = D / 2, NTD = D / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T *sQ = reinterpret_cast<T *>(smem);
-  T *sdO = sQ + BQ * LDS;
-  T *sK = sdO + BQ * LDS;
-  T *sV = sK + BK * LDS;
-  double *s_omega = reinterpret_cast<double *>(smem + BwdSmem<D, BQ, BK>::tiles);
-  float *s_delta = reinterpret_cast<float *>(s_omega + H2);
-  float *s_beta = s_delta + H2;
-  float *s_lse2 = s_beta + H2;   /* BQ owned rows */
-  float *s_D = s_lse2 + BQ;      /* BQ owned rows */
-  float *s_kvalid = s_D + BQ;    /* BK streamed keys */
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t hq = blockIdx.y, b = blockIdx.z, hk = hq / (a.H / a.Hkv);
-  Span qs;
-  if (!map_tile(a, blockIdx.x, BQ, a.Lq, qs)) return;
-  const bool packed = a.cu_seqlens != nullptr;
-  const int64_t k_lo = packed ? qs.seq_lo : 0, k_hi = packed ? qs.seq_hi : a.Lk;
-  const int64_t qoff = packed ? 0 : a.q_offset;
-  const int64_t k_end = a.causal ? imin64(k_hi, imax64(k_lo, qs.hi + qoff)) : k_hi;
-  const bool vec = a.vec != 0;
-  const int64_t nvq = qs.hi - qs.lo;
-
-  stage_params(a, hq, H2, s_delta, s_beta, s_omega, tid, NTHR);
-  __syncthreads();
-  const RotParams rp = {s_delta, s_beta, s_omega};
-  stage_rotated<T, BQ, D, true>(sQ, (const T *)a.q + b * a.q_sb + hq * a.q_sh + qs.lo * a.q_sl, a.q_sl, nvq,
-                                a.q_pos + b * a.qpos_sb + qs.lo * a.qpos_sl, a.qpos_sl, rp, a.layout, vec, tid, NTHR);
-  stage_plain<T, BQ, D>(sdO, (const T *)a.dout + b * a.do_sb + hq * a.do_sh + qs.lo * a.do_sl, a.do_sl, nvq, vec,
-                        tid, NTHR);
-  stage_row_stats(a, b, hq, qs.lo, nvq, BQ, s_lse2, s_D, tid, NTHR);
-  /* every thread has read D (parked in dq_rot[..., 0]) before any thread overwrites dq_rot below */
-  __syncthreads();
-
-  const int rl0 = warp * 16 + (lane >> 2); /* this thread's rows (local): rl0, rl0 + 8 */
-  const float lse2[1][2] = {{s_lse2[rl0], s_lse2[rl0 + 8]}};
-  const float Drow[1][2] = {{s_D[rl0], s_D[rl0 + 8]}};
-  const T *kg = (const T *)a.k + b * a.k_sb + hk * a.k_sh;
-  const T *vg = (const T *)a.v + b * a.v_sb + hk * a.v_sh;
-  const int64_t *kp = a.k_pos + b * a.kpos_sb;
-  const float sl2 = (float)a.scale * kLog2e;
-
-  float dq[1][NTD][4];
-  zero_acc(dq);
-
-  for (int64_t n0 = k_lo; n0 < k_end; n0 += BK) {
-    const int64_t nv = imin64(BK, k_hi - n0);
-    __syncthreads(); /* the previous tile's sK/sV reads are done */
-    stage_rotated<T, BK, D, false>(sK, kg + n0 * a.k_sl, a.k_sl, nv, kp + n0 * a.kpos_sl, a.kpos_sl, rp, a.layout,
-                                   vec, tid, NTHR);
-    stage_plain<T, BK, D>(sV, vg + n0 * a.v_sl, a.v_sl, nv, vec, tid, NTHR);
-    stage_key_valid(a, b, n0, nv, BK, s_kvalid, tid, NTHR);
-    __syncthreads();
-
-    dq_step<T, D, BK, 1>(dq, a, sQ + warp * 16 * LDS, sdO + warp * 16 * LDS, sK, sV, s_kvalid, n0, qs.lo + rl0, qoff,
-                         lse2, Drow, bwd_need_mask(a, n0, BK, qs.lo + warp * 16, qoff), sl2, lane);
-  }
-  dq_store<D, 1>(dq, a, b, hq, qs.lo + rl0, qs.hi, lane);
-}
-
-/* ---- variant "prerot": q~ and k~ (per query head) were written by the pre-rotation pass ----
- * The same steps (dkdv_step, dq_step) on tiles that are plain copies: NW warps of MB * 16 owned rows
+/* ---- the dkdv and dq kernels: dkdv_step, dq_step on tiles that are plain copies of q~, k~ ----
+ * NW warps of MB * 16 owned rows
  * each (MB = 2: 32 rows per warp halves the shared-memory traffic per FLOP), the streamed side
  * double-buffered with cp.async and one barrier per tile (as attn_fwd_pre_kernel: the barrier that
  * publishes tile i also frees tile i-1's buffer for tile i+1). Two CTAs per SM when NW = 4. */
-template <int D, int NW, int MB, int BS> struct BwdPreCfg {
+template <int D, int NW, int MB, int BS> struct BwdCfg {
   static constexpr int BO = NW * MB * 16, NTHR = NW * 32, LDS = D + 8, MINB = NW <= 4 ? 2 : 1;
   /* owned: two tiles of BO rows; streamed: two buffers of two tiles of BS rows; then floats:
    * dkdv: key validity (BO) + 2 x (lse2, D) (BS each); dq: lse2, D (BO each) + 2 x key validity (BS) */
@@ -339,8 +209,8 @@ template <int D, int NW, int MB, int BS> struct BwdPreCfg {
 };
 
 template <typename T, int D, int NW, int MB, int BQ>
-__global__ void __launch_bounds__(NW * 32, BwdPreCfg<D, NW, MB, BQ>::MINB) attn_bwd_dkdv_pre_kernel(const CfAttnArgs a) {
-  using Cfg = BwdPreCfg<D, NW, MB, BQ>;
+__global__ void __launch_bounds__(NW * 32, BwdCfg<D, NW, MB, BQ>::MINB) attn_bwd_dkdv_kernel(const CfAttnArgs a) {
+  using Cfg = BwdCfg<D, NW, MB, BQ>;
   constexpr int BK = Cfg::BO, NTHR = Cfg::NTHR, LDS = Cfg::LDS, NTD = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sK = reinterpret_cast<T *>(smem);
@@ -406,8 +276,8 @@ __global__ void __launch_bounds__(NW * 32, BwdPreCfg<D, NW, MB, BQ>::MINB) attn_
 }
 
 template <typename T, int D, int NW, int MB, int BK>
-__global__ void __launch_bounds__(NW * 32, BwdPreCfg<D, NW, MB, BK>::MINB) attn_bwd_dq_pre_kernel(const CfAttnArgs a) {
-  using Cfg = BwdPreCfg<D, NW, MB, BK>;
+__global__ void __launch_bounds__(NW * 32, BwdCfg<D, NW, MB, BK>::MINB) attn_bwd_dq_kernel(const CfAttnArgs a) {
+  using Cfg = BwdCfg<D, NW, MB, BK>;
   constexpr int BQ = Cfg::BO, NTHR = Cfg::NTHR, LDS = Cfg::LDS, NTD = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
@@ -483,53 +353,33 @@ __global__ void __launch_bounds__(NW * 32, BwdPreCfg<D, NW, MB, BK>::MINB) attn_
   dq_store<D, MB>(dq, a, b, hq, r0, qs.hi, lane);
 }
 
-/* The prerot dkdv / dq kernels over the key / query tiles of the grid. */
+/* The dkdv / dq kernels over the key / query tiles of the grid. */
 template <typename T, int D, int NW, int MB, int BQ>
-static const char *launch_dkdv_pre(const CfAttnArgs &a, cudaStream_t st) {
-  using Cfg = BwdPreCfg<D, NW, MB, BQ>;
-  return launch_tiles(attn_bwd_dkdv_pre_kernel<T, D, NW, MB, BQ>, Cfg::smem, Cfg::NTHR, Cfg::BO, a.Lk, a, st);
+static const char *launch_dkdv(const CfAttnArgs &a, cudaStream_t st) {
+  using Cfg = BwdCfg<D, NW, MB, BQ>;
+  return launch_tiles(attn_bwd_dkdv_kernel<T, D, NW, MB, BQ>, Cfg::smem, Cfg::NTHR, Cfg::BO, a.Lk, a, st);
 }
 template <typename T, int D, int NW, int MB, int BK>
-static const char *launch_dq_pre(const CfAttnArgs &a, cudaStream_t st) {
-  using Cfg = BwdPreCfg<D, NW, MB, BK>;
-  return launch_tiles(attn_bwd_dq_pre_kernel<T, D, NW, MB, BK>, Cfg::smem, Cfg::NTHR, Cfg::BO, a.Lq, a, st);
+static const char *launch_dq(const CfAttnArgs &a, cudaStream_t st) {
+  using Cfg = BwdCfg<D, NW, MB, BK>;
+  return launch_tiles(attn_bwd_dq_kernel<T, D, NW, MB, BK>, Cfg::smem, Cfg::NTHR, Cfg::BO, a.Lq, a, st);
 }
 
+/* The tile configurations of the backward: the one place to change them. */
 template <typename T, int D>
 static const char *launch_bwd(const CfAttnArgs &a, cudaStream_t st) {
-  /* d = 128 streams 32 query rows per step in dkdv: dK~ and dV (2 x 64 fp32 per thread) stay in
-   * registers next to S^T and dP^T without spilling */
-  /* 128 owned rows per CTA (8 warps): each streamed tile's rotation is shared by 128 rows */
-  constexpr int BK = 128, BQS = D == 64 ? 64 : 32;
-  constexpr int BQ = 128, BKS = 64;
   if (a.Lq > 0) {
     const dim3 grid(cf_ceil_div_u(a.Lq, 256 / (D / 8)), (unsigned)a.H, (unsigned)a.B);
     attn_bwd_dot_kernel<T, D><<<grid, 256, 0, st>>>(a);
     CF_LAUNCH_CHECK();
   }
-  if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
-    if (const char *err = launch_prerotate<T, D>(a, st)) return err;
-    /* dkdv: d = 64: 4 warps x 32 keys, query tiles of 32; d = 128: dK~ and dV of 32 keys would not fit
-     * in registers, so 4 warps x 16 keys (two CTAs per SM: 1.39 ms vs 1.48 with one CTA of 8 warps,
-     * H200). dq: 4 warps x 32 rows, key tiles of 64 (d = 128: 32; at d = 64 tiles of 32 took 1.26 ms
-     * against 1.03). All chosen as the largest tiles that compile without spills (-Xptxas -v). */
-    const char *err = NULL;
-#ifdef CF_ATTN_TUNING
-    if (D == 128 && tune_on("dkdv128_nw8"))
-      err = launch_dkdv_pre<T, D, 8, 1, 32>(a, st);
-    else
-#endif
-      err = launch_dkdv_pre<T, D, 4, D == 64 ? 2 : 1, 32>(a, st);
-    if (err) return err;
-#ifdef CF_ATTN_TUNING
-    if (D == 64 && tune_on("dq64_bk32")) return launch_dq_pre<T, D, 4, 2, 32>(a, st);
-#endif
-    return launch_dq_pre<T, D, 4, 2, D == 64 ? 64 : 32>(a, st);
-  }
-  if (const char *err = launch_tiles(attn_bwd_dkdv_kernel<T, D, BK, BQS>, BwdSmem<D, BK, BQS>::bytes, BK * 2, BK,
-                                     a.Lk, a, st))
-    return err;
-  return launch_tiles(attn_bwd_dq_kernel<T, D, BQ, BKS>, BwdSmem<D, BQ, BKS>::bytes, BQ * 2, BQ, a.Lq, a, st);
+  if (const char *err = launch_prerotate<T, D>(a, st)) return err;
+  /* dkdv: d = 64: 4 warps x 32 keys, query tiles of 32; d = 128: dK~ and dV of 32 keys would not fit
+   * in registers, so 4 warps x 16 keys (two CTAs per SM beat one CTA of 8 warps, see
+   * benchmarks/RESULTS.md). dq: 4 warps x 32 rows, key tiles of 64 (d = 128: 32). All chosen as the
+   * largest tiles that compile without spills (-Xptxas -v). */
+  if (const char *err = launch_dkdv<T, D, 4, D == 64 ? 2 : 1, 32>(a, st)) return err;
+  return launch_dq<T, D, 4, 2, D == 64 ? 64 : 32>(a, st);
 }
 
 }  // namespace cfattn
@@ -541,6 +391,13 @@ extern "C" const char *cf_attn_bwd_cuda(const CfAttnArgs *a, int device, void *s
   if (a->H == 0 || a->B == 0) return NULL;
   CfDeviceGuard guard(device);
   cudaStream_t st = (cudaStream_t)stream;
+  if (a->Lq == 0 || a->Lk == 0) { /* no (query, key) pair: zero gradients (the workspaces would be empty) */
+    CF_CUDA_TRY(cudaMemsetAsync(a->dq_rot, 0, (size_t)(a->B * a->H * a->Lq * a->d) * sizeof(float), st));
+    CF_CUDA_TRY(cudaMemsetAsync(a->dk_rot, 0, (size_t)(a->B * a->H * a->Lk * a->d) * sizeof(float), st));
+    CF_CUDA_TRY(cudaMemsetAsync(a->dv_full, 0, (size_t)(a->B * a->H * a->Lk * a->dv) * sizeof(float), st));
+    return NULL;
+  }
+  if (!a->q_rot || !a->k_rot) return "the backward needs the rotation workspaces q_ws and k_ws";
   if (a->dtype == CF_BF16) return a->d == 64 ? launch_bwd<__nv_bfloat16, 64>(*a, st) : launch_bwd<__nv_bfloat16, 128>(*a, st);
   return a->d == 64 ? launch_bwd<__half, 64>(*a, st) : launch_bwd<__half, 128>(*a, st);
 }

@@ -1,5 +1,5 @@
 /* Fused CMHA attention on the CPU: FlashAttention-style tiles with the Euler rotation fused into
- * the tile loads (SPEC section 1, CMHA_CONTRACT.md).
+ * the tile loads (docs/design.md, "Attention").
  *
  * Forward. Work items are (batch, query head, run of query tiles), OpenMP-scheduled. An item
  * rotates the keys its rows can see once, with its query head's delta and positions, into a

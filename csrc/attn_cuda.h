@@ -1,4 +1,4 @@
-/* Fused CMHA attention on CUDA (contract: CMHA_CONTRACT.md, "Fused attention kernels").
+/* Fused CMHA attention on CUDA (contract: docs/design.md, "Attention").
  *
  * One argument block serves the forward and the backward launchers; bind_attn_cuda.c fills it
  * from validated DLPack views. Strides are in elements; a stride of 0 broadcasts (q_pos / k_pos
@@ -36,9 +36,10 @@ typedef struct {
   const void *dout;
   int64_t do_sb, do_sh, do_sl;
   float *dq_rot, *dk_rot, *dv_full;
-  /* variant "prerot" (both set, else both NULL): workspaces (B, H, Lq, d) and (B, H, Lk, d), dtype of q,
+  /* rotation workspaces (both set, else both NULL): (B, H, Lq, d) and (B, H, Lk, d), dtype of q,
    * contiguous, 16-byte aligned. The launcher first writes the rotated q~ and k~ (k per query head)
-   * into them, then runs kernels that only copy tiles (no rotation per tile, cp.async pipelining). */
+   * into them, then runs kernels that only copy tiles (cp.async pipelining). The backward needs
+   * them; a forward without them (GQA) rotates each key tile as it loads it. */
   void *q_rot, *k_rot;
 } CfAttnArgs;
 

@@ -1,6 +1,6 @@
 /* The PTX instructions the fused attention kernels use, each behind one small wrapper: warp-wide
  * ldmatrix and mma.sync, cp.async, and the fast base-2 exponential. Kept apart from the tile code
- * (attn_cuda_tile.cuh) so that tests/test_attn_cuda_emulated.py can compile the kernels as host C++
+ * (attn_cuda_tile.cuh) so that tests/test_cuda_emulated.py can compile the kernels as host C++
  * with an emulated copy of exactly this header (tests/cuda_emu/attn_cuda_ptx.cuh) standing in.
  *
  * Register fragments (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):

@@ -16,7 +16,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include "attn_cuda.h"
 #include "attn_cuda_ptx.cuh"
@@ -486,13 +485,13 @@ __device__ __forceinline__ void stage_key_valid(const CfAttnArgs &a, int64_t b, 
     s_valid[i] = (i < nvalid && (!a.kpm || a.kpm[b * a.kpm_sb + (n0 + i) * a.kpm_sl])) ? 1.f : 0.f;
 }
 
-/* ---- pre-rotation pass (variant "prerot") ----
+/* ---- pre-rotation pass ----
  * dst (B, H, L, D) contiguous = the Euler-rotated q (IS_Q, with beta) or k (per QUERY head: row block
  * of head hq is rotated with head hq's delta from kv head hq / (H / Hkv)), in the input's layout.
- * The same rot_fast as the fused tile loaders, so a kernel reading dst sees bit-identical tiles.
- * Grid (ceil(L / kPrerotRows), H, B), 256 threads. The glue allocates dst (torch), only where the memory rule
- * allows it (CMHA_CONTRACT: q~ always, k~ when H == Hkv in the forward, always in the backward whose
- * outputs are (B, H, Lk, d) anyway). */
+ * The same rot_fast as the GQA forward's tile loader, so a kernel reading dst sees bit-identical
+ * tiles. Grid (ceil(L / kPrerotRows), H, B), 256 threads. The glue allocates dst (torch), only where
+ * the memory rule allows it (docs/design.md, "Memory": the forward when H == Hkv, the backward
+ * always, whose outputs are (B, H, Lk, d) anyway). */
 constexpr int kPrerotRows = 128; /* rows per CTA of the pre-rotation pass (256 threads) */
 
 template <typename T, int D, bool IS_Q>
@@ -574,15 +573,6 @@ static inline bool two_ctas_fit(size_t bytes) {
     return false;
   return (size_t)per_sm >= 2 * (bytes + 1024); /* the driver reserves 1 KB per CTA */
 }
-
-#ifdef CF_ATTN_TUNING
-/* Build with -DCF_ATTN_TUNING (COMPLEXFORMER_NVCC_FLAGS) to compile alternative tile configurations,
- * picked at run time by name from the comma-separated CF_ATTN_TUNE environment variable (benchmarks only). */
-static inline bool tune_on(const char *name) {
-  const char *v = getenv("CF_ATTN_TUNE");
-  return v && strstr(v, name) != NULL;
-}
-#endif
 
 /* Raise the dynamic shared-memory limit of a kernel (needed above 48 KB); NULL or an error message.
  * The largest configuration (backward dq, d = 128) needs 106 KB: fine on sm_80 / sm_90 data-center

@@ -1,24 +1,28 @@
-/* Fused CMHA attention forward on CUDA: FlashAttention-2 structure with the Euler rotation fused
- * into the tile loads (contract: CMHA_CONTRACT.md; building blocks: attn_cuda_tile.cuh).
+/* Fused CMHA attention forward on CUDA: FlashAttention-2 structure with the Euler rotation of q and
+ * k done on the device (contract: docs/design.md, "Attention"; building blocks: attn_cuda_tile.cuh).
+ * Two kernels, chosen by the glue (complexformer/attention.py, _rotation_workspaces):
  *
- * A CTA owns BR = 128 query rows of one (batch, query head); each of its 8 warps owns 16 rows.
- * The Q tile is rotated once (with beta) into shared memory. Key tiles of BC = 64 rows stream
- * through shared memory, rotated per query head on the fly (GQA never builds a per-query-head copy
- * of K), V tiles are copied; the next tile's K/V loads are issued into registers before the current
- * tile's tensor-core work (KVPrefetch). Per key tile: S = Q~ K~^T on tensor cores, the online softmax in
- * fp32 registers (scores pre-scaled by scale * log2(e), exp2), then O += P V with P kept in
- * registers. Causal CTAs stop at their last visible key tile. The log-sum-exp (natural log) is
- * saved for the backward; a row that sees no key writes out = 0, lse = -inf. */
-#include <stdlib.h>
+ *  - H == Hkv: attn_fwd_pre_kernel. A pre-pass (launch_prerotate) writes the rotated q~ and k~ into
+ *    torch-allocated workspaces (q_rot, k_rot); the kernel proper copies plain tiles with cp.async.
+ *  - GQA (H != Hkv): attn_fwd_gqa_kernel rotates each key tile per query head as it loads it, so the
+ *    forward never materialises a (B, H, Lk, d) copy of K.
+ *
+ * Both: a CTA owns a tile of query rows of one (batch, query head); key tiles stream through shared
+ * memory. Per key tile: S = Q~ K~^T on tensor cores, the online softmax in fp32 registers (scores
+ * pre-scaled by scale * log2(e), exp2), then O += P V with P kept in registers. Causal CTAs stop at
+ * their last visible key tile. The log-sum-exp (natural log) is saved for the backward; a row that
+ * sees no key writes out = 0, lse = -inf. */
 #include <string.h>
 #include "attn_cuda_tile.cuh"
 
 namespace cfattn {
 
-template <int D, int BR, int BC, int NBUF> struct FwdSmem {
+/* Shared memory of attn_fwd_gqa_kernel: the Q~ tile, one K~ and one V tile, the rotation
+ * parameters and the key tile's validity. */
+template <int D, int BR, int BC> struct FwdGqaSmem {
   static constexpr int LDS = D + 8;
-  static constexpr size_t tiles = (size_t)(BR + 2 * NBUF * BC) * LDS * 2; /* 16-bit elements */
-  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)NBUF * BC * 4;
+  static constexpr size_t tiles = (size_t)(BR + 2 * BC) * LDS * 2; /* 16-bit elements */
+  static constexpr size_t bytes = tiles + (size_t)(D / 2) * (8 + 4 + 4) + (size_t)BC * 4;
 };
 
 /* One warp's MB * 16 query rows: O accumulator, running max (log2 units of the scaled score) and
@@ -163,11 +167,14 @@ __device__ __forceinline__ bool fwd_setup(const CfAttnArgs &a, FwdCta &c, T *sQ,
   return true;
 }
 
-/* Default kernel: all 8 warps stage every key tile (rotating it), then all compute on it. */
+/* The GQA forward: BR = 128 query rows per CTA, 8 warps of 16 rows. The Q tile is rotated once (with
+ * beta) into shared memory; all 8 warps stage every key tile of BC rows, rotating it for this query
+ * head (GQA never builds a per-query-head copy of K), and copy the V tile; the next tile's K/V loads
+ * are issued into registers before the current tile's tensor-core work (KVPrefetch). */
 template <typename T, int D, int BR, int BC>
-__global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a) {
+__global__ void __launch_bounds__(BR * 2, 1) attn_fwd_gqa_kernel(const CfAttnArgs a) {
   constexpr int NTHR = BR * 2, LDS = D + 8, H2 = D / 2;
-  using Smem = FwdSmem<D, BR, BC, 1>;
+  using Smem = FwdGqaSmem<D, BR, BC>;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
   T *sK = sQ + BR * LDS;
@@ -205,7 +212,7 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_kernel(const CfAttnArgs a)
   fwd_finalize<T, D, 1>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
 
-/* Variant "prerot": q~ and k~ (per query head) were written by the pre-rotation pass, so key tiles are
+/* H == Hkv: q~ and k~ (per query head) were written by the pre-rotation pass, so key tiles are
  * plain copies and the kernel is a FlashAttention-2 forward. NW warps of MB * 16 rows each (MB = 2:
  * 32 rows per warp, see the warp GEMMs), two CTAs per SM (one CTA's barrier wait is the other's
  * tensor-core time). K/V tiles of BC keys are double-buffered with cp.async and ONE barrier per tile:
@@ -277,106 +284,29 @@ __global__ void __launch_bounds__(NW * 32, FwdPreCfg<T, D, MB, NW, BC, QR>::MINB
   fwd_finalize<T, D, MB>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
 }
 
-/* ---- experimental warp-specialized variant (CF_ATTN_FWD_VARIANT=ws; not the default) ----
- * 8 consumer warps only compute; 4 producer warps rotate key tile i+1 into the second shared-memory
- * buffer while the consumers work on tile i, so the rotation overlaps the tensor-core work instead
- * of alternating with it. Hand-off with named barriers (ids 1-4; 0 is __syncthreads):
- *   FULL[buf]:  producers bar.arrive after filling buf, consumers bar.sync before reading it;
- *   EMPTY[buf]: consumers bar.arrive after reading buf (only when a later tile refills it),
- *               producers bar.sync before refilling it (tiles >= 2).
- * Every barrier phase has exactly 128 + 256 = 384 arrivals, and a producer can only re-arrive on
- * FULL[buf] after every consumer released buf, so phases never overlap. */
-__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void named_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-
-template <typename T, int D, int BR, int BC>
-__global__ void __launch_bounds__(BR * 2 + 128, 1) attn_fwd_ws_kernel(const CfAttnArgs a) {
-  constexpr int NCONS = BR * 2, NPROD = 128, NALL = NCONS + NPROD, LDS = D + 8, H2 = D / 2;
-  constexpr int FULL0 = 1, EMPTY0 = 3;
-  using Smem = FwdSmem<D, BR, BC, 2>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T *sQ = reinterpret_cast<T *>(smem);
-  T *sK0 = sQ + BR * LDS;           /* buffers: sK0 + buf * 2 * BC * LDS, sV = sK + BC * LDS */
-  double *s_omega = reinterpret_cast<double *>(smem + Smem::tiles);
-  float *s_delta = reinterpret_cast<float *>(s_omega + H2);
-  float *s_beta = s_delta + H2;
-  float *s_kvalid0 = s_beta + H2;   /* buffers: s_kvalid0 + buf * BC */
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  FwdCta c;
-  RotParams rp;
-  if (!fwd_setup<T, D, BR>(a, c, sQ, rp, s_omega, s_delta, s_beta, tid, NALL)) return;
-  __syncthreads(); /* sQ published */
-  const int64_t ntile = (c.k_end - c.k_lo + BC - 1) / BC;
-
-  if (tid >= NCONS) { /* producers */
-    const int ptid = tid - NCONS;
-    const bool vec = a.vec != 0;
-    const T *kg = (const T *)a.k + c.b * a.k_sb + c.hk * a.k_sh;
-    const T *vg = (const T *)a.v + c.b * a.v_sb + c.hk * a.v_sh;
-    const int64_t *kp = a.k_pos + c.b * a.kpos_sb;
-    for (int64_t it = 0; it < ntile; it++) {
-      const int buf = (int)(it & 1);
-      const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
-      T *sK = sK0 + buf * 2 * BC * LDS;
-      if (it >= 2) named_sync(EMPTY0 + buf, NALL);
-      stage_rotated<T, BC, D, false>(sK, kg + n0 * a.k_sl, a.k_sl, nv, kp + n0 * a.kpos_sl, a.kpos_sl, rp, a.layout,
-                                     vec, ptid, NPROD);
-      stage_plain<T, BC, D>(sK + BC * LDS, vg + n0 * a.v_sl, a.v_sl, nv, vec, ptid, NPROD);
-      stage_key_valid(a, c.b, n0, nv, BC, s_kvalid0 + buf * BC, ptid, NPROD);
-      named_arrive(FULL0 + buf, NALL);
-    }
-    return;
-  }
-  const int64_t r0 = c.qs.lo + warp * 16 + (lane >> 2);
-  const float sl2 = (float)a.scale * kLog2e;
-  FwdRows<D, 1> st;
-  st.init();
-  for (int64_t it = 0; it < ntile; it++) {
-    const int buf = (int)(it & 1);
-    const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
-    const T *sK = sK0 + buf * 2 * BC * LDS;
-    named_sync(FULL0 + buf, NALL);
-    fwd_tile<T, D, BC, 1>(st, a, sQ + warp * 16 * LDS, sK, sK + BC * LDS, s_kvalid0 + buf * BC, n0, nv,
-                          c.qs.lo + warp * 16, c.qoff, r0, sl2, lane);
-    if (it + 2 < ntile) named_arrive(EMPTY0 + buf, NALL);
-  }
-  fwd_finalize<T, D, 1>(st, a, c.b, c.hq, r0, c.qs.hi, lane);
-}
-
 template <typename T, int D, int MB, int NW, int BC, bool QR>
 static const char *launch_fwd_pre(const CfAttnArgs &a, cudaStream_t st) {
   using Cfg = FwdPreCfg<T, D, MB, NW, BC, QR>;
   return launch_tiles(attn_fwd_pre_kernel<T, D, MB, NW, BC, QR>, Cfg::smem, Cfg::NTHR, Cfg::BR, a.Lq, a, st);
 }
 
+/* The tile configurations of the forward: the one place to change them. */
 template <typename T, int D>
 static const char *launch_fwd(const CfAttnArgs &a, cudaStream_t st) {
-  constexpr int BR = 128, BC = 64;
-  if (num_tiles(a, BR, a.Lq) == 0 || a.H == 0 || a.B == 0) return NULL;
-  if (a.q_rot) { /* variant "prerot": the glue passed the workspaces */
-    if (const char *err = launch_prerotate<T, D>(a, st)) return err;
-    /* 4 warps x 32 rows = 128 rows per CTA. d = 64: key tiles of 128 (as FlashAttention-2: half the
-     * softmax rescales and barriers per key; 0.76 vs 0.81 ms with tiles of 64 and Q~ in registers,
-     * H200) where two such CTAs fit an SM's shared memory (sm_90), else tiles of 64. d = 128: tiles
-     * of 32, so S, O and the addressing fit in 255 registers without spilling. */
-    if constexpr (D == 64) {
-      bool big = two_ctas_fit(FwdPreCfg<T, D, 2, 4, 128, false>::smem);
-#ifdef CF_ATTN_TUNING
-      big = big && !tune_on("fwd64_bc64");
-#endif
-      if (big) return launch_fwd_pre<T, D, 2, 4, 128, false>(a, st);
-      return launch_fwd_pre<T, D, 2, 4, 64, true>(a, st);
-    } else {
-      return launch_fwd_pre<T, D, 2, 4, 32, false>(a, st);
-    }
+  if (num_tiles(a, 128, a.Lq) == 0 || a.H == 0 || a.B == 0) return NULL;
+  if (!a.q_rot) /* GQA: rotate on load; 128 query rows, key tiles of 64 */
+    return launch_tiles(attn_fwd_gqa_kernel<T, D, 128, 64>, FwdGqaSmem<D, 128, 64>::bytes, 128 * 2, 128, a.Lq, a, st);
+  if (const char *err = launch_prerotate<T, D>(a, st)) return err;
+  /* 4 warps x 32 rows = 128 rows per CTA. d = 64: key tiles of 128 (as FlashAttention-2: half the
+   * softmax rescales and barriers per key; faster than tiles of 64 with Q~ in registers, see
+   * benchmarks/RESULTS.md) where two such CTAs fit an SM's shared memory (sm_90), else tiles of 64.
+   * d = 128: tiles of 32, so S, O and the addressing fit in 255 registers without spilling. */
+  if constexpr (D == 64) {
+    if (two_ctas_fit(FwdPreCfg<T, D, 2, 4, 128, false>::smem)) return launch_fwd_pre<T, D, 2, 4, 128, false>(a, st);
+    return launch_fwd_pre<T, D, 2, 4, 64, true>(a, st);
+  } else {
+    return launch_fwd_pre<T, D, 2, 4, 32, false>(a, st);
   }
-  const char *variant = getenv("CF_ATTN_FWD_VARIANT");
-  if (variant && !strcmp(variant, "ws"))
-    return launch_tiles(attn_fwd_ws_kernel<T, D, BR, BC>, FwdSmem<D, BR, BC, 2>::bytes, BR * 2 + 128, BR, a.Lq, a, st);
-  return launch_tiles(attn_fwd_kernel<T, D, BR, BC>, FwdSmem<D, BR, BC, 1>::bytes, BR * 2, BR, a.Lq, a, st);
 }
 
 }  // namespace cfattn

@@ -1,4 +1,4 @@
-/* Bindings of the CPU fused attention: _C.attn_fwd_cpu / _C.attn_bwd_cpu (CMHA_CONTRACT.md).
+/* Bindings of the CPU fused attention: _C.attn_fwd_cpu / _C.attn_bwd_cpu (docs/design.md, "Attention").
  * Everything is validated here, with errors naming the argument, before the GIL is released. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -234,9 +234,9 @@ static PyObject *attn_bwd_cpu(PyObject *self, PyObject *args) {
 PyMethodDef cf_attn_cpu_methods[] = {
     {"attn_fwd_cpu", attn_fwd_cpu, METH_VARARGS,
      "attn_fwd_cpu(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse, causal, "
-     "scale, q_offset, layout, nthreads): fused CMHA forward on CPU tensors (CMHA_CONTRACT.md)."},
+     "scale, q_offset, layout, nthreads): fused CMHA forward on CPU tensors (docs/design.md)."},
     {"attn_bwd_cpu", attn_bwd_cpu, METH_VARARGS,
      "attn_bwd_cpu(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, "
      "dq_rot, dk_rot, dv_full, causal, scale, q_offset, layout, nthreads): gradients with respect "
-     "to the rotated q~, k~ (per query head) and v (per query head) (CMHA_CONTRACT.md)."},
+     "to the rotated q~, k~ (per query head) and v (per query head) (docs/design.md)."},
     {NULL, NULL, 0, NULL}};

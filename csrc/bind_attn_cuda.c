@@ -1,11 +1,11 @@
-/* Python bindings of the fused CMHA attention CUDA kernels (contract: CMHA_CONTRACT.md):
+/* Python bindings of the fused CMHA attention CUDA kernels (contract: docs/design.md, "Attention"):
  *   _C.attn_fwd_cuda(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse,
  *                    causal, scale, q_offset, layout, stream[, q_ws, k_ws])
  *   _C.attn_bwd_cuda(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse,
  *                    dq_rot, dk_rot, dv_full, causal, scale, q_offset, layout, stream[, q_ws, k_ws])
- * q_ws (B, H, Lq, d), k_ws (B, H, Lk, d), dtype of q, contiguous: both given = variant "prerot" (the
- * kernels first write the rotated q~, k~ there, then run without per-tile rotation); both None or
- * absent = the fused-rotation kernels.
+ * q_ws (B, H, Lq, d), k_ws (B, H, Lk, d), dtype of q, contiguous: the rotation workspaces (the
+ * kernels first write the rotated q~, k~ there, then copy plain tiles). The backward needs them; a
+ * forward without them rotates each key tile on load (the glue's choice for GQA).
  *   _C.attn_cuda_supported(dtype_name, d, dv) -> bool
  * Every argument is validated here (the launchers trust the CfAttnArgs they get); errors name it. */
 #define PY_SSIZE_T_CLEAN
@@ -179,7 +179,7 @@ static int check_f32_out(const CfTensor *t, const char *name, const CfTensor *q,
              : 0;
 }
 
-/* The optional pre-rotation workspaces (variant "prerot"): both None, or both given with the shapes
+/* The rotation workspaces: both None, or both given with the shapes
  * (B, H, Lq, d) and (B, H, Lk, d), q's dtype, contiguous and 16-byte aligned. */
 static int parse_workspaces(const char *op, PyObject *qo, PyObject *ko, AttnTensors *t, CfAttnArgs *a) {
   if ((qo == Py_None) != (ko == Py_None)) {
@@ -280,6 +280,11 @@ static PyObject *attn_bwd_cuda(PyObject *self, PyObject *args) {
   a.dq_rot = (float *)t.dq.data, a.dk_rot = (float *)t.dk.data, a.dv_full = (float *)t.dv.data;
   a.vec = a.vec && aligned16(&t.dout) && aligned16(&t.out); /* the backward also loads out and dout by 16 bytes */
   if (parse_workspaces("attn_bwd_cuda", qws, kws, &t, &a)) return NULL;
+  if (!a.q_rot && a.B * a.H * a.Lq * a.Lk > 0) {
+    PyErr_SetString(PyExc_ValueError, "attn_bwd_cuda: q_ws, k_ws: the backward needs the rotation workspaces "
+                                      "(None only when Lq or Lk is 0)");
+    return NULL;
+  }
   const char *err;
   Py_BEGIN_ALLOW_THREADS
   err = cf_attn_bwd_cuda(&a, t.q.device_id, (void *)(uintptr_t)stream);
@@ -306,9 +311,10 @@ static PyObject *attn_cuda_supported(PyObject *self, PyObject *args) {
 PyMethodDef cf_attn_cuda_methods[] = {
     {"attn_fwd_cuda", attn_fwd_cuda, METH_VARARGS,
      "Fused CMHA attention forward (CUDA, float16/bfloat16, d = dv in {64, 128}): writes out and lse; "
-     "optional q_ws, k_ws select the pre-rotated variant."},
+     "q_ws, k_ws: the rotation workspaces (None: rotate each key tile on load, for GQA)."},
     {"attn_bwd_cuda", attn_bwd_cuda, METH_VARARGS,
-     "Fused CMHA attention backward (CUDA): writes dq_rot, dk_rot, dv_full (float32, per query head)."},
+     "Fused CMHA attention backward (CUDA): writes dq_rot, dk_rot, dv_full (float32, per query head); "
+     "needs the rotation workspaces q_ws, k_ws."},
     {"attn_cuda_supported", attn_cuda_supported, METH_VARARGS,
      "attn_cuda_supported(dtype_name, d, dv) -> whether the CUDA fused kernels take this configuration."},
     {NULL, NULL, 0, NULL}};

@@ -67,7 +67,7 @@ static PyObject *pdl_token_counts(PyObject *self, PyObject *args) {
 
 /* pdl_loss_fwd(logits, targets, weights, norm, row_loss, grad, ignore_index, reduction,
  *              label_smoothing, norm_value, norm_mode, nthreads, stream, ws) -> None
- * nthreads: CPU threads; on CUDA the fused kernel's variant (CF_PDL_CUDA_CACHED / _LEGACY).
+ * nthreads: CPU threads (unused on CUDA).
  * logits (N, V) or (B, T, V) with last-dim stride 1; targets (B*T,) contiguous int32/int64;
  * weights (V,); row_loss (B*T,); grad (B*T, V) contiguous (any shape with that many elements),
  * or None to compute the loss only.
@@ -142,9 +142,8 @@ static PyObject *pdl_loss_fwd(PyObject *self, PyObject *args) {
       if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "normalizer: expected one float32 value");
       return NULL;
     }
-    /* on CUDA the `nthreads` slot carries the kernel variant (CF_PDL_CUDA_*) */
-    const char *err = cf_pdl_loss_cuda(&a, z.dtype, (const float *)norm.data, (float *)ws.data, nthreads,
-                                       z.device_id, (void *)(uintptr_t)stream);
+    const char *err = cf_pdl_loss_cuda(&a, z.dtype, (const float *)norm.data, (float *)ws.data, z.device_id,
+                                       (void *)(uintptr_t)stream);
     if (err) return cf_raise_cuda("pdl_loss", err);
     Py_RETURN_NONE;
 #else

@@ -46,12 +46,8 @@ CF_EXTERN_C const char *cf_pdl_token_counts_cuda(const void *ids, int ids_i64, i
                                                  int64_t *bad, int device, void *stream);
 /* dtype: CF_F32 / CF_F16 / CF_BF16 logits and grad; weights and row_loss float32.
  * norm: caller's denominator (float32 scalar on the device) or NULL. ws: float32 [4] scratch. */
-/* variant: which fused kernel (pdl_cuda.cu): CACHED keeps each row in shared memory between its
- * two sweeps (the default); LEGACY re-reads it from global memory (kept to compare on the GPU);
- * CACHED_HALF is CACHED with two blocks per SM (half the cache each) for rows over 96 KB. */
-enum { CF_PDL_CUDA_CACHED = 0, CF_PDL_CUDA_LEGACY = 1, CF_PDL_CUDA_CACHED_HALF = 2 };
 CF_EXTERN_C const char *cf_pdl_loss_cuda(const CfPdlArgs *a, int dtype, const float *norm,
-                                         float *ws, int variant, int device, void *stream);
+                                         float *ws, int device, void *stream);
 /* grad (n_rows, V) contiguous *= g: one scalar g[0] (per_row = 0; returns at once on the device
  * when g[0] == 1, moving no data) or g[row] per row (per_row = 1). */
 CF_EXTERN_C const char *cf_pdl_scale_cuda(void *grad, int dtype, int64_t n_rows, int64_t V,

@@ -1,14 +1,9 @@
 /* PDL on CUDA: token counting, the fused loss + gradient, and the backward's rescale.
  *
- * pdl_loss: one block per row (Liger-Kernel style). Sweep 1 reads the row once with 16-byte loads
- * and keeps an online (max, sum of exp) per thread in base 2; sweep 2 writes the gradient. Two
- * variants (CF_PDL_CUDA_* in pdl.h, chosen per call by complexformer/pdl.py from the environment
- * variable CF_PDL_CUDA_VARIANT; the default is _CUDA_VARIANT_DEFAULT there):
- *   "cached" (pdl_loss_cached_kernel, the default): sweep 1 also copies the row into shared
- *     memory, sweep 2 reads it from there (only a long row's remainder from global memory);
- *   "legacy" (pdl_loss_kernel): sweep 2 re-reads the row from global memory (from L2 when it is
- *     still there; the re-read is marked evict-first). Kept to compare on the GPU.
- * Both write the gradient with streaming stores; float32 accumulation for every dtype. No host
+ * pdl_loss: one block per row (Liger-Kernel style). Sweep 1 reads the row once with 16-byte loads,
+ * keeps an online (max, sum of exp) per thread in base 2 and copies the row into shared memory;
+ * sweep 2 writes the gradient from there (only a long row's remainder comes from global memory).
+ * The gradient is written with streaming stores; float32 accumulation for every dtype. No host
  * synchronisation anywhere: the mean's denominator and sum_c w_c are computed on the device by a
  * one-block prologue (fixed-order reduction, deterministic) and read from device memory.
  * Out-of-range targets make the row's loss and gradient NaN (the host cannot be told without a
@@ -64,38 +59,6 @@ template <typename T> struct Pack {
 template <typename T> __device__ __forceinline__ int64_t align_head(const T *p, int64_t V) {
   int64_t h = (int64_t)(((16 - ((uintptr_t)p & 15)) & 15) / sizeof(T));
   return h < V ? h : V;
-}
-
-/* Loops over the n (1 or K) values a row visitor gets, with compile-time indices so the arrays
- * stay in registers (a runtime bound would put them in local memory). */
-#define CF_FOR_N(i) _Pragma("unroll") for (int i = 0; i < K; i++) if (i < n)
-
-/* Visit a row as [scalar head | 16-byte packs | scalar tail]: f(c, x, n) gets n floats from c. */
-template <typename T, int BLOCK, bool STREAM, typename F>
-__device__ __forceinline__ void visit_row(const T *z, int64_t V, F &&f) {
-  constexpr int K = Pack<T>::K;
-  const int64_t head = align_head(z, V);
-  const int64_t npack = (V - head) / K;
-  const int64_t tail = head + npack * K;
-  float x1[K] = {};
-  for (int64_t c = threadIdx.x; c < head; c += BLOCK) {
-    x1[0] = to_f<T>(z[c]);
-    f(c, x1, 1);
-  }
-  const uint4 *zp = reinterpret_cast<const uint4 *>(z + head);
-
-#pragma unroll 1
-  for (int64_t i = threadIdx.x; i < npack; i += BLOCK) {
-    Pack<T> p;
-    p.u = STREAM ? __ldcs(zp + i) : zp[i];
-    float x[K];
-    p.to_float(x);
-    f(head + i * K, x, K);
-  }
-  for (int64_t c = tail + threadIdx.x; c < V; c += BLOCK) {
-    x1[0] = to_f<T>(z[c]);
-    f(c, x1, 1);
-  }
 }
 
 /* (max, sum of 2^((x - max) log2e)) pairs, max in natural units; an empty side has max = -inf,
@@ -183,85 +146,9 @@ __global__ void __launch_bounds__(BLOCK) pdl_prologue_kernel(CfPdlArgs a, const 
   }
 }
 
-template <typename T, int BLOCK>
-__global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const float *ws) {
-  constexpr int K = Pack<T>::K;
-  const int64_t N = a.B * a.T, V = a.V;
-  const float *w = (const float *)a.weights;
-  const float inv_norm = ws[0], W = ws[1];
-  const bool smooth = a.eps > 0.0;
-  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
-    const T *z = (const T *)a.logits + (r / a.T) * a.sb + (r % a.T) * a.st;
-    T *g = a.grad ? (T *)a.grad + r * V : nullptr;  // null: loss only
-    float *row_loss = (float *)a.row_loss + r;
-    const int64_t y = load_target<T>(a, r);
-    if (y == a.ignore_index || (V == 1 && y == 0)) {  // V = 1: log softmax is identically 0
-      if (g) fill_row<T, BLOCK>(g, V, 0.f);
-      if (threadIdx.x == 0) *row_loss = 0.f;
-      continue;
-    }
-    if (y < 0 || y >= V) {  // never silent: NaN loss and gradient (see the file comment)
-      if (g) fill_row<T, BLOCK>(g, V, CUDART_NAN_F);
-      if (threadIdx.x == 0) *row_loss = CUDART_NAN_F;
-      continue;
-    }
-    /* sweep 1: online max m and sum of 2^((x - m) log2e) per thread; sum_c w_c z_c (smoothing) */
-    float m = -CUDART_INF_F, s = 0.f, swz = 0.f;
-    visit_row<T, BLOCK, false>(z, V, [&](int64_t c, const float *x, int n) {
-      float lm = -CUDART_INF_F;
-      CF_FOR_N(i) lm = fmaxf(lm, x[i]);
-      if (lm > m) {
-        s *= fast_exp2((m - lm) * kLog2e);  // 2^-inf = 0 when m is still -inf (NaN stays NaN)
-        m = lm;
-      }
-      if (m != -CUDART_INF_F)
-        CF_FOR_N(i) s += fast_exp2((x[i] - m) * kLog2e);
-      else  // every value so far is -inf (p = 0), unless a NaN hides here: keep it
-        CF_FOR_N(i) s += (x[i] != x[i]) ? x[i] : 0.f;
-      if (smooth)
-        CF_FOR_N(i) swz = fmaf(__ldg(w + c + i), x[i], swz);
-    });
-    block_reduce<BLOCK>(m, s, swz);
-    const float ls2 = log2f(s);                     // p_c = 2^((z_c - m) log2e - ls2)
-    const double lse = (double)m + log((double)s);  // log sum exp(z), for the loss (NaN / inf propagate)
-    const float wy = __ldg(w + y);
-    const CfPdlCoef co = cf_pdl_coef(wy, W, (double)V, a.eps, inv_norm);
-    const float A = (float)co.A_times_s, Bc = (float)co.B, C = (float)co.C;
-    if (threadIdx.x == 0) {
-      const float zy = to_f<T>(z[y]);
-      *row_loss = (float)cf_pdl_row_loss(lse, zy, wy, W, swz, (double)V, a.eps, inv_norm);
-    }
-    if (!g) continue;  // loss only (block-uniform)
-    /* sweep 2: dz_c = p_c A - B w_c - [c == y] C */
-    auto grad_of = [&](int64_t c, float x) {
-      float d = fast_exp2(fmaf(x - m, kLog2e, -ls2)) * A;
-      if (smooth) d -= Bc * __ldg(w + c);
-      if (c == y) d -= C;
-      return d;
-    };
-    if ((((uintptr_t)g ^ (uintptr_t)z) & 15) == 0) {  // same head: 16-byte stores line up
-      visit_row<T, BLOCK, true>(z, V, [&](int64_t c, const float *x, int n) {
-        float d[K];
-        CF_FOR_N(i) d[i] = grad_of(c + i, x[i]);
-        if (n == K) {
-          Pack<T> p;
-          p.from_float(d);
-          __stcs(reinterpret_cast<uint4 *>(g + c), p.u);
-        } else {
-          CF_FOR_N(i) g[c + i] = from_f<T>(d[i]);
-        }
-      });
-    } else {  // gradient rows align differently from the (strided) logits rows: scalar stores
-      visit_row<T, BLOCK, true>(z, V, [&](int64_t c, const float *x, int n) {
-        CF_FOR_N(i) g[c + i] = from_f<T>(grad_of(c + i, x[i]));
-      });
-    }
-  }
-}
-
-/* The default ("cached") variant: the legacy kernel above reads each row twice, and with several
- * rows of 256 KB (V = 128256 bf16) in flight per SM the working set exceeds the L2 (50-60 MB), so
- * the second read comes from HBM: about 3 passes of traffic instead of 2. Here sweep 1 also
+/* The loss and gradient of each row. Reading a row twice from global memory costs about 3 passes
+ * of traffic instead of 2: with several rows of 256 KB (V = 128256 bf16) in flight per SM the
+ * working set exceeds the L2 (50-60 MB), so the second read comes from HBM. So sweep 1 also
  * copies the row's 16-byte packs into dynamic shared memory (the first `cache_packs` of them: the
  * whole row when it fits, else as much as a block may hold, ~225 KB on sm_90), and sweep 2 reads
  * the cached packs from shared memory and only the remainder (the row's end, read last in sweep 1,
@@ -270,7 +157,7 @@ __global__ void __launch_bounds__(BLOCK) pdl_loss_kernel(CfPdlArgs a, const floa
  * loads per thread before using any (memory-level parallelism with one block per SM), takes the
  * maximum over all of them and rescales the running sum once per group. */
 template <typename T, int BLOCK, int MIN_BLOCKS, int UNROLL = 4>
-__global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) pdl_loss_cached_kernel(CfPdlArgs a, const float *ws, int64_t cache_packs) {
+__global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) pdl_loss_kernel(CfPdlArgs a, const float *ws, int64_t cache_packs) {
   extern __shared__ uint4 row_cache[];
   constexpr int K = Pack<T>::K;
   const int64_t N = a.B * a.T, V = a.V;
@@ -460,57 +347,44 @@ int max_smem_per_block(int device) {
   return n;
 }
 
-/* Launch the cached kernel with `smem` bytes of dynamic shared memory; above 48 KB a kernel must
+/* Launch the loss kernel with `smem` bytes of dynamic shared memory; above 48 KB a kernel must
  * opt in once per device (remembered per instantiation, for the largest size asked so far). */
 template <typename T, int BLOCK, int MIN_BLOCKS>
-const char *launch_cached(const CfPdlArgs *a, const float *ws, unsigned grid, size_t smem, int device,
+const char *launch_rows(const CfPdlArgs *a, const float *ws, unsigned grid, size_t smem, int device,
                           cudaStream_t st) {
   static int opted_in[64];
   if (smem > 48 * 1024 && !(device >= 0 && device < 64 && opted_in[device] >= (int)smem)) {
-    CF_CUDA_TRY(cudaFuncSetAttribute(pdl_loss_cached_kernel<T, BLOCK, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CF_CUDA_TRY(cudaFuncSetAttribute(pdl_loss_kernel<T, BLOCK, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      (int)smem));
     if (device >= 0 && device < 64) opted_in[device] = (int)smem;
   }
-  pdl_loss_cached_kernel<T, BLOCK, MIN_BLOCKS><<<grid, BLOCK, smem, st>>>(*a, ws, (int64_t)(smem / 16));
+  pdl_loss_kernel<T, BLOCK, MIN_BLOCKS><<<grid, BLOCK, smem, st>>>(*a, ws, (int64_t)(smem / 16));
   CF_LAUNCH_CHECK();
   return NULL;
 }
 
 template <typename T>
-const char *launch_loss(const CfPdlArgs *a, const float *norm, float *ws, int variant, int device,
-                        cudaStream_t st) {
+const char *launch_loss(const CfPdlArgs *a, const float *norm, float *ws, int device, cudaStream_t st) {
   const int64_t N = a->B * a->T;
   pdl_prologue_kernel<1024><<<1, 1024, 0, st>>>(*a, norm, ws);
   CF_LAUNCH_CHECK();
   const unsigned grid = (unsigned)(N < 0x7fffffff ? N : 0x7fffffff);
-  if (variant == CF_PDL_CUDA_LEGACY) {
-    /* a block per row: 1024 threads for long rows, 256 for short ones */
-    if (a->V >= 8192) pdl_loss_kernel<T, 1024><<<grid, 1024, 0, st>>>(*a, ws);
-    else pdl_loss_kernel<T, 256><<<grid, 256, 0, st>>>(*a, ws);
-    CF_LAUNCH_CHECK();
-    return NULL;
-  }
-  if (variant != CF_PDL_CUDA_CACHED && variant != CF_PDL_CUDA_CACHED_HALF) return "pdl_loss: unknown CUDA kernel variant";
-  /* CACHED_HALF (an experiment for the GPU run): rows over 96 KB get two 512-thread blocks per SM,
-   * each caching up to half of what one block may hold, so one block's loads overlap the other's
-   * gradient writes; the uncached remainder (the row's end, read last) must then stay in L2. */
-  const bool two_per_sm = variant == CF_PDL_CUDA_CACHED_HALF;
-  /* Shared memory per block: the whole row's packs when a block may hold them, else as much as it
-   * may (~225 KB on sm_90: one block per SM, the rest of each row re-read from L2). Short rows
-   * thereby fit several blocks per SM, so an SM streams one row in while it writes another's
-   * gradient. 2 KB per block stay free for the runtime's reservation (1 KB) and block_reduce's
-   * static arrays. The loss-only path reads each row once: no cache. */
+  /* Shared memory per block: the whole row's packs when they fit in half of what a block may hold,
+   * else that half (~112 KB on sm_90). Two blocks share an SM, so one block's loads overlap the
+   * other's gradient writes; the uncached remainder of a long row (its end, read last in sweep 1)
+   * then comes from L2. Short rows fit several blocks per SM. 2 KB per block stay free for the
+   * runtime's reservation (1 KB) and block_reduce's static arrays. The loss-only path reads each
+   * row once: no cache. */
   const int64_t row_bytes = a->V * (int64_t)sizeof(T) / 16 * 16;  // >= the packs of any row
-  const int64_t room = ((int64_t)max_smem_per_block(device) / (two_per_sm ? 2 : 1) - 2048) / 16 * 16;
+  const int64_t room = ((int64_t)max_smem_per_block(device) / 2 - 2048) / 16 * 16;
   const int64_t smem = !a->grad || room <= 0 ? 0 : (row_bytes < room ? row_bytes : room);
-  /* Threads: 1024 for rows over 96 KB (one or two blocks per SM); 512 for long rows, two blocks
-   * per SM; 256 for short rows, four per SM. MIN_BLOCKS caps the registers at 64 per thread,
-   * which this kernel needs without spilling (at 40, for three 512-thread blocks, it spills), so
-   * an SM holds 1024 threads; UNROLL = 4 loads each keep 64 KB per SM in flight. The choice
-   * depends on V alone, so the loss-only path reduces in the same order (same loss bits). */
-  if (a->V * (int64_t)sizeof(T) > 96 * 1024 && !two_per_sm) return launch_cached<T, 1024, 1>(a, ws, grid, (size_t)smem, device, st);
-  if (a->V >= 8192) return launch_cached<T, 512, 2>(a, ws, grid, (size_t)smem, device, st);
-  return launch_cached<T, 256, 4>(a, ws, grid, (size_t)smem, device, st);
+  /* Threads: 512 for long rows, two blocks per SM; 256 for short rows, four per SM. MIN_BLOCKS caps
+   * the registers at 64 per thread, which this kernel needs without spilling (at 40, for three
+   * 512-thread blocks, it spills), so an SM holds 1024 threads; UNROLL = 4 loads each keep 64 KB
+   * per SM in flight. The choice depends on V alone, so the loss-only path reduces in the same
+   * order (same loss bits). */
+  if (a->V >= 8192) return launch_rows<T, 512, 2>(a, ws, grid, (size_t)smem, device, st);
+  return launch_rows<T, 256, 4>(a, ws, grid, (size_t)smem, device, st);
 }
 
 template <typename T>
@@ -532,14 +406,14 @@ const char *launch_scale(void *grad, int64_t rows, int64_t V, const float *g, in
 }  // namespace
 
 extern "C" const char *cf_pdl_loss_cuda(const CfPdlArgs *a, int dtype, const float *norm, float *ws,
-                                        int variant, int device, void *stream) {
+                                        int device, void *stream) {
   CfDeviceGuard guard(device);
   cudaStream_t st = (cudaStream_t)stream;
   if (a->B * a->T == 0) return NULL;
   switch (dtype) {
-    case CF_F32: return launch_loss<float>(a, norm, ws, variant, device, st);
-    case CF_F16: return launch_loss<__half>(a, norm, ws, variant, device, st);
-    case CF_BF16: return launch_loss<__nv_bfloat16>(a, norm, ws, variant, device, st);
+    case CF_F32: return launch_loss<float>(a, norm, ws, device, st);
+    case CF_F16: return launch_loss<__half>(a, norm, ws, device, st);
+    case CF_BF16: return launch_loss<__nv_bfloat16>(a, norm, ws, device, st);
     default: return "pdl_loss: unsupported logits dtype on CUDA";
   }
 }

@@ -1,4 +1,4 @@
-/* Per-row math of the Power-Law Decay Loss (SPEC section 2), shared by the CPU kernels (gcc) and
+/* Per-row math of the Power-Law Decay Loss (docs/design.md, "PDL"), shared by the CPU kernels (gcc) and
  * the CUDA kernels (nvcc), so the CPU tests exercise the formulas the GPU runs.
  *
  * Row t, logits z (V,), target y, class weights w, smoothing eps, denominator `norm`:

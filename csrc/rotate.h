@@ -1,4 +1,4 @@
-/* Euler rotation kernels (SPEC section 1): x (B, Hx, L, d) -> x~ (B, H, L, d), Hx divides H.
+/* Euler rotation kernels (docs/design.md, "CMHA"): x (B, Hx, L, d) -> x~ (B, H, L, d), Hx divides H.
  *
  * Pair j of query head i, token (b, l), reads kv head i / G (G = H / Hx) of x and becomes
  *     (r cos phi, r sin phi),  phi = delta[i][j] * theta + beta[i][j] + omega[i][j] * pos[b][l]

@@ -1,4 +1,4 @@
-/* Per-element math of the Euler rotation (SPEC section 1), shared by the CPU kernels, the CUDA
+/* Per-element math of the Euler rotation (docs/design.md, "CMHA"), shared by the CPU kernels, the CUDA
  * kernels and the fused attention tile loaders.
  *
  * One (re, im) pair of a head becomes
@@ -9,10 +9,15 @@
  * Backward. With c = re/r, s = im/r, A = g_re cos phi + g_im sin phi, B = g_re sin phi - g_im cos phi:
  *     d re = c A + delta s B,   d im = s A - delta c B,   d phi = -r B,
  * and d delta = d phi * theta, d beta = d phi, d omega = d phi * p. The derivative of theta is
- * taken as (-s, c) / r, i.e. re^2 + im^2 is replaced by r^2: this keeps |d/dx| <= 1 + |delta| as
- * r -> 0 (never a division by re^2 + im^2) and differs from the exact derivative of the
- * eps-regularised function by a relative eps_r / (re^2 + im^2), far below float64 noise for any
- * pair not already within 1e-4 of the origin. */
+ * taken as (-s, c) / r, i.e. re^2 + im^2 is replaced by r^2 = re^2 + im^2 + eps_r: this keeps
+ * |d/dx| <= 1 + |delta| as r -> 0 (never a division by re^2 + im^2). The cost: the theta terms
+ * (delta s B, delta c B) differ from the exact derivative of the eps-regularised function by a
+ * relative eps_r / (re^2 + im^2), i.e. 1e-9 for a pair of norm 1, 1e-5 for a pair of norm 0.01,
+ * 10% at norm 1e-4. That is above float64 rounding (1e-16) for any pair of norm below ~3000, so
+ * float64 gradient checks against autograd of the plain formula need a tolerance (measured on
+ * N(0,1) inputs: benchmarks/RESULTS.md, "Rotation backward"); float32 rounding (6e-8) hides it
+ * for pairs of norm above ~0.13. docs/design.md, "Deviations", says why the bound is worth it.
+ */
 #ifndef CF_ROTATE_MATH_H
 #define CF_ROTATE_MATH_H
 #include <math.h>

@@ -17,10 +17,24 @@ HAS_CUDA = torch.cuda.is_available() and complexformer.build_info()["cuda"]
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a build with CUDA kernels")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (as does any -m expression that names slow)")
+
+
+def _run_slow(config):
+    return config.getoption("--runslow") or "slow" in (config.getoption("-m") or "")
+
+
 def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (full emulation sweeps, long hypothesis runs, big shapes) are skipped by
+    the quick run `pytest tests -q`; `pytest tests -q -m slow` runs exactly them (CI runs both)."""
+    run_slow = _run_slow(config)
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU and a build with CUDA kernels"))
+        elif "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with `pytest tests -m slow` (or --runslow)"))
 
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

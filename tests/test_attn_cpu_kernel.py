@@ -3,7 +3,7 @@
 Forward: against the pair-by-pair float64 reference (complexformer.reference), which never uses the
 factorized rotation the kernel implements. Backward: against float64 autograd through an explicit
 rotate-then-attention (the gradients with respect to the rotated q~, k~ per query head and v per
-query head, as CMHA_CONTRACT.md defines them). float32: the FlashAttention rule, i.e. the kernel's
+query head, as docs/design.md, "Attention", defines them). float32: the FlashAttention rule, i.e. the kernel's
 error against float64 is at most 2x that of the same math done by PyTorch in float32, plus a floor.
 """
 import math

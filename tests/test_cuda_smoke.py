@@ -56,7 +56,7 @@ def test_rotate_kernels(dtype):
 
 
 # GQA (H=4, Hkv=2: the forward rotates key tiles per CTA, the backward pre-rotates) with a mask of
-# each kind, then H == Hkv (every kernel "prerot") at both head dims over several key / query tiles.
+# each kind, then H == Hkv (every kernel on pre-rotated q~, k~) at both head dims over several tiles.
 @pytest.mark.parametrize("mode,H,Hkv,L,d", [("causal", 4, 2, 67, 64), ("kpm", 4, 2, 67, 64), ("varlen", 4, 2, 67, 64),
                                             ("causal", 2, 2, 300, 64), ("causal", 2, 2, 200, 128)])
 def test_fused_attention_kernels(mode, H, Hkv, L, d):

@@ -165,9 +165,15 @@ def test_fused_linear_path_is_exact_too(tmp_path, data):
     fused, out, _ = _train(tmp_path, model, examples, weights, batch=2, accum=4, fused=True)
     assert max_param_diff(fused, ref) < 1e-12
     assert out.training_loss == pytest.approx(_hand_loss(model, examples, weights), rel=1e-6)
+    # an LM head with a bias: the fused path takes its gradient too
     biased = tiny_gpt2()
     biased.lm_head = torch.nn.Linear(32, TINY_VOCAB, bias=True, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="bias-free"):
+    unfused_b, _, _ = _train(tmp_path, biased, examples, weights, batch=2, accum=4)
+    fused_b, _, _ = _train(tmp_path, biased, examples, weights, batch=2, accum=4, fused=True)
+    assert max_param_diff(unfused_b, biased) > 1e-3 and max_param_diff(fused_b, unfused_b) < 1e-12
+    head = biased.get_output_embeddings()
+    biased.get_output_embeddings = lambda: torch.nn.Sequential(head)  # not an nn.Linear
+    with pytest.raises(NotImplementedError, match="nn.Linear output layer"):
         PDLTrainer(model=biased, args=training_args(tmp_path, batch=2, accum=1, lr=LR), train_dataset=examples,
                    pdl_weights=weights, use_fused_linear=True)
 
@@ -274,5 +280,9 @@ def test_trainer_rejects_bad_setup(tmp_path, data):
 def test_public_names():
     import complexformer.hf as hf
 
-    assert set(hf.__all__) == {"PDLTrainer", "label_token_counts"}
+    assert set(hf.__all__) == {"PDLTrainer", "label_token_counts", "convert_to_cmha", "load_cmha", "cmha_parameters",
+                               "cmha_model_class", "CMHAAttention", "ATTN_IMPLEMENTATION", "apply_fused_pdl"}
+    assert callable(hf.apply_fused_pdl)
+    if importlib.util.find_spec("transformers") is not None:
+        assert all(getattr(hf, name) is not None for name in hf.__all__)
     assert complexformer.pdl_loss is not None

@@ -311,7 +311,7 @@ def test_gradients_match_reference(backend):
     got = torch.autograd.grad((m(x) * g).sum(), list(params.values()))
     want = torch.autograd.grad((ref_forward(m, x) * g).sum(), list(params.values()))
     for name, a, b in zip(params, got, want):
-        # relative 1e-6, not 1e-12: the rotation kernel's bounded backward (SPEC: in terms of re/r, im/r)
+        # relative 1e-6, not 1e-12: the rotation kernel's bounded backward (docs/design.md, "Deviations")
         # differs from autograd of r = sqrt(re^2 + im^2 + eps_r) by O(eps_r / r^2) ~ 1e-8 in dq, dk.
         rel = ((a - b).norm() / b.norm()).item()
         assert rel < 1e-6, (name, rel)
@@ -497,18 +497,3 @@ def test_property_cache_split_equals_full(B, L, split, hd, d, layout, causal):
         out, cache = m(x[:, t:t + 1], past_key_value=cache, use_cache=True)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-9)
-
-
-# ---------------------------------------------------------------------------------------- decoder model
-def test_decoder_generate_cache_matches_recompute():
-    from complexformer.models import CMHADecoder
-
-    model = CMHADecoder(50, dim=32, depth=2, num_heads=4, num_kv_heads=2).double()
-    ids = torch.randint(0, 50, (2, 5))
-    a = model.generate(ids, 6)
-    b = model.generate(ids, 6, use_cache=False)
-    assert a.shape == (2, 11) and torch.equal(a, b)
-    logits = model(ids)
-    assert logits.shape == (2, 5, 50)
-    logits.sum().backward()
-    assert model.blocks[0].attn.delta.grad is not None

@@ -1,6 +1,7 @@
 """PDL on the CPU: pdl_loss against F.cross_entropy(weight=w) and a float64 reference, gradients,
 custom-op contracts (opcheck, torch.compile), the normalizer contract, retain_graph, bad inputs,
-token_counts and pdl_weights. CUDA versions live in test_pdl_cuda.py."""
+token_counts and pdl_weights. CUDA versions live in test_pdl_cuda.py; fused_linear_pdl_loss in
+test_fused_linear.py."""
 import math
 import os
 
@@ -149,16 +150,6 @@ def test_gradcheck(reduction, smoothing):
     assert torch.autograd.gradcheck(lambda t: cf.pdl_loss(t, y, w, reduction=reduction, label_smoothing=smoothing), (z,))
 
 
-def test_gradcheck_fused_linear():
-    g = torch.Generator().manual_seed(3)
-    h = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    W = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    y = torch.tensor([0, 5, -100, 2, 2, 1, 3])
-    w = torch.rand(6, dtype=torch.float64, generator=g) + 0.1
-    for red in REDUCTIONS:
-        assert torch.autograd.gradcheck(lambda a, b: cf.fused_linear_pdl_loss(a, b, y, w, reduction=red, chunk_size=3), (h, W))
-
-
 def test_opcheck():
     z, y, w = make(9, 11, ignore_every=4, dtype=torch.float32)
     z.requires_grad_()
@@ -170,10 +161,6 @@ def test_opcheck():
     torch.library.opcheck(ops.pdl_scale_, (torch.randn(9, 11), torch.tensor(2.0)))
     torch.library.opcheck(ops.pdl_scale_, (torch.randn(9, 11), torch.rand(9)))
     torch.library.opcheck(ops.token_counts, (torch.randint(0, 11, (50,)), 11, -100))
-    h = torch.randn(9, 5, requires_grad=True)
-    W = torch.randn(11, 5, requires_grad=True)
-    for red in (0, 1, 2):
-        torch.library.opcheck(ops.fused_linear_pdl_fwd, (h, W, y, w, None, -100, red, 0.0, 4, None, red != 0))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -378,75 +365,6 @@ def test_module():
     S = w[y[y != -100]].sum()
     torch.testing.assert_close(m2(z, y, normalizer=S * 2), cf.pdl_loss(z, y, w) / 2)
     assert "reduction='sum'" in repr(m)
-
-
-# ---------------------------------------------------------------- fused linear
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
-def test_fused_linear_matches_unfused(reduction, chunk):
-    g = torch.Generator().manual_seed(1)
-    B, T, H, V = 2, 13, 16, 41
-    h = torch.randn(B, T, H, dtype=torch.float64, generator=g)
-    W = torch.randn(V, H, dtype=torch.float64, generator=g)
-    y = torch.randint(0, V, (B, T), generator=g)
-    y[0, ::3] = -100
-    w = torch.rand(V, dtype=torch.float64, generator=g)
-    go = torch.rand((B, T) if reduction == "none" else (), dtype=torch.float64, generator=g) + 0.5
-
-    def run(fn):
-        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
-        out = fn(hh, WW)
-        out.backward(go)
-        return out.detach(), hh.grad, WW.grad
-
-    kw = dict(reduction=reduction, label_smoothing=0.1)
-    a = run(lambda hh, WW: cf.fused_linear_pdl_loss(hh, WW, y, w, chunk_size=chunk, **kw))
-    b = run(lambda hh, WW: ce(hh @ WW.T, y, w, **kw))
-    for u, v in zip(a, b):
-        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
-
-
-def test_fused_linear_normalizer_and_retain_graph():
-    g = torch.Generator().manual_seed(2)
-    h = torch.randn(20, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    W = torch.randn(30, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    y = torch.randint(0, 30, (20,), generator=g)
-    w = torch.rand(30, dtype=torch.float64, generator=g)
-    S = w[y].sum()
-    full = cf.fused_linear_pdl_loss(h, W, y, w)
-    parts = cf.fused_linear_pdl_loss(h[:9], W, y[:9], w, normalizer=S) + cf.fused_linear_pdl_loss(
-        h[9:], W, y[9:], w, normalizer=S)
-    torch.testing.assert_close(full, parts, rtol=1e-12, atol=1e-12)
-    full.backward(retain_graph=True)
-    g1 = (h.grad.clone(), W.grad.clone())
-    h.grad = W.grad = None
-    full.backward()
-    torch.testing.assert_close(h.grad, g1[0])
-    torch.testing.assert_close(W.grad, g1[1])
-
-
-def test_fused_linear_all_ignored():
-    h = torch.randn(5, 4, requires_grad=True)
-    W = torch.randn(7, 4, requires_grad=True)
-    out = cf.fused_linear_pdl_loss(h, W, torch.full((5,), -100), torch.rand(7))
-    out.backward()
-    assert out.item() == 0 and torch.all(h.grad == 0) and torch.all(W.grad == 0)
-
-
-def test_fused_linear_bad_inputs():
-    h, W, y, w = torch.randn(5, 4), torch.randn(7, 4), torch.zeros(5, dtype=torch.long), torch.rand(7)
-    with pytest.raises(ValueError, match="lm_head_weight"):
-        cf.fused_linear_pdl_loss(h, torch.randn(7, 3), y, w)
-    with pytest.raises(TypeError, match="lm_head_weight"):
-        cf.fused_linear_pdl_loss(h, W.double(), y, w)
-    with pytest.raises(ValueError, match="weights"):
-        cf.fused_linear_pdl_loss(h, W, y, torch.rand(6))
-    with pytest.raises(ValueError, match="targets"):
-        cf.fused_linear_pdl_loss(h, W, torch.full((5,), 7), w)
-    with pytest.raises(ValueError, match="chunk_size"):
-        cf.fused_linear_pdl_loss(h, W, y, w, chunk_size=0)
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -1,5 +1,5 @@
 """PDL on CUDA (skipped without a GPU): equality with F.cross_entropy in float32/float16/bfloat16
-by the FlashAttention rule (on both fused-kernel variants, "cached" and "legacy"), rows longer than
+by the FlashAttention rule, rows longer than
 the shared-memory row cache, alignment/stride cases, the backward's grad_output == 1 early exit and
 scaling, CUDA graphs, no host synchronisation, streams, token_counts, out-of-range targets,
 fused_linear_pdl_loss, torch.compile and opcheck, N x V > 2^31.
@@ -52,29 +52,13 @@ def fa_rule(ours, torch_low, ref, rel_floor, what):
 
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-VARIANTS = ["cached", "legacy"]  # the fused kernel (complexformer/pdl.py _cuda_variant)
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request, monkeypatch):
-    """Runs a test on each fused-kernel variant: "cached" (default: the row stays in shared memory
-    between the two sweeps) and "legacy" (re-reads it from global memory)."""
-    monkeypatch.setenv("CF_PDL_CUDA_VARIANT", request.param)
-    return request.param
-
-
-@pytest.fixture(params=VARIANTS + ["cached2"])
-def any_variant(request, monkeypatch):
-    """Also "cached2" (two blocks per SM, half the cache each, for rows over 96 KB)."""
-    monkeypatch.setenv("CF_PDL_CUDA_VARIANT", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("N,V", [(64, 32000), (33, 1031), (7, 3), (5, 1), pytest.param(16, 128256, marks=pytest.mark.slow)])
-def test_matches_cross_entropy(dtype, reduction, smoothing, N, V, variant):
+def test_matches_cross_entropy(dtype, reduction, smoothing, N, V):
     z, y, w = make(N, V, dtype, ignore_every=5 if V > 1 else 0)
     ref, gref = loss_and_grad(ce, z.double(), y, w.double(), reduction=reduction, label_smoothing=smoothing)
     ours, g_ours = loss_and_grad(cf.pdl_loss, z, y, w, reduction=reduction, label_smoothing=smoothing)
@@ -86,7 +70,7 @@ def test_matches_cross_entropy(dtype, reduction, smoothing, N, V, variant):
 
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("layout", ["shift", "offset", "wide", "3d"])
-def test_strided_and_misaligned_rows(dtype, layout, variant):
+def test_strided_and_misaligned_rows(dtype, layout):
     """Rows that start off 16-byte alignment, gradient rows aligned differently from the logits."""
     B, T, V = 3, 9, 1031
     g = torch.Generator().manual_seed(1)
@@ -109,7 +93,7 @@ def test_strided_and_misaligned_rows(dtype, layout, variant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_large_common_offset(dtype, variant):
+def test_large_common_offset(dtype):
     """Logits around +40: the kernel subtracts the row max before scaling, like torch."""
     z, y, w = make(64, 32000, torch.float64, ignore_every=5, scale=3.0)
     z = (z + 40).to(dtype)
@@ -122,9 +106,9 @@ def test_large_common_offset(dtype, variant):
 
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("V,offset", [(128256, 0), (100003, 3), (32000, 1)])
-def test_row_cache_whole_and_partial(dtype, V, offset, any_variant):
-    """Rows longer than a block's shared memory (128256 x 2 or 4 bytes > ~225 KB on sm_90): the
-    cached kernel keeps the start of the row on chip and re-reads the rest; odd V and a storage
+def test_row_cache_whole_and_partial(dtype, V, offset):
+    """Rows longer than a block's row cache (128256 x 2 or 4 bytes > ~112 KB on sm_90): the kernel
+    keeps the start of the row on chip and re-reads the rest; odd V and a storage
     offset move the 16-byte packs and the scalar head / tail; enough rows that blocks reuse it."""
     N = 24 if V > 32000 else 600
     z, y, w = make(N, V + offset, dtype, ignore_every=7)
@@ -138,20 +122,6 @@ def test_row_cache_whole_and_partial(dtype, V, offset, any_variant):
     fa_rule(g_ours, g_low, gref, FLOOR[dtype], "grad")
     with torch.no_grad():  # the loss-only path (no cache) gives the same loss bits
         assert torch.equal(cf.pdl_loss(z, y, w, reduction="sum", label_smoothing=0.1), ours)
-
-
-def test_variants_agree_and_bad_name(monkeypatch):
-    z, y, w = make(64, 50000, torch.bfloat16, ignore_every=5)
-    out = {}
-    for v in VARIANTS + ["cached2"]:
-        monkeypatch.setenv("CF_PDL_CUDA_VARIANT", v)
-        out[v] = loss_and_grad(cf.pdl_loss, z, y, w, label_smoothing=0.1)
-    for v in ("legacy", "cached2"):
-        torch.testing.assert_close(out["cached"][0], out[v][0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(out["cached"][1].float(), out[v][1].float(), rtol=1e-2, atol=1e-7)
-    monkeypatch.setenv("CF_PDL_CUDA_VARIANT", "nope")
-    with pytest.raises(ValueError, match="CF_PDL_CUDA_VARIANT"):
-        cf.pdl_loss(z, y, w)
 
 
 def test_no_grad_path():

@@ -100,7 +100,7 @@ def test_keys_ignore_beta():
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_rotated_dot_products_equal_pairwise_cmha_scores(layout):
-    """The factorization itself: <q~_m, k~_n> equals the SPEC score evaluated pair by pair."""
+    """The factorization itself: <q~_m, k~_n> equals the score of docs/design.md evaluated pair by pair."""
     q, delta, beta, freqs, _ = make(B=2, H=4, Hx=4, L=6, d=8, layout=layout, per_head_freqs=True)
     k = make(B=2, H=4, Hx=2, L=5, d=8, layout=layout, seed=1)[0]
     q_pos, k_pos = (torch.arange(6) + 4)[None], torch.arange(5)[None]
@@ -171,7 +171,7 @@ def test_gradients_match_autograd_of_polar_form():
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-12, 1e-6])
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_backward_bounded_near_origin(scale, layout):
-    """|d out / d x| <= 1 + |delta| for every pair, also at r = 0 exactly (SPEC)."""
+    """|d out / d x| <= 1 + |delta| for every pair, also at r = 0 exactly (docs/design.md, "Deviations")."""
     B, H, L, d = 2, 3, 5, 8
     x = scale * torch.randn(B, H, L, d, dtype=F64)
     delta = 3.0 * torch.randn(H, d // 2, dtype=F64)
@@ -262,7 +262,7 @@ def test_param_dtypes_follow_parameters():
 
 
 # ------------------------------------------------------------------------------------------------
-# the internal API of CMHA_CONTRACT.md
+# the internal API of docs/design.md, "Attention"
 
 def test_internal_api_contract():
     x, delta, beta, freqs, pos = make(B=2, H=4, Hx=2, L=5, d=8, dtype=torch.float32, per_head_freqs=True)

@@ -29,7 +29,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..pdl import fused_linear_pdl_loss, pdl_loss, token_counts
+from ..pdl import pdl_loss, token_counts
+from .fused_pdl import check_fused_support, final_hidden_states, fused_head_loss, is_fused_pdl
+from .fused_pdl import shift_labels as _shift_labels
 
 
 
@@ -259,38 +261,14 @@ def _shifted_targets(batch, ignore_index):
             "PDLTrainer: the batch has no 'labels' (or 'shift_labels'); use a collator that builds "
             "them, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)"
         )
-    pad = labels.new_full(labels.shape[:-1] + (1,), ignore_index)
-    return torch.cat([labels[..., 1:], pad], dim=-1)
-
-
-def _check_fused_linear_support(model):
-    import inspect
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        raise NotImplementedError(
-            "PDLTrainer(use_fused_linear=True): the model needs a bias-free nn.Linear output layer "
-            f"(get_output_embeddings()), got {type(head).__name__}"
-        )
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        raise NotImplementedError(
-            f"PDLTrainer(use_fused_linear=True): {type(model).__name__}.forward takes no logits_to_keep"
-        )
-    cfg = getattr(model, "config", None)
-    for attr, neutral in (("final_logit_softcapping", None), ("logit_scale", None), ("logits_scaling", 1.0),
-                          ("output_multiplier_scale", None)):
-        value = getattr(cfg, attr, neutral)
-        if value is not None and value != neutral:
-            raise NotImplementedError(
-                f"PDLTrainer(use_fused_linear=True): the model transforms its logits ({attr}={value})"
-            )
+    return _shift_labels(labels, ignore_index)
 
 
 def _build_pdl_trainer():
     try:
         from transformers import Trainer as _Trainer
     except ImportError as e:
-        raise ImportError("complexformer.hf.PDLTrainer needs transformers: pip install transformers") from e
+        raise ImportError("complexformer.hf.PDLTrainer needs transformers: pip install 'complexformer[hf]'") from e
 
     class PDLTrainer(_Trainer):
         """A ``transformers.Trainer`` that trains a causal LM with the Power-Law Decay Loss.
@@ -320,12 +298,14 @@ def _build_pdl_trainer():
         ``pdl_loss`` (torch's weighted-CE definition). Smoothing spreads weight over every class
         with its own w_c, so clip the weights of never-seen ids (``pdl_weights(..., max_weight=)``).
 
-        ``use_fused_linear=True`` computes the loss with ``complexformer.fused_linear_pdl_loss``
-        from the final hidden states and the LM head weight, never materialising the (B, T, V)
+        ``use_fused_linear=True``, or a model patched by ``complexformer.hf.apply_fused_pdl``,
+        computes the training loss with ``complexformer.fused_linear_pdl_loss`` from the final
+        hidden states and the LM head (weight and bias), never materialising the (B, T, V)
         logits. It needs a model whose forward takes ``logits_to_keep`` and returns
-        ``hidden_states[-1]`` as the input of a bias-free ``get_output_embeddings()`` Linear
+        ``hidden_states[-1]`` as the input of an ``nn.Linear`` ``get_output_embeddings()``
         (GPT-2, Llama, Mistral, Qwen2 and most decoder-only models in transformers >= 4.45) and
-        no logit scaling or soft-capping.
+        no logit scaling or soft-capping. The loss is PDLTrainer's own (its ``pdl_weights``,
+        ``pdl_ignore_index`` and label smoothing), whatever weights the patch was given.
         """
 
         def __init__(self, *args, pdl_weights, pdl_ignore_index=-100, use_fused_linear=False, **kwargs):
@@ -334,7 +314,7 @@ def _build_pdl_trainer():
             super().__init__(*args, **kwargs)
             self.pdl_use_fused_linear = bool(use_fused_linear)
             if self.pdl_use_fused_linear:
-                _check_fused_linear_support(self.model)
+                check_fused_support(self.model, "PDLTrainer(use_fused_linear=True)")
             if not isinstance(pdl_weights, torch.Tensor):
                 pdl_weights = torch.as_tensor(pdl_weights)
             if pdl_weights.dim() != 1 or pdl_weights.numel() == 0 or not pdl_weights.is_floating_point():
@@ -419,11 +399,11 @@ def _build_pdl_trainer():
             """
             targets = _shifted_targets(inputs, self.pdl_ignore_index)
             inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-            fused = self.pdl_use_fused_linear and model.training
+            unwrapped = self.accelerator.unwrap_model(model)
+            fused = (self.pdl_use_fused_linear or is_fused_pdl(unwrapped)) and model.training
             if fused:
                 # Logits for one position only (unused); the loss reads the final hidden states.
-                outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-                x = outputs["hidden_states"][-1]
+                outputs, x = final_hidden_states(model, inputs)
             else:
                 outputs = model(**inputs)
                 x = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
@@ -442,8 +422,7 @@ def _build_pdl_trainer():
                 kw["normalizer"] = norm.to(torch.promote_types(x.dtype, torch.float32))
                 scale = num_items_in_batch.loss_scale
             if fused:
-                head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-                loss = fused_linear_pdl_loss(x, head.to(x.dtype), targets, w, **kw)
+                loss = fused_head_loss(unwrapped.get_output_embeddings(), x, targets, w, **kw)
             else:
                 loss = pdl_loss(x, targets, w, **kw)
             self.loss_is_scaled_for_ga = "normalizer" in kw

@@ -1,5 +1,5 @@
 /* Host stand-in for csrc/attn_cuda_ptx.cuh (same names and signatures) under emu_fibers.h:
- * tests/test_attn_cuda_emulated.py copies the attention sources into a build directory and puts
+ * tests/test_cuda_emulated.py copies the attention sources into a build directory and puts
  * this file there in place of the real one. Every wrapper is emulated as the PTX ISA defines it:
  *   ldmatrix .x1/.x2/.x4 [.trans]: lanes 8m .. 8m+7 give the row addresses (16-byte aligned, in
  *     shared memory) of 8 x 8 b16 matrix m; register m of lane l gets (row l / 4, cols 2 (l % 4),

@@ -1,12 +1,11 @@
 /* The fused-attention CUDA launchers (cf_attn_fwd_cuda / cf_attn_bwd_cuda, compiled under
- * emu_fibers.h by tests/test_attn_cuda_emulated.py) against the float64 CPU kernel (attn_cpu.c)
+ * emu_fibers.h by tests/test_cuda_emulated.py) against the float64 CPU kernel (attn_cpu.c)
  * on the same inputs (bfloat16 / float16 values, float32 parameters, both widened exactly).
  *
- * Every case runs the variants it lists: "fused" (no workspaces), "prerot" (the two rotation
- * workspaces; their rotated q~ and k~ are checked against a float64 rotation too), "ws" (the
- * experimental warp-specialised forward, CF_ATTN_FWD_VARIANT=ws, forward only) and "tune" (prerot
- * with CF_ATTN_TUNE = every alternative tile configuration the test found in the sources, passed
- * as CF_EMU_TUNE; skipped when there are none). Checked: out and
+ * Every case runs twice: "load" (no workspaces: the forward that rotates each key tile on load,
+ * which the glue runs for GQA; forward only) and "pre" (the two rotation workspaces, as the glue
+ * passes them for H == Hkv and for every backward; their rotated q~ and k~ are checked against a
+ * float64 rotation too). Checked: out and
  * lse (rows that see no key: lse = -inf and out = 0 exactly), then the backward's dq_rot, dk_rot,
  * dv_full (float32, per query head, w.r.t. the rotated q~, k~). Every output buffer starts as NaN,
  * every input lies just before an inaccessible page, so unwritten outputs and reads past an input
@@ -104,7 +103,6 @@ struct Case {
   int64_t qpad = 0;            /* extra elements per q and dout row (not a multiple of 8: vec = 0) */
   bool bshd = false;           /* q, k, v stored (B, L, H, d) */
   double scale = 0;            /* 0: 1 / sqrt(d) */
-  std::vector<std::string> variants{"fused", "prerot"};
 };
 
 struct Err {
@@ -209,10 +207,8 @@ static void run_case(const Case &c) {
   };
   const std::vector<double> qrot_ref = rotate(q, H, Lq, qpos, true), krot_ref = rotate(k, Hkv, Lk, kpos, false);
 
-  const char *tune_names = getenv("CF_EMU_TUNE"); /* the kernels' CF_ATTN_TUNE alternatives (from the test) */
-  for (const std::string &variant : c.variants) {
-    const bool tune = variant == "tune";
-    if (tune && !(tune_names && *tune_names)) continue;
+  for (const std::string variant : {"load", "pre"}) {
+    const bool pre = variant == "pre";
     const auto t0 = std::chrono::steady_clock::now();
     snprintf(current, sizeof current, "%s [%s]", c.name.c_str(), variant.c_str());
     cases++;
@@ -260,7 +256,7 @@ static void run_case(const Case &c) {
           *dkd = g.alloc<float>(B * H * Lk * d),
           *dvd = g.alloc<float>(B * H * Lk * dv);
     uint16_t *qws = nullptr, *kws = nullptr;
-    if (variant == "prerot" || tune) qws = g.alloc<uint16_t>(B * H * Lq * d), kws = g.alloc<uint16_t>(B * H * Lk * d);
+    if (pre) qws = g.alloc<uint16_t>(B * H * Lq * d), kws = g.alloc<uint16_t>(B * H * Lk * d);
 
     a.q = qd, a.k = kd, a.v = vd;
     a.delta = deltag, a.beta = betag, a.freqs = freqsg;
@@ -279,13 +275,9 @@ static void run_case(const Case &c) {
     a.lse = lsed;
     a.q_rot = qws, a.k_rot = kws;
 
-    if (variant == "ws") setenv("CF_ATTN_FWD_VARIANT", "ws", 1);
-    if (tune) setenv("CF_ATTN_TUNE", tune_names, 1); /* every alternative tile configuration at once */
     const char *err = cf_attn_fwd_cuda(&a, 0, nullptr);
-    unsetenv("CF_ATTN_FWD_VARIANT");
     if (err) {
       printf("FAIL %s [%s]: forward launcher: %s\n", c.name.c_str(), variant.c_str(), err);
-      unsetenv("CF_ATTN_TUNE");
       fails++;
       continue;
     }
@@ -304,7 +296,7 @@ static void run_case(const Case &c) {
       for (int64_t j = 0; j < dv; j++) eo.add(from16(outd[r * dv + j], dt), out_ref[r * dv + j]);
     }
     const double mo = std::fmax(maxabs(out_ref), 1e-6);
-    /* in units of the 16-bit rounding (eps = 2^-8 bf16, 2^-11 f16); over the CF_EMU_FULL sweep the
+    /* in units of the 16-bit rounding (eps = 2^-8 bf16, 2^-11 f16); over the full (--full) sweep the
      * worst errors are ~2 eps (out, grads, q~ k~) and ~10 eps (lse: absolute, grows with the logits) */
     const double eps = dt == CF_BF16 ? 1.0 / 256 : 1.0 / 2048;
     const double tol_out = 4 * eps, tol_lse = 16 * eps, tol_grad = 6 * eps, tol_rot = 3 * eps;
@@ -322,13 +314,12 @@ static void run_case(const Case &c) {
       n += snprintf(line + n, sizeof line - n, " q~ %.1e k~ %.1e", rq, rk);
     }
 
-    if (variant != "ws") {
+    if (pre) {
       a.dout = dod, a.dq_rot = dqd, a.dk_rot = dkd, a.dv_full = dvd;
       a.vec = a.vec && al(a.do_sb) && al(a.do_sh) && al(a.do_sl);
       err = cf_attn_bwd_cuda(&a, 0, nullptr);
       if (err) {
         printf("FAIL %s [%s]: backward launcher: %s\n", c.name.c_str(), variant.c_str(), err);
-        unsetenv("CF_ATTN_TUNE");
         fails++;
         continue;
       }
@@ -352,7 +343,6 @@ static void run_case(const Case &c) {
                check(rv, tol_grad, c, "dv_full") && ok;
       n += snprintf(line + n, sizeof line - n, " dq %.1e dk %.1e dv %.1e", rq, rk, rv);
     }
-    unsetenv("CF_ATTN_TUNE");
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     fails += !ok;
     printf("%s %-50s [%-6s] vec=%d %s (%.1fs)\n", ok ? "ok  " : "FAIL", c.name.c_str(), variant.c_str(), a.vec, line,
@@ -392,9 +382,6 @@ static Case random_case(int i) {
   c.qpad = pick({0, 0, 0, 3, 8});
   c.bshd = rng() % 4 == 0;
   c.scale = rng() % 4 == 0 ? 0.2 + 0.05 * (rng() % 6) : 0;
-  c.variants = {"fused", "prerot"};
-  if (rng() % 3 == 0) c.variants.push_back("ws");
-  if (rng() % 3 == 0) c.variants.push_back("tune");
   if (c.B * c.H * c.Lq * c.Lk * c.d > (int64_t)12e6) c.B = 1; /* keep the case cheap */
   char name[200];
   snprintf(name, sizeof name, "rand%03d %s d%lld B%lld H%lld/%lld Lq%lld Lk%lld off%lld %s%s%s%s%s%s", i,
@@ -408,8 +395,8 @@ static Case random_case(int i) {
 
 int main(int argc, char **argv) {
   const bool full = argc > 1 && !strcmp(argv[1], "--full");
-  const char *dev = getenv("EMU_DEVICE"), *tn = getenv("CF_EMU_TUNE");
-  printf("emulated device %s; CF_ATTN_TUNE alternatives: %s\n", dev && *dev ? dev : "h100", tn && *tn ? tn : "none");
+  const char *dev = getenv("EMU_DEVICE");
+  printf("emulated device %s\n", dev && *dev ? dev : "h100");
   static char altstack[1 << 16]; /* the handler must run even after a fiber stack overflow */
   stack_t ss = {};
   ss.ss_sp = altstack, ss.ss_size = sizeof altstack;
@@ -426,17 +413,15 @@ int main(int argc, char **argv) {
     cs.push_back(c);
   };
   /* square, several tiles, both layouts and head dims */
-  add("d64 bf16 causal L=100", [](Case &c) { c.Lq = c.Lk = 100, c.variants = {"fused", "prerot", "tune"}; });
+  add("d64 bf16 causal L=100", [](Case &c) { c.Lq = c.Lk = 100; });
   add("d128 bf16 full L=129 interleaved", [](Case &c) {
     c.d = 128, c.H = c.Hkv = 1, c.Lq = c.Lk = 129, c.causal = false, c.layout = CF_LAYOUT_INTERLEAVED;
-    c.variants = {"fused", "prerot", "ws"};
   });
   add("d64 f16 GQA B=2 per-batch pos causal L=200", [](Case &c) {
     c.dtype = CF_F16, c.B = 2, c.H = 2, c.Hkv = 1, c.Lq = c.Lk = 200, c.pos = 1, c.head_freqs = true;
   });
   add("d128 f16 GQA 4/2 interleaved causal L=150", [](Case &c) {
     c.dtype = CF_F16, c.d = 128, c.H = 4, c.Hkv = 2, c.Lq = c.Lk = 150, c.layout = CF_LAYOUT_INTERLEAVED;
-    c.variants = {"fused", "prerot", "ws", "tune"};
   });
   /* Lq != Lk with q_offset: decode, chunked prefill, negative offsets (leading rows see nothing) */
   add("d128 decode Lq=1 Lk=200 GQA", [](Case &c) {
@@ -470,7 +455,6 @@ int main(int argc, char **argv) {
     });
     add("full: d128 f16 misaligned interleaved L=200", [](Case &c) {
       c.dtype = CF_F16, c.d = 128, c.Lq = c.Lk = 200, c.qpad = 5, c.layout = CF_LAYOUT_INTERLEAVED;
-      c.variants = {"fused", "prerot", "ws"};
     });
     add("full: d64 f16 GQA 4/1 chunk Lq=129 Lk=257", [](Case &c) {
       c.dtype = CF_F16, c.H = 4, c.Hkv = 1, c.Lq = 129, c.Lk = 257, c.q_offset = 128, c.head_freqs = true;

@@ -1,7 +1,7 @@
 /* A host emulation of the CUDA execution model for kernels that use warp collectives (ldmatrix,
  * mma.sync, shuffles), block barriers, named barriers and cp.async: every CUDA thread of a block is
  * a fiber (a user-level thread with its own stack) and the fibers of a block switch cooperatively at
- * each synchronisation point. Blocks run one after another. Used by tests/test_attn_cuda_emulated.py
+ * each synchronisation point. Blocks run one after another. Used by tests/test_cuda_emulated.py
  * for csrc/attn_*_cuda.cu; the runtime's non-template part is emu_fibers.cpp.
  *
  * Why fibers and not one pthread per CUDA thread (emu_threads.h): a warp collective needs all 32

@@ -1,5 +1,5 @@
 /* A tiny host emulation of the CUDA launch model, for checking a .cu file's indexing on a machine
- * without a GPU (tests/test_rotate_cuda_emulated.py). The test rewrites `k<<<g, b, smem, s>>>(args)`
+ * without a GPU (tests/test_cuda_emulated.py). The test rewrites `k<<<g, b, smem, s>>>(args)`
  * into `emu_launch(g, b, smem, s, [&] { k(args); })`, includes this header first, and compiles the
  * result with g++: every block and every thread then runs one after the other. Shared memory is
  * one host array (fine for kernels whose threads use disjoint slots and never __syncthreads).

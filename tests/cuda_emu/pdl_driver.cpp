@@ -1,6 +1,7 @@
 /* csrc/pdl_cuda.cu under emu_threads.h, against the CPU float32 kernel (pdl_cpu.c) on the same
  * (rounded) inputs: float32 / float16 / bfloat16 logits, int32 / int64 targets, V from 1 to
- * 8197 (every block size), both fused-kernel variants (the row cache whole, partial, absent), contiguous, strided, misaligned (scalar paths) and 3-D rows, every
+ * 8197 (both block sizes), the row cache whole, partial and absent, contiguous, strided, misaligned
+ * (scalar paths) and 3-D rows, every
  * reduction and denominator mode, label smoothing, ignored and out-of-range targets; the backward's
  * scale kernel (g == 1 leaves the buffer untouched, g != 1, per row); token_counts (shared and
  * global histograms). Prints "N cases, F failures" and exits non-zero on a failure. */
@@ -19,7 +20,6 @@ extern "C" {
 static std::mt19937 rng(7);
 static float rnd() { return std::normal_distribution<float>(0.f, 1.f)(rng); }
 static int fails = 0, cases = 0;
-static int variant = CF_PDL_CUDA_CACHED;  // the fused kernel under test (main runs both)
 
 template <typename T> T cvt(float v);
 template <> float cvt<float>(float v) { return v; }
@@ -72,8 +72,8 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
   a.targets = i64 ? (const void *)y.data() : (const void *)y32.data(); a.targets_i64 = i64;
   a.weights = w.data(); a.ignore_index = -100; a.eps = eps; a.reduction = reduction; a.norm_mode = norm_mode;
   a.row_loss = loss_d.data(); a.grad = no_grad ? nullptr : grad_d.data();
-  const char *err = cf_pdl_loss_cuda(&a, dt<T>(), norm_mode == CF_PDL_NORM_BATCH ? nullptr : &norm_given, ws.data(),
-                                     variant, 0, nullptr);
+  const char *err = cf_pdl_loss_cuda(&a, dt<T>(), norm_mode == CF_PDL_NORM_BATCH ? nullptr : &norm_given, ws.data(), 0,
+                                     nullptr);
   if (err) { printf("FAIL %s: %s\n", name, err); fails++; return; }
 
   // the CPU reference on the same values (the bad row ignored there, checked for NaN here)
@@ -115,9 +115,9 @@ void loss_case(const char *name, int64_t B, int64_t Tn, int64_t V, int64_t pad, 
   }
   const bool ok = !(lerr > 2e-5 * lscale) && !(gerr > tol<T>() * gscale) && nan_ok;
   if (!ok) {
-    printf("FAIL %s variant=%d B=%lld T=%lld V=%lld pad=%lld shift=%lld red=%d eps=%.2f norm_mode=%d i64=%d bad=%d: "
+    printf("FAIL %s B=%lld T=%lld V=%lld pad=%lld shift=%lld red=%d eps=%.2f norm_mode=%d i64=%d bad=%d: "
            "loss err %.3e (scale %.3e) grad err %.3e (scale %.3e) nan_ok=%d\n",
-           name, variant, (long long)B, (long long)Tn, (long long)V, (long long)pad, (long long)shift, reduction, eps,
+           name, (long long)B, (long long)Tn, (long long)V, (long long)pad, (long long)shift, reduction, eps,
            norm_mode, (int)i64, (int)with_bad, lerr, lscale, gerr, gscale, (int)nan_ok);
     fails++;
   }
@@ -175,10 +175,10 @@ template <typename T> void all_loss_cases(const char *name) {
       loss_case<T>(name, 2, 2, V, 3, 1, red, 0.1 - eps, CF_PDL_NORM_BATCH, 0.f, false, true);  // strided, misaligned, 3-D
       if (V >= 33) loss_case<T>(name, 1, 2, V, 8, 8, red, eps, CF_PDL_NORM_BATCH, 0.f, true, false);  // aligned rows, row stride
     }
-  // V >= 8192: the 1024-thread kernel
+  // V >= 8192: the 512-thread kernel
   loss_case<T>(name, 1, 2, 8197, 0, 0, CF_PDL_MEAN, 0.1, CF_PDL_NORM_BATCH, 0.f, true, false);
   loss_case<T>(name, 1, 2, 8197, 5, 3, CF_PDL_NONE, 0.0, CF_PDL_NORM_BATCH, 0.f, false, true);
-  // rows over 96 KB: the cached variant's 1024-thread kernel (its cache holds 4 KB of the row here)
+  // a long row: most of it outside the cache (which holds 1 KB of the row here)
   if (sizeof(T) == 4) loss_case<T>(name, 1, 3, 24601, 3, 1, CF_PDL_SUM, 0.1, CF_PDL_NORM_BATCH, 0.f, true, false);
   loss_case<T>(name, 1, 4, 1031, 0, 0, CF_PDL_MEAN, 0.1, CF_PDL_NORM_GIVEN, 7.5f, true, false);
   loss_case<T>(name, 1, 4, 1031, 0, 0, CF_PDL_MEAN, 0.0, CF_PDL_NORM_PRECOMPUTED, 0.f, true, false);  // 0 -> loss 0
@@ -190,13 +190,9 @@ template <typename T> void all_loss_cases(const char *name) {
 }
 
 int main() {
-  for (int v : {CF_PDL_CUDA_CACHED, CF_PDL_CUDA_LEGACY}) {
-    variant = v;
-    all_loss_cases<float>("float32");
-    all_loss_cases<__half>("float16");
-    all_loss_cases<__nv_bfloat16>("bfloat16");
-  }
-  variant = CF_PDL_CUDA_CACHED;
+  all_loss_cases<float>("float32");
+  all_loss_cases<__half>("float16");
+  all_loss_cases<__nv_bfloat16>("bfloat16");
   // a caller's normalizer <= 0 is NaN, never a silent 0
   {
     cases++;
@@ -207,7 +203,7 @@ int main() {
     a.logits = z.data(); a.B = 1; a.T = 2; a.V = 5; a.st = 5; a.targets = y.data(); a.targets_i64 = 1;
     a.weights = w.data(); a.ignore_index = -100; a.reduction = CF_PDL_MEAN; a.norm_mode = CF_PDL_NORM_GIVEN;
     a.row_loss = loss.data(); a.grad = g.data();
-    cf_pdl_loss_cuda(&a, CF_F32, &zero, ws.data(), variant, 0, nullptr);
+    cf_pdl_loss_cuda(&a, CF_F32, &zero, ws.data(), 0, nullptr);
     if (!std::isnan(loss[0])) { printf("FAIL: normalizer 0 gave %g, expected NaN\n", loss[0]); fails++; }
   }
   // negative class weights: the mean divides by the (negative) target-weight sum, like F.cross_entropy

@@ -10,25 +10,17 @@ glue's back-rotation and GQA sum are not included. SDPA fwd+bwd is one autograd 
 Shapes: bf16, B * L = 16k tokens (L = 2048 by default), H * d = 2048, d in {64, 128}, causal.
 FLOPs: forward 4 B H L^2 d, halved for causal; backward 2.5 x forward (the FlashAttention convention).
 Peak memory: extra bytes held by the CUDA caching allocator during one call (inputs excluded).
-Kernel variants, one row each (same inputs, same SDPA baseline):
-  fused:  q/k tiles rotated on load by every CTA (the verified default);
-  prerot: the q_ws / k_ws workspaces are passed: a pre-pass writes q~ and k~ (per query head) and the
-          attention kernels copy tiles with cp.async; the workspaces are allocated inside the timed
-          call, as the glue does, so time and peak memory include them.
-The experimental warp-specialized forward (CF_ATTN_FWD_VARIANT=ws) is timed afterwards in a child
-process with a time limit (forward only), so a fault in it cannot take this run down.
+The kernels run as the glue runs them for H == Hkv: the q_ws / k_ws workspaces are passed (a
+pre-pass writes q~ and k~ and the attention kernels copy tiles with cp.async), allocated inside the
+timed call as the glue does, so time and peak memory include them.
 --profile adds, per shape, the GPU time of every kernel of one forward + backward (torch.profiler,
-mean of 5 calls): ours (variant prerot) next to SDPA's, to see which launch to work on.
-Alternative tile configurations (compiled only with COMPLEXFORMER_NVCC_FLAGS=-DCF_ATTN_TUNING) are
-picked by CF_ATTN_TUNE=name,name (see the launchers); their kernels show up under their own
-template arguments in the --profile table.
-Usage: python benchmarks/cmha_cuda_kernel.py [--seqlen 2048] [--tokens 16384] [--hd 2048] [--dims 64 128]
-                                             [--variants fused prerot] [--variant ws] [--fwd-only] [--profile]
+mean of 5 calls): ours next to SDPA's, to see which launch to work on.
+Usage: python benchmarks/attn_cuda_kernel.py [--seqlen 2048] [--tokens 16384] [--hd 2048] [--dims 64 128]
+                                             [--fwd-only] [--profile]
 """
 import argparse
 import math
 import os
-import subprocess
 import sys
 
 import torch
@@ -99,11 +91,7 @@ def bench(d, args):
     common = lambda: (_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs),  # noqa: E731
                       _ext.dl(pos), _ext.dl(pos), None, None)
 
-    variant = ["fused"]
-
-    def ws():  # "prerot": (B, H, L, d) q~ / k~ workspaces, allocated per call like the glue does
-        if variant[0] != "prerot":
-            return ()
+    def ws():  # (B, H, L, d) q~ / k~ workspaces, allocated per call like the glue does
         return tuple(_ext.dl(torch.empty(B, H, L, d, device=dev, dtype=dt)) for _ in range(2))
 
     def fused_fwd():
@@ -131,8 +119,7 @@ def bench(d, args):
         qg.grad = kg.grad = vg.grad = None
 
     if args.profile:
-        variant[0] = "prerot"
-        profile_kernels(f"d={d}", {"cmha prerot": fused_fwd_bwd, "sdpa": sdpa_fwd_bwd})
+        profile_kernels(f"d={d}", {"cmha": fused_fwd_bwd, "sdpa": sdpa_fwd_bwd})
     ref = sdpa_fwd()
     flops_fwd = 4.0 * B * H * L * L * d / 2
     passes = [("fwd", fused_fwd, sdpa_fwd, flops_fwd)]
@@ -140,21 +127,19 @@ def bench(d, args):
         passes.append(("fwd+bwd", fused_fwd_bwd, sdpa_fwd_bwd, 3.5 * flops_fwd))
     base = {name: (time_ms(fn_s, device=dev, reps=args.reps, warmup=3, max_seconds=4), peak_bytes(fn_s, device=dev))
             for name, _, fn_s, _ in passes}
-    rows, diffs = [], {}
-    for var in args.variants:
-        variant[0] = var
-        # sanity: both compute the same attention (bf16 rounding apart)
-        out.fill_(float("nan"))
-        fused_fwd()
-        torch.cuda.synchronize()
-        diffs[var] = (out.float() - ref.float()).abs().max().item()
-        for name, fn_f, _, fl in passes:
-            tf = time_ms(fn_f, device=dev, reps=args.reps, warmup=3, max_seconds=4)
-            pf = peak_bytes(fn_f, device=dev)
-            ts, ps = base[name]
-            rows.append([f"d={d} H={H} B={B} L={L}", var, name, f"{tf:.3f}", f"{fl / tf / 1e9:.1f}", f"{ts:.3f}",
-                         f"{fl / ts / 1e9:.1f}", f"{ts / tf:.2f}", fmt_bytes(pf), fmt_bytes(ps)])
-    return rows, diffs
+    # sanity: both compute the same attention (bf16 rounding apart)
+    out.fill_(float("nan"))
+    fused_fwd()
+    torch.cuda.synchronize()
+    diff = (out.float() - ref.float()).abs().max().item()
+    rows = []
+    for name, fn_f, _, fl in passes:
+        tf = time_ms(fn_f, device=dev, reps=args.reps, warmup=3, max_seconds=4)
+        pf = peak_bytes(fn_f, device=dev)
+        ts, ps = base[name]
+        rows.append([f"d={d} H={H} B={B} L={L}", name, f"{tf:.3f}", f"{fl / tf / 1e9:.1f}", f"{ts:.3f}",
+                     f"{fl / ts / 1e9:.1f}", f"{ts / tf:.2f}", fmt_bytes(pf), fmt_bytes(ps)])
+    return rows, diff
 
 
 def main():
@@ -164,40 +149,22 @@ def main():
     ap.add_argument("--hd", type=int, default=2048, help="H * d")
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--variant", default=None, help="forward kernel variant (CF_ATTN_FWD_VARIANT), e.g. ws")
-    ap.add_argument("--variants", nargs="+", default=["fused", "prerot"], choices=["fused", "prerot"],
-                    help="kernel variants timed in this process (prerot: pre-rotated q~/k~ workspaces)")
     ap.add_argument("--fwd-only", action="store_true")
-    ap.add_argument("--no-ws", action="store_true", help="skip the experimental 'ws' forward's child process")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of one forward+backward")
     args = ap.parse_args()
-    if args.variant:
-        os.environ["CF_ATTN_FWD_VARIANT"] = args.variant
-        args.variants = ["fused"]
     if not torch.cuda.is_available() or not _ext.HAS_CUDA_KERNELS:
         sys.exit("needs a CUDA GPU and a build of complexformer with CUDA kernels")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16, causal, "
-          f"B*L={args.tokens}, H*d={args.hd}, forward variant: {args.variant or 'default'}")
+          f"B*L={args.tokens}, H*d={args.hd}")
     rows = []
     for d in args.dims:
-        r, diffs = bench(d, args)
-        for var, diff in diffs.items():
-            print(f"d={d} variant {var}: max |fused - sdpa| on the forward output = {diff:.3e}")
+        r, diff = bench(d, args)
+        print(f"d={d}: max |fused - sdpa| on the forward output = {diff:.3e}")
         rows += r
-    print("fused = CMHA kernel (rotation included, per variant); sdpa = FlashAttention on pre-rotated inputs; "
+    print("fused = CMHA kernel (rotation included); sdpa = FlashAttention on pre-rotated inputs; "
           "ratio = fused TFLOP/s / sdpa TFLOP/s (target >= 0.60 for fwd+bwd)")
-    print(markdown_table(["shape", "variant", "pass", "fused ms", "fused TFLOP/s", "sdpa ms", "sdpa TFLOP/s",
+    print(markdown_table(["shape", "pass", "fused ms", "fused TFLOP/s", "sdpa ms", "sdpa TFLOP/s",
                           "ratio", "fused peak", "sdpa peak"], rows), flush=True)
-    if args.variant is None and not args.no_ws:
-        print("\nexperimental forward variant 'ws' (warp-specialized), child process, 60 s limit:", flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", "ws", "--fwd-only", "--seqlen", str(args.seqlen),
-               "--tokens", str(args.tokens), "--hd", str(args.hd), "--reps", str(args.reps), "--dims"] + [
-                   str(d) for d in args.dims]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-            print(r.stdout[-3000:] + (f"\n(rc={r.returncode}) " + r.stderr[-1500:] if r.returncode else ""))
-        except subprocess.TimeoutExpired:
-            print("variant 'ws' timed out (hang or too slow)")
 
 
 if __name__ == "__main__":

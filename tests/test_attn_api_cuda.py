@@ -9,7 +9,7 @@ import torch
 from complexformer import cmha_attention
 from complexformer import attention as A
 
-from test_attention import CASES, _kpm, make, pairwise
+from test_attn_api import CASES, _kpm, make, pairwise
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"

@@ -1,6 +1,6 @@
 """Kernel-level tests of the fused CMHA attention CUDA kernels (_C.attn_fwd_cuda / _C.attn_bwd_cuda).
 
-Each case calls the kernels directly (contract: CMHA_CONTRACT.md) with outputs poisoned with NaN,
+Each case calls the kernels directly (contract: docs/design.md, "Attention") with outputs poisoned with NaN,
 checks that every element was written, and compares against float64 references:
   forward:  reference.cmha_attention_pairwise (scores pair by pair in polar form);
   backward: float64 autograd through plain attention on the rotated q~, k~ (per query head) and
@@ -9,10 +9,10 @@ Low precision follows the FlashAttention rule: max error <= 2 x the max error of
 by PyTorch in that dtype (rotation in float32, then attention math in float16/bfloat16) + a small floor.
 Case ids name the feature (L, d, heads, causal, layout, dtype, masks, ...) so one log pinpoints a failure.
 
-Every forward / backward case runs each kernel variant (VARIANTS): "fused" (q/k tiles rotated on load)
-and "prerot" (q_ws / k_ws workspaces passed: a pre-pass writes q~, k~ and the kernels copy tiles with
-cp.async). The kernel-level "prerot" runs GQA too (k~ per query head), although the glue only picks it
-for the forward when H == Hkv.
+Every forward case runs both forward kernels (FWD_PATHS): "load" (no workspaces: key tiles rotated on
+load, the glue's GQA forward) and "pre" (q_ws / k_ws workspaces passed: a pre-pass writes q~, k~ and
+the kernel copies tiles with cp.async; the glue's forward when H == Hkv). Both run on every head
+configuration here. The backward always takes the workspaces.
 """
 import math
 import zlib
@@ -29,7 +29,7 @@ from complexformer.reference import cmha_attention_pairwise, default_freqs, defa
 pytestmark = pytest.mark.cuda
 
 LAYOUT = {"half": 0, "interleaved": 1}
-VARIANTS = ("fused", "prerot")
+FWD_PATHS = ("load", "pre")
 
 
 @dataclass(frozen=True)
@@ -156,12 +156,12 @@ def make_inputs(c, device="cuda"):
                 k_pos=k_pos.contiguous(), kpm=kpm, cu=cu, q_offset=q_offset, scale=scale, B=B)
 
 
-def workspaces(x, variant):
-    """The trailing (q_ws, k_ws) arguments of a variant: none for "fused"; NaN-poisoned (B, H, L, d)
-    buffers for "prerot" (a row the pre-pass forgets to write poisons the result)."""
-    if variant == "fused":
+def workspaces(x, path="pre"):
+    """The trailing (q_ws, k_ws) arguments: none for the "load" forward; NaN-poisoned (B, H, L, d)
+    buffers for "pre" (a row the pre-pass forgets to write poisons the result)."""
+    if path == "load":
         return ()
-    assert variant == "prerot", variant
+    assert path == "pre", path
     q, k = x["q"], x["k"]
     B, H, Lq, d = q.shape
     nan = float("nan")
@@ -169,7 +169,7 @@ def workspaces(x, variant):
             _ext.dl(torch.full((B, H, k.shape[2], d), nan, dtype=q.dtype, device=q.device)))
 
 
-def run_fwd(c, x, variant="fused"):
+def run_fwd(c, x, path):
     q = x["q"]
     B, H, Lq = q.shape[:3]
     out = torch.full((B, H, Lq, c.d), float("nan"), dtype=q.dtype, device=q.device)
@@ -177,12 +177,12 @@ def run_fwd(c, x, variant="fused"):
     _C.attn_fwd_cuda(_ext.dl(q), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]), _ext.dl(x["beta"]),
                      _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
                      _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(lse), int(c.causal), float(x["scale"]),
-                     int(x["q_offset"]), LAYOUT[c.layout], _ext.stream(q), *workspaces(x, variant))
+                     int(x["q_offset"]), LAYOUT[c.layout], _ext.stream(q), *workspaces(x, path))
     torch.cuda.synchronize()
     return out, lse
 
 
-def run_bwd(c, x, out, lse, dout, variant="fused"):
+def run_bwd(c, x, out, lse, dout, workspaces_given=True):
     q = x["q"]
     B, H, Lq = q.shape[:3]
     Lk = x["k"].shape[2]
@@ -194,7 +194,7 @@ def run_bwd(c, x, out, lse, dout, variant="fused"):
                      _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
                      _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), _ext.dl(dq), _ext.dl(dk),
                      _ext.dl(dv), int(c.causal), float(x["scale"]), int(x["q_offset"]), LAYOUT[c.layout],
-                     _ext.stream(q), *workspaces(x, variant))
+                     _ext.stream(q), *(workspaces(x) if workspaces_given else ()))
     torch.cuda.synchronize()
     return dq, dk, dv
 
@@ -222,9 +222,9 @@ def check_fa(name, got, ref, pt, rel_floor=2e-3):
         f"{name}: max abs err {err:.3e} > 2 x torch-{pt.dtype} err {pt_err:.3e} + floor {floor:.1e}")
 
 
-def check_forward(c, variant="fused"):
+def check_forward(c, path):
     x = make_inputs(c)
-    out, lse = run_fwd(c, x, variant)
+    out, lse = run_fwd(c, x, path)
     assert not torch.isnan(out).any(), "out: NaN left (unwritten elements or NaN produced)"
     assert not torch.isnan(lse).any(), "lse: NaN left (unwritten elements or NaN produced)"
     ref, ref_lse = cmha_attention_pairwise(
@@ -244,11 +244,11 @@ def check_forward(c, variant="fused"):
     return x, out, lse
 
 
-def check_backward(c, variant="fused"):
-    x, out, lse = check_forward(c, variant)
+def check_backward(c, path="pre"):
+    x, out, lse = check_forward(c, path)
     g = torch.Generator(device="cpu").manual_seed(1 + zlib.crc32(c.id().encode()))
     dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    dq, dk, dv = run_bwd(c, x, out, lse, dout, variant)
+    dq, dk, dv = run_bwd(c, x, out, lse, dout)
     for name, t in (("dq_rot", dq), ("dk_rot", dk), ("dv_full", dv)):
         assert not torch.isnan(t).any(), f"{name}: NaN left (unwritten elements or NaN produced)"
     vis = vis_mask(c, x)
@@ -320,36 +320,36 @@ def _params(cases):
     return [pytest.param(c, id=c.id(), marks=[pytest.mark.slow] if max(c.lq, c.lk) >= 300 else []) for c in cases]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("path", FWD_PATHS)
 @pytest.mark.parametrize("c", _params(FWD_SWEEP + FEATURES))
-def test_forward(c, variant):
-    check_forward(c, variant)
+def test_forward(c, path):
+    check_forward(c, path)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("c", _params(BWD_CASES))
-def test_backward(c, variant):
-    check_backward(c, variant)
+def test_backward(c):
+    check_backward(c)
 
 
 @pytest.mark.parametrize("c", _params([Case(L=300, d=64), Case(L=129, d=128, H=8, Hkv=1, kpm=True),
                                        Case(d=128, cu=(1, 70, 0, 129, 200), layout="interleaved"),
                                        Case(Lq=129, Lk=64, d=64, dtype="float16")]))
-def test_variants_agree(c):
-    """"prerot" rotates with the same rot_fast as the fused tile loaders, so its q~/k~ tiles equal
-    the fused ones bit for bit up to FMA contraction: outputs and gradients agree to ~1 ulp of the
-    output dtype (a much tighter check than the float64 comparisons above)."""
+def test_forward_paths_agree(c):
+    """The pre-rotation pass rotates with the same rot_fast as the "load" forward's tile loader, so
+    its q~/k~ tiles equal those bit for bit up to FMA contraction: the two forwards' outputs (and
+    the backward run on each) agree to ~1 ulp of the output dtype (a much tighter check than the
+    float64 comparisons above)."""
     x = make_inputs(c)
     res = {}
-    for variant in VARIANTS:
-        out, lse = run_fwd(c, x, variant)
+    for path in FWD_PATHS:
+        out, lse = run_fwd(c, x, path)
         g = torch.Generator(device="cpu").manual_seed(7)
         dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-        res[variant] = (out, lse) + run_bwd(c, x, out, lse, dout, variant)
-    for name, a, b in zip(("out", "lse", "dq_rot", "dk_rot", "dv_full"), res["fused"], res["prerot"]):
+        res[path] = (out, lse) + run_bwd(c, x, out, lse, dout)
+    for name, a, b in zip(("out", "lse", "dq_rot", "dk_rot", "dv_full"), res["load"], res["pre"]):
         tol = 1e-2 * max(1.0, b.abs().max().item())
         err = (a.double() - b.double()).nan_to_num(0.0).abs().max().item() if a.numel() else 0.0
-        assert torch.equal(torch.isnan(a), torch.isnan(b)) and err <= tol, f"{name}: fused vs prerot differ by {err:.3e}"
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and err <= tol, f"{name}: load vs pre differ by {err:.3e}"
 
 
 @st.composite
@@ -364,49 +364,49 @@ def _cases(draw):
                 per_head_freqs=draw(st.booleans()), strided=draw(st.booleans()))
 
 
-@given(c=_cases(), variant=st.sampled_from(VARIANTS))
-def test_property_forward_backward(c, variant):
+@given(c=_cases(), path=st.sampled_from(FWD_PATHS))
+def test_property_forward_backward(c, path):
     """Random shapes, odd sizes, GQA ratios, dtypes, layouts, masks, offsets: forward and backward."""
-    note(f"{c.id()} variant={variant}")
-    check_backward(c, variant)
+    note(f"{c.id()} forward={path}")
+    check_backward(c, path)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("path", FWD_PATHS)
 @pytest.mark.parametrize("c", [Case(L=300, d=128, kpm=True), Case(d=64, cu=(1, 70, 0, 129, 200))],
                          ids=lambda c: c.id())
 @pytest.mark.slow
-def test_deterministic(c, variant):
+def test_deterministic(c, path):
     """Same inputs, same bits: no atomics, no order-dependent reductions."""
     x = make_inputs(c)
-    out1, lse1 = run_fwd(c, x, variant)
-    out2, lse2 = run_fwd(c, x, variant)
+    out1, lse1 = run_fwd(c, x, path)
+    out2, lse2 = run_fwd(c, x, path)
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2), "forward not bitwise reproducible"
     dout = torch.randn_like(out1)
-    g1 = run_bwd(c, x, out1, lse1, dout, variant)
-    g2 = run_bwd(c, x, out1, lse1, dout, variant)
+    g1 = run_bwd(c, x, out1, lse1, dout)
+    g2 = run_bwd(c, x, out1, lse1, dout)
     for name, a, b in zip(("dq_rot", "dk_rot", "dv_full"), g1, g2):
         assert torch.equal(a, b), f"{name}: backward not bitwise reproducible"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("Lq,Lk", [(5, 0), (0, 7)], ids=["Lk0", "Lq0"])
-def test_empty_lengths(Lq, Lk, variant):
+def test_empty_lengths(Lq, Lk):
+    """No (query, key) pair: out = 0, lse = -inf, zero gradients; the glue passes no workspaces here."""
     c = Case(Lq=Lq, Lk=Lk, d=64, causal=False)
     x = make_inputs(c)
-    out, lse = run_fwd(c, x, variant)
+    out, lse = run_fwd(c, x, "load")
     assert (out == 0).all() and torch.isneginf(lse).all()
-    dq, dk, dv = run_bwd(c, x, out, lse, torch.randn_like(out), variant)
+    dq, dk, dv = run_bwd(c, x, out, lse, torch.randn_like(out), workspaces_given=False)
     assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_long_sequence_many_heads(variant):
+@pytest.mark.parametrize("path", FWD_PATHS)
+def test_long_sequence_many_heads(path):
     """L = 2048, 16 heads (GQA 4:1), d = 128: many tiles per head, skipped causal tiles, against a
     float64 attention on the rotated inputs (the pairwise reference would need ~100 GB here)."""
     c = Case(L=2048, d=128, H=16, Hkv=4, B=1)
     x = make_inputs(c)
-    out, lse = run_fwd(c, x, variant)
+    out, lse = run_fwd(c, x, path)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     qr, kr, vf = rotated_inputs(c, x, torch.float32)
     ref, _ = attn_math(qr.double(), kr.double(), vf.double(), vis_mask(c, x), x["scale"])
@@ -432,36 +432,6 @@ def test_errors_are_clear():
     assert not _C.attn_cuda_supported("float32", 64, 64)
 
 
-_WS_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-import test_attn_cuda as t
-cases = [t.Case(L=129, d=64), t.Case(L=300, d=128, H=8, Hkv=1), t.Case(L=127, d=128, kpm=True, causal=False),
-         t.Case(Lq=17, Lk=129, d=64, layout="interleaved", dtype="float16"), t.Case(d=128, cu=(1, 70, 0, 129, 200)),
-         t.Case(L=1, d=64), t.Case(Lq=129, Lk=64, d=128)]
-for c in cases:
-    t.check_forward(c)
-    print("ok", c.id(), flush=True)
-"""
-
-
-@pytest.mark.slow
-def test_forward_variant_ws_subprocess():
-    """The experimental warp-specialized forward (CF_ATTN_FWD_VARIANT=ws) on a few cases, in a child
-    process with a time limit: a hang (named-barrier mismatch) fails this test instead of the run."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, CF_ATTN_FWD_VARIANT="ws")
-    script = _WS_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    try:
-        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"variant ws timed out (hang?); output so far: {e.stdout!r}")
-    assert r.returncode == 0, f"variant ws failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-
-
 def test_workspace_errors_are_clear():
     """q_ws / k_ws: both or none, right shape, q's dtype, contiguous."""
     c = Case(L=17, d=64)
@@ -480,37 +450,9 @@ def test_workspace_errors_are_clear():
         _C.attn_fwd_cuda(*base(), ws((B, H, L, d), torch.float16), ws((B, H, L, d)))
 
 
-# ---- end to end: cmha_attention(backend="fused") with each variant selected by the env vars ----
-@pytest.mark.parametrize("fwd,bwd", [("prerot", "prerot"), ("fused", "prerot"), ("prerot", "fused")])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("case", ["causal", "noncausal", "decode", "lq_gt_lk", "kpm", "cu_seqlens", "mqa", "mha",
-                                  "interleaved", "per_head_freqs", "positions"])
-def test_glue_variants_end_to_end(monkeypatch, fwd, bwd, d, case):
-    """The glue's variant switch (CF_ATTN_FWD_VARIANT / CF_ATTN_BWD_VARIANT): the whole public path,
-    rotation backward included, by the FlashAttention rule against the float64 pairwise reference
-    (test_attention_cuda's check, rerun under each setting). GQA cases ("causal", "mqa", ...) check
-    that the forward falls back to "fused" while the backward takes "prerot"."""
-    import test_attention_cuda as e2e
-
-    monkeypatch.setenv("CF_ATTN_FWD_VARIANT", fwd)
-    monkeypatch.setenv("CF_ATTN_BWD_VARIANT", bwd)
-    e2e.test_cuda_forward_backward_fa_rule("fused", d, case)
-
-
-def test_glue_variant_switch():
-    """Unknown variant names are rejected with the env var's name; the defaults are documented values."""
-    import os
-
-    from complexformer import attention as A
-
-    assert A._CUDA_FWD_VARIANT in A._CUDA_VARIANTS["FWD"] and A._CUDA_BWD_VARIANT in A._CUDA_VARIANTS["BWD"]
-    old = os.environ.get("CF_ATTN_BWD_VARIANT")
-    os.environ["CF_ATTN_BWD_VARIANT"] = "nope"
-    try:
-        with pytest.raises(ValueError, match="CF_ATTN_BWD_VARIANT"):
-            A._cuda_variant("BWD")
-    finally:
-        if old is None:
-            del os.environ["CF_ATTN_BWD_VARIANT"]
-        else:
-            os.environ["CF_ATTN_BWD_VARIANT"] = old
+def test_backward_needs_workspaces():
+    c = Case(L=17, d=64)
+    x = make_inputs(c)
+    out, lse = run_fwd(c, x, "pre")
+    with pytest.raises(ValueError, match="q_ws, k_ws"):
+        run_bwd(c, x, out, lse, torch.randn_like(out), workspaces_given=False)
