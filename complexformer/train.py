@@ -216,6 +216,12 @@ def main(argv=None):
                              f"({model.config.attention})")
     else:
         tok = cfdata.build_tokenizer(args.tokenizer, train_text, args.vocab_size)
+        if world > 1 and tok.kind == "bpe":
+            # every rank must use the same ids: take rank 0's merges rather than trust the
+            # trainer to break ties identically in every process
+            msg = [tok.to_str() if rank == 0 else None]
+            dist.broadcast_object_list(msg, src=0)
+            tok = cfdata.BPETokenizer.from_str(msg[0])
         model = build_model(tok.vocab_size, args.attention or "cmha", hidden_size=args.hidden_size,
                             num_layers=args.layers, num_heads=args.heads, seed=args.seed, device=dev)
     train_ids, val_ids = cfdata.encode_stream(tok, train_text), cfdata.encode_stream(tok, val_text)

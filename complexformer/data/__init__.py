@@ -114,6 +114,15 @@ class BPETokenizer:
     def save(self, directory):
         self._tok.save(os.path.join(directory, _TOKENIZER_FILE))
 
+    def to_str(self):
+        return self._tok.to_str()
+
+    @classmethod
+    def from_str(cls, s):
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(s))
+
 
 def build_tokenizer(kind, text, vocab_size=1024):
     """A tokenizer of ``kind`` ("bpe" or "bytes"); BPE is trained on ``text``."""
