@@ -1,92 +1,341 @@
-"""A small decoder-only language model built on CMHA, for examples and tests.
+"""ComplexFormer: a Hugging Face causal LM built on CMHA (``ComplexFormerConfig`` / ``ComplexFormerForCausalLM``).
 
-Pre-norm blocks (RMSNorm -> CMHA -> residual, RMSNorm -> SwiGLU MLP -> residual), tied input
-embedding and LM head. No positional embedding: positions enter through the CMHA rotation only.
+Pre-norm decoder (RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual), final
+RMSNorm, LM head (tied to the embedding by default). Registered with ``AutoConfig`` /
+``AutoModel`` / ``AutoModelForCausalLM`` under model_type "complexformer", so it works with
+``Trainer``, ``generate()``, ``save_pretrained`` / ``from_pretrained``, gradient checkpointing and
+``torch.compile``.
+
+``attention`` is the one field a comparison changes:
+- "cmha": learnable delta and beta per head (parameters named ``...self_attn.delta`` / ``.beta``;
+  :meth:`ComplexFormerForCausalLM.cmha_parameters` returns them for their own optimizer group);
+- "rope": the same attention with delta = 1, beta = 0 fixed (buffers, not parameters): RoPE. Its
+  parameter count is "cmha"'s minus the 2 * layers * heads * head_dim/2 of delta and beta;
+- "none": no positional information at all (delta = 1, beta = 0, freqs = 0: plain causal attention).
+
+``loss`` = "ce" (HF's shifted cross-entropy) or "pdl" (complexformer.pdl_loss on the shifted labels
+with the ``pdl_weights`` buffer, set by :meth:`ComplexFormerForCausalLM.set_pdl_weights` and saved
+with the model). Under gradient accumulation or DDP use :class:`complexformer.hf.PDLTrainer`, which
+computes the exact PDL mean over the whole optimizer step.
 """
+from __future__ import annotations
+
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import CMHA
+try:
+    from transformers import (
+        AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel,
+    )
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+except ImportError as e:  # pragma: no cover
+    raise ImportError("complexformer.models needs transformers: pip install 'complexformer[hf]'") from e
+
+from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, rope_freqs
+from .pdl import pdl_loss
+
+ATTENTIONS = ("cmha", "rope", "none")
+LOSSES = ("ce", "pdl")
+# The name the model outputs give the cache: `cache` from transformers 5.24, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim, hidden, **fk):
-        super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False, **fk)
-        self.up = nn.Linear(dim, hidden, bias=False, **fk)
-        self.down = nn.Linear(hidden, dim, bias=False, **fk)
+class ComplexFormerConfig(PretrainedConfig):
+    """Configuration of :class:`ComplexFormerForCausalLM`.
 
-    def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-class CMHABlock(nn.Module):
-    def __init__(self, dim, num_heads, num_kv_heads=None, mlp_ratio=4.0, **kw):
-        super().__init__()
-        fk = {k: kw[k] for k in ("device", "dtype") if k in kw}
-        self.attn_norm = nn.RMSNorm(dim, **fk)
-        self.attn = CMHA(dim, num_heads, num_kv_heads=num_kv_heads, **kw)
-        self.mlp_norm = nn.RMSNorm(dim, **fk)
-        self.mlp = SwiGLU(dim, int(mlp_ratio * dim), **fk)
-
-    def forward(self, x, *, key_padding_mask=None, position_ids=None, past_key_value=None, use_cache=False):
-        a = self.attn(self.attn_norm(x), key_padding_mask=key_padding_mask, position_ids=position_ids,
-                      past_key_value=past_key_value, use_cache=use_cache)
-        a, present = a if use_cache else (a, None)
-        x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, present
-
-
-class CMHADecoder(nn.Module):
-    """Decoder-only LM: ``forward(ids) -> logits (B, L, vocab)``; with ``use_cache=True`` also the
-    per-layer caches (a list of CMHACache) for :meth:`generate`-style decoding.
-
-    Extra keyword arguments (causal is always True) go to every CMHA layer: rope_base,
-    learnable_freqs, layout, backend, scale, device, dtype.
+    Args (beyond PretrainedConfig's):
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads: the usual sizes.
+        num_key_value_heads: GQA kv heads (default num_attention_heads); must divide it.
+        head_dim: default hidden_size // num_attention_heads (even).
+        intermediate_size: SwiGLU width, default 8/3 * hidden_size rounded up to a multiple of 64.
+        max_position_embeddings: documentation only (CMHA has no position table).
+        rope_theta: base of the rotation frequencies rope_theta^(-2j/d).
+        rms_norm_eps: RMSNorm epsilon.
+        attention: "cmha" | "rope" | "none" (see the module docstring).
+        delta_init: "normal" (the authors' N(0, 1/sqrt(head_dim/2))) or "rope" (delta = 1: start as RoPE);
+            only for attention="cmha".
+        attention_bias: biases on q/k/v/o projections.
+        loss: "ce" | "pdl"; pdl_alpha: the exponent used by :meth:`ComplexFormerForCausalLM.set_pdl_counts`.
+        tie_word_embeddings: LM head shares the embedding matrix.
+        attn_backend: CMHA backend ("auto", "fused", "sdpa", "reference").
+        initializer_range: std of the normal init of linear and embedding weights.
     """
 
-    def __init__(self, vocab_size, dim=256, depth=4, num_heads=4, num_kv_heads=None, mlp_ratio=4.0, **kw):
+    model_type = "complexformer"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def __init__(self, vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=None, head_dim=None, intermediate_size=None, max_position_embeddings=2048,
+                 rope_theta=10000.0, rms_norm_eps=1e-6, attention="cmha", delta_init="normal",
+                 attention_bias=False, loss="ce", pdl_alpha=1.0, tie_word_embeddings=True, attn_backend="auto",
+                 initializer_range=0.02, use_cache=True, pad_token_id=None, bos_token_id=None,
+                 eos_token_id=None, **kwargs):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        if delta_init not in ("normal", "rope"):
+            raise ValueError(f"delta_init: expected 'normal' or 'rope', got {delta_init!r}")
+        num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"num_key_value_heads ({num_key_value_heads}) must divide num_attention_heads "
+                             f"({num_attention_heads})")
+        if head_dim is None:
+            if hidden_size % num_attention_heads:
+                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
+                                 f"({num_attention_heads}), or pass head_dim")
+            head_dim = hidden_size // num_attention_heads
+        if head_dim % 2:
+            raise ValueError(f"head_dim ({head_dim}) must be even: CMHA pairs the features of a head")
+        if intermediate_size is None:
+            intermediate_size = 64 * math.ceil(8 * hidden_size / 3 / 64)
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.num_key_value_heads, self.head_dim = num_key_value_heads, head_dim
+        self.intermediate_size, self.max_position_embeddings = intermediate_size, max_position_embeddings
+        self.rope_theta, self.rms_norm_eps = float(rope_theta), rms_norm_eps
+        self.attention, self.delta_init, self.attention_bias = attention, delta_init, attention_bias
+        self.loss, self.pdl_alpha = loss, float(pdl_alpha)
+        self.attn_backend, self.initializer_range, self.use_cache = attn_backend, initializer_range, use_cache
+        kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+class ComplexFormerMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
         super().__init__()
-        fk = {k: kw[k] for k in ("device", "dtype") if k in kw}
-        self.embed = nn.Embedding(vocab_size, dim, **fk)
-        self.blocks = nn.ModuleList(CMHABlock(dim, num_heads, num_kv_heads, mlp_ratio, **kw) for _ in range(depth))
-        self.norm = nn.RMSNorm(dim, **fk)
-        self.lm_head = nn.Linear(dim, vocab_size, bias=False, **fk)
-        self.lm_head.weight = self.embed.weight  # tied
-        nn.init.normal_(self.embed.weight, std=dim ** -0.5)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def hidden_states(self, ids, *, key_padding_mask=None, position_ids=None, past_key_values=None,
-                      use_cache=False):
-        x = self.embed(ids)
-        presents = []
-        for i, blk in enumerate(self.blocks):
-            past = None if past_key_values is None else past_key_values[i]
-            x, present = blk(x, key_padding_mask=key_padding_mask, position_ids=position_ids,
-                             past_key_value=past, use_cache=use_cache)
-            presents.append(present)
-        x = self.norm(x)
-        return (x, presents) if use_cache else x
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def forward(self, ids, **kw):
-        out = self.hidden_states(ids, **kw)
-        if kw.get("use_cache"):
-            return self.lm_head(out[0]), out[1]
-        return self.lm_head(out)
+
+def _attention_module(config, layer_idx):
+    freqs = rope_freqs(config.head_dim, config.rope_theta)
+    if config.attention == "none":
+        freqs = torch.zeros_like(freqs)
+    return CMHAAttention(
+        hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, layer_idx=layer_idx,
+        num_layers=config.num_hidden_layers, freqs=freqs,
+        learnable=("delta", "beta") if config.attention == "cmha" else (),
+        delta_init="rope" if config.delta_init == "rope" else "normal",
+        bias=(config.attention_bias,) * 4, backend=config.attn_backend,
+    )
+
+
+class ComplexFormerDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = _attention_module(config, layer_idx)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = ComplexFormerMLP(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs):
+        a, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                              position_ids=position_ids, cache=cache, **kwargs)
+        hidden_states = hidden_states + a
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class ComplexFormerPreTrainedModel(PreTrainedModel):
+    config_class = ComplexFormerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ComplexFormerDecoderLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # data-dependent mask checks in HF's mask helpers
 
     @torch.no_grad()
-    def generate(self, ids, max_new_tokens, *, use_cache=True):
-        """Greedy decoding. With the cache, each step feeds one token and attends to the cached
-        raw keys/values; without it, every step re-runs the whole prefix (for checking)."""
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, nn.RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, CMHAAttention):
+            module.reset_cmha_parameters()
+        elif isinstance(module, ComplexFormerForCausalLM) and module.pdl_weights is not None:
+            module.pdl_weights.fill_(float("nan"))  # "not set": set_pdl_weights or a checkpoint fills it
+
+
+class ComplexFormerModel(ComplexFormerPreTrainedModel):
+    """The decoder stack without the LM head: returns ``last_hidden_state`` (and the cache)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(ComplexFormerDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, cache=None, **kwargs):
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the cache as `cache` or `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a cache written during recomputation would hold every step twice
+        if use_cache and cache is None:
+            cache = DynamicCache()
         if not use_cache:
-            for _ in range(max_new_tokens):
-                ids = torch.cat([ids, self(ids)[:, -1:].argmax(-1)], 1)
-            return ids
-        out = [ids]
-        logits, cache = self(ids, use_cache=True)
-        for i in range(max_new_tokens):
-            out.append(logits[:, -1:].argmax(-1))
-            if i + 1 < max_new_tokens:
-                logits, cache = self(out[-1], past_key_values=cache, use_cache=True)
-        return torch.cat(out, 1)
+            cache = None
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (past + torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device))[None]
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
+            raise ValueError(f"attention_mask: expected (batch, keys) or (batch, 1, queries, keys), got shape "
+                             f"{tuple(attention_mask.shape)}")
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  **{_CACHE_ARG: cache}, position_ids=position_ids)
+        output_hidden_states = (self.config.output_hidden_states if output_hidden_states is None
+                                else output_hidden_states)
+        hidden, all_hidden = inputs_embeds, [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache)
+        hidden = self.norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None,
+                                       **{_CACHE_FIELD: cache})
+
+
+def _mask_cache_arg():
+    import inspect
+
+    params = inspect.signature(create_causal_mask).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+_CACHE_ARG = _mask_cache_arg()
+
+
+class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
+    """ComplexFormer with an LM head. ``forward(...)`` -> ``CausalLMOutputWithPast``; with ``labels``
+    the loss is HF's shifted one (logits at t predict labels at t+1, -100 ignored): cross-entropy, or
+    the PDL weighted mean when ``config.loss == "pdl"``."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = ComplexFormerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.loss == "pdl":
+            self.register_buffer("pdl_weights", torch.full((config.vocab_size,), float("nan")))
+        else:
+            self.pdl_weights = None
+        self._pdl_checked = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def cmha_parameters(self):
+        """The learnable CMHA angles (every layer's delta and beta): give them their own optimizer
+        group, e.g. ``[{"params": m.cmha_parameters(), "lr": 1e-2}, {"params": rest}]``."""
+        return cmha_parameters(self)
+
+    @torch.no_grad()
+    def set_pdl_weights(self, weights):
+        """Set the (vocab_size,) PDL class weights (``complexformer.pdl_weights(counts, alpha)``)."""
+        if self.pdl_weights is None:
+            raise ValueError("set_pdl_weights: this model has loss='ce'; build it with ComplexFormerConfig(loss='pdl')")
+        w = torch.as_tensor(weights)
+        if w.shape != self.pdl_weights.shape or not w.is_floating_point():
+            raise ValueError(f"weights: expected a float tensor of shape ({self.config.vocab_size},), got "
+                             f"{w.dtype} {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError("weights: must be finite and >= 0")
+        self.pdl_weights.copy_(w.to(self.pdl_weights.device, torch.float32))
+        self._pdl_checked = True
+
+    def _pdl_loss(self, logits, labels, num_items_in_batch=None, ignore_index=-100):
+        w = self.pdl_weights
+        if not self._pdl_checked:
+            if not bool(torch.isfinite(w).all()):
+                raise RuntimeError("loss='pdl' but no PDL weights are set: call model.set_pdl_weights("
+                                   "complexformer.pdl_weights(counts, alpha)) first")
+            self._pdl_checked = True
+        targets = F.pad(labels[..., 1:], (0, 1), value=ignore_index).to(logits.device)
+        return pdl_loss(logits, targets, w, ignore_index=ignore_index)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
+                use_cache=None, inputs_embeds=None, logits_to_keep=0, output_hidden_states=None, return_dict=True,
+                cache=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[-1]:
+                raise ValueError(f"labels: {labels.shape[-1]} positions but {logits.shape[1]} logits "
+                                 "(logits_to_keep must be 0 with labels)")
+            if self.config.loss == "pdl":
+                loss = self._pdl_loss(logits, labels)
+            else:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          num_items_in_batch=kwargs.get("num_items_in_batch"))
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+        return result if return_dict else result.to_tuple()
+
+
+def cmha_parameters(model):
+    """Every learnable CMHA angle (delta, beta) of ``model``'s CMHA attention modules, in module order."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, CMHAAttention):
+            out.extend(p for n, p in m.named_parameters(recurse=False) if n in ("delta", "beta"))
+    return out
+
+
+AutoConfig.register("complexformer", ComplexFormerConfig, exist_ok=True)
+AutoModel.register(ComplexFormerConfig, ComplexFormerModel, exist_ok=True)
+AutoModelForCausalLM.register(ComplexFormerConfig, ComplexFormerForCausalLM, exist_ok=True)

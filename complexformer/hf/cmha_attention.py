@@ -1,0 +1,302 @@
+"""The Hugging Face attention module behind CMHA: one class for converted Llama / Mistral / Qwen2
+models (:func:`complexformer.hf.convert_to_cmha`) and for :class:`complexformer.models.ComplexFormerForCausalLM`.
+
+It keeps HF's module contract (``forward(hidden_states, position_embeddings, attention_mask, cache,
+position_ids=..., **kwargs) -> (out, None)``, projections named q_proj / k_proj / v_proj / o_proj so
+PEFT ``target_modules`` match) and replaces "apply RoPE, then attend" by one CMHA call on the raw
+q and k. ``position_embeddings`` (HF's cos/sin) are ignored: the rotation is rebuilt from
+``position_ids`` and the frequencies taken from the model's rotary embedding at conversion.
+
+Masks. The module accepts what HF's mask machinery produces:
+- ``None``: plain causal (bottom-right aligned with a cache) -> the fused CMHA kernel;
+- a 2-D ``(B, Lk)`` padding mask (bool or 0/1 ints, True = attend) -> the fused kernel with a
+  key padding mask. The ``attn_implementation`` registered here (:data:`ATTN_IMPLEMENTATION`)
+  makes HF hand over exactly these two for plain causal attention;
+- a 4-D ``(B|1, 1|H, Lq, Lk)`` mask, boolean (True = attend) or additive float (HF's "eager"),
+  for everything else HF expresses: sliding windows, packed sequences (position_ids restarting),
+  custom masks. Served by the rotation kernel + torch SDPA with that mask, exact but slower. A query
+  row with no visible key outputs 0 (HF's eager path gives a uniform average there).
+A ``BlockMask`` (flex attention) is refused.
+
+KV cache. HF ``Cache`` layers hold the RAW (un-rotated) keys: the rotated key depends on the query
+head's delta, so a rotated cache would go stale as delta trains and be H instead of Hkv wide under
+GQA. The rotation needs each cached key's position, so the cache carries one extra
+``DynamicLayer`` after the model's layers (index ``num_layers``) whose "keys" are the int64
+positions (B, 1, L, 1), written by layer 0 and read by every layer. Being an ordinary cache layer,
+it follows the cache through beam-search reordering, batch selection, cropping and offloading.
+Only dynamic caches are supported (DynamicCache, also with sliding-window layers); static and
+quantized caches raise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.masking_utils import (
+        AttentionMaskInterface, causal_mask_function, flash_attention_mask, sdpa_mask,
+    )
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "complexformer's Hugging Face integration needs transformers: pip install 'complexformer[hf]'"
+    ) from e
+
+from ..attention import BACKENDS, cmha_attention
+from ..reference import default_freqs
+from ..rotate import euler_rotate_qk
+
+ATTN_IMPLEMENTATION = "complexformer_cmha"
+LEARNABLE = ("delta", "beta")
+
+
+def _cmha_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+               attention_mask=None, **kwargs):
+    """HF mask hook for :data:`ATTN_IMPLEMENTATION`: the 2-D padding mask (or None) for plain causal
+    attention, which CMHA's fused kernel takes directly; HF's boolean 4-D mask for any other pattern."""
+    plain = mask_function is causal_mask_function and not isinstance(kv_offset, torch.Tensor) and kv_offset == 0
+    if plain and (attention_mask is None or attention_mask.shape[-1] == kv_length):
+        return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                    attention_mask)
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
+
+
+def _unconverted_attention(module, *args, **kwargs):
+    raise RuntimeError(
+        f"attn_implementation={ATTN_IMPLEMENTATION!r} is served by complexformer's CMHA attention modules, but "
+        f"{type(module).__name__} was not converted (CMHA needs q and k before any rotary embedding). "
+        "Convert the model with complexformer.hf.convert_to_cmha."
+    )
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _unconverted_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _cmha_mask)
+
+
+def _param_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class CMHAAttention(nn.Module):
+    """CMHA self-attention with HF's module interface (see the module docstring).
+
+    Args:
+        hidden_size, num_heads, num_kv_heads, head_dim: shapes (head_dim even, num_kv_heads | num_heads).
+        layer_idx: this layer's index in the cache; num_layers: the model's layer count (the cache
+            slot after the last layer holds the key positions).
+        freqs: (head_dim/2,) rotation frequencies (kept float32, or float64 after ``.double()``;
+            not saved: rebuilt from the config).
+        scaling: softmax scale (default head_dim^-0.5).
+        learnable: which of "delta", "beta" are trainable parameters; the others are fixed
+            non-persistent buffers (delta = 1, beta = 0: RoPE), so they cost no parameters.
+        delta_init: "rope" (delta = 1: exactly RoPE at the start, used by conversion) or "normal"
+            (the authors' N(0, 1/sqrt(head_dim/2))); only for a learnable delta.
+        bias: (q, k, v, o) biases when the projections are built here.
+        projections: existing (q_proj, k_proj, v_proj, o_proj) modules to keep (conversion).
+        backend: CMHA backend ("auto", "fused", "sdpa", "reference") for masks that CMHA takes
+            directly (None / 2-D); 4-D masks always use rotation + SDPA.
+    """
+
+    def __init__(self, *, hidden_size, num_heads, num_kv_heads, head_dim, layer_idx, num_layers, freqs,
+                 scaling=None, learnable=LEARNABLE, delta_init="rope", bias=(False, False, False, False),
+                 projections=None, backend="auto", device=None, dtype=None):
+        super().__init__()
+        for name, val in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_key_value_heads ({num_kv_heads}) must divide num_attention_heads ({num_heads})")
+        if head_dim % 2:
+            raise ValueError(f"head_dim ({head_dim}) must be even: CMHA pairs the features of a head")
+        learnable = tuple(learnable)
+        bad = [x for x in learnable if x not in LEARNABLE]
+        if bad:
+            raise ValueError(f"learnable: expected a subset of {LEARNABLE}, got {learnable!r}")
+        if delta_init not in ("rope", "normal"):
+            raise ValueError(f"delta_init: expected 'rope' or 'normal', got {delta_init!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        h = head_dim // 2
+        freqs = torch.as_tensor(freqs).detach()
+        if tuple(freqs.shape) != (h,):
+            raise ValueError(f"freqs: expected shape ({h},) for head_dim {head_dim}, got {tuple(freqs.shape)}")
+        self.hidden_size, self.num_heads, self.num_key_value_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim, self.layer_idx, self.num_layers = head_dim, layer_idx, num_layers
+        self.num_key_value_groups = num_heads // num_kv_heads
+        self.scaling = head_dim ** -0.5 if scaling is None else float(scaling)
+        self.learnable, self.delta_init, self.backend = learnable, delta_init, backend
+        self.is_causal = True
+        fk = {"device": device, "dtype": dtype}
+        if projections is None:
+            qb, kb, vb, ob = bias
+            projections = (nn.Linear(hidden_size, num_heads * head_dim, bias=qb, **fk),
+                           nn.Linear(hidden_size, num_kv_heads * head_dim, bias=kb, **fk),
+                           nn.Linear(hidden_size, num_kv_heads * head_dim, bias=vb, **fk),
+                           nn.Linear(num_heads * head_dim, hidden_size, bias=ob, **fk))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = projections
+        pdev = device if device is not None else self.q_proj.weight.device
+        pdt = dtype if dtype is not None else self.q_proj.weight.dtype
+        for name in LEARNABLE:
+            t = torch.empty(num_heads, h, device=pdev, dtype=pdt)
+            if name in learnable:
+                setattr(self, name, nn.Parameter(t))
+            else:
+                self.register_buffer(name, t, persistent=False)
+        # The frequencies are derived data (from the config); keep a float32 master so .to(bfloat16)
+        # never rounds omega (omega * position would drift by radians at long positions).
+        self._freqs_master = freqs.to(torch.float32).cpu()
+        self.register_buffer("freqs", self._freqs_master.to(pdev), persistent=False)
+        self.reset_cmha_parameters()
+
+    @torch.no_grad()
+    def reset_cmha_parameters(self):
+        """delta: 1 ("rope") or N(0, 1/sqrt(h)) ("normal", learnable only); beta: 0; freqs: master."""
+        if "delta" in self.learnable and self.delta_init == "normal":
+            self.delta.normal_(0.0, (self.head_dim // 2) ** -0.5)
+        else:
+            self.delta.fill_(1.0)
+        self.beta.zero_()
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self):
+        """Restore the non-persistent buffers (fixed delta / beta, freqs): after meta-device init."""
+        if "delta" not in self.learnable:
+            self.delta.fill_(1.0)
+        if "beta" not in self.learnable:
+            self.beta.zero_()
+        self.freqs = self._freqs_master.to(self.freqs.device, _param_dtype(self.freqs.dtype))
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.freqs.device.type != "meta":
+            self.freqs = self._freqs_master.to(self.freqs.device, _param_dtype(self.freqs.dtype))
+        return self
+
+    def extra_repr(self):
+        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
+                f"layer_idx={self.layer_idx}, learnable={self.learnable}, backend={self.backend!r}")
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, position_ids=None,
+                past_key_values=None, past_key_value=None, **kwargs):
+        # transformers >= 5.24 names the cache `cache`; earlier releases `past_key_values` / `past_key_value`.
+        if cache is None:
+            cache = past_key_values if past_key_values is not None else past_key_value
+        B, L, _ = hidden_states.shape
+        H, Hkv, d = self.num_heads, self.num_key_value_heads, self.head_dim
+        q = self.q_proj(hidden_states).view(B, L, H, d).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(B, L, Hkv, d).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(B, L, Hkv, d).transpose(1, 2)
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache: expected a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        q_pos = self._query_positions(position_ids, kwargs.get("cache_position"), B, L, past, q.device)
+        if cache is not None:
+            self._check_cache_layer(cache)
+            k, v = cache.update(k, v, self.layer_idx)
+            k_pos = self._cached_positions(cache, q_pos, B, L, k.shape[2])
+        else:
+            k_pos = q_pos
+        out = self._attend(q, k, v, q_pos, k_pos, attention_mask)
+        out = self.o_proj(out.transpose(1, 2).reshape(B, L, H * d))
+        return out, None
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _query_positions(position_ids, cache_position, B, L, past, device):
+        p = position_ids if position_ids is not None else cache_position
+        if p is None:
+            return (past + torch.arange(L, device=device))[None]
+        if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+            raise TypeError("position_ids: expected an integer tensor, got "
+                            f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
+        if p.dim() == 1:
+            p = p[None]
+        if p.dim() != 2 or p.shape[1] != L or p.shape[0] not in (1, B):
+            raise ValueError(f"position_ids: expected shape (B={B}, L={L}) or (L,), got {tuple(p.shape)}")
+        return p.to(device=device, dtype=torch.int64)
+
+    def _check_cache_layer(self, cache):
+        if self.layer_idx < len(cache.layers):
+            layer = cache.layers[self.layer_idx]
+            quantized = type(layer).__name__.endswith("QuantizedLayer") or hasattr(layer, "_quantize")
+            if not isinstance(layer, DynamicLayer) or quantized:
+                raise NotImplementedError(
+                    f"cache: CMHA attention needs a dynamic cache of raw keys (DynamicCache); layer {self.layer_idx} "
+                    f"of {type(cache).__name__} is a {type(layer).__name__}. Use generate(cache_implementation="
+                    "'dynamic') or pass a DynamicCache."
+                )
+
+    def _cached_positions(self, cache, q_pos, B, L, Lk):
+        """Absolute positions (B, Lk) of the keys this layer attends to (cached + new)."""
+        slot, layers = self.num_layers, cache.layers
+        if self.layer_idx == 0:
+            filler = cache.layer_class_to_replicate or DynamicLayer
+            while len(layers) < slot:
+                layers.append(filler())
+            if len(layers) == slot:
+                layers.append(DynamicLayer())
+            p = q_pos.expand(B, L)[:, None, :, None]
+            layers[slot].update(p, p.new_empty(B, 1, L, 0))
+        pos = layers[slot].keys if len(layers) > slot and layers[slot].is_initialized else None
+        if pos is None or pos.dim() != 4 or pos.shape[2] < Lk or pos.shape[0] != B:
+            have = "none" if pos is None else f"{pos.shape[2]} for batch {pos.shape[0]}"
+            raise RuntimeError(
+                f"cache: layer {self.layer_idx} holds {Lk} keys (batch {B}) but the cache records key positions for "
+                f"{have}. A cache filled by another model, or edited outside transformers' Cache methods, cannot "
+                "be used with CMHA attention."
+            )
+        return pos[:, 0, -Lk:, 0]
+
+    def _attend(self, q, k, v, q_pos, k_pos, mask):
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            kpm = None
+            if mask is not None:
+                if tuple(mask.shape) != (B, Lk) or mask.is_floating_point() or mask.is_complex():
+                    raise ValueError(f"attention_mask: a 2-D mask must be a bool / 0-1 integer (B={B}, keys={Lk}) "
+                                     f"tensor, True = attend; got {mask.dtype} {tuple(mask.shape)}")
+                kpm = mask.to(device=q.device, dtype=torch.bool)
+            return cmha_attention(q, k, v, self.delta, self.beta, self.freqs, causal=True, scale=self.scaling,
+                                  key_padding_mask=kpm, positions=(q_pos, k_pos), backend=self.backend)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            raise ValueError(
+                "attention_mask: expected None, a 2-D (batch, keys) padding mask or a 4-D (batch, 1, queries, keys) "
+                f"mask, got {type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else tuple(mask.shape)} "
+                "(flex-attention BlockMasks are not supported by CMHA attention)"
+            )
+        if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (Lq, Lk):
+            raise ValueError(f"attention_mask: expected a 4-D shape (B={B} or 1, 1 or H={H}, Lq={Lq}, Lk={Lk}), "
+                             f"got {tuple(mask.shape)}")
+        return self._attend_masked(q, k, v, q_pos, k_pos, mask)
+
+    def _attend_masked(self, q, k, v, q_pos, k_pos, mask):
+        """Any 4-D mask: the project's rotation kernel, then torch SDPA with the mask."""
+        pdt = _param_dtype(q.dtype)
+        qr, kr = euler_rotate_qk(q, k, self.delta.to(pdt), self.beta.to(pdt), self.freqs.to(pdt),
+                                 q_positions=q_pos, k_positions=k_pos, layout="half")
+        G = self.num_key_value_groups
+        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
+        if mask.dtype == torch.bool:
+            visible = mask
+        elif mask.is_floating_point():
+            # HF's additive ("eager") masks put the dtype's minimum on hidden keys
+            visible = mask > torch.finfo(mask.dtype).min / 2
+        else:
+            raise TypeError(f"attention_mask: a 4-D mask must be bool or floating point, got {mask.dtype}")
+        # SDPA gives NaN on a row with no visible key (e.g. a left-padding query); such rows are
+        # unmasked for the call and zeroed afterwards, so no NaN reaches the next layer's values.
+        row_ok = visible.any(-1, keepdim=True)
+        attn = mask | ~row_ok if mask.dtype == torch.bool else mask.to(qr.dtype).masked_fill(~row_ok, 0.0)
+        out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=attn, scale=self.scaling)
+        return out.masked_fill(~row_ok, 0.0)
+
+
+def rope_freqs(head_dim, rope_theta):
+    """RoPE's inverse frequencies rope_theta^(-2j/d) (float32), as HF's default rotary embedding."""
+    return default_freqs(head_dim, rope_theta)
