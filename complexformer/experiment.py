@@ -7,9 +7,10 @@
 On the embedded corpus (``complexformer.data``), with the training function of
 ``complexformer.train`` and one BPE tokenizer trained on the pretraining split:
 
-1. Position schemes. The same model (``ComplexFormerForCausalLM``) with attention "cmha", "rope"
-   and "none" (no position signal), same initialisation seed, data order, steps and parameter
-   count (CMHA adds only its per-head delta and beta), pretrained with CE on the narrative part
+1. Position schemes. The same model (``ComplexFormerForCausalLM``) with attention "cmha" (the
+   authors' init, and started as RoPE with delta = 1), "rope" and "none" (no position signal),
+   same initialisation seed, data order, steps and parameter count (CMHA adds only its per-head
+   delta and beta), pretrained with CE on the narrative part
    (Genesis to Judges). Held-out perplexity at the training length and at twice it (length
    extrapolation), and training throughput.
 2. Finetuning. The CMHA model from (1) is finetuned on a different register, the poetry part
@@ -35,13 +36,19 @@ import torch
 from . import data as cfdata
 from .metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
 from .pdl import pdl_weights, token_counts
-from .train import ATTENTIONS, build_model, resolve_device, train
+from .train import build_model, resolve_device, train
 
 # The quick grid is sized for <= 10 minutes on a 2-core CPU (about 6 measured, see
 # benchmarks/RESULTS.md); --full repeats it for 3 seeds.
 DEFAULTS = dict(pretrain_steps=300, finetune_steps=100, batch_size=16, seq_len=128, lr=3e-3, finetune_lr=1e-3,
                 hidden_size=128, num_layers=2, num_heads=4, vocab_size=1024, alphas=(0.25, 0.5, 1.0),
                 prompts=48, prompt_len=16, new_tokens=32, temperature=1.0)
+
+
+# (row, attention, extra config): CMHA with the authors' init (delta ~ N(0, 1/sqrt(d/2)), so the
+# semantic angle starts almost switched off), CMHA started as RoPE (delta = 1), RoPE, no position
+POSITION_RUNS = (("cmha", "cmha", {}), ("cmha, delta=1 init", "cmha", {"delta_init": "rope"}),
+                 ("rope", "rope", {}), ("none", "none", {}))
 
 
 def parse_args(argv=None):
@@ -96,18 +103,18 @@ def run_seed(seed, cfg, corpora, tok, dev, progress):
     L = cfg["seq_len"]
     common = dict(batch_size=cfg["batch_size"], seq_len=L, seed=seed, progress=progress)
     position, pretrained = {}, None
-    for att in ATTENTIONS:
+    for name, att, extra in POSITION_RUNS:
         model = build_model(tok.vocab_size, att, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
-                            num_heads=cfg["num_heads"], seed=seed, device=dev)
-        hist = train(model, pre_train, steps=cfg["pretrain_steps"], lr=cfg["lr"], desc=f"pretrain {att} s{seed}",
+                            num_heads=cfg["num_heads"], seed=seed, device=dev, **extra)
+        hist = train(model, pre_train, steps=cfg["pretrain_steps"], lr=cfg["lr"], desc=f"pretrain {name} s{seed}",
                      **common)
-        position[att] = {
+        position[name] = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "val": evaluate_lm(model, *cfdata.sequential_windows(pre_val, L)),
             "val_2x": evaluate_lm(model, *cfdata.sequential_windows(pre_val, 2 * L), batch_size=8),
             "tokens_per_s": hist["tokens_per_s"], "seconds": hist["seconds"], "loss": hist["loss"],
         }
-        if att == "cmha":
+        if name == "cmha":
             pretrained = model
 
     # finetuning on the other register, all from the same CMHA weights and data order
@@ -218,7 +225,7 @@ def plot_all(per_seed, counts, alphas, out):
     rank = torch.arange(1, len(c) + 1)
     for a in alphas:
         w = pdl_weights(c, alpha=a).double()
-        ax.loglog(rank, w / w.min(), label=f"alpha={a:g}")
+        ax.loglog(rank.tolist(), (w / w.min()).tolist(), label=f"alpha={a:g}")
     ax.set(title="PDL weight by token rank (finetuning data)", xlabel="token rank (by count)",
            ylabel="weight / weight of the most frequent token")
     ax.legend()
@@ -233,9 +240,9 @@ def plot_all(per_seed, counts, alphas, out):
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         accs = torch.tensor([s["finetune"][name]["val"]["acc_by_bucket"] for s in per_seed])
-        ax.bar(torch.arange(4) + i * width, accs.mean(0), width, yerr=accs.std(0) if len(per_seed) > 1 else None,
-               label=name)
-    ax.set_xticks(torch.arange(4) + 0.4 - width / 2, ["Q1 (rare)", "Q2", "Q3", "Q4 (frequent)"])
+        ax.bar([q + i * width for q in range(4)], accs.mean(0).tolist(), width,
+               yerr=accs.std(0).tolist() if len(per_seed) > 1 else None, label=name)
+    ax.set_xticks([q + 0.4 - width / 2 for q in range(4)], ["Q1 (rare)", "Q2", "Q3", "Q4 (frequent)"])
     ax.set(title="held-out top-1 accuracy by token frequency quartile", ylabel="accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()

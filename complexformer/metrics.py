@@ -1,7 +1,7 @@
 """Evaluation metrics for the experiments: perplexity, accuracy by token-frequency quartile, and
 distinct-n of generated text.
 
-All functions take a causal LM called as ``model(input_ids).logits`` (a Hugging Face
+All functions take a causal LM called as ``model(input_ids=..., use_cache=False).logits`` (a Hugging Face
 ``*ForCausalLM``) and score exactly the tokens they are given, so runs compare on the same tokens.
 """
 import math
@@ -45,7 +45,7 @@ def evaluate_lm(model, inputs, targets, *, batch_size=16, buckets=None):
     n = torch.zeros(max(nb, 1), dtype=torch.float64)
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i:i + batch_size].to(dev), targets[i:i + batch_size].to(dev)
-        logits = model(x).logits.float().flatten(0, 1)
+        logits = model(input_ids=x, use_cache=False).logits.float().flatten(0, 1)
         y = y.flatten()
         nll += F.cross_entropy(logits, y, reduction="sum").item()
         hit = (logits.argmax(-1) == y).double().cpu()
@@ -89,7 +89,7 @@ def generate(model, prompts, max_new_tokens, *, do_sample=False, temperature=1.0
     ids = prompts.to(dev)
     for _ in range(max_new_tokens):
         x = ids if context is None else ids[:, -context:]
-        logits = model(x).logits[:, -1].float()
+        logits = model(input_ids=x, use_cache=False).logits[:, -1].float()
         if do_sample:
             logits = logits / temperature
             if top_k is not None:

@@ -68,8 +68,9 @@ def dist_info():
 
 
 def build_model(vocab_size, attention="cmha", *, hidden_size=128, num_layers=2, num_heads=4,
-                max_position_embeddings=2048, seed=0, device="cpu"):
-    """A fresh ComplexFormerForCausalLM, initialised from ``seed``."""
+                max_position_embeddings=2048, seed=0, device="cpu", **config):
+    """A fresh ComplexFormerForCausalLM, initialised from ``seed``; ``config`` goes to
+    ComplexFormerConfig (e.g. delta_init="rope")."""
     from .models import ComplexFormerConfig, ComplexFormerForCausalLM
 
     if attention not in ATTENTIONS:
@@ -77,8 +78,31 @@ def build_model(vocab_size, attention="cmha", *, hidden_size=128, num_layers=2, 
     torch.manual_seed(seed)
     cfg = ComplexFormerConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                               num_attention_heads=num_heads, max_position_embeddings=max_position_embeddings,
-                              attention=attention, tie_word_embeddings=True)
+                              attention=attention, tie_word_embeddings=True, **config)
     return ComplexFormerForCausalLM(cfg).to(device)
+
+
+def load_model(directory, device="cpu"):
+    """A ComplexFormerForCausalLM saved with ``save_pretrained`` in ``directory``.
+
+    Built from its config and loaded from model.safetensors directly rather than through
+    ``from_pretrained``, whose meta-device initialisation currently fails on the CMHA module's
+    float32 frequency master (transformers 5.x)."""
+    from safetensors.torch import load_file
+
+    from .models import ComplexFormerConfig, ComplexFormerForCausalLM
+
+    weights = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"--init-from: no model.safetensors in {directory!r} (not a complexformer.train output?)")
+    model = ComplexFormerForCausalLM(ComplexFormerConfig.from_pretrained(directory))
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"--init-from {directory!r}: weights do not match the config "
+                         f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+    model.tie_weights()
+    return model.to(device)
 
 
 def lr_at(step, steps, lr, warmup):
@@ -135,7 +159,7 @@ def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_
         for g in opt.param_groups:
             g["lr"] = cur_lr
         with autocast:
-            logits = net(input_ids=x).logits
+            logits = net(input_ids=x, use_cache=False).logits
         logits = logits.float()
         # sum over this rank's tokens / the global normaliser: the gradients DDP averages over
         # ranks (hence the factor world) are exactly those of the global batch
@@ -207,10 +231,8 @@ def main(argv=None):
     train_text, val_text = cfdata.split_held_out(text, args.val_fraction)
 
     if args.init_from:
-        from .models import ComplexFormerForCausalLM
-
         tok = cfdata.load_tokenizer(args.init_from)
-        model = ComplexFormerForCausalLM.from_pretrained(args.init_from).to(dev)
+        model = load_model(args.init_from, dev)
         if args.attention is not None and args.attention != model.config.attention:
             raise ValueError(f"--attention {args.attention} differs from the --init-from model's "
                              f"({model.config.attention})")

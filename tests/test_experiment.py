@@ -19,7 +19,7 @@ def test_tiny_experiment_writes_results_and_plots(tmp_path, capsys):
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["seeds"] == [0] and r["config"]["pretrain_steps"] == 4
     pos = r["per_seed"][0]["position"]
-    assert set(pos) == {"cmha", "rope", "none"}
+    assert list(pos) == ["cmha", "cmha, delta=1 init", "rope", "none"]
     # same model, same parameter count up to CMHA's per-head delta and beta
     assert abs(pos["cmha"]["parameters"] - pos["rope"]["parameters"]) <= 0.01 * pos["rope"]["parameters"]
     for run in pos.values():
