@@ -40,7 +40,7 @@ from .train import build_model, resolve_device, train
 
 # The quick grid is sized for <= 10 minutes on a 2-core CPU (about 6 measured, see
 # benchmarks/RESULTS.md); --full repeats it for 3 seeds.
-DEFAULTS = dict(pretrain_steps=300, finetune_steps=100, batch_size=16, seq_len=128, lr=3e-3, finetune_lr=1e-3,
+DEFAULTS = dict(pretrain_steps=400, finetune_steps=150, batch_size=16, seq_len=128, lr=3e-3, finetune_lr=1e-3,
                 hidden_size=128, num_layers=2, num_heads=4, vocab_size=1024, alphas=(0.25, 0.5, 1.0),
                 prompts=48, prompt_len=16, new_tokens=32, temperature=1.0)
 
