@@ -11,6 +11,7 @@ pytest.importorskip("matplotlib")
 from complexformer.experiment import main  # noqa: E402
 
 
+@pytest.mark.slow  # the training is tiny, but every run is still evaluated on the whole held-out text
 def test_tiny_experiment_writes_results_and_plots(tmp_path, capsys):
     main(["--steps", "4", "--alphas", "0.5", "1", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
