@@ -35,11 +35,13 @@ try:
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 except ImportError as e:  # pragma: no cover
-    raise ImportError("complexformer.models needs transformers: pip install 'complexformer[hf]'") from e
+    raise ImportError(f"complexformer.models needs transformers >= 4.56: pip install -U 'complexformer[hf]' ({e})") from e
 
-from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, rope_freqs
-from .pdl import pdl_loss
+from .hf.cmha import cmha_parameters
+from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, _hf_init, rope_freqs
+from .pdl import pdl_loss, pdl_weights
 
+_TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
 ATTENTIONS = ("cmha", "rope", "none")
 LOSSES = ("ce", "pdl")
 # The name the model outputs give the cache: `cache` from transformers 5.24, `past_key_values` before.
@@ -61,7 +63,8 @@ class ComplexFormerConfig(PretrainedConfig):
         delta_init: "normal" (the authors' N(0, 1/sqrt(head_dim/2))) or "rope" (delta = 1: start as RoPE);
             only for attention="cmha".
         attention_bias: biases on q/k/v/o projections.
-        loss: "ce" | "pdl"; pdl_alpha: the exponent used by :meth:`ComplexFormerForCausalLM.set_pdl_counts`.
+        loss: "ce" | "pdl"; pdl_alpha: the PDL exponent :meth:`ComplexFormerForCausalLM.set_pdl_counts`
+            uses (``set_pdl_weights`` takes ready weights instead).
         tie_word_embeddings: LM head shares the embedding matrix.
         attn_backend: CMHA backend ("auto", "fused", "sdpa", "reference").
         initializer_range: std of the normal init of linear and embedding weights.
@@ -161,19 +164,20 @@ class ComplexFormerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        std = self.config.initializer_range
+        # transformers' init functions skip tensors already loaded from a checkpoint
+        init, std = _hf_init(), self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
-                module.bias.zero_()
+                init.constant_(module.bias, 0.0)
         elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
         elif isinstance(module, nn.RMSNorm):
-            module.weight.fill_(1.0)
+            init.constant_(module.weight, 1.0)
         elif isinstance(module, CMHAAttention):
-            module.reset_cmha_parameters()
+            module.init_weights_hf()
         elif isinstance(module, ComplexFormerForCausalLM) and module.pdl_weights is not None:
-            module.pdl_weights.fill_(float("nan"))  # "not set": set_pdl_weights or a checkpoint fills it
+            init.constant_(module.pdl_weights, float("nan"))  # "not set": set_pdl_weights or a checkpoint fills it
 
 
 class ComplexFormerModel(ComplexFormerPreTrainedModel):
@@ -246,7 +250,9 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
     the loss is HF's shifted one (logits at t predict labels at t+1, -100 ignored): cross-entropy, or
     the PDL weighted mean when ``config.loss == "pdl"``."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers 5 maps tied parameters to their source; 4.x lists them
+    _tied_weights_keys = ({"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_MAJOR >= 5
+                          else ["lm_head.weight"])
 
     def __init__(self, config):
         super().__init__(config)
@@ -258,6 +264,23 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
             self.pdl_weights = None
         self._pdl_checked = False
         self.post_init()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bfloat16) / .half() would round the PDL weights to 8 (11) bits: keep them float32.
+        w = self._buffers.get("pdl_weights")
+        super()._apply(fn, *args, **kwargs)
+        new = self._buffers.get("pdl_weights")
+        if w is not None and new is not None and new.dtype not in (torch.float32, torch.float64):
+            self._buffers["pdl_weights"] = w.to(device=new.device, dtype=torch.float32)
+        return self
+
+    @property
+    def accepts_loss_kwargs(self):
+        # Trainer: True means "my loss is normalised by num_items_in_batch, do not divide it by the
+        # accumulation steps". HF's CE is; the PDL mean cannot be (its normaliser is a weight sum of
+        # the whole window), so under a plain Trainer loss="pdl" averages the micro-batch means.
+        # PDLTrainer computes the exact window mean instead.
+        return self.config.loss == "ce"
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -289,6 +312,11 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
             raise ValueError("weights: must be finite and >= 0")
         self.pdl_weights.copy_(w.to(self.pdl_weights.device, torch.float32))
         self._pdl_checked = True
+
+    def set_pdl_counts(self, counts, eps=1e-7, max_weight=None):
+        """Set the PDL weights from target-token counts (``complexformer.token_counts`` or
+        ``complexformer.hf.label_token_counts``): ``pdl_weights(counts, config.pdl_alpha, eps, max_weight=...)``."""
+        self.set_pdl_weights(pdl_weights(counts, alpha=self.config.pdl_alpha, eps=eps, max_weight=max_weight))
 
     def _pdl_loss(self, logits, labels, num_items_in_batch=None, ignore_index=-100):
         w = self.pdl_weights
@@ -325,15 +353,6 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         return result if return_dict else result.to_tuple()
-
-
-def cmha_parameters(model):
-    """Every learnable CMHA angle (delta, beta) of ``model``'s CMHA attention modules, in module order."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, CMHAAttention):
-            out.extend(p for n, p in m.named_parameters(recurse=False) if n in ("delta", "beta"))
-    return out
 
 
 AutoConfig.register("complexformer", ComplexFormerConfig, exist_ok=True)

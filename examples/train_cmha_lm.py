@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import complexformer
-from complexformer.models import CMHADecoder
+from complexformer.models import ComplexFormerConfig, ComplexFormerForCausalLM
 
 
 def load_bytes(path, max_bytes):
@@ -56,7 +56,7 @@ def val_bits_per_byte(model, data, args, gen):
     tot = 0.0
     for _ in range(args.val_batches):
         x, y = batches(data, args.batch_size, args.seq_len, gen)
-        tot += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+        tot += F.cross_entropy(model(x, use_cache=False).logits.flatten(0, 1), y.flatten()).item()
     model.train()
     return tot / args.val_batches / math.log(2)
 
@@ -72,7 +72,8 @@ def main():
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2, help="grouped-query attention (default 2)")
-    ap.add_argument("--learnable-freqs", action="store_true")
+    ap.add_argument("--attention", default="cmha", choices=["cmha", "rope", "none"],
+                    help="cmha: learnable delta/beta; rope: delta=1, beta=0 fixed; none: no positions")
     ap.add_argument("--backend", default="auto", choices=["auto", "fused", "sdpa", "reference"])
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--loss", default="pdl", choices=["pdl", "ce"])
@@ -93,12 +94,18 @@ def main():
     train, val = data[:-n_val], data[-n_val:]
     dev = torch.device(args.device)
 
-    model = CMHADecoder(256, dim=args.dim, depth=args.depth, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                        learnable_freqs=args.learnable_freqs, backend=args.backend, device=dev)
-    print(model.blocks[0].attn)
+    config = ComplexFormerConfig(vocab_size=256, hidden_size=args.dim, num_hidden_layers=args.depth,
+                                 num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                                 attention=args.attention, attn_backend=args.backend, tie_word_embeddings=True)
+    model = ComplexFormerForCausalLM(config).to(dev)
+    print(model.model.layers[0].self_attn)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train)} train bytes")
     loss_fn = make_loss(train, args)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    # delta / beta (model.cmha_parameters()) get no weight decay: decay would pull the angles to 0, not to RoPE
+    angles = {id(p) for p in model.cmha_parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in angles], "weight_decay": 0.01},
+              {"params": model.cmha_parameters(), "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
 
@@ -108,7 +115,7 @@ def main():
     for _ in bar:
         x, y = batches(train, args.batch_size, args.seq_len, gen)
         x, y = x.to(dev), y.to(dev)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x, use_cache=False).logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,10 +130,12 @@ def main():
     model.eval()
     prompt = torch.tensor([list(args.prompt.encode())], device=dev)
     t0 = time.time()
-    out = model.generate(prompt, args.gen_tokens)
+    greedy = dict(do_sample=False, pad_token_id=0)
+    out = model.generate(prompt, max_new_tokens=args.gen_tokens, **greedy)
     dt = time.time() - t0
     n_check = min(20, args.gen_tokens)  # the cache must not change greedy decoding
-    same = torch.equal(out[:, :prompt.shape[1] + n_check], model.generate(prompt, n_check, use_cache=False))
+    same = torch.equal(out[:, :prompt.shape[1] + n_check],
+                       model.generate(prompt, max_new_tokens=n_check, use_cache=False, **greedy))
     text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
     print(f"greedy, KV cache ({args.gen_tokens} tokens in {dt:.2f}s; first {n_check} match no-cache decoding: {same}):")
     print(repr(text))

@@ -100,3 +100,57 @@ def training_args(out_dir, *, batch, accum, lr, **kw):
 
 def max_param_diff(a, b):
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+# ---- CMHA conversion: tiny random Llama / Mistral / Qwen2 models with GQA -------------------------
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_family(family, *, dtype=torch.float32, seed=0, vocab=TINY_VOCAB, layers=2, **overrides):
+    """A random 2-layer model of ``family`` (4 query heads, 2 kv heads, head_dim 16) on SDPA
+    attention. Mistral gets a sliding window of 6 (shorter than the test sequences) and Qwen2 its
+    q/k/v biases (randomised so they matter)."""
+    import transformers
+
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if family == "mistral":
+        kw["sliding_window"] = 6
+    kw.update(overrides)
+    cfg = cfg_cls(**kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def padded_batch(vocab=TINY_VOCAB, seed=3):
+    """(input_ids, attention_mask) for 3 rows of length 11: left-padded, right-padded, unpadded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[1, 8:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def left_padded_batch(vocab=TINY_VOCAB, seed=4):
+    """(input_ids, attention_mask): 3 prompts of lengths 7, 4, 6, left-padded (for generate)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    ids[mask == 0] = 0
+    return ids, mask

@@ -274,5 +274,8 @@ def test_trainer_rejects_bad_setup(tmp_path, data):
 def test_public_names():
     import complexformer.hf as hf
 
-    assert set(hf.__all__) == {"PDLTrainer", "label_token_counts"}
+    assert set(hf.__all__) == {"PDLTrainer", "label_token_counts", "convert_to_cmha", "load_cmha", "cmha_parameters",
+                               "cmha_model_class", "CMHAAttention", "ATTN_IMPLEMENTATION"}
+    if importlib.util.find_spec("transformers") is not None:
+        assert all(getattr(hf, name) is not None for name in hf.__all__)
     assert complexformer.pdl_loss is not None

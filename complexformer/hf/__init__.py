@@ -2,20 +2,42 @@
 
 - :func:`label_token_counts` and :class:`PDLTrainer` (``pdl_trainer.py``): finetuning with the
   Power-Law Decay Loss, exact under gradient accumulation and DDP.
+- :func:`convert_to_cmha`, :func:`load_cmha`, :func:`cmha_parameters` (``cmha.py``): CMHA inside
+  Llama / Mistral / Qwen2 models; :class:`CMHAAttention` (``cmha_attention.py``) is the attention
+  module they and ``complexformer.models.ComplexFormerForCausalLM`` share.
 
 transformers is imported only when a name that needs it is first used, so that importing
 ``complexformer.hf`` for ``label_token_counts`` stays fast.
 """
+import importlib
+
 from .pdl_trainer import _WindowNormalizer, label_token_counts  # noqa: F401
 
-__all__ = ["PDLTrainer", "label_token_counts"]
+_CMHA_NAMES = {
+    "convert_to_cmha": "cmha", "load_cmha": "cmha", "cmha_parameters": "cmha", "cmha_model_class": "cmha",
+    "CMHAAttention": "cmha_attention", "ATTN_IMPLEMENTATION": "cmha_attention",
+}
+__all__ = ["PDLTrainer", "label_token_counts", *_CMHA_NAMES]
+
+
+def _need_transformers(name):
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"complexformer.hf.{name} needs transformers: pip install 'complexformer[hf]'") from e
 
 
 def __getattr__(name):
-    # Built on first use: importing transformers takes seconds.
+    # Built / imported on first use: importing transformers takes seconds.
     if name == "PDLTrainer":
+        _need_transformers(name)
         from .pdl_trainer import _build_pdl_trainer
 
         cls = globals()["PDLTrainer"] = _build_pdl_trainer()
         return cls
+    if name in _CMHA_NAMES:
+        _need_transformers(name)
+        value = getattr(importlib.import_module(f"{__name__}.{_CMHA_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

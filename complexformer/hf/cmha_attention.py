@@ -39,12 +39,14 @@ try:
     from transformers.masking_utils import (
         AttentionMaskInterface, causal_mask_function, flash_attention_mask, sdpa_mask,
     )
-except ImportError as e:  # pragma: no cover - exercised only without transformers
+except ImportError as e:  # pragma: no cover - exercised only without (a recent enough) transformers
     raise ImportError(
-        "complexformer's Hugging Face integration needs transformers: pip install 'complexformer[hf]'"
+        "complexformer's CMHA attention for Hugging Face models needs transformers >= 4.56 (Cache layers, "
+        f"AttentionMaskInterface): pip install -U 'complexformer[hf]' ({e})"
     ) from e
 
 from ..attention import BACKENDS, cmha_attention
+from ..module import CMHA
 from ..reference import default_freqs
 from ..rotate import euler_rotate_qk
 
@@ -54,14 +56,29 @@ LEARNABLE = ("delta", "beta")
 
 def _cmha_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                attention_mask=None, **kwargs):
-    """HF mask hook for :data:`ATTN_IMPLEMENTATION`: the 2-D padding mask (or None) for plain causal
-    attention, which CMHA's fused kernel takes directly; HF's boolean 4-D mask for any other pattern."""
-    plain = mask_function is causal_mask_function and not isinstance(kv_offset, torch.Tensor) and kv_offset == 0
-    if plain and (attention_mask is None or attention_mask.shape[-1] == kv_length):
+    """HF mask hook for :data:`ATTN_IMPLEMENTATION`: None or the 2-D padding mask (which CMHA's fused
+    kernel takes directly) whenever the mask is plain causal + padding, else HF's boolean 4-D mask.
+
+    "Plain" is decided exactly: by the mask function itself, or, for other patterns (a sliding window
+    that the sequence does not exceed, ...), by comparing HF's 4-D mask with the causal + padding
+    one (one elementwise comparison per forward, skipped under torch.compile). The 2-D form also
+    needs the index alignment the module assumes: queries bottom-right after the keys.
+    """
+    ints = not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
+    aligned = ints and q_offset - kv_offset == kv_length - q_length and (
+        attention_mask is None or attention_mask.shape[-1] == kv_offset + kv_length)
+    if aligned and mask_function is causal_mask_function:
         return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                                     attention_mask)
     kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
+    full = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
+    if aligned and full is not None and not torch.compiler.is_compiling():
+        plain = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, causal_mask_function,
+                          attention_mask, **dict(kwargs, use_vmap=False))
+        if torch.equal(full, plain.expand_as(full)):
+            return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                        causal_mask_function, attention_mask)
+    return full
 
 
 def _unconverted_attention(module, *args, **kwargs):
@@ -76,6 +93,21 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _unconverted_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _cmha_mask)
 
 
+class _TorchInit:
+    normal_ = staticmethod(nn.init.normal_)
+    constant_ = staticmethod(nn.init.constant_)
+
+
+def _hf_init():
+    """transformers' init functions, which skip tensors loaded from a checkpoint (transformers >= 5),
+    else torch's."""
+    try:
+        from transformers import initialization
+    except ImportError:
+        return _TorchInit
+    return initialization if hasattr(initialization, "constant_") else _TorchInit
+
+
 def _param_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -87,11 +119,11 @@ class CMHAAttention(nn.Module):
         hidden_size, num_heads, num_kv_heads, head_dim: shapes (head_dim even, num_kv_heads | num_heads).
         layer_idx: this layer's index in the cache; num_layers: the model's layer count (the cache
             slot after the last layer holds the key positions).
-        freqs: (head_dim/2,) rotation frequencies (kept float32, or float64 after ``.double()``;
-            not saved: rebuilt from the config).
+        freqs: (head_dim/2,) rotation frequencies (used in float32, float64 for float64 inputs; not
+            saved: rebuilt from the config).
         scaling: softmax scale (default head_dim^-0.5).
         learnable: which of "delta", "beta" are trainable parameters; the others are fixed
-            non-persistent buffers (delta = 1, beta = 0: RoPE), so they cost no parameters.
+            constants (delta = 1, beta = 0: RoPE), neither parameters nor state.
         delta_init: "rope" (delta = 1: exactly RoPE at the start, used by conversion) or "normal"
             (the authors' N(0, 1/sqrt(head_dim/2))); only for a learnable delta.
         bias: (q, k, v, o) biases when the projections are built here.
@@ -120,7 +152,9 @@ class CMHAAttention(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         h = head_dim // 2
-        freqs = torch.as_tensor(freqs).detach()
+        freqs = torch.as_tensor(freqs, device="cpu").detach() if not isinstance(freqs, torch.Tensor) else freqs.detach()
+        if freqs.device.type == "meta":
+            raise ValueError("freqs: pass real values (a CPU tensor), not a meta tensor")
         if tuple(freqs.shape) != (h,):
             raise ValueError(f"freqs: expected shape ({h},) for head_dim {head_dim}, got {tuple(freqs.shape)}")
         self.hidden_size, self.num_heads, self.num_key_value_heads = hidden_size, num_heads, num_kv_heads
@@ -137,44 +171,59 @@ class CMHAAttention(nn.Module):
                            nn.Linear(hidden_size, num_kv_heads * head_dim, bias=vb, **fk),
                            nn.Linear(num_heads * head_dim, hidden_size, bias=ob, **fk))
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = projections
-        pdev = device if device is not None else self.q_proj.weight.device
-        pdt = dtype if dtype is not None else self.q_proj.weight.dtype
-        for name in LEARNABLE:
-            t = torch.empty(num_heads, h, device=pdev, dtype=pdt)
-            if name in learnable:
-                setattr(self, name, nn.Parameter(t))
-            else:
-                self.register_buffer(name, t, persistent=False)
-        # The frequencies are derived data (from the config); keep a float32 master so .to(bfloat16)
-        # never rounds omega (omega * position would drift by radians at long positions).
-        self._freqs_master = freqs.to(torch.float32).cpu()
-        self.register_buffer("freqs", self._freqs_master.to(pdev), persistent=False)
+        pdev = device if device is not None else next(self.q_proj.parameters()).device
+        pdt = dtype if dtype is not None else next(self.q_proj.parameters()).dtype
+        for name in learnable:
+            setattr(self, name, nn.Parameter(torch.empty(num_heads, h, device=pdev, dtype=pdt)))
+        # Fixed angles (delta = 1, beta = 0) and the frequencies are derived data, not state: plain
+        # attributes materialised per (device, dtype) on first use. Not buffers, so that
+        # .to(bfloat16) never rounds omega (omega * position would drift by radians at long
+        # positions), meta-device loading cannot leave them uninitialised, and FSDP / DDP see only
+        # real parameters. freqs are kept in float64 on the CPU and used in float32 (float64 for
+        # float64 inputs).
+        self._freqs_master = freqs.to(torch.float64).cpu()
+        self._derived = {}
         self.reset_cmha_parameters()
 
-    @torch.no_grad()
-    def reset_cmha_parameters(self):
-        """delta: 1 ("rope") or N(0, 1/sqrt(h)) ("normal", learnable only); beta: 0; freqs: master."""
-        if "delta" in self.learnable and self.delta_init == "normal":
-            self.delta.normal_(0.0, (self.head_dim // 2) ** -0.5)
-        else:
-            self.delta.fill_(1.0)
-        self.beta.zero_()
-        self.reset_buffers()
+    def _fixed(self, name, device, dtype):
+        key = (name, device, dtype)
+        t = self._derived.get(key)
+        if t is None:
+            h = self.head_dim // 2
+            if name == "freqs":
+                t = self._freqs_master.to(device=device, dtype=dtype)
+            else:
+                t = torch.full((self.num_heads, h), 1.0 if name == "delta" else 0.0, device=device, dtype=dtype)
+            self._derived[key] = t
+        return t
+
+    def angles(self, device, dtype):
+        """(delta, beta, freqs) for the attention call: learnable ones as parameters, fixed ones
+        (and freqs) as constants in ``dtype`` (float32, or float64 for float64 inputs)."""
+        delta = self.delta if "delta" in self.learnable else self._fixed("delta", device, dtype)
+        beta = self.beta if "beta" in self.learnable else self._fixed("beta", device, dtype)
+        return delta, beta, self._fixed("freqs", device, dtype)
+
+    @property
+    def freqs(self):
+        """The rotation frequencies omega (head_dim/2,), float64 on the CPU (read-only copy)."""
+        return self._freqs_master.clone()
 
     @torch.no_grad()
-    def reset_buffers(self):
-        """Restore the non-persistent buffers (fixed delta / beta, freqs): after meta-device init."""
-        if "delta" not in self.learnable:
-            self.delta.fill_(1.0)
-        if "beta" not in self.learnable:
-            self.beta.zero_()
-        self.freqs = self._freqs_master.to(self.freqs.device, _param_dtype(self.freqs.dtype))
+    def reset_cmha_parameters(self, init=_TorchInit):
+        """Learnable delta: 1 ("rope") or N(0, 1/sqrt(h)) ("normal"); learnable beta: 0."""
+        if "delta" in self.learnable:
+            if self.delta_init == "normal":
+                init.normal_(self.delta, 0.0, (self.head_dim // 2) ** -0.5)
+            else:
+                init.constant_(self.delta, 1.0)
+        if "beta" in self.learnable:
+            init.constant_(self.beta, 0.0)
 
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if self.freqs.device.type != "meta":
-            self.freqs = self._freqs_master.to(self.freqs.device, _param_dtype(self.freqs.dtype))
-        return self
+    def init_weights_hf(self):
+        """:meth:`reset_cmha_parameters` for a model's ``_init_weights`` under HF loading: tensors
+        already loaded from a checkpoint (flagged ``_is_hf_initialized``) are left alone."""
+        self.reset_cmha_parameters(_hf_init())
 
     def extra_repr(self):
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
@@ -211,14 +260,7 @@ class CMHAAttention(nn.Module):
         p = position_ids if position_ids is not None else cache_position
         if p is None:
             return (past + torch.arange(L, device=device))[None]
-        if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
-            raise TypeError("position_ids: expected an integer tensor, got "
-                            f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
-        if p.dim() == 1:
-            p = p[None]
-        if p.dim() != 2 or p.shape[1] != L or p.shape[0] not in (1, B):
-            raise ValueError(f"position_ids: expected shape (B={B}, L={L}) or (L,), got {tuple(p.shape)}")
-        return p.to(device=device, dtype=torch.int64)
+        return CMHA._check_positions(p, B, L, device)
 
     def _check_cache_layer(self, cache):
         if self.layer_idx < len(cache.layers):
@@ -235,7 +277,7 @@ class CMHAAttention(nn.Module):
         """Absolute positions (B, Lk) of the keys this layer attends to (cached + new)."""
         slot, layers = self.num_layers, cache.layers
         if self.layer_idx == 0:
-            filler = cache.layer_class_to_replicate or DynamicLayer
+            filler = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
             while len(layers) < slot:
                 layers.append(filler())
             if len(layers) == slot:
@@ -262,7 +304,8 @@ class CMHAAttention(nn.Module):
                     raise ValueError(f"attention_mask: a 2-D mask must be a bool / 0-1 integer (B={B}, keys={Lk}) "
                                      f"tensor, True = attend; got {mask.dtype} {tuple(mask.shape)}")
                 kpm = mask.to(device=q.device, dtype=torch.bool)
-            return cmha_attention(q, k, v, self.delta, self.beta, self.freqs, causal=True, scale=self.scaling,
+            delta, beta, freqs = self.angles(q.device, _param_dtype(q.dtype))
+            return cmha_attention(q, k, v, delta, beta, freqs, causal=True, scale=self.scaling,
                                   key_padding_mask=kpm, positions=(q_pos, k_pos), backend=self.backend)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
             raise ValueError(
@@ -278,7 +321,8 @@ class CMHAAttention(nn.Module):
     def _attend_masked(self, q, k, v, q_pos, k_pos, mask):
         """Any 4-D mask: the project's rotation kernel, then torch SDPA with the mask."""
         pdt = _param_dtype(q.dtype)
-        qr, kr = euler_rotate_qk(q, k, self.delta.to(pdt), self.beta.to(pdt), self.freqs.to(pdt),
+        delta, beta, freqs = self.angles(q.device, pdt)
+        qr, kr = euler_rotate_qk(q, k, delta.to(pdt), beta.to(pdt), freqs,
                                  q_positions=q_pos, k_positions=k_pos, layout="half")
         G = self.num_key_value_groups
         vv = v.repeat_interleave(G, dim=1) if G > 1 else v
@@ -299,4 +343,4 @@ class CMHAAttention(nn.Module):
 
 def rope_freqs(head_dim, rope_theta):
     """RoPE's inverse frequencies rope_theta^(-2j/d) (float32), as HF's default rotary embedding."""
-    return default_freqs(head_dim, rope_theta)
+    return default_freqs(head_dim, rope_theta, device="cpu")

@@ -290,7 +290,7 @@ def _build_pdl_trainer():
     try:
         from transformers import Trainer as _Trainer
     except ImportError as e:
-        raise ImportError("complexformer.hf.PDLTrainer needs transformers: pip install transformers") from e
+        raise ImportError("complexformer.hf.PDLTrainer needs transformers: pip install 'complexformer[hf]'") from e
 
     class PDLTrainer(_Trainer):
         """A ``transformers.Trainer`` that trains a causal LM with the Power-Law Decay Loss.
