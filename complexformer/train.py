@@ -83,26 +83,12 @@ def build_model(vocab_size, attention="cmha", *, hidden_size=128, num_layers=2, 
 
 
 def load_model(directory, device="cpu"):
-    """A ComplexFormerForCausalLM saved with ``save_pretrained`` in ``directory``.
+    """A ComplexFormerForCausalLM saved with ``save_pretrained`` in ``directory``."""
+    from .models import ComplexFormerForCausalLM
 
-    Built from its config and loaded from model.safetensors directly rather than through
-    ``from_pretrained``, whose meta-device initialisation currently fails on the CMHA module's
-    float32 frequency master (transformers 5.x)."""
-    from safetensors.torch import load_file
-
-    from .models import ComplexFormerConfig, ComplexFormerForCausalLM
-
-    weights = os.path.join(directory, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"--init-from: no model.safetensors in {directory!r} (not a complexformer.train output?)")
-    model = ComplexFormerForCausalLM(ComplexFormerConfig.from_pretrained(directory))
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"--init-from {directory!r}: weights do not match the config "
-                         f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
-    model.tie_weights()
-    return model.to(device)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"--init-from: no config.json in {directory!r} (not a complexformer.train output?)")
+    return ComplexFormerForCausalLM.from_pretrained(directory).to(device)
 
 
 def lr_at(step, steps, lr, warmup):
