@@ -8,9 +8,9 @@ Tokenizer. The default is a byte-level BPE with a small vocabulary (1024) traine
 ``tokenizers`` library on the *training* split only (no leakage from the held-out text), in about a
 second. Why not bytes: the PDL question is about rare, informative tokens, and the frequency of
 BPE tokens follows the Zipf-like power law that PDL's weights (count^-alpha) are designed for, while
-the ~65 distinct bytes of this text have no such long tail (the "rare" bytes are digits and
-punctuation, not content). BPE (1024 ids) also packs about 3x more text into the same sequence length. Bytes stay
-available (``tokenizer="bytes"``): no training, no dependency, any UTF-8 text.
+the ~65 distinct bytes of this text have no such long tail (its "rare" bytes are brackets and a few
+capitals, not content). BPE (1024 ids) also packs about 3x more text into the same sequence length.
+Bytes stay available (``tokenizer="bytes"``): no training, no dependency, any UTF-8 text.
 
 Batches are random windows of ``seq_len + 1`` tokens from one token stream; the same seeded
 generator draws the *global* batch on every rank and each rank takes its own rows, so a run on W
