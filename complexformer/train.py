@@ -1,0 +1,275 @@
+"""Train one small causal LM on a text file and evaluate it on held-out text from the file's end.
+
+    python -m complexformer.train                                   # the embedded corpus, CMHA, CE
+    python -m complexformer.train --text-file my.txt --attention rope --steps 500
+    python -m complexformer.train --init-from runs/pre --corpus poetry --loss pdl --alpha 0.5
+    torchrun --nproc_per_node 2 -m complexformer.train --batch-size 32      # DDP (gloo on CPU)
+
+The model is ``complexformer.models.ComplexFormerForCausalLM`` (attention "cmha", "rope" or "none").
+The tokenizer is a byte-level BPE trained on the training split (default; see
+``complexformer.data`` for why) or raw bytes. The last 5% of the text (at a line boundary) is held
+out. Output: a progress bar with the loss, ``metrics.json``, the model and ``tokenizer.json`` in
+``--out``, and a last stdout line ``val_ppl=<float>``.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the process group comes from the environment (gloo on CPU,
+NCCL on CUDA); every rank draws the same global batch and trains on its own rows of it, and the
+loss is normalised by the global token (or PDL weight) sum, so the loss curve equals a one-process
+run at the same global batch.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data as cfdata
+from .pdl import pdl_loss, pdl_weights, token_counts
+
+ATTENTIONS = ("cmha", "rope", "none")
+LOSSES = ("ce", "pdl")
+
+
+def resolve_device(name):
+    """torch.device for ``name``, or a ValueError naming --device (unknown or unavailable)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device: unknown device {name!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available in this torch build / on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda[:N], got {name!r}")
+    return dev
+
+
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1) start the process group from the environment: NCCL for a
+    CUDA device (each rank on cuda:LOCAL_RANK), gloo for the CPU. Returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def dist_info():
+    """(rank, world_size) of the current process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_model(vocab_size, attention="cmha", *, hidden_size=128, num_layers=2, num_heads=4,
+                max_position_embeddings=2048, seed=0, device="cpu", **config):
+    """A fresh ComplexFormerForCausalLM, initialised from ``seed``; ``config`` goes to
+    ComplexFormerConfig (e.g. delta_init="rope")."""
+    from .models import ComplexFormerConfig, ComplexFormerForCausalLM
+
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
+    torch.manual_seed(seed)
+    cfg = ComplexFormerConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                              num_attention_heads=num_heads, max_position_embeddings=max_position_embeddings,
+                              attention=attention, tie_word_embeddings=True, **config)
+    return ComplexFormerForCausalLM(cfg).to(device)
+
+
+def load_model(directory, device="cpu"):
+    """A ComplexFormerForCausalLM saved with ``save_pretrained`` in ``directory``."""
+    from .models import ComplexFormerForCausalLM
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"--init-from: no config.json in {directory!r} (not a complexformer.train output?)")
+    return ComplexFormerForCausalLM.from_pretrained(directory).to(device)
+
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warmup, then cosine decay to 10% of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_len=128, lr=3e-3,
+          warmup=None, weight_decay=0.01, seed=0, progress=True, desc="train"):
+    """Train ``model`` in place on random windows of the int64 token ``stream``.
+
+    loss: "ce", or "pdl" (weights (count + eps)^-alpha from the counts of the stream's targets,
+    :func:`complexformer.pdl_weights`). Under an initialised process group the model is wrapped in
+    DDP and ``batch_size`` is the global batch. Returns a history dict: per-step ``loss`` (the
+    global training loss), ``lr``, ``seconds``, ``tokens_per_s``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if len(stream) < seq_len + 1:
+        raise ValueError(f"--seq-len {seq_len} is longer than the training text ({len(stream)} tokens)")
+    rank, world = dist_info()
+    dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    if int(stream.max()) >= vocab:
+        raise ValueError(f"the token stream has id {int(stream.max())} >= the model's vocab_size {vocab} "
+                         "(a tokenizer that does not match the model?)")
+    weights = None
+    if loss == "pdl":
+        # count the label stream the loss sees: every window's targets come from stream[1:]
+        weights = pdl_weights(token_counts(stream[1:], vocab), alpha=alpha).to(dev)
+    warmup = max(1, steps // 10) if warmup is None else warmup
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    # bf16 autocast on the GPU (CMHA's fused CUDA kernels take half precision); float32 on the CPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    hist = {"loss": [], "lr": []}
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in bar:
+        x, y = cfdata.random_windows(stream, batch_size, seq_len, gen, rank=rank, world_size=world)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        cur_lr = lr_at(step, steps, lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        with autocast:
+            logits = net(input_ids=x, use_cache=False).logits
+        logits = logits.float()
+        # sum over this rank's tokens / the global normaliser: the gradients DDP averages over
+        # ranks (hence the factor world) are exactly those of the global batch
+        if weights is None:
+            local = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+            norm = torch.tensor(float(batch_size * seq_len), device=dev)
+        else:
+            local = pdl_loss(logits, y, weights, reduction="sum")
+            norm = weights[y].sum()
+            if world > 1:
+                dist.all_reduce(norm)
+        step_loss = local / norm
+        opt.zero_grad(set_to_none=True)
+        (step_loss * world).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        logged = step_loss.detach()
+        if world > 1:
+            dist.all_reduce(logged)
+        hist["loss"].append(logged.item())
+        hist["lr"].append(cur_lr)
+        bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    hist["seconds"] = time.perf_counter() - t0
+    hist["tokens_per_s"] = steps * batch_size * seq_len / hist["seconds"]
+    model.eval()
+    return hist
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m complexformer.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text-file", help="UTF-8 text to train on (default: the embedded corpus, see --corpus)")
+    src.add_argument("--corpus", choices=cfdata.CORPUS_PARTS, default="narrative",
+                     help="embedded corpus part used when no --text-file is given (default: narrative)")
+    p.add_argument("--attention", choices=ATTENTIONS, default=None,
+                   help="position scheme (default: cmha, or the --init-from model's)")
+    p.add_argument("--loss", choices=LOSSES, default="ce")
+    p.add_argument("--alpha", type=float, default=1.0, help="PDL exponent (with --loss pdl)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (split over DDP ranks)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", metavar="DIR", help="start from a model + tokenizer saved by an earlier run")
+    p.add_argument("--out", metavar="DIR", default="runs/train", help="where metrics.json and the model go")
+    p.add_argument("--tokenizer", choices=cfdata.TOKENIZERS, default="bpe")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--no-save", action="store_true", help="write metrics.json only, not the model")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = resolve_device(args.device)
+    if args.text_file is not None:
+        text, source = cfdata.read_text_file(args.text_file), args.text_file
+    else:
+        text, source = cfdata.load_corpus(args.corpus), f"embedded:{args.corpus}"
+    dev = init_distributed(dev)
+    rank, world = dist_info()
+    train_text, val_text = cfdata.split_held_out(text, args.val_fraction)
+
+    if args.init_from:
+        tok = cfdata.load_tokenizer(args.init_from)
+        model = load_model(args.init_from, dev)
+        if args.attention is not None and args.attention != model.config.attention:
+            raise ValueError(f"--attention {args.attention} differs from the --init-from model's "
+                             f"({model.config.attention})")
+    else:
+        tok = cfdata.build_tokenizer(args.tokenizer, train_text, args.vocab_size)
+        if world > 1 and tok.kind == "bpe":
+            # every rank must use the same ids: take rank 0's merges rather than trust the
+            # trainer to break ties identically in every process
+            msg = [tok.to_str() if rank == 0 else None]
+            dist.broadcast_object_list(msg, src=0)
+            tok = cfdata.BPETokenizer.from_str(msg[0])
+        model = build_model(tok.vocab_size, args.attention or "cmha", hidden_size=args.hidden_size,
+                            num_layers=args.layers, num_heads=args.heads, seed=args.seed, device=dev)
+    train_ids, val_ids = cfdata.encode_stream(tok, train_text), cfdata.encode_stream(tok, val_text)
+    if len(train_ids) < args.seq_len + 1:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the training text ({len(train_ids)} tokens)")
+    if len(val_ids) < args.seq_len + 1:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the held-out text ({len(val_ids)} tokens; "
+                         f"use a longer file or a larger --val-fraction)")
+    n_params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        print(f"{source}: {len(train_ids)} train / {len(val_ids)} held-out tokens ({tok.kind}, vocab "
+              f"{tok.vocab_size}); {model.config.attention} model, {n_params / 1e6:.2f}M parameters; "
+              f"seed {args.seed}; {world} process(es)")
+    hist = train(model, train_ids, loss=args.loss, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
+                 seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+
+    if rank == 0:
+        from .metrics import evaluate_lm
+
+        val = evaluate_lm(model, *cfdata.sequential_windows(val_ids, args.seq_len))
+        metrics = {"args": vars(args), "source": source, "seed": args.seed, "world_size": world,
+                   "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "parameters": n_params,
+                   "train_tokens": len(train_ids), "val_tokens": len(val_ids), "history": hist,
+                   "val": val, "val_ppl": val["ppl"]}
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        if not args.no_save:
+            model.save_pretrained(args.out)
+            tok.save(args.out)
+        print(f"trained {args.steps} steps in {hist['seconds']:.1f} s ({hist['tokens_per_s']:.0f} tokens/s); "
+              f"final train loss {hist['loss'][-1]:.4f}; held-out ce {val['ce']:.4f}; wrote {args.out}")
+        print(f"val_ppl={val['ppl']:.4f}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")

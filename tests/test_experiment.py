@@ -1,0 +1,38 @@
+"""python -m complexformer.experiment with a tiny --steps override: tables, results.json, plots."""
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("matplotlib")
+
+from complexformer.experiment import main  # noqa: E402
+
+
+@pytest.mark.slow  # the training is tiny, but every run is still evaluated on the whole held-out text
+def test_tiny_experiment_writes_results_and_plots(tmp_path, capsys):
+    main(["--steps", "4", "--alphas", "0.5", "1", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "| cmha |" in out and "| rope |" in out and "| none |" in out
+    assert "| CE |" in out and "| PDL alpha=0.5 |" in out and "| PDL alpha=1 |" in out
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["seeds"] == [0] and r["config"]["pretrain_steps"] == 4
+    pos = r["per_seed"][0]["position"]
+    assert list(pos) == ["cmha", "cmha, delta=1 init", "rope", "none"]
+    # same model, same parameter count up to CMHA's per-head delta and beta
+    assert abs(pos["cmha"]["parameters"] - pos["rope"]["parameters"]) <= 0.01 * pos["rope"]["parameters"]
+    for run in pos.values():
+        assert len(run["loss"]) == 4 and math.isfinite(run["val"]["ppl"]) and math.isfinite(run["val_2x"]["ppl"])
+    ft = r["per_seed"][0]["finetune"]
+    assert list(ft) == ["pretrained (no finetune)", "CE", "PDL alpha=0.5", "PDL alpha=1"]
+    for run in ft.values():
+        assert len(run["val"]["acc_by_bucket"]) == 4 and sum(run["val"]["tokens_by_bucket"]) == run["val"]["tokens"]
+        assert 0 <= run["distinct"]["sampled"]["d2"] <= 1
+    # every finetuning run starts from the same weights: the untouched model differs from all of them
+    ppl = [run["val"]["ppl"] for run in ft.values()]
+    assert len(set(ppl)) == len(ppl)
+    for name in r["plots"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(r["plots"]) == {"training_curves.png", "pdl_weights.png", "bucket_accuracy.png"}
