@@ -296,7 +296,7 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     N x V buffers (524 MB each) at their peak (benchmarks/fused_linear.py measures both).
     """
     reject_unsupported_autodiff("fused_linear_pdl_loss", hidden, lm_head_weight, bias)
-    _check_options(ignore_index, reduction, label_smoothing)
+    ignore_index, label_smoothing = _check_options(ignore_index, reduction, label_smoothing)
     check_tensor("hidden", hidden, dtypes=_FLOAT_DTYPES, ndim=(2, 3))
     check_tensor("lm_head_weight", lm_head_weight, dtypes=_FLOAT_DTYPES, ndim=2, device=hidden.device)
     if lm_head_weight.dtype != hidden.dtype:
