@@ -1,4 +1,4 @@
-"""Kernel-level tests of the CPU fused CMHA attention (_C.attn_fwd_cpu / _C.attn_bwd_cpu).
+"""Kernel-level tests of the CPU fused CMHA attention (_C.attn_fwd / _C.attn_bwd on CPU tensors).
 
 Forward: against the pair-by-pair float64 reference (complexformer.reference), which never uses the
 factorized rotation the kernel implements. Backward: against float64 autograd through an explicit
@@ -42,9 +42,9 @@ def kernel_fwd(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset
                                              cu_seqlens=cu_seqlens, q_pos=q_pos, k_pos=k_pos)
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype)
     lse = torch.empty(B, H, Lq, dtype=q.dtype)
-    _C.attn_fwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
-                    dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(lse), int(causal), float(scale),
-                    int(q_offset), LAYOUTS[layout], nthreads or torch.get_num_threads())
+    _C.attn_fwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
+                dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(lse), int(causal), float(scale),
+                int(q_offset), LAYOUTS[layout], nthreads or torch.get_num_threads(), 0)
     return out, lse
 
 
@@ -57,10 +57,10 @@ def kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, *, causal=True, scal
     dq = torch.full((B, H, Lq, d), float("nan"), dtype=q.dtype)
     dk = torch.full((B, H, Lk, d), float("nan"), dtype=q.dtype)
     dvf = torch.full((B, H, Lk, v.shape[3]), float("nan"), dtype=q.dtype)
-    _C.attn_bwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
-                    dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf),
-                    int(causal), float(scale), int(q_offset), LAYOUTS[layout],
-                    nthreads or torch.get_num_threads())
+    _C.attn_bwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
+                dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf),
+                int(causal), float(scale), int(q_offset), LAYOUTS[layout],
+                nthreads or torch.get_num_threads(), 0)
     return dq, dk, dvf
 
 
@@ -364,9 +364,9 @@ def _call_fwd_with(**over):
                 lse=torch.empty(1, 2, 8, dtype=q.dtype))
     args.update(over)
     a = args
-    _C.attn_fwd_cpu(dl(a["q"]), dl(a["k"]), dl(a["v"]), dl(a["delta"]), dl(a["beta"]), dl(a["freqs"]),
-                    dl(a["q_pos"]), dl(a["k_pos"]), dl_opt(a["kpm"]), dl_opt(a["cu"]), dl(a["out"]),
-                    dl(a["lse"]), 1, 0.25, 0, over.get("layout", 0), 1)
+    _C.attn_fwd(dl(a["q"]), dl(a["k"]), dl(a["v"]), dl(a["delta"]), dl(a["beta"]), dl(a["freqs"]),
+                dl(a["q_pos"]), dl(a["k_pos"]), dl_opt(a["kpm"]), dl_opt(a["cu"]), dl(a["out"]),
+                dl(a["lse"]), 1, 0.25, 0, over.get("layout", 0), 1, 0)
 
 
 @pytest.mark.parametrize("over,exc,match", [
