@@ -14,7 +14,6 @@
  * bounds), with errors naming the argument, because the kernels trust what they get. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <math.h>
 #include <string.h>
 #include "attn.h"
 #include "rotate_math.h"
@@ -159,11 +158,6 @@ static int parse_common(PyObject *const *objs, CfAttnArgs *a, CfTensor *q_out, i
   if (cf_tensor_arg(objs[6], "q_pos", &qpos) || check_pos(&qpos, "q_pos", &q, B, Lq) ||
       cf_tensor_arg(objs[7], "k_pos", &kpos) || check_pos(&kpos, "k_pos", &q, B, Lk))
     return -1;
-  if (qpos.shape[0] != kpos.shape[0]) {
-    PyErr_Format(PyExc_ValueError, "q_pos, k_pos: leading dims must both be 1 or both be the batch size %lld "
-                 "(got %lld and %lld)", (long long)B, (long long)qpos.shape[0], (long long)kpos.shape[0]);
-    return -1;
-  }
   a->B = B, a->H = H, a->Hkv = Hkv, a->Lq = Lq, a->Lk = Lk, a->d = d, a->dv = dv;
   if (cf_tensor_opt(objs[8], "key_padding_mask", &kpm) || cf_tensor_opt(objs[9], "cu_seqlens", &cu)) return -1;
   if (objs[8] != Py_None) {
@@ -175,10 +169,6 @@ static int parse_common(PyObject *const *objs, CfAttnArgs *a, CfTensor *q_out, i
   if (objs[9] != Py_None && parse_cu_seqlens(&cu, &q, a)) return -1;
   if (layout != CF_LAYOUT_HALF && layout != CF_LAYOUT_INTERLEAVED) {
     PyErr_Format(PyExc_ValueError, "layout: expected 0 (half) or 1 (interleaved), got %d", layout);
-    return -1;
-  }
-  if (!isfinite(scale)) {
-    PyErr_SetString(PyExc_ValueError, "scale: must be finite");
     return -1;
   }
   a->dtype = q.dtype;

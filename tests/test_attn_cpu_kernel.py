@@ -299,6 +299,25 @@ def test_per_head_freqs_and_explicit_positions():
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-9)
 
 
+def test_strided_positions_and_out():
+    """The kernels read positions (forward) and out, dout (backward) through their strides: the
+    results equal those of contiguous copies bit for bit."""
+    q, k, v, delta, beta, freqs = make_inputs(B=2, H=4, Hkv=2, Lq=12, Lk=12, d=16)
+    pos = torch.stack([torch.arange(12) + 3, torch.arange(12) * 2]).repeat_interleave(2, dim=1)
+    pos_s, pos_c = pos[:, ::2], pos[:, ::2].contiguous()
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, q_pos=pos_c, k_pos=pos_c, nthreads=1)
+    out_s, lse_s = torch.empty_like(out), torch.empty_like(lse)
+    _C.attn_fwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos_s), dl(pos_s), None, None,
+                dl(out_s), dl(lse_s), 1, 0.25, 0, 0, 1, 0)
+    assert torch.equal(out_s, out) and torch.equal(lse_s, lse)
+    dout = torch.randn_like(out)
+    ref = kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, q_pos=pos_c, k_pos=pos_c)
+    wide = lambda t: torch.cat([t, torch.full_like(t, float("nan"))], dim=-1)[..., :t.shape[-1]]  # noqa: E731
+    got = kernel_bwd(q, k, v, delta, beta, freqs, wide(out), wide(dout), lse, q_pos=pos_c, k_pos=pos_c)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_float32_special_pairs(layout):
     """Pairs on the branch cut (negative re, +-0 im), at the origin, signed zeros and large norms:
