@@ -162,7 +162,9 @@ static int parse_common(PyObject *const *objs, CfAttnArgs *a, CfTensor *q_out, i
   if (cf_tensor_opt(objs[8], "key_padding_mask", &kpm) || cf_tensor_opt(objs[9], "cu_seqlens", &cu)) return -1;
   if (objs[8] != Py_None) {
     const int64_t mshape[2] = {B, Lk};
-    if (check_like(&kpm, "key_padding_mask", &q, CF_BOOL, 2, mshape, 0)) return -1;
+    if (cf_check_same_device(&kpm, "key_padding_mask", &q, "q") || cf_check_dtype(&kpm, "key_padding_mask", CF_BOOL) ||
+        cf_check_shape(&kpm, "key_padding_mask", 2, mshape)) /* any strides */
+      return -1;
     a->kpm = (const uint8_t *)kpm.data;
     a->kpm_s = cf_strides_bl(&kpm);
   }
