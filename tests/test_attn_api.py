@@ -13,7 +13,7 @@ from complexformer import attention as A
 from complexformer.reference import cmha_attention_pairwise, default_freqs
 
 # Every backend's kernels are part of every build: a missing one is a failure, not a skip.
-HAS = {"reference": True, "sdpa": hasattr(_C, "rotate_fwd"), "fused": hasattr(_C, "attn_fwd_cpu")}
+HAS = {"reference": True, "sdpa": hasattr(_C, "rotate_fwd"), "fused": hasattr(_C, "attn_fwd")}
 ALL = ["reference", "sdpa", "fused"]
 
 
