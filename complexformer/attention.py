@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-from .checks import (BACKENDS, FLOAT_DTYPES, LAYOUTS, check_angles, check_backend, check_head_dim,  # noqa: F401
-                     check_heads, check_int, check_key_padding_mask, check_layout, check_positions, check_real,
-                     check_tensor)
+from .checks import (FLOAT_DTYPES, LAYOUTS, check_angles, check_backend, check_head_dim, check_heads, check_int,
+                     check_key_padding_mask, check_layout, check_positions, check_real, check_tensor)
 from .checks import compute_dtype as _acc_dtype
 from .reference import rotate_reference, seq_positions, visible
 from .rotate import _rotate_qk_op
