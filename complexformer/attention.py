@@ -71,8 +71,7 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     elif not math.isfinite(check_real("scale", scale, "a finite float or None")):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     if q_offset is not None:
-        q_offset = check_int("q_offset", q_offset, lo=-_POS_LIMIT + 1, hi=_POS_LIMIT - 1,
-                                  what="an int or None")
+        q_offset = check_int("q_offset", q_offset, lo=-_POS_LIMIT + 1, hi=_POS_LIMIT - 1, what="an int or None")
     if key_padding_mask is not None:
         key_padding_mask = check_key_padding_mask("key_padding_mask", key_padding_mask, B, Lk, dev)
     if cu_seqlens is not None:

@@ -78,8 +78,8 @@ def check_real(name, v, what="a number"):
     return float(v)
 
 
-def _no_host_sync():
-    """True while a data-dependent check must be skipped: torch.compile tracing (values unknown)."""
+def _compiling():
+    """True while torch.compile traces: values are unknown, so data-dependent checks are skipped."""
     return torch.compiler.is_compiling()
 
 
@@ -184,7 +184,7 @@ def check_key_padding_mask(name, mask, B, Lk, device, *, other="q", ints=False, 
     if mask.dtype == torch.bool:
         return mask
     capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
-    if check_values and not _no_host_sync() and not capturing and bool(((mask != 0) & (mask != 1)).any()):
+    if check_values and not _compiling() and not capturing and bool(((mask != 0) & (mask != 1)).any()):
         bad = mask[(mask != 0) & (mask != 1)][0].item()
         raise ValueError(f"{name}: integer masks must hold 0 or 1 (1 = attend), found {bad}")
     return mask != 0
@@ -247,7 +247,7 @@ def check_pdl_weights(weights):
     can make a batch's weight sum 0 or negative.) On CUDA the check reads the tensor once per
     tensor version (one host sync), then is remembered; under torch.compile tracing values are
     unknown and it is skipped."""
-    if _no_host_sync():
+    if _compiling():
         return
     from torch._subclasses.fake_tensor import is_fake
 

@@ -22,8 +22,9 @@ from ._ext import require_cuda_kernels
 from ._selfcheck import selfcheck
 from .checks import (FLOAT_DTYPES, REDUCTIONS, check_normalizer, check_pdl_options, check_targets_in_range,
                      check_targets_weights, check_tensor)
+from .checks import compute_dtype as _acc_dtype
 from .pdl import (
-    _MEAN, _NONE, _NORM_GIVEN, _NORM_PRECOMPUTED, _acc_dtype, _run_kernel, _scale, _sync_checks, _tracing,
+    _MEAN, _NONE, _NORM_GIVEN, _NORM_PRECOMPUTED, _run_kernel, _scale, _sync_checks, _tracing,
 )
 
 __all__ = ["fused_linear_pdl_loss", "fused_linear_chunk_rows"]
