@@ -1,4 +1,4 @@
-"""Kernel-level CPU benchmark of the fused CMHA attention (_C.attn_fwd_cpu + _C.attn_bwd_cpu).
+"""Kernel-level CPU benchmark of the fused CMHA attention (_C.attn_fwd + _C.attn_bwd on CPU tensors).
 
 Measures forward and forward+backward wall time (median of --reps) for causal float32 attention at
 B=1, H=8, d=64 (sizes via flags) against the baseline "rotate q and k in PyTorch, then
@@ -83,13 +83,13 @@ def main():
             t.zero_()
 
         def fused_fwd():
-            _C.attn_fwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,
-                            dl(out), dl(lse), int(causal), scale, 0, 0, nt)
+            _C.attn_fwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,
+                        dl(out), dl(lse), int(causal), scale, 0, 0, nt, 0)
 
         def fused_fb():
             fused_fwd()
-            _C.attn_bwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,
-                            dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf), int(causal), scale, 0, 0, nt)
+            _C.attn_bwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,
+                        dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf), int(causal), scale, 0, 0, nt, 0)
 
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         p1 = pos[0]

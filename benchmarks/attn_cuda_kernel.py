@@ -1,6 +1,6 @@
 """Fused CMHA attention CUDA kernels vs torch SDPA (FlashAttention backend), kernel level.
 
-What it measures: the fused kernels (_C.attn_fwd_cuda, _C.attn_bwd_cuda) rotate q and k on the fly
+What it measures: the fused kernels (_C.attn_fwd, _C.attn_bwd on CUDA tensors) rotate q and k on the fly
 inside the attention; the baseline is F.scaled_dot_product_attention under
 sdpa_kernel(FLASH_ATTENTION) on inputs rotated beforehand (the rotation is not timed for SDPA, so
 the ratio is attention-with-fused-rotation vs plain flash attention). Backward: the fused numbers
@@ -95,11 +95,11 @@ def bench(d, args):
         return tuple(_ext.dl(torch.empty(B, H, L, d, device=dev, dtype=dt)) for _ in range(2))
 
     def fused_fwd():
-        _C.attn_fwd_cuda(*common(), _ext.dl(out), _ext.dl(lse), 1, scale, 0, 0, s, *ws())
+        _C.attn_fwd(*common(), _ext.dl(out), _ext.dl(lse), 1, scale, 0, 0, 1, s, *ws())
 
     def fused_bwd():
-        _C.attn_bwd_cuda(*common(), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), _ext.dl(dq), _ext.dl(dk), _ext.dl(dv),
-                         1, scale, 0, 0, s, *ws())
+        _C.attn_bwd(*common(), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), _ext.dl(dq), _ext.dl(dk), _ext.dl(dv),
+                    1, scale, 0, 0, 1, s, *ws())
 
     def fused_fwd_bwd():
         fused_fwd()

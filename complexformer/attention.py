@@ -3,7 +3,7 @@
 CMHA = an Euler rotation of q and k (exact factorisation of the polar score), then ordinary
 softmax attention on (q~, k~, v). The backends differ only in how they do that:
 
-- "fused":     the project's attention kernel (_C.attn_fwd_* / _C.attn_bwd_*), keys rotated per
+- "fused":     the project's attention kernel (_C.attn_fwd / _C.attn_bwd), keys rotated per
                *query* head: the CPU kernel rotates tiles on load; the CUDA kernels pre-rotate q
                and k into workspaces, except in a GQA forward, which rotates key tiles on load so
                it never builds a (B, H, Lk, d) K (docs/design.md, "Memory"). A registered op
@@ -199,7 +199,7 @@ def _sdpa_nan_rows(qr, kr, mask, p):
 
 
 # --------------------------------------------------------------------------------------------
-# "fused": registered ops around _C.attn_fwd_* / _C.attn_bwd_*.
+# "fused": registered ops around _C.attn_fwd / _C.attn_bwd.
 # --------------------------------------------------------------------------------------------
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
 _FUSED_CPU_MAX_D = 256
@@ -232,10 +232,6 @@ def _last_dim_contig(t):
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
 
 
-def _device_arg(t):
-    return _ext.stream(t) if t.device.type == "cuda" else _ext.num_threads()
-
-
 def _rotation_workspaces(q, k, kind):
     """() or (q_ws, k_ws) for the CUDA kernels: torch-allocated (B, H, L, d) buffers that a pre-pass
     fills with the rotated q~ and k~ (k per query head), so the attention kernels copy plain tiles.
@@ -260,10 +256,10 @@ def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=_acc_dtype(q.dtype), device=q.device)
-    fn = _C.attn_fwd_cuda if q.device.type == "cuda" else _C.attn_fwd_cpu
-    fn(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
-       _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(lse),
-       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q), *_rotation_workspaces(q, k, "FWD"))
+    _C.attn_fwd(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
+                _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(lse), int(causal),
+                float(scale), int(q_offset), int(layout), _ext.num_threads(), _ext.stream(q),
+                *_rotation_workspaces(q, k, "FWD"))
     return out, lse
 
 
@@ -286,11 +282,10 @@ def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: to
     dq_rot = torch.empty(B, H, Lq, d, dtype=acc, device=q.device)
     dk_rot = torch.empty(B, H, Lk, d, dtype=acc, device=q.device)
     dv_full = torch.empty(B, H, Lk, dv, dtype=acc, device=q.device)
-    fn = _C.attn_bwd_cuda if q.device.type == "cuda" else _C.attn_bwd_cpu
-    fn(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
-       _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(dout), _ext.dl(lse),
-       _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full),
-       int(causal), float(scale), int(q_offset), int(layout), _device_arg(q), *_rotation_workspaces(q, k, "BWD"))
+    _C.attn_bwd(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
+                _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(dout), _ext.dl(lse),
+                _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full), int(causal), float(scale), int(q_offset),
+                int(layout), _ext.num_threads(), _ext.stream(q), *_rotation_workspaces(q, k, "BWD"))
     return dq_rot, dk_rot, dv_full
 
 

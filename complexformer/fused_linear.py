@@ -298,7 +298,7 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     N x V buffers (524 MB each) at their peak (benchmarks/fused_linear.py measures both).
     """
     reject_unsupported_autodiff("fused_linear_pdl_loss", hidden, lm_head_weight, bias)
-    check_pdl_options(ignore_index, reduction, label_smoothing)
+    ignore_index, label_smoothing = check_pdl_options(ignore_index, reduction, label_smoothing)
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3))
     check_tensor("lm_head_weight", lm_head_weight, dtypes=FLOAT_DTYPES, ndim=2, device=hidden.device)
     if lm_head_weight.dtype != hidden.dtype:

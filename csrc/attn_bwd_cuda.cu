@@ -30,14 +30,14 @@ __global__ void __launch_bounds__(256) attn_bwd_dot_kernel(const CfAttnArgs a) {
   float acc = 0.f;
   if (row < a.Lq) {
     float x[8], y[8];
-    load8(x, (const T *)a.out + b * a.o_sb + hq * a.o_sh + row * a.o_sl + sub * 8, a.vec != 0);
-    load8(y, (const T *)a.dout + b * a.do_sb + hq * a.do_sh + row * a.do_sl + sub * 8, a.vec != 0);
+    load8(x, (const T *)a.out + b * a.out_s.b + hq * a.out_s.h + row * a.out_s.l + sub * 8, a.vec != 0);
+    load8(y, (const T *)a.dout + b * a.dout_s.b + hq * a.dout_s.h + row * a.dout_s.l + sub * 8, a.vec != 0);
 #pragma unroll
     for (int i = 0; i < 8; i++) acc = fmaf(x[i], y[i], acc);
   }
 #pragma unroll
   for (int w = G / 2; w > 0; w >>= 1) acc += __shfl_xor_sync(kFull, acc, w); /* within the row's G lanes */
-  if (row < a.Lq && sub == 0) a.dq_rot[((b * a.H + hq) * a.Lq + row) * a.d] = acc;
+  if (row < a.Lq && sub == 0) ((float *)a.dq_rot)[((b * a.H + hq) * a.Lq + row) * a.d] = acc;
 }
 
 /* Per-row softmax statistics of query rows [m0, m0 + rows): lse * log2(e) (+inf where the row is
@@ -48,11 +48,11 @@ __device__ __forceinline__ void stage_row_stats(const CfAttnArgs &a, int64_t b, 
   for (int i = tid; i < rows; i += nthr) {
     float l2 = INFINITY, dd = 0.f;
     if (i < nvalid) {
-      const float l = a.lse[base + i];
+      const float l = ((const float *)a.lse)[base + i];
       l2 = l == -INFINITY ? INFINITY : l * kLog2e;
       /* a NaN row (NaN lse, from a NaN input): D = 0, so dS = P (dP - D) is NaN on the keys the row
        * sees (P NaN) and 0 on the masked ones (P = 0), as torch's softmax backward gives */
-      dd = l == l ? a.dq_rot[(base + i) * a.d] : 0.f;
+      dd = l == l ? ((float *)a.dq_rot)[(base + i) * a.d] : 0.f;
     }
     s_lse2[i] = l2;
     s_D[i] = dd;
@@ -120,8 +120,8 @@ __device__ __forceinline__ void dkdv_store(const float (&dk)[MB][D / 8][4], cons
                                            int kl0, int lane) {
   constexpr int NTD = D / 8;
   const float scale = (float)a.scale;
-  float *dkg = a.dk_rot + (b * a.H + hq) * a.Lk * a.d;
-  float *dvg = a.dv_full + (b * a.H + hq) * a.Lk * a.dv;
+  float *dkg = (float *)a.dk_rot + (b * a.H + hq) * a.Lk * a.d;
+  float *dvg = (float *)a.dv_full + (b * a.H + hq) * a.Lk * a.dv;
 #pragma unroll
   for (int m = 0; m < MB; m++)
 #pragma unroll
@@ -178,7 +178,7 @@ template <int D, int MB>
 __device__ __forceinline__ void dq_store(const float (&dq)[MB][D / 8][4], const CfAttnArgs &a, int64_t b, int64_t hq,
                                          int64_t r0, int64_t q_hi, int lane) {
   const float scale = (float)a.scale;
-  float *dqg = a.dq_rot + (b * a.H + hq) * a.Lq * a.d;
+  float *dqg = (float *)a.dq_rot + (b * a.H + hq) * a.Lq * a.d;
 #pragma unroll
   for (int m = 0; m < MB; m++)
 #pragma unroll
@@ -230,12 +230,12 @@ __global__ void __launch_bounds__(NW * 32, BwdCfg<D, NW, MB, BQ>::MINB) attn_bwd
   const int64_t nvk = ks.hi - ks.lo;
 
   stage_async<T, BK, D>(sK, (const T *)a.k_rot + ((b * a.H + hq) * a.Lk + ks.lo) * D, D, nvk, true, tid, NTHR);
-  stage_async<T, BK, D>(sV, (const T *)a.v + b * a.v_sb + hk * a.v_sh + ks.lo * a.v_sl, a.v_sl, nvk, vec, tid, NTHR);
+  stage_async<T, BK, D>(sV, (const T *)a.v + b * a.v_s.b + hk * a.v_s.h + ks.lo * a.v_s.l, a.v_s.l, nvk, vec, tid, NTHR);
   stage_key_valid(a, b, ks.lo, nvk, BK, s_kvalid, tid, NTHR);
   cp_async_commit();
 
   const T *qg = (const T *)a.q_rot + (b * a.H + hq) * a.Lq * D;
-  const T *dog = (const T *)a.dout + b * a.do_sb + hq * a.do_sh;
+  const T *dog = (const T *)a.dout + b * a.dout_s.b + hq * a.dout_s.h;
   const int kw0 = warp * MB * 16, kl0 = kw0 + (lane >> 2); /* the warp's first key, this thread's (local) */
   const float sl2 = (float)a.scale * kLog2e;
   const int64_t m_start = a.causal ? imax64(q_lo, ks.lo - qoff) : q_lo;
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(NW * 32, BwdCfg<D, NW, MB, BQ>::MINB) attn_bwd
     const int64_t m0 = m_start + it * BQ, nvq = imin64(BQ, q_hi - m0);
     T *sQ = sQ0 + buf * 2 * BQ * LDS;
     stage_async<T, BQ, D>(sQ, qg + m0 * D, D, nvq, true, tid, NTHR);
-    stage_async<T, BQ, D>(sQ + BQ * LDS, dog + m0 * a.do_sl, a.do_sl, nvq, vec, tid, NTHR);
+    stage_async<T, BQ, D>(sQ + BQ * LDS, dog + m0 * a.dout_s.l, a.dout_s.l, nvq, vec, tid, NTHR);
     float *st = s_stat0 + buf * 2 * BQ;
     stage_row_stats(a, b, hq, m0, nvq, BQ, st, st + BQ, tid, NTHR);
     cp_async_commit();
@@ -300,19 +300,19 @@ __global__ void __launch_bounds__(NW * 32, BwdCfg<D, NW, MB, BK>::MINB) attn_bwd
   const int64_t nvq = qs.hi - qs.lo;
 
   const T *kg = (const T *)a.k_rot + (b * a.H + hq) * a.Lk * D;
-  const T *vg = (const T *)a.v + b * a.v_sb + hk * a.v_sh;
+  const T *vg = (const T *)a.v + b * a.v_s.b + hk * a.v_s.h;
   const int64_t ntile = (k_end - k_lo + BK - 1) / BK;
   auto issue = [&](int64_t it) {
     const int buf = (int)(it & 1);
     const int64_t n0 = k_lo + it * BK, nv = imin64(BK, k_hi - n0);
     T *sK = sKV0 + buf * 2 * BK * LDS;
     stage_async<T, BK, D>(sK, kg + n0 * D, D, nv, true, tid, NTHR);
-    stage_async<T, BK, D>(sK + BK * LDS, vg + n0 * a.v_sl, a.v_sl, nv, vec, tid, NTHR);
+    stage_async<T, BK, D>(sK + BK * LDS, vg + n0 * a.v_s.l, a.v_s.l, nv, vec, tid, NTHR);
     stage_key_valid(a, b, n0, nv, BK, s_kvalid0 + buf * BK, tid, NTHR);
     cp_async_commit();
   };
   stage_async<T, BQ, D>(sQ, (const T *)a.q_rot + ((b * a.H + hq) * a.Lq + qs.lo) * D, D, nvq, true, tid, NTHR);
-  stage_async<T, BQ, D>(sdO, (const T *)a.dout + b * a.do_sb + hq * a.do_sh + qs.lo * a.do_sl, a.do_sl, nvq, vec, tid,
+  stage_async<T, BQ, D>(sdO, (const T *)a.dout + b * a.dout_s.b + hq * a.dout_s.h + qs.lo * a.dout_s.l, a.dout_s.l, nvq, vec, tid,
                         NTHR);
   cp_async_commit();
   if (ntile > 0) issue(0);

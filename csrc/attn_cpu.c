@@ -75,7 +75,7 @@ typedef struct {
   int need_mask;          /* a key-padding mask is present */
 } AttnRows;
 
-static void rows_init(const CfAttnParams *p, int64_t t, AttnRows *rows) {
+static void rows_init(const CfAttnArgs *p, int64_t t, AttnRows *rows) {
   rows->m0 = t * BQ;
   rows->nq = p->Lq - rows->m0 < BQ ? p->Lq - rows->m0 : BQ;
   rows->lo = p->Lk;
@@ -114,10 +114,10 @@ static void rows_init(const CfAttnParams *p, int64_t t, AttnRows *rows) {
   }
 }
 
-static inline int visible(const CfAttnParams *p, int64_t b, const AttnRows *rows, int64_t r,
+static inline int visible(const CfAttnArgs *p, int64_t b, const AttnRows *rows, int64_t r,
                           int64_t n) {
   return n >= rows->rlo[r] && n < rows->rhi[r] &&
-         (!p->kpm || p->kpm[b * p->kpm_str[0] + n * p->kpm_str[1]]);
+         (!p->kpm || p->kpm[b * p->kpm_s.b + n * p->kpm_s.l]);
 }
 
 /* Rotate the h pairs of one token row: dst = mul * rot(x) with phase offsets off[j]
@@ -173,10 +173,10 @@ CF_AI void rotate_pairs_f32(int layout, int64_t h, const float *restrict x,
 #undef SUF
 #undef CF_EXP
 
-int cf_attn_fwd_cpu(const CfAttnParams *p, int dtype) {
-  return dtype == CF_F64 ? attn_fwd_f64(p) : attn_fwd_f32(p);
+int cf_attn_fwd_cpu(const CfAttnArgs *p) {
+  return p->dtype == CF_F64 ? attn_fwd_f64(p) : attn_fwd_f32(p);
 }
 
-int cf_attn_bwd_cpu(const CfAttnParams *p, int dtype) {
-  return dtype == CF_F64 ? attn_bwd_f64(p) : attn_bwd_f32(p);
+int cf_attn_bwd_cpu(const CfAttnArgs *p) {
+  return p->dtype == CF_F64 ? attn_bwd_f64(p) : attn_bwd_f32(p);
 }

@@ -90,12 +90,12 @@ CF_AI void FN(gemm)(int64_t M, int64_t N, int64_t K, const T *restrict A, int64_
 /* Rotate one token row of q (with beta, times scale) or k (beta NULL) of head `hq` into the
  * contiguous row dst. The internal layout equals the input layout, so the gradients with respect
  * to q~ and k~ come out in the caller's layout with no permutation. */
-CF_AI void FN(rotate_row)(const CfAttnParams *p, const T *restrict x, int64_t hq, int64_t pos,
+CF_AI void FN(rotate_row)(const CfAttnArgs *p, const T *restrict x, int64_t hq, int64_t pos,
                           int with_beta, T mul, T *restrict dst) {
   const int64_t h = p->d / 2;
   const T *delta = (const T *)p->delta + hq * h;
   const T *beta = (const T *)p->beta + hq * h;
-  const T *omega = (const T *)p->freqs + hq * p->freqs_head_stride;
+  const T *omega = (const T *)p->freqs + hq * p->freqs_sh;
   T off[CF_ATTN_MAX_D / 2];
   for (int64_t j = 0; j < h; j++) {  /* the positional angle is reduced in double (cf_pos_angle) */
     double o = cf_pos_angle((double)omega[j], (double)pos);
@@ -107,11 +107,11 @@ CF_AI void FN(rotate_row)(const CfAttnParams *p, const T *restrict x, int64_t hq
 /* Rotate keys [n0, n1) of kv head hk with query head hq's parameters into transposed tiles
  * kt[(n - n0) / BK][c][(n - n0) % BK] (n0 a multiple of BK) and, when krow != NULL, into rows
  * krow[(n - n0) * d + c]. Padding columns of the last tile are zero. */
-CF_AI void FN(rotate_keys)(const CfAttnParams *p, int64_t b, int64_t hq, int64_t n0,
+CF_AI void FN(rotate_keys)(const CfAttnArgs *p, int64_t b, int64_t hq, int64_t n0,
                                    int64_t n1, T *restrict kt, T *restrict krow) {
   const int64_t d = p->d, hk = hq / (p->H / p->Hkv);
-  const T *kb = (const T *)p->k + b * p->k_str[0] + hk * p->k_str[1];
-  const int64_t *kpos = p->k_pos + b * p->pos_batch * p->Lk;
+  const T *kb = (const T *)p->k + b * p->k_s.b + hk * p->k_s.h;
+  const int64_t *kpos = p->k_pos + b * p->kpos_s.b;
   int64_t ntile = (n1 - n0 + BK - 1) / BK;
   T tmp[CF_ATTN_MAX_D];
   for (int64_t t = 0; t < ntile; t++) {
@@ -123,21 +123,21 @@ CF_AI void FN(rotate_keys)(const CfAttnParams *p, int64_t b, int64_t hq, int64_t
     for (int64_t n = 0; n < nk; n++) {
       int64_t key = n0 + t * BK + n;
       T *row = krow ? krow + (key - n0) * d : tmp;
-      FN(rotate_row)(p, kb + key * p->k_str[2], hq, kpos[key], 0, (T)1, row);
+      FN(rotate_row)(p, kb + key * p->k_s.l, hq, kpos[key * p->kpos_s.l], 0, (T)1, row);
       for (int64_t c = 0; c < d; c++) tile[c * BK + n] = row[c];
     }
   }
 }
 
 /* Rotate the query rows of a tile (times scale) into q[r * d + c]; rows >= rows->nq are zero. */
-CF_AI void FN(rotate_queries)(const CfAttnParams *p, int64_t b, int64_t hq,
+CF_AI void FN(rotate_queries)(const CfAttnArgs *p, int64_t b, int64_t hq,
                                       const AttnRows *rows, T *restrict q) {
   const int64_t d = p->d;
-  const T *qb = (const T *)p->q + b * p->q_str[0] + hq * p->q_str[1];
-  const int64_t *qpos = p->q_pos + b * p->pos_batch * p->Lq;
+  const T *qb = (const T *)p->q + b * p->q_s.b + hq * p->q_s.h;
+  const int64_t *qpos = p->q_pos + b * p->qpos_s.b;
   for (int64_t r = 0; r < rows->nq; r++) {
     int64_t m = rows->m0 + r;
-    FN(rotate_row)(p, qb + m * p->q_str[2], hq, qpos[m], 1, (T)p->scale, q + r * d);
+    FN(rotate_row)(p, qb + m * p->q_s.l, hq, qpos[m * p->qpos_s.l], 1, (T)p->scale, q + r * d);
   }
   for (int64_t r = rows->nq; r < BQ; r++)
     for (int64_t c = 0; c < d; c++) q[r * d + c] = 0;
@@ -145,7 +145,7 @@ CF_AI void FN(rotate_queries)(const CfAttnParams *p, int64_t b, int64_t hq,
 
 /* Set s[r][n] = -inf where key n0 + n is hidden from query row r (only called for tiles that
  * touch a mask boundary or when a key-padding mask is present). */
-CF_AI void FN(mask_tile)(const CfAttnParams *p, int64_t b, const AttnRows *rows,
+CF_AI void FN(mask_tile)(const CfAttnArgs *p, int64_t b, const AttnRows *rows,
                                  int64_t n0, int64_t nk, T *restrict s) {
   for (int64_t r = 0; r < rows->nq; r++)
     for (int64_t n = 0; n < nk; n++)
@@ -189,11 +189,11 @@ typedef struct {
   T *lsum;           /* running sum as NR lane-wise partial sums, (BQ, NR) */
 } FN(FwdWs);
 
-CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b, int64_t hq,
+CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, int64_t b, int64_t hq,
                                 int64_t t0, int64_t t1) {
   const int64_t d = p->d, dv = p->dv, hk = hq / (p->H / p->Hkv);
-  const T *vb = (const T *)p->v + b * p->v_str[0] + hk * p->v_str[1];
-  const int64_t vs = p->v_str[2];
+  const T *vb = (const T *)p->v + b * p->v_s.b + hk * p->v_s.h;
+  const int64_t vs = p->v_s.l;
   T *out = (T *)p->out + (b * p->H + hq) * p->Lq * dv;
   T *lse = (T *)p->lse + (b * p->H + hq) * p->Lq;
 
@@ -271,7 +271,7 @@ CF_HOT static void FN(fwd_item)(const CfAttnParams *p, FN(FwdWs) *ws, int64_t b,
   }
 }
 
-static int FN(attn_fwd)(const CfAttnParams *p) {
+static int FN(attn_fwd)(const CfAttnArgs *p) {
   const int64_t nqt = (p->Lq + BQ - 1) / BQ;
   const int64_t BH = p->B * p->H;
   if (BH == 0 || p->Lq == 0) return CF_ATTN_OK;
@@ -326,14 +326,14 @@ typedef struct {
   T *drow, *lrow;     /* D = rowsum(dout * out) and lse of the tile, (BQ,) */
 } FN(BwdWs);
 
-CF_HOT static void FN(bwd_item)(const CfAttnParams *p, FN(BwdWs) *ws, int64_t b, int64_t hq,
+CF_HOT static void FN(bwd_item)(const CfAttnArgs *p, FN(BwdWs) *ws, int64_t b, int64_t hq,
                                 int64_t kt0, int64_t kt1, T *dq_dst) {
   const int64_t d = p->d, dv = p->dv, H = p->H, hk = hq / (p->H / p->Hkv);
   const int64_t n0c = kt0 * BK, n1c = kt1 * BK < p->Lk ? kt1 * BK : p->Lk;
-  const T *vb = (const T *)p->v + b * p->v_str[0] + hk * p->v_str[1];
-  const T *dob = (const T *)p->dout + b * p->dout_str[0] + hq * p->dout_str[1];
-  const int64_t dos = p->dout_str[2];
-  const T *ob = (const T *)p->out + (b * H + hq) * p->Lq * dv;
+  const T *vb = (const T *)p->v + b * p->v_s.b + hk * p->v_s.h;
+  const T *dob = (const T *)p->dout + b * p->dout_s.b + hq * p->dout_s.h;
+  const int64_t dos = p->dout_s.l;
+  const T *ob = (const T *)p->out + b * p->out_s.b + hq * p->out_s.h;
   const T *lseb = (const T *)p->lse + (b * H + hq) * p->Lq;
   T *dk = (T *)p->dk_rot + (b * H + hq) * p->Lk * d;
   T *dvf = (T *)p->dv_full + (b * H + hq) * p->Lk * dv;
@@ -346,7 +346,7 @@ CF_HOT static void FN(bwd_item)(const CfAttnParams *p, FN(BwdWs) *ws, int64_t b,
   FN(rotate_keys)(p, b, hq, n0c, n1c, ws->kt, ws->krow);
   for (int64_t n = n0c; n < n1c; n++) {  /* V^T tiles, zero padded, for dP = dO V^T */
     T *tile = ws->vt + ((n - n0c) / BK) * dv * BK + (n - n0c) % BK;
-    for (int64_t c = 0; c < dv; c++) tile[c * BK] = vb[n * p->v_str[2] + c];
+    for (int64_t c = 0; c < dv; c++) tile[c * BK] = vb[n * p->v_s.l + c];
   }
   for (int64_t n = n1c; n < n0c + (kt1 - kt0) * BK; n++) {
     T *tile = ws->vt + ((n - n0c) / BK) * dv * BK + (n - n0c) % BK;
@@ -362,7 +362,7 @@ CF_HOT static void FN(bwd_item)(const CfAttnParams *p, FN(BwdWs) *ws, int64_t b,
     FN(rotate_queries)(p, b, hq, &rows, ws->q);
     const T *dot = dob + rows.m0 * dos;
     for (int64_t r = 0; r < nq; r++) {
-      const T *dor = dot + r * dos, *orow = ob + (rows.m0 + r) * dv;
+      const T *dor = dot + r * dos, *orow = ob + (rows.m0 + r) * p->out_s.l;
       T acc = 0;
       for (int64_t c = 0; c < dv; c++) acc += dor[c] * orow[c];
       ws->drow[r] = acc;
@@ -410,7 +410,7 @@ CF_HOT static void FN(bwd_item)(const CfAttnParams *p, FN(BwdWs) *ws, int64_t b,
   }
 }
 
-static int FN(attn_bwd)(const CfAttnParams *p) {
+static int FN(attn_bwd)(const CfAttnArgs *p) {
   const int64_t BH = p->B * p->H, ktiles = (p->Lk + BK - 1) / BK;
   const int64_t d = p->d, dv = p->dv;
   if (BH == 0) return CF_ATTN_OK;

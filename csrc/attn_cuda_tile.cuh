@@ -17,7 +17,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <string.h>
-#include "attn_cuda.h"
+#include "attn.h"
 #include "attn_cuda_ptx.cuh"
 #include "cuda_util.cuh"
 #include "rotate_math.h"
@@ -410,25 +410,25 @@ struct KVPrefetch {
 #pragma unroll
       for (int i = 0; i < NCH / 2; i++) {
         const int u = tid + i * NTHR, r = u / (H2 / 8), c = (u % (H2 / 8)) * 8;
-        const T *row = kg + (n0 + r) * a.k_sl;
+        const T *row = kg + (n0 + r) * a.k_s.l;
         kc[2 * i] = load_chunk(row + c, r < nv, vec);
         kc[2 * i + 1] = load_chunk(row + H2 + c, r < nv, vec);
-        kpos[i] = r < nv ? kp[(n0 + r) * a.kpos_sl] : 0;
+        kpos[i] = r < nv ? kp[(n0 + r) * a.kpos_s.l] : 0;
       }
     } else {
 #pragma unroll
       for (int i = 0; i < NCH; i++) {
         const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
-        kc[i] = load_chunk(kg + (n0 + r) * a.k_sl + c, r < nv, vec);
-        kpos[i] = r < nv ? kp[(n0 + r) * a.kpos_sl] : 0;
+        kc[i] = load_chunk(kg + (n0 + r) * a.k_s.l + c, r < nv, vec);
+        kpos[i] = r < nv ? kp[(n0 + r) * a.kpos_s.l] : 0;
       }
     }
 #pragma unroll
     for (int i = 0; i < NCH; i++) {
       const int u = tid + i * NTHR, r = u / (D / 8), c = (u % (D / 8)) * 8;
-      vc[i] = load_chunk(vg + (n0 + r) * a.v_sl + c, r < nv, vec);
+      vc[i] = load_chunk(vg + (n0 + r) * a.v_s.l + c, r < nv, vec);
     }
-    kvalid = tid < nv && (!a.kpm || a.kpm[b * a.kpm_sb + (n0 + tid) * a.kpm_sl]);
+    kvalid = tid < nv && (!a.kpm || a.kpm[b * a.kpm_s.b + (n0 + tid) * a.kpm_s.l]);
   }
 
   /* Rotate K into sK, copy V into sV, key validity into s_kvalid. Rows >= nv become zeros. */
@@ -472,9 +472,9 @@ struct KVPrefetch {
 __device__ __forceinline__ void stage_params(const CfAttnArgs &a, int64_t head, int h2, float *s_delta,
                                              float *s_beta, double *s_omega, int tid, int nthr) {
   for (int j = tid; j < h2; j += nthr) {
-    s_delta[j] = a.delta[head * a.delta_sh + j];
-    s_beta[j] = a.beta[head * a.beta_sh + j];
-    s_omega[j] = (double)a.freqs[head * a.freqs_sh + j];
+    s_delta[j] = ((const float *)a.delta)[head * (a.d / 2) + j];
+    s_beta[j] = ((const float *)a.beta)[head * (a.d / 2) + j];
+    s_omega[j] = (double)((const float *)a.freqs)[head * a.freqs_sh + j];
   }
 }
 
@@ -482,7 +482,7 @@ __device__ __forceinline__ void stage_params(const CfAttnArgs &a, int64_t head, 
 __device__ __forceinline__ void stage_key_valid(const CfAttnArgs &a, int64_t b, int64_t n0, int64_t nvalid, int rows,
                                                 float *s_valid, int tid, int nthr) {
   for (int i = tid; i < rows; i += nthr)
-    s_valid[i] = (i < nvalid && (!a.kpm || a.kpm[b * a.kpm_sb + (n0 + i) * a.kpm_sl])) ? 1.f : 0.f;
+    s_valid[i] = (i < nvalid && (!a.kpm || a.kpm[b * a.kpm_s.b + (n0 + i) * a.kpm_s.l])) ? 1.f : 0.f;
 }
 
 /* ---- pre-rotation pass ----
@@ -504,11 +504,11 @@ __global__ void __launch_bounds__(256) attn_prerotate_kernel(const CfAttnArgs a,
   stage_params(a, hq, H2, s_delta, s_beta, s_omega, threadIdx.x, 256);
   __syncthreads();
   const RotParams rp = {s_delta, s_beta, s_omega};
-  const T *src = IS_Q ? (const T *)a.q + b * a.q_sb + hs * a.q_sh + r0 * a.q_sl
-                      : (const T *)a.k + b * a.k_sb + hs * a.k_sh + r0 * a.k_sl;
-  const int64_t *pos = IS_Q ? a.q_pos + b * a.qpos_sb + r0 * a.qpos_sl : a.k_pos + b * a.kpos_sb + r0 * a.kpos_sl;
-  stage_rotated<T, ROWS, D, IS_Q, D, false>(dst + ((b * a.H + hq) * L + r0) * D, src, IS_Q ? a.q_sl : a.k_sl,
-                                            imin64(ROWS, L - r0), pos, IS_Q ? a.qpos_sl : a.kpos_sl, rp, a.layout,
+  const T *src = IS_Q ? (const T *)a.q + b * a.q_s.b + hs * a.q_s.h + r0 * a.q_s.l
+                      : (const T *)a.k + b * a.k_s.b + hs * a.k_s.h + r0 * a.k_s.l;
+  const int64_t *pos = IS_Q ? a.q_pos + b * a.qpos_s.b + r0 * a.qpos_s.l : a.k_pos + b * a.kpos_s.b + r0 * a.kpos_s.l;
+  stage_rotated<T, ROWS, D, IS_Q, D, false>(dst + ((b * a.H + hq) * L + r0) * D, src, IS_Q ? a.q_s.l : a.k_s.l,
+                                            imin64(ROWS, L - r0), pos, IS_Q ? a.qpos_s.l : a.kpos_s.l, rp, a.layout,
                                             a.vec != 0, threadIdx.x, 256);
 }
 

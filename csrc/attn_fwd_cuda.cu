@@ -112,8 +112,8 @@ __device__ __forceinline__ void fwd_tile(FwdRows<D, MB> &st, const CfAttnArgs &a
 template <typename T, int D, int MB>
 __device__ __forceinline__ void fwd_finalize(const FwdRows<D, MB> &st, const CfAttnArgs &a, int64_t b, int64_t hq,
                                              int64_t r0, int64_t q_hi, int lane) {
-  T *og = (T *)a.out + b * a.o_sb + hq * a.o_sh;
-  float *lse = a.lse + (b * a.H + hq) * a.Lq;
+  T *og = (T *)a.out + b * a.out_s.b + hq * a.out_s.h;
+  float *lse = (float *)a.lse + (b * a.H + hq) * a.Lq;
 #pragma unroll
   for (int m = 0; m < MB; m++)
 #pragma unroll
@@ -124,7 +124,7 @@ __device__ __forceinline__ void fwd_finalize(const FwdRows<D, MB> &st, const CfA
       const int64_t row = r0 + m * 16 + i * 8;
       if (row < q_hi) {
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        T *orow = og + row * a.o_sl;
+        T *orow = og + row * a.out_s.l;
 #pragma unroll
         for (int nt = 0; nt < D / 8; nt++) {
           const uint32_t w = Ty<T>::pack(st.o[m][nt][2 * i] * inv, st.o[m][nt][2 * i + 1] * inv);
@@ -161,8 +161,8 @@ __device__ __forceinline__ bool fwd_setup(const CfAttnArgs &a, FwdCta &c, T *sQ,
   stage_params(a, c.hq, D / 2, s_delta, s_beta, s_omega, tid, nthr);
   __syncthreads();
   rp = {s_delta, s_beta, s_omega};
-  stage_rotated<T, BR, D, true>(sQ, (const T *)a.q + c.b * a.q_sb + c.hq * a.q_sh + c.qs.lo * a.q_sl, a.q_sl,
-                                c.qs.hi - c.qs.lo, a.q_pos + c.b * a.qpos_sb + c.qs.lo * a.qpos_sl, a.qpos_sl, rp,
+  stage_rotated<T, BR, D, true>(sQ, (const T *)a.q + c.b * a.q_s.b + c.hq * a.q_s.h + c.qs.lo * a.q_s.l, a.q_s.l,
+                                c.qs.hi - c.qs.lo, a.q_pos + c.b * a.qpos_s.b + c.qs.lo * a.qpos_s.l, a.qpos_s.l, rp,
                                 a.layout, a.vec != 0, tid, nthr);
   return true;
 }
@@ -189,9 +189,9 @@ __global__ void __launch_bounds__(BR * 2, 1) attn_fwd_gqa_kernel(const CfAttnArg
   RotParams rp;
   if (!fwd_setup<T, D, BR>(a, c, sQ, rp, s_omega, s_delta, s_beta, tid, NTHR)) return;
   const bool vec = a.vec != 0;
-  const T *kg = (const T *)a.k + c.b * a.k_sb + c.hk * a.k_sh;
-  const T *vg = (const T *)a.v + c.b * a.v_sb + c.hk * a.v_sh;
-  const int64_t *kp = a.k_pos + c.b * a.kpos_sb;
+  const T *kg = (const T *)a.k + c.b * a.k_s.b + c.hk * a.k_s.h;
+  const T *vg = (const T *)a.v + c.b * a.v_s.b + c.hk * a.v_s.h;
+  const int64_t *kp = a.k_pos + c.b * a.kpos_s.b;
   const int64_t r0 = c.qs.lo + warp * 16 + (lane >> 2); /* this thread's rows: r0 and r0 + 8 */
   const float sl2 = (float)a.scale * kLog2e;
   FwdRows<D, 1> st;
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(NW * 32, FwdPreCfg<T, D, MB, NW, BC, QR>::MINB
   if (!fwd_setup<T, D, BR, true>(a, c, sQ, rp, nullptr, nullptr, nullptr, tid, NTHR)) return;
   const bool vec = a.vec != 0;
   const T *kg = (const T *)a.k_rot + (c.b * a.H + c.hq) * a.Lk * D; /* per query head, contiguous */
-  const T *vg = (const T *)a.v + c.b * a.v_sb + c.hk * a.v_sh;
+  const T *vg = (const T *)a.v + c.b * a.v_s.b + c.hk * a.v_s.h;
   const int64_t w_lo = c.qs.lo + warp * MB * 16, r0 = w_lo + (lane >> 2);
   const T *sQw = sQ + warp * MB * 16 * LDS;
   const float sl2 = (float)a.scale * kLog2e;
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(NW * 32, FwdPreCfg<T, D, MB, NW, BC, QR>::MINB
     const int64_t n0 = c.k_lo + it * BC, nv = imin64(BC, c.k_hi - n0);
     T *sK = sKV0 + buf * 2 * BC * LDS;
     stage_async<T, BC, D>(sK, kg + n0 * D, D, nv, true, tid, NTHR);
-    stage_async<T, BC, D>(sK + BC * LDS, vg + n0 * a.v_sl, a.v_sl, nv, vec, tid, NTHR);
+    stage_async<T, BC, D>(sK + BC * LDS, vg + n0 * a.v_s.l, a.v_s.l, nv, vec, tid, NTHR);
     stage_key_valid(a, c.b, n0, nv, BC, s_kvalid0 + buf * BC, tid, NTHR);
     cp_async_commit();
   };

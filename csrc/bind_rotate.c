@@ -72,14 +72,13 @@ static int parse_job(PyObject *ox, PyObject *odelta, PyObject *obeta, PyObject *
   job->x = x->data;
   job->x_dtype = x->dtype;
   job->B = B; job->H = H; job->Hx = Hx; job->L = L; job->h = h;
-  job->sxb = x->strides[0]; job->sxh = x->strides[1]; job->sxl = x->strides[2];
+  job->x_s = cf_strides_bhl(x);
   job->pos = (const int64_t *)pos.data;
-  job->spb = pos.shape[0] == 1 ? 0 : pos.strides[0];
-  job->spl = pos.strides[1];
+  job->pos_s = cf_strides_bl(&pos);
   job->delta = delta.data;
   job->beta = obeta == Py_None ? NULL : beta.data;
   job->freqs = freqs.data;
-  job->freqs_hs = fhs;
+  job->freqs_sh = fhs;
   job->layout = layout;
   return 0;
 }
@@ -216,13 +215,13 @@ static PyObject *rotate_bwd(PyObject *self, PyObject *args) {
     if (check_out(odb, "dbeta", &x, pdt, 2, pshape, &db)) return NULL;
   }
   if (odf != Py_None) {
-    const int64_t fshape[2] = {f->freqs_hs ? f->H : f->h, f->h};
-    if (check_out(odf, "dfreqs", &x, pdt, f->freqs_hs ? 2 : 1, f->freqs_hs ? fshape : fshape + 1, &df))
+    const int64_t fshape[2] = {f->freqs_sh ? f->H : f->h, f->h};
+    if (check_out(odf, "dfreqs", &x, pdt, f->freqs_sh ? 2 : 1, f->freqs_sh ? fshape : fshape + 1, &df))
       return NULL;
   }
   jb.grad = grad.data;
   jb.grad_dtype = grad.dtype;
-  jb.sgb = grad.strides[0]; jb.sgh = grad.strides[1]; jb.sgl = grad.strides[2];
+  jb.grad_s = cf_strides_bhl(&grad);
   jb.dx = dx.data;
   jb.ws = ws.data;
   jb.ddelta = dd.data;

@@ -34,6 +34,14 @@ enum { CF_DEV_CPU = 1, CF_DEV_CUDA = 2 };
 
 #define CF_MAX_DIMS 8
 
+/* The one stride vocabulary of every kernel argument block: element strides of a tensor's batch,
+ * head and token dimensions (its last dimension, when it has one more, has stride 1). A missing
+ * dimension has stride 0, and so has a broadcast one: positions (Bp, L) are {b, 0, l} with b = 0
+ * when Bp = 1. */
+typedef struct {
+  int64_t b, h, l;
+} CfStrides;
+
 /* Hot CPU loops get an AVX2/FMA clone picked at load time; the default clone stays portable. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define CF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))

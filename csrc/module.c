@@ -10,8 +10,7 @@
 
 extern PyMethodDef cf_pdl_methods[];
 extern PyMethodDef cf_rotate_methods[];
-extern PyMethodDef cf_attn_cpu_methods[];
-extern PyMethodDef cf_attn_cuda_methods[];
+extern PyMethodDef cf_attn_methods[];
 
 #ifndef CF_CUDA_VERSION
 #define CF_CUDA_VERSION ""
@@ -75,8 +74,7 @@ static struct PyModuleDef cf_module = {PyModuleDef_HEAD_INIT, "complexformer._C"
                                        "complexformer C/CUDA kernels", -1, NULL};
 
 PyMODINIT_FUNC PyInit__C(void) {
-  PyMethodDef *tables[] = {core_methods, cf_pdl_methods, cf_rotate_methods, cf_attn_cpu_methods,
-                           cf_attn_cuda_methods};
+  PyMethodDef *tables[] = {core_methods, cf_pdl_methods, cf_rotate_methods, cf_attn_methods};
   const size_t ntab = sizeof(tables) / sizeof(tables[0]);
   Py_ssize_t total = 1;
   for (size_t i = 0; i < ntab; i++) total += table_len(tables[i]);

@@ -7,8 +7,9 @@
  *
  * Memory: x and grad may have arbitrary strides in their first three dimensions (last stride 1);
  * everything the kernels write is contiguous and allocated by torch. delta, beta (H, h) and freqs
- * ((h,) with freqs_hs = 0, or (H, h) with freqs_hs = h) are contiguous in the compute dtype:
- * double for float64 x, float otherwise. pos is int64 (Bp, L), Bp in {1, B} (spb = 0 when Bp = 1).
+ * ((h,) with freqs_sh = 0, or (H, h) with freqs_sh = h) are contiguous in the compute dtype:
+ * double for float64 x, float otherwise. pos is int64 (Bp, L), Bp in {1, B} (pos_s.b = 0 when
+ * Bp = 1). Strides are in elements (CfStrides, the vocabulary of the attention's CfAttnArgs).
  *
  * Parameter gradients are reductions over tokens (b, l). They are deterministic: the B*L tokens
  * are cut into P = ceil(B*L / chunk) fixed chunks (chunk chosen from the shape alone), every chunk
@@ -22,11 +23,11 @@ typedef struct {
   const void *x;        /* (B, Hx, L, d), dtype x_dtype */
   int x_dtype;          /* CF_F32 / CF_F64 (CPU); CF_F32 / CF_F16 / CF_BF16 (CUDA) */
   int64_t B, H, Hx, L, h;
-  int64_t sxb, sxh, sxl; /* element strides of x */
+  CfStrides x_s;
   const int64_t *pos;
-  int64_t spb, spl;
+  CfStrides pos_s;
   const void *delta, *beta, *freqs; /* beta NULL for keys */
-  int64_t freqs_hs;
+  int64_t freqs_sh;     /* head stride of freqs: 0 when shared by all heads, else h */
   int layout;           /* CF_LAYOUT_HALF / CF_LAYOUT_INTERLEAVED */
 } CfRotJob;
 
@@ -34,7 +35,7 @@ typedef struct {
   CfRotJob f;
   const void *grad;     /* (B, H, L, d): dtype grad_dtype (CPU: = x_dtype; CUDA: float32 or x_dtype) */
   int grad_dtype;
-  int64_t sgb, sgh, sgl;
+  CfStrides grad_s;
   void *dx;             /* (B, Hx, L, d) contiguous, dtype of x */
   void *ws;             /* (P, 3, H, h) contiguous per-chunk partial sums of (d delta, d beta,
                            d omega): double on the CPU, float on CUDA */

@@ -81,10 +81,10 @@ static void FN(rot_fwd)(const CfRotJob *jb, T *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t row = 0; row < rows; row++) {
     const int64_t l = row % L, i = (row / L) % H, b = row / (L * H);
-    const T *xr = x + b * jb->sxb + (i / G) * jb->sxh + l * jb->sxl;
-    const double p = (double)jb->pos[b * jb->spb + l * jb->spl];
+    const T *xr = x + b * jb->x_s.b + (i / G) * jb->x_s.h + l * jb->x_s.l;
+    const double p = (double)jb->pos[b * jb->pos_s.b + l * jb->pos_s.l];
     FN(row_fwd)(xr, out + row * d, delta + i * h, beta ? beta + i * h : NULL,
-                freqs + i * jb->freqs_hs, p, h, jb->layout);
+                freqs + i * jb->freqs_sh, p, h, jb->layout);
   }
 }
 
@@ -104,15 +104,15 @@ static void FN(rot_bwd)(const CfRotBwdJob *jb, int nthreads) {
     const int64_t t1 = (c + 1) * jb->chunk < ntok ? (c + 1) * jb->chunk : ntok;
     for (int64_t t = c * jb->chunk; t < t1; t++) {
       const int64_t b = t / L, l = t % L;
-      const double p = (double)f->pos[b * f->spb + l * f->spl];
+      const double p = (double)f->pos[b * f->pos_s.b + l * f->pos_s.l];
       for (int64_t hx = 0; hx < Hx; hx++) {
-        const T *xr = x + b * f->sxb + hx * f->sxh + l * f->sxl;
+        const T *xr = x + b * f->x_s.b + hx * f->x_s.h + l * f->x_s.l;
         T *dxr = dx + ((b * Hx + hx) * L + l) * d;
         for (int64_t k = 0; k < d; k++) dxr[k] = 0;
         for (int64_t g = 0; g < G; g++) { /* the group's heads in order: deterministic dx */
           const int64_t i = hx * G + g;
-          FN(row_bwd)(xr, gr + b * jb->sgb + i * jb->sgh + l * jb->sgl, dxr, delta + i * h,
-                      beta ? beta + i * h : NULL, freqs + i * f->freqs_hs, p, h, f->layout,
+          FN(row_bwd)(xr, gr + b * jb->grad_s.b + i * jb->grad_s.h + l * jb->grad_s.l, dxr, delta + i * h,
+                      beta ? beta + i * h : NULL, freqs + i * f->freqs_sh, p, h, f->layout,
                       w + i * h, w + Hh + i * h, w + 2 * Hh + i * h);
         }
       }
@@ -120,7 +120,7 @@ static void FN(rot_bwd)(const CfRotBwdJob *jb, int nthreads) {
   }
   /* stage 2: add the P partials in chunk order (and the heads in order for shared freqs) */
   T *dd = (T *)jb->ddelta, *db = (T *)jb->dbeta, *df = (T *)jb->dfreqs;
-  const int shared = f->freqs_hs == 0;
+  const int shared = f->freqs_sh == 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t k = 0; k < Hh; k++) {
     double sd = 0.0, sb = 0.0, so = 0.0;

@@ -64,7 +64,7 @@ template <typename T, int N, bool WIDE> struct Vec {
 
 __device__ __forceinline__ float pair_offset(const CfRotJob &jb, int64_t i, int64_t j, double p) {
   const float *beta = (const float *)jb.beta;
-  const float omega = ((const float *)jb.freqs)[i * jb.freqs_hs + j];
+  const float omega = ((const float *)jb.freqs)[i * jb.freqs_sh + j];
   return (float)((beta ? (double)beta[i * jb.h + j] : 0.0) + cf_pos_angle((double)omega, p));
 }
 
@@ -74,9 +74,9 @@ __device__ __forceinline__ void fwd_unit(const CfRotJob &jb, T *out, int64_t u) 
   const int64_t h = jb.h, upr = h / NP;
   const int64_t row = u / upr, j0 = (u - row * upr) * NP;
   const int64_t l = row % jb.L, i = (row / jb.L) % jb.H, b = row / (jb.L * jb.H);
-  const T *xr = (const T *)jb.x + b * jb.sxb + (i / (jb.H / jb.Hx)) * jb.sxh + l * jb.sxl;
+  const T *xr = (const T *)jb.x + b * jb.x_s.b + (i / (jb.H / jb.Hx)) * jb.x_s.h + l * jb.x_s.l;
   T *orow = out + row * 2 * h;
-  const double p = (double)jb.pos[b * jb.spb + l * jb.spl];
+  const double p = (double)jb.pos[b * jb.pos_s.b + l * jb.pos_s.l];
   const float *delta = (const float *)jb.delta + i * h;
   float re[NP], im[NP];
   if (jb.layout == CF_LAYOUT_HALF) {
@@ -135,13 +135,13 @@ __global__ void rot_bwd_kernel(CfRotBwdJob jb, int cols) {
   const int64_t t1 = t0 + jb.chunk < ntok ? t0 + jb.chunk : ntok;
   for (int64_t t = t0; t < t1; t++) {
     const int64_t b = t / f.L, l = t - b * f.L;
-    const double p = (double)f.pos[b * f.spb + l * f.spl];
-    const T *xr = (const T *)f.x + b * f.sxb + hx * f.sxh + l * f.sxl;
+    const double p = (double)f.pos[b * f.pos_s.b + l * f.pos_s.l];
+    const T *xr = (const T *)f.x + b * f.x_s.b + hx * f.x_s.h + l * f.x_s.l;
     const float re = to_f(xr[ir]), im = to_f(xr[ii]);
     float dre = 0.f, dim = 0.f;
     for (int64_t g = 0; g < G; g++) {
       const int64_t i = hx * G + g;
-      const TG *gr = (const TG *)jb.grad + b * jb.sgb + i * jb.sgh + l * jb.sgl;
+      const TG *gr = (const TG *)jb.grad + b * jb.grad_s.b + i * jb.grad_s.h + l * jb.grad_s.l;
       float d_re, d_im, theta;
       const float dphi = cf_rot_bwd_f32(re, im, delta[i * h + j], pair_offset(f, i, j, p), to_f(gr[ir]),
                                         to_f(gr[ii]), &d_re, &d_im, &theta);
@@ -169,7 +169,7 @@ __global__ void rot_bwd_kernel(CfRotBwdJob jb, int cols) {
 __global__ void rot_bwd_reduce_kernel(CfRotBwdJob jb, int64_t P) {
   const int64_t Hh = jb.f.H * jb.f.h, k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   const float *ws = (const float *)jb.ws;
-  const int shared = jb.f.freqs_hs == 0;
+  const int shared = jb.f.freqs_sh == 0;
   if (k < Hh) {
     double sd = 0.0, sb = 0.0, so = 0.0;
     for (int64_t c = 0; c < P; c++) {
@@ -198,7 +198,7 @@ bool vec_ok(const CfRotJob *jb, const void *out, int NP) {
   if (bytes > 16) bytes = 16;
   const int64_t a = bytes / (int64_t)sizeof(T); /* alignment in elements */
   return jb->h % NP == 0 && (uintptr_t)jb->x % bytes == 0 && (uintptr_t)out % bytes == 0 &&
-         jb->sxb % a == 0 && jb->sxh % a == 0 && jb->sxl % a == 0 && jb->h % a == 0;
+         jb->x_s.b % a == 0 && jb->x_s.h % a == 0 && jb->x_s.l % a == 0 && jb->h % a == 0;
 }
 
 template <typename T>

@@ -202,6 +202,14 @@ int cf_check_same_device(const CfTensor *a, const char *na, const CfTensor *b, c
   return -1;
 }
 
+CfStrides cf_strides_bhl(const CfTensor *t) {
+  return (CfStrides){t->strides[0], t->strides[1], t->strides[2]};
+}
+
+CfStrides cf_strides_bl(const CfTensor *t) {
+  return (CfStrides){t->shape[0] == 1 ? 0 : t->strides[0], 0, t->strides[1]};
+}
+
 PyObject *cf_raise_cuda(const char *what, const char *msg) {
   PyErr_Format(PyExc_RuntimeError, "%s: CUDA error: %s", what, msg);
   return NULL;

@@ -42,6 +42,11 @@ int cf_check_dim(const CfTensor *t, const char *name, int dim, int64_t size);
 /* Exactly `ndim` dimensions with the sizes in shape[0..ndim). */
 int cf_check_shape(const CfTensor *t, const char *name, int ndim, const int64_t *shape);
 
+/* The batch, head and token strides (CfStrides) of a (B, H, L, d) tensor, and of a (Bp, L) one
+ * (positions, masks: no head dimension, batch stride 0 when Bp == 1 so it broadcasts). */
+CfStrides cf_strides_bhl(const CfTensor *t);
+CfStrides cf_strides_bl(const CfTensor *t);
+
 const char *cf_dtype_name(int dtype);
 size_t cf_dtype_size(int dtype);
 

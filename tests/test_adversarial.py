@@ -326,8 +326,8 @@ def test_bindings_clamp_nthreads():
     res = []
     for nt in (1, 10**6):
         out, lse = torch.empty(1, 2, 5, 8), torch.empty(1, 2, 5)
-        _C.attn_fwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,
-                        dl(out), dl(lse), 1, 0.35, 0, 0, nt)
+        _C.attn_fwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,
+                    dl(out), dl(lse), 1, 0.35, 0, 0, nt, 0)
         rot = torch.empty(1, 2, 5, 8)
         _C.rotate_fwd(dl(q), dl(delta), dl(beta), dl(freqs), dl(pos), dl(rot), 0, nt, 0)
         res.append((out, lse, rot))

@@ -1,4 +1,4 @@
-"""Kernel-level tests of the CPU fused CMHA attention (_C.attn_fwd_cpu / _C.attn_bwd_cpu).
+"""Kernel-level tests of the CPU fused CMHA attention (_C.attn_fwd / _C.attn_bwd on CPU tensors).
 
 Forward: against the pair-by-pair float64 reference (complexformer.reference), which never uses the
 factorized rotation the kernel implements. Backward: against float64 autograd through an explicit
@@ -42,9 +42,9 @@ def kernel_fwd(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset
                                              cu_seqlens=cu_seqlens, q_pos=q_pos, k_pos=k_pos)
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype)
     lse = torch.empty(B, H, Lq, dtype=q.dtype)
-    _C.attn_fwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
-                    dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(lse), int(causal), float(scale),
-                    int(q_offset), LAYOUTS[layout], nthreads or torch.get_num_threads())
+    _C.attn_fwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
+                dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(lse), int(causal), float(scale),
+                int(q_offset), LAYOUTS[layout], nthreads or torch.get_num_threads(), 0)
     return out, lse
 
 
@@ -57,10 +57,10 @@ def kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, *, causal=True, scal
     dq = torch.full((B, H, Lq, d), float("nan"), dtype=q.dtype)
     dk = torch.full((B, H, Lk, d), float("nan"), dtype=q.dtype)
     dvf = torch.full((B, H, Lk, v.shape[3]), float("nan"), dtype=q.dtype)
-    _C.attn_bwd_cpu(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
-                    dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf),
-                    int(causal), float(scale), int(q_offset), LAYOUTS[layout],
-                    nthreads or torch.get_num_threads())
+    _C.attn_bwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
+                dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf),
+                int(causal), float(scale), int(q_offset), LAYOUTS[layout],
+                nthreads or torch.get_num_threads(), 0)
     return dq, dk, dvf
 
 
@@ -299,6 +299,25 @@ def test_per_head_freqs_and_explicit_positions():
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-9)
 
 
+def test_strided_positions_and_out():
+    """The kernels read positions (forward) and out, dout (backward) through their strides: the
+    results equal those of contiguous copies bit for bit."""
+    q, k, v, delta, beta, freqs = make_inputs(B=2, H=4, Hkv=2, Lq=12, Lk=12, d=16)
+    pos = torch.stack([torch.arange(12) + 3, torch.arange(12) * 2]).repeat_interleave(2, dim=1)
+    pos_s, pos_c = pos[:, ::2], pos[:, ::2].contiguous()
+    out, lse = kernel_fwd(q, k, v, delta, beta, freqs, q_pos=pos_c, k_pos=pos_c, nthreads=1)
+    out_s, lse_s = torch.empty_like(out), torch.empty_like(lse)
+    _C.attn_fwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos_s), dl(pos_s), None, None,
+                dl(out_s), dl(lse_s), 1, 0.25, 0, 0, 1, 0)
+    assert torch.equal(out_s, out) and torch.equal(lse_s, lse)
+    dout = torch.randn_like(out)
+    ref = kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, q_pos=pos_c, k_pos=pos_c)
+    wide = lambda t: torch.cat([t, torch.full_like(t, float("nan"))], dim=-1)[..., :t.shape[-1]]  # noqa: E731
+    got = kernel_bwd(q, k, v, delta, beta, freqs, wide(out), wide(dout), lse, q_pos=pos_c, k_pos=pos_c)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_float32_special_pairs(layout):
     """Pairs on the branch cut (negative re, +-0 im), at the origin, signed zeros and large norms:
@@ -364,9 +383,9 @@ def _call_fwd_with(**over):
                 lse=torch.empty(1, 2, 8, dtype=q.dtype))
     args.update(over)
     a = args
-    _C.attn_fwd_cpu(dl(a["q"]), dl(a["k"]), dl(a["v"]), dl(a["delta"]), dl(a["beta"]), dl(a["freqs"]),
-                    dl(a["q_pos"]), dl(a["k_pos"]), dl_opt(a["kpm"]), dl_opt(a["cu"]), dl(a["out"]),
-                    dl(a["lse"]), 1, 0.25, 0, over.get("layout", 0), 1)
+    _C.attn_fwd(dl(a["q"]), dl(a["k"]), dl(a["v"]), dl(a["delta"]), dl(a["beta"]), dl(a["freqs"]),
+                dl(a["q_pos"]), dl(a["k_pos"]), dl_opt(a["kpm"]), dl_opt(a["cu"]), dl(a["out"]),
+                dl(a["lse"]), 1, 0.25, 0, over.get("layout", 0), 1, 0)
 
 
 @pytest.mark.parametrize("over,exc,match", [

@@ -1,4 +1,4 @@
-"""Kernel-level tests of the fused CMHA attention CUDA kernels (_C.attn_fwd_cuda / _C.attn_bwd_cuda).
+"""Kernel-level tests of the fused CMHA attention CUDA kernels (_C.attn_fwd / _C.attn_bwd on CUDA tensors).
 
 Each case calls the kernels directly (contract: docs/design.md, "Attention") with outputs poisoned with NaN,
 checks that every element was written, and compares against float64 references:
@@ -174,10 +174,10 @@ def run_fwd(c, x, path):
     B, H, Lq = q.shape[:3]
     out = torch.full((B, H, Lq, c.d), float("nan"), dtype=q.dtype, device=q.device)
     lse = torch.full((B, H, Lq), float("nan"), dtype=torch.float32, device=q.device)
-    _C.attn_fwd_cuda(_ext.dl(q), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]), _ext.dl(x["beta"]),
-                     _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
-                     _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(lse), int(c.causal), float(x["scale"]),
-                     int(x["q_offset"]), LAYOUT[c.layout], _ext.stream(q), *workspaces(x, path))
+    _C.attn_fwd(_ext.dl(q), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]), _ext.dl(x["beta"]),
+                _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
+                _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(lse), int(c.causal), float(x["scale"]),
+                int(x["q_offset"]), LAYOUT[c.layout], 1, _ext.stream(q), *workspaces(x, path))
     torch.cuda.synchronize()
     return out, lse
 
@@ -190,11 +190,11 @@ def run_bwd(c, x, out, lse, dout, workspaces_given=True):
     dq = torch.full((B, H, Lq, c.d), nan, dtype=torch.float32, device=q.device)
     dk = torch.full((B, H, Lk, c.d), nan, dtype=torch.float32, device=q.device)
     dv = torch.full((B, H, Lk, c.d), nan, dtype=torch.float32, device=q.device)
-    _C.attn_bwd_cuda(_ext.dl(q), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]), _ext.dl(x["beta"]),
-                     _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
-                     _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), _ext.dl(dq), _ext.dl(dk),
-                     _ext.dl(dv), int(c.causal), float(x["scale"]), int(x["q_offset"]), LAYOUT[c.layout],
-                     _ext.stream(q), *(workspaces(x) if workspaces_given else ()))
+    _C.attn_bwd(_ext.dl(q), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]), _ext.dl(x["beta"]),
+                _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
+                _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), _ext.dl(dq), _ext.dl(dk),
+                _ext.dl(dv), int(c.causal), float(x["scale"]), int(x["q_offset"]), LAYOUT[c.layout],
+                1, _ext.stream(q), *(workspaces(x) if workspaces_given else ()))
     torch.cuda.synchronize()
     return dq, dk, dv
 
@@ -423,11 +423,11 @@ def test_errors_are_clear():
     args = lambda q, o: (_ext.dl(q), _ext.dl(x["k"] if q.dtype != torch.float32 else x["k"].float()),  # noqa: E731
                          _ext.dl(x["v"] if q.dtype != torch.float32 else x["v"].float()), _ext.dl(x["delta"]),
                          _ext.dl(x["beta"]), _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), None,
-                         None, _ext.dl(o), _ext.dl(lse), 1, 0.125, 0, 0, _ext.stream(q))
+                         None, _ext.dl(o), _ext.dl(lse), 1, 0.125, 0, 0, 1, _ext.stream(q))
     with pytest.raises(NotImplementedError, match="float32"):
-        _C.attn_fwd_cuda(*args(q32, out))
+        _C.attn_fwd(*args(q32, out))
     with pytest.raises(ValueError, match="out"):
-        _C.attn_fwd_cuda(*args(x["q"], torch.empty(2, 4, 16, 64, device="cuda", dtype=x["q"].dtype)))
+        _C.attn_fwd(*args(x["q"], torch.empty(2, 4, 16, 64, device="cuda", dtype=x["q"].dtype)))
     assert _C.attn_cuda_supported("bfloat16", 128, 128) and not _C.attn_cuda_supported("bfloat16", 96, 96)
     assert not _C.attn_cuda_supported("float32", 64, 64)
 
@@ -441,13 +441,13 @@ def test_workspace_errors_are_clear():
     base = lambda: (_ext.dl(x["q"]), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]),  # noqa: E731
                     _ext.dl(x["beta"]), _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), None, None,
                     _ext.dl(torch.empty(B, H, L, d, dtype=x["q"].dtype, device="cuda")),
-                    _ext.dl(torch.empty(B, H, L, device="cuda")), 1, 0.125, 0, 0, _ext.stream(x["q"]))
+                    _ext.dl(torch.empty(B, H, L, device="cuda")), 1, 0.125, 0, 0, 1, _ext.stream(x["q"]))
     with pytest.raises(ValueError, match="both"):
-        _C.attn_fwd_cuda(*base(), ws((B, H, L, d)), None)
+        _C.attn_fwd(*base(), ws((B, H, L, d)), None)
     with pytest.raises(ValueError, match="k_ws"):
-        _C.attn_fwd_cuda(*base(), ws((B, H, L, d)), ws((B, c.Hkv, L, d)))
+        _C.attn_fwd(*base(), ws((B, H, L, d)), ws((B, c.Hkv, L, d)))
     with pytest.raises(TypeError, match="q_ws"):
-        _C.attn_fwd_cuda(*base(), ws((B, H, L, d), torch.float16), ws((B, H, L, d)))
+        _C.attn_fwd(*base(), ws((B, H, L, d), torch.float16), ws((B, H, L, d)))
 
 
 def test_backward_needs_workspaces():

@@ -7,25 +7,15 @@ per-process normaliser does not. For CMHA-converted models: the same PDLTrainer 
 converted Llama (delta / beta learnable), and FSDP2 ``fully_shard`` on CPU / gloo (sharded delta /
 beta, one SGD step equal to the unsharded step).
 """
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from dist_testutil import free_port, gloo_rank  # noqa: E402
 
 WORLD = 2
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_counts(rank, world):
@@ -136,11 +126,7 @@ def _check_cmha_fsdp2(rank, world):
 
 
 def _worker(rank, world, port, init_file, out_dir, what):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port, init_file):
         if "counts" in what:
             _check_counts(rank, world)
         if "trainer" in what:
@@ -149,18 +135,10 @@ def _worker(rank, world, port, init_file, out_dir, what):
             _check_trainer(rank, world, out_dir, make_model=_converted_llama)
         if "cmha_fsdp2" in what:
             _check_cmha_fsdp2(rank, world)
-        # no rank tears the group down while the other still has collectives in flight (gloo then
-        # aborts the process with "terminate called without an active exception")
-        dist.barrier()
-    except BaseException:
-        # make the failing rank's traceback readable in the parent's report
-        raise RuntimeError(f"rank {rank} failed:\n{traceback.format_exc()}") from None
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_process_counts_and_trainer(tmp_path):
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path / "pg_init"), str(tmp_path / "out"),
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path / "pg_init"), str(tmp_path / "out"),
                             ("counts", "trainer")), nprocs=WORLD, join=True)
 
 
@@ -169,5 +147,5 @@ def test_two_process_cmha_ddp_and_fsdp2(tmp_path):
     from torch.distributed import fsdp
 
     what = ("cmha_ddp", "cmha_fsdp2") if hasattr(fsdp, "fully_shard") else ("cmha_ddp",)
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path / "pg_init"), str(tmp_path / "out"), what),
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path / "pg_init"), str(tmp_path / "out"), what),
              nprocs=WORLD, join=True)

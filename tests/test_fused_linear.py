@@ -372,3 +372,14 @@ def test_nan_weight_propagates_like_pdl_loss():
     got = cf.fused_linear_pdl_loss(h, W, y, w, bias=b)
     want = F.cross_entropy(F.linear(h, W, b), y, weight=w)
     assert torch.isnan(got) and torch.isnan(want)
+
+
+def test_numpy_integer_ignore_index():
+    # any operator.index-able ignore_index, as pdl_loss accepts
+    np = pytest.importorskip("numpy")
+    h, W, b, y, w = make(5, 4, 7, dtype=torch.float64, bias=True)
+    y = y.clone()
+    y[1] = -100
+    got = cf.fused_linear_pdl_loss(h, W, y, w, bias=b, ignore_index=np.int64(-100))
+    want = cf.pdl_loss(F.linear(h, W, b), y, w)
+    torch.testing.assert_close(got, want)

@@ -376,7 +376,7 @@ def test_lora_with_learnable_angles(tmp_path):
         assert torch.equal(p, after[n]) != (n in trainable and ("lora_B" in n or n.endswith((".delta", ".beta")))), n
 
 
-def test_missing_transformers_names_the_extra():
+def test_missing_transformers_names_the_extra(tmp_path):
     """Without transformers, importing complexformer.hf still works (label_token_counts needs only
     torch) and every Hugging Face name raises an ImportError naming the [hf] extra."""
     import subprocess
@@ -401,7 +401,8 @@ def test_missing_transformers_names_the_extra():
         "    raise AssertionError('complexformer.models')\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # cwd outside the checkout, whose source tree has no compiled extension
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 

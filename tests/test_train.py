@@ -57,8 +57,10 @@ def test_unknown_device(device, tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
+    # cwd outside the checkout: `python -m` puts cwd first on sys.path, where the source tree has no
+    # compiled extension
     r = subprocess.run([sys.executable, "-m", "complexformer.train", "--text-file", str(tmp_path / "x.txt")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0
     assert "error: --text-file: no such file" in r.stderr and "Traceback" not in r.stderr
 

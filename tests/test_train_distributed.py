@@ -1,17 +1,14 @@
 """complexformer.train under DDP: 2 CPU processes (gloo), spawned by the test, take the same steps
 as one process at the same global batch (CE and PDL; PDL's normaliser is the global weight sum)."""
 import json
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from dist_testutil import free_port, gloo_rank  # noqa: E402
 
 WORLD = 2
 CASES = (("ce", 1.0), ("pdl", 0.5))
@@ -42,30 +39,15 @@ def _run_all():
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg_init", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port, f"{tmp}/pg_init"):
         res = _run_all()
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump(res, f)
-        dist.barrier()
-    except BaseException:
-        raise RuntimeError(f"rank {rank} failed:\n{traceback.format_exc()}") from None
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     torch.set_num_threads(1)
     single = _run_all()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]

@@ -26,10 +26,7 @@
 #include <random>
 #include <string>
 #include <vector>
-extern "C" {
 #include "attn.h"
-}
-#include "attn_cuda.h"
 #include "rotate_math.h"
 
 static std::mt19937 rng(1234);
@@ -169,23 +166,23 @@ static void run_case(const Case &c) {
       freqsd(freqs.begin(), freqs.end());
   std::vector<double> out_ref(B * H * Lq * dv), lse_ref(B * H * Lq), dq_ref(B * H * Lq * d), dk_ref(B * H * Lk * d),
       dv_ref(B * H * Lk * dv);
-  CfAttnParams p;
+  CfAttnArgs p;
   memset(&p, 0, sizeof p);
-  p.B = B, p.H = H, p.Hkv = Hkv, p.Lq = Lq, p.Lk = Lk, p.d = d, p.dv = dv;
+  p.dtype = CF_F64, p.B = B, p.H = H, p.Hkv = Hkv, p.Lq = Lq, p.Lk = Lk, p.d = d, p.dv = dv;
   p.q = q.data(), p.k = k.data(), p.v = v.data();
-  p.q_str[0] = H * Lq * d, p.q_str[1] = Lq * d, p.q_str[2] = d;
-  p.k_str[0] = Hkv * Lk * d, p.k_str[1] = Lk * d, p.k_str[2] = d;
-  p.v_str[0] = Hkv * Lk * dv, p.v_str[1] = Lk * dv, p.v_str[2] = dv;
+  p.q_s = {H * Lq * d, Lq * d, d};
+  p.k_s = {Hkv * Lk * d, Lk * d, d};
+  p.v_s = {Hkv * Lk * dv, Lk * dv, dv};
   p.delta = deltad.data(), p.beta = betad.data(), p.freqs = freqsd.data();
-  p.freqs_head_stride = c.head_freqs ? h : 0;
-  p.q_pos = qpos.data(), p.k_pos = kpos.data(), p.pos_batch = c.pos ? 1 : 0;
-  p.kpm = c.kpm ? kpm.data() : nullptr, p.kpm_str[0] = Lk, p.kpm_str[1] = 1;
+  p.freqs_sh = c.head_freqs ? h : 0;
+  p.q_pos = qpos.data(), p.k_pos = kpos.data(), p.qpos_s = {c.pos ? Lq : 0, 0, 1}, p.kpos_s = {c.pos ? Lk : 0, 0, 1};
+  p.kpm = c.kpm ? kpm.data() : nullptr, p.kpm_s = {Lk, 0, 1};
   p.cu_seqlens = c.cu.empty() ? nullptr : c.cu.data(), p.nseq = c.cu.empty() ? 0 : (int64_t)c.cu.size() - 1;
   p.causal = c.causal, p.scale = scale, p.q_offset = c.q_offset, p.layout = c.layout, p.nthreads = 1;
-  p.out = out_ref.data(), p.lse = lse_ref.data();
-  p.dout = dout.data(), p.dout_str[0] = H * Lq * dv, p.dout_str[1] = Lq * dv, p.dout_str[2] = dv;
+  p.out = out_ref.data(), p.out_s = {H * Lq * dv, Lq * dv, dv}, p.lse = lse_ref.data();
+  p.dout = dout.data(), p.dout_s = {H * Lq * dv, Lq * dv, dv};
   p.dq_rot = dq_ref.data(), p.dk_rot = dk_ref.data(), p.dv_full = dv_ref.data();
-  if (cf_attn_fwd_cpu(&p, CF_F64) || cf_attn_bwd_cpu(&p, CF_F64)) { printf("reference failed\n"); exit(2); }
+  if (cf_attn_fwd_cpu(&p) || cf_attn_bwd_cpu(&p)) { printf("reference failed\n"); exit(2); }
 
   /* rotated q~ (B, H, Lq, d) and k~ per query head (B, H, Lk, d), float64, for the workspaces */
   auto rotate = [&](const std::vector<double> &x, int64_t Hx, int64_t L, const std::vector<int64_t> &pos, bool is_q) {
@@ -220,26 +217,26 @@ static void run_case(const Case &c) {
     CfAttnArgs a;
     memset(&a, 0, sizeof a);
     if (c.bshd) {
-      a.q_sb = Lq * H * qrow, a.q_sh = qrow, a.q_sl = H * qrow;
-      a.k_sb = Lk * Hkv * d, a.k_sh = d, a.k_sl = Hkv * d;
-      a.v_sb = Lk * Hkv * dv, a.v_sh = dv, a.v_sl = Hkv * dv;
+      a.q_s = {Lq * H * qrow, qrow, H * qrow};
+      a.k_s = {Lk * Hkv * d, d, Hkv * d};
+      a.v_s = {Lk * Hkv * dv, dv, Hkv * dv};
     } else {
-      a.q_sb = H * Lq * qrow, a.q_sh = Lq * qrow, a.q_sl = qrow;
-      a.k_sb = Hkv * Lk * d, a.k_sh = Lk * d, a.k_sl = d;
-      a.v_sb = Hkv * Lk * dv, a.v_sh = Lk * dv, a.v_sl = dv;
+      a.q_s = {H * Lq * qrow, Lq * qrow, qrow};
+      a.k_s = {Hkv * Lk * d, Lk * d, d};
+      a.v_s = {Hkv * Lk * dv, Lk * dv, dv};
     }
-    a.do_sb = H * Lq * (dv + c.qpad), a.do_sh = Lq * (dv + c.qpad), a.do_sl = dv + c.qpad;
+    a.dout_s = {H * Lq * (dv + c.qpad), Lq * (dv + c.qpad), dv + c.qpad};
     for (int64_t b = 0; b < B; b++)
       for (int64_t hh = 0; hh < H; hh++)
         for (int64_t i = 0; i < Lq; i++) {
-          memcpy(qd + b * a.q_sb + hh * a.q_sh + i * a.q_sl, &q16[((b * H + hh) * Lq + i) * d], d * 2);
-          memcpy(dod + b * a.do_sb + hh * a.do_sh + i * a.do_sl, &do16[((b * H + hh) * Lq + i) * dv], dv * 2);
+          memcpy(qd + b * a.q_s.b + hh * a.q_s.h + i * a.q_s.l, &q16[((b * H + hh) * Lq + i) * d], d * 2);
+          memcpy(dod + b * a.dout_s.b + hh * a.dout_s.h + i * a.dout_s.l, &do16[((b * H + hh) * Lq + i) * dv], dv * 2);
         }
     for (int64_t b = 0; b < B; b++)
       for (int64_t hh = 0; hh < Hkv; hh++)
         for (int64_t i = 0; i < Lk; i++) {
-          memcpy(kd + b * a.k_sb + hh * a.k_sh + i * a.k_sl, &k16[((b * Hkv + hh) * Lk + i) * d], d * 2);
-          memcpy(vd + b * a.v_sb + hh * a.v_sh + i * a.v_sl, &v16[((b * Hkv + hh) * Lk + i) * dv], dv * 2);
+          memcpy(kd + b * a.k_s.b + hh * a.k_s.h + i * a.k_s.l, &k16[((b * Hkv + hh) * Lk + i) * d], d * 2);
+          memcpy(vd + b * a.v_s.b + hh * a.v_s.h + i * a.v_s.l, &v16[((b * Hkv + hh) * Lk + i) * dv], dv * 2);
         }
     float *deltag = g.alloc<float>(delta.size()), *betag = g.alloc<float>(beta.size()),
           *freqsg = g.alloc<float>(freqs.size());
@@ -260,18 +257,17 @@ static void run_case(const Case &c) {
 
     a.q = qd, a.k = kd, a.v = vd;
     a.delta = deltag, a.beta = betag, a.freqs = freqsg;
-    a.delta_sh = h, a.beta_sh = h, a.freqs_sh = c.head_freqs ? h : 0;
-    a.q_pos = qposg, a.k_pos = kposg, a.qpos_sb = c.pos ? Lq : 0, a.qpos_sl = 1;
-    a.kpos_sb = c.pos ? Lk : 0, a.kpos_sl = 1;
-    a.kpm = kpmg, a.kpm_sb = Lk, a.kpm_sl = 1;
+    a.freqs_sh = c.head_freqs ? h : 0;
+    a.q_pos = qposg, a.k_pos = kposg, a.qpos_s = {c.pos ? Lq : 0, 0, 1}, a.kpos_s = {c.pos ? Lk : 0, 0, 1};
+    a.kpm = kpmg, a.kpm_s = {Lk, 0, 1};
     a.cu_seqlens = cug, a.nseq = c.cu.empty() ? 0 : (int64_t)c.cu.size() - 1;
     a.B = B, a.H = H, a.Hkv = Hkv, a.Lq = Lq, a.Lk = Lk, a.d = d, a.dv = dv;
     a.dtype = dt, a.causal = c.causal, a.layout = c.layout, a.scale = scale, a.q_offset = c.q_offset;
-    /* as bind_attn_cuda.c: 16-byte loads when every row of q, k, v (and dout) starts 16-byte aligned */
+    /* as bind_attn.c: 16-byte loads when every row of q, k, v (and dout) starts 16-byte aligned */
     auto al = [](int64_t s) { return s % 8 == 0; };
-    a.vec = al(a.q_sb) && al(a.q_sh) && al(a.q_sl) && al(a.k_sb) && al(a.k_sh) && al(a.k_sl) && al(a.v_sb) &&
-            al(a.v_sh) && al(a.v_sl);
-    a.out = outd, a.o_sb = H * Lq * dv, a.o_sh = Lq * dv, a.o_sl = dv;
+    auto al3 = [&](CfStrides s) { return al(s.b) && al(s.h) && al(s.l); };
+    a.vec = al3(a.q_s) && al3(a.k_s) && al3(a.v_s);
+    a.out = outd, a.out_s = {H * Lq * dv, Lq * dv, dv};
     a.lse = lsed;
     a.q_rot = qws, a.k_rot = kws;
 
@@ -316,7 +312,7 @@ static void run_case(const Case &c) {
 
     if (pre) {
       a.dout = dod, a.dq_rot = dqd, a.dk_rot = dkd, a.dv_full = dvd;
-      a.vec = a.vec && al(a.do_sb) && al(a.do_sh) && al(a.do_sl);
+      a.vec = a.vec && al3(a.dout_s);
       err = cf_attn_bwd_cuda(&a, 0, nullptr);
       if (err) {
         printf("FAIL %s [%s]: backward launcher: %s\n", c.name.c_str(), variant.c_str(), err);

@@ -56,10 +56,10 @@ void run(const char *name, int64_t B, int64_t H, int64_t Hx, int64_t L, int64_t 
   for (int64_t i = 0; i < Bp * L; i++) pos[i] = batch_pos ? (i * 7919) % 1000 : i + 3;
   CfRotJob jg{}, jc{};
   jg.x = xs.data() + shift; jg.x_dtype = dt<T>(); jg.B = B; jg.H = H; jg.Hx = Hx; jg.L = L; jg.h = h;
-  jg.sxb = Hx * L * rowst; jg.sxh = L * rowst; jg.sxl = rowst; jg.pos = pos.data(); jg.spb = batch_pos ? L : 0; jg.spl = 1;
-  jg.delta = delta.data(); jg.beta = beta_on ? beta.data() : nullptr; jg.freqs = freqs.data(); jg.freqs_hs = per_head ? h : 0;
+  jg.x_s.b = Hx * L * rowst; jg.x_s.h = L * rowst; jg.x_s.l = rowst; jg.pos = pos.data(); jg.pos_s.b = batch_pos ? L : 0; jg.pos_s.l = 1;
+  jg.delta = delta.data(); jg.beta = beta_on ? beta.data() : nullptr; jg.freqs = freqs.data(); jg.freqs_sh = per_head ? h : 0;
   jg.layout = layout;
-  jc = jg; jc.x = xf.data(); jc.x_dtype = CF_F32; jc.sxb = Hx * L * d; jc.sxh = L * d; jc.sxl = d;
+  jc = jg; jc.x = xf.data(); jc.x_dtype = CF_F32; jc.x_s.b = Hx * L * d; jc.x_s.h = L * d; jc.x_s.l = d;
   const int64_t n_out = B * H * L * d;
   std::vector<T> og(n_out); std::vector<float> oc(n_out);
   // k: a second job (no beta, shared structure) to exercise the one-launch path
@@ -80,14 +80,14 @@ void run(const char *name, int64_t B, int64_t H, int64_t Hx, int64_t L, int64_t 
   const int64_t gst = d + 2;
   std::vector<TG> gg(B * H * L * gst); std::vector<float> gc(n_out);
   for (int64_t r = 0; r < B * H * L; r++) for (int64_t e = 0; e < d; e++) { TG v = cvt<TG>(rnd()); gg[r * gst + e] = v; gc[r * d + e] = back(v); }
-  CfRotBwdJob bg{}; bg.f = jg; bg.grad = gg.data(); bg.grad_dtype = dt<TG>(); bg.sgb = H * L * gst; bg.sgh = L * gst; bg.sgl = gst;
+  CfRotBwdJob bg{}; bg.f = jg; bg.grad = gg.data(); bg.grad_dtype = dt<TG>(); bg.grad_s.b = H * L * gst; bg.grad_s.h = L * gst; bg.grad_s.l = gst;
   std::vector<T> dxg(B * Hx * L * d); bg.dx = dxg.data(); bg.chunk = chunk;
   const int64_t P = cf_rot_chunks(&bg);
   std::vector<float> wsg(P * 3 * H * h), ddg(H * h), dbg(H * h), dfg(freqs.size());
   bg.ws = wsg.data(); bg.ddelta = ddg.data(); bg.dbeta = beta_on ? dbg.data() : nullptr; bg.dfreqs = dfg.data();
   err = cf_rotate_bwd_cuda(&bg, 0, nullptr);
   if (err) { printf("FAIL %s bwd error %s\n", name, err); fails++; return; }
-  CfRotBwdJob bc{}; bc.f = jc; bc.grad = gc.data(); bc.grad_dtype = CF_F32; bc.sgb = H * L * d; bc.sgh = L * d; bc.sgl = d;
+  CfRotBwdJob bc{}; bc.f = jc; bc.grad = gc.data(); bc.grad_dtype = CF_F32; bc.grad_s.b = H * L * d; bc.grad_s.h = L * d; bc.grad_s.l = d;
   std::vector<float> dxc(B * Hx * L * d); bc.dx = dxc.data(); bc.chunk = 3;
   std::vector<double> wsc(cf_rot_chunks(&bc) * 3 * H * h); std::vector<float> ddc(H * h), dbc(H * h), dfc(freqs.size());
   bc.ws = wsc.data(); bc.ddelta = ddc.data(); bc.dbeta = beta_on ? dbc.data() : nullptr; bc.dfreqs = dfc.data();
