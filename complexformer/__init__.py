@@ -1,7 +1,8 @@
 """complexformer: Complex Multi-Head Attention (CMHA) and the Power-Law Decay Loss (PDL) as exact,
 fast PyTorch ops with C (CPU) and CUDA kernels. The math and contracts: docs/design.md."""
 from ._ext import build_info
-from .pdl import PDLLoss, pdl_loss, pdl_weights, token_counts
+from .counts import pdl_weights, token_counts
+from .pdl import PDLLoss, pdl_loss
 from .fused_linear import fused_linear_pdl_loss
 from .rotate import euler_rotate
 from .attention import cmha_attention

@@ -1,11 +1,9 @@
-"""The bridge to complexformer._C: DLPack views, the current CUDA stream, shared checks.
+"""The bridge to complexformer._C: DLPack views, the current CUDA stream, the build's capabilities.
+(Argument checks live in checks.py.)
 
 Outputs and workspaces are always allocated here, by torch, so the caching allocator and CUDA
 graphs keep working; the C side only ever borrows memory for the duration of one call.
 """
-import numbers
-import operator
-
 import torch
 from torch.autograd import forward_ad
 from torch.utils.dlpack import to_dlpack
@@ -58,49 +56,6 @@ def require_cuda_kernels(op, t):
             f"{op}: complexformer was built without CUDA kernels (no nvcc at build time); "
             "reinstall with nvcc on PATH or CUDA_HOME set"
         )
-
-
-def check_tensor(name, t, *, dtypes=None, ndim=None, device=None, allow_empty=True):
-    """Raise a clear exception naming ``name`` when ``t`` is not what an op needs."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} not supported (expected {names})")
-    if ndim is not None:
-        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if t.dim() not in allowed:
-            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name}: on {t.device}, but the other inputs are on {device}")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name}: device {t.device} not supported (CPU or CUDA)")
-    if not allow_empty and t.numel() == 0:
-        raise ValueError(f"{name}: must not be empty")
-
-
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-def check_int(name, v, *, lo=_INT64_MIN, hi=_INT64_MAX, what="an int"):
-    """``v`` as a Python int: any integral value (int, NumPy integer, anything with __index__;
-    not bool), within [lo, hi] (by default int64, what the ops take), else an error naming ``name``."""
-    if isinstance(v, bool) or isinstance(v, torch.Tensor):
-        raise TypeError(f"{name}: expected {what}, got {type(v).__name__}")
-    try:
-        i = operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name}: expected {what}, got {type(v).__name__}") from None
-    if not lo <= i <= hi:
-        raise ValueError(f"{name}: {i} is out of range (expected {lo} <= {name} <= {hi})")
-    return i
-
-
-def check_real(name, v, what="a number"):
-    """``v`` as a Python float: int, float or NumPy scalar (not bool, not a tensor)."""
-    if isinstance(v, (bool, torch.Tensor)) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name}: expected {what}, got {type(v).__name__}")
-    return float(v)
 
 
 def needs_torch_math(*tensors):

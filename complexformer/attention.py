@@ -27,13 +27,12 @@ import torch.nn.functional as F
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-from .reference import EPS_R, split_pairs
-from .rotate import LAYOUTS, euler_rotate_qk
-from .rotate import _compute_dtype as _acc_dtype
+from .checks import (FLOAT_DTYPES, LAYOUTS, check_angles, check_backend, check_head_dim, check_heads, check_int,
+                     check_key_padding_mask, check_layout, check_positions, check_real, check_tensor)
+from .checks import compute_dtype as _acc_dtype
+from .reference import rotate_reference, seq_positions, visible
+from .rotate import _rotate_qk_op
 
-BACKENDS = ("auto", "fused", "sdpa", "reference")
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TWO_PI = 2.0 * math.pi
 _POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in float64 angles
 
 
@@ -46,71 +45,37 @@ class _Plan:
                  "kpm", "cu", "q_pos", "k_pos", "pdtype")
 
 
-def _as_positions(name, p, B, L, device):
-    """(L,) or (B, L) integer positions -> (Bp, L) int64 on device, Bp in {1, B}."""
-    _ext.check_tensor(name, p, ndim=(1, 2))
-    if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor, got {str(p.dtype).replace('torch.', '')}")
-    if p.dim() == 1:
-        p = p[None]
-    if p.shape[-1] != L or p.shape[0] not in (1, B):
-        raise ValueError(f"{name}: expected shape ({L},) or ({B}, {L}) or (1, {L}), got {tuple(p.shape)}")
-    if p.device != device:
-        raise ValueError(f"{name}: on {p.device}, but q is on {device}")
-    return p.to(torch.int64).contiguous()
-
-
-def _check_param(name, t, H, h, device, allow_shared):
-    _ext.check_tensor(name, t, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    shapes = [(H, h)] + ([(h,)] if allow_shared else [])
-    if tuple(t.shape) not in shapes:
-        want = " or ".join(str(s) for s in shapes)
-        raise ValueError(f"{name}: expected shape {want} (H={H} query heads, h=d/2={h}), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: on {t.device}, but q is on {device}")
-
-
 def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
               layout, backend, positions):
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    if not isinstance(layout, str) or layout not in LAYOUTS:
-        raise ValueError(f"layout: expected 'half' or 'interleaved', got {layout!r}")
-    _ext.check_tensor("q", q, dtypes=_FLOAT, ndim=4)
+    check_backend(backend)
+    check_layout(layout)
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
     dev = q.device
-    _ext.check_tensor("k", k, dtypes=_FLOAT, ndim=4, device=dev)
-    _ext.check_tensor("v", v, dtypes=_FLOAT, ndim=4, device=dev)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k, v: must have the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
     B, H, Lq, d = q.shape
     Bk, Hkv, Lk, dk = k.shape
-    if d == 0 or d % 2:
-        raise ValueError(f"q: head dim d must be a positive even number (pairs of re/im parts), got d={d}")
+    check_head_dim("q", d)
     if dk != d:
         raise ValueError(f"k: head dim {dk} does not match q's head dim {d}")
     if Bk != B or v.shape[0] != B:
         raise ValueError(f"k, v: batch size must match q's ({B}), got k {Bk}, v {v.shape[0]}")
     if v.shape[1] != Hkv or v.shape[2] != Lk:
         raise ValueError(f"v: expected shape ({B}, {Hkv}, {Lk}, dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"k: number of kv heads ({Hkv}) must divide the number of query heads ({H})")
-    h = d // 2
-    _check_param("delta", delta, H, h, dev, False)
-    _check_param("beta", beta, H, h, dev, False)
-    _check_param("freqs", freqs, H, h, dev, True)
+    check_heads("k", Hkv, H)
+    check_angles(delta, beta, freqs, d // 2, dev, H=H)
     if scale is None:
-        scale = 1.0 / math.sqrt(d) if d else 1.0
-    elif not math.isfinite(_ext.check_real("scale", scale, "a finite float or None")):
+        scale = 1.0 / math.sqrt(d)
+    elif not math.isfinite(check_real("scale", scale, "a finite float or None")):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     if q_offset is not None:
-        q_offset = _ext.check_int("q_offset", q_offset, lo=-_POS_LIMIT + 1, hi=_POS_LIMIT - 1,
-                                  what="an int or None")
+        q_offset = check_int("q_offset", q_offset, lo=-_POS_LIMIT + 1, hi=_POS_LIMIT - 1, what="an int or None")
     if key_padding_mask is not None:
-        _ext.check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), ndim=2, device=dev)
-        if tuple(key_padding_mask.shape) != (B, Lk):
-            raise ValueError(f"key_padding_mask: expected shape ({B}, {Lk}) (B, Lk), got {tuple(key_padding_mask.shape)}")
+        key_padding_mask = check_key_padding_mask("key_padding_mask", key_padding_mask, B, Lk, dev)
     if cu_seqlens is not None:
-        _ext.check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=dev)
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=dev)
         cu_seqlens = cu_seqlens.contiguous()  # like every other argument: strides are ours to fix
         if q_offset is not None:
             raise ValueError("cu_seqlens: cannot be combined with q_offset (each packed sequence is its own square block)")
@@ -132,13 +97,10 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     p.causal, p.scale, p.layout = bool(causal), float(scale), layout
     p.kpm, p.cu = key_padding_mask, cu_seqlens
     p.q_offset = (Lk - Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
-    p.pdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    p.pdtype = _acc_dtype(q.dtype)
     if positions is None:
         if cu_seqlens is not None:
-            cu = cu_seqlens.to(torch.int64)
-            idx = torch.arange(Lq, device=dev)
-            seq = torch.searchsorted(cu[1:], idx, right=True)
-            p.q_pos = (idx - cu[seq])[None]
+            p.q_pos = seq_positions(cu_seqlens, Lq)[0][None]
             p.k_pos = p.q_pos
         else:
             p.q_pos = (p.q_offset + torch.arange(Lq, device=dev))[None]
@@ -146,8 +108,8 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     else:
         if not isinstance(positions, (tuple, list)) or len(positions) != 2:
             raise TypeError("positions: expected a pair (q_positions, k_positions) of integer tensors, or None")
-        p.q_pos = _as_positions("positions[0] (query positions)", positions[0], B, Lq, dev)
-        p.k_pos = _as_positions("positions[1] (key positions)", positions[1], B, Lk, dev)
+        p.q_pos = check_positions("positions[0] (query positions)", positions[0], B, Lq, dev)
+        p.k_pos = check_positions("positions[1] (key positions)", positions[1], B, Lk, dev)
         if p.q_pos.shape[0] != p.k_pos.shape[0]:  # kernels take both per batch or both shared
             p.q_pos, p.k_pos = p.q_pos.expand(B, Lq).contiguous(), p.k_pos.expand(B, Lk).contiguous()
     return p
@@ -158,53 +120,14 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
 # --------------------------------------------------------------------------------------------
 def _visible(p, device):
     """bool (B|1, 1, Lq, Lk): key n visible to query m (masks by index, docs/design.md); None = all."""
-    vis = None
-    m = torch.arange(p.Lq, device=device)[:, None]
-    n = torch.arange(p.Lk, device=device)[None, :]
-    if p.cu is not None:
-        cu = p.cu.to(torch.int64)
-        seq = torch.searchsorted(cu[1:], torch.arange(p.Lq, device=device), right=True)
-        vis = seq[:, None] == seq[None, :]
-        if p.causal:
-            vis = vis & (n <= m)
-    elif p.causal:
-        vis = n <= m + p.q_offset
-    if vis is not None:
-        vis = vis[None, None]
-    if p.kpm is not None:
-        kv = p.kpm[:, None, None, :]
-        vis = kv if vis is None else vis & kv
-    return vis
-
-
-def _rotate_torch(x, delta, beta, freqs, pos, layout, H):
-    """Euler rotation in torch ops: x (B, Hx, L, d) -> (B, H, L, d), per query head.
-
-    Trig runs in at least float32; omega * p is formed and reduced to [-pi, pi] in float64, as
-    the kernels do (cf_pos_angle), so long positions keep float32 phase accuracy."""
-    G = H // x.shape[1]
-    ct = torch.promote_types(x.dtype, torch.float32)
-    xx = x.to(ct)
-    if G > 1:
-        xx = xx.repeat_interleave(G, dim=1)
-    re, im = split_pairs(xx, layout)
-    r = torch.sqrt(re * re + im * im + EPS_R)
-    theta = torch.atan2(im, re)
-    omega = (freqs if freqs.dim() == 2 else freqs[None]).double()
-    ang = omega[None, :, None, :] * pos.double()[:, None, :, None]  # (Bp, H|1, L, h)
-    ang = ang - _TWO_PI * torch.round(ang / _TWO_PI)
-    phi = delta.to(ct)[None, :, None, :] * theta + ang.to(ct)
-    if beta is not None:
-        phi = phi + beta.to(ct)[None, :, None, :]
-    ore, oim = r * torch.cos(phi), r * torch.sin(phi)
-    out = torch.cat([ore, oim], -1) if layout == "half" else torch.stack([ore, oim], -1).flatten(-2)
-    return out.to(x.dtype)
+    return visible(p.Lq, p.Lk, causal=p.causal, q_offset=p.q_offset, key_padding_mask=p.kpm, cu_seqlens=p.cu,
+                   device=device)
 
 
 def _attention_reference(q, k, v, delta, beta, freqs, p):
     G = p.H // p.Hkv
-    qr = _rotate_torch(q, delta, beta, freqs, p.q_pos, p.layout, p.H)
-    kr = _rotate_torch(k, delta, None, freqs, p.k_pos, p.layout, p.H)
+    qr = rotate_reference(q, delta, beta, freqs, p.q_pos, layout=p.layout).to(q.dtype)
+    kr = rotate_reference(k, delta, None, freqs, p.k_pos, layout=p.layout).to(k.dtype)
     s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
     vis = _visible(p, q.device)
     if vis is None and p.Lk > 0:
@@ -248,7 +171,8 @@ def _sdpa_mask(p, device):
 def _attention_sdpa(q, k, v, delta, beta, freqs, p):
     G = p.H // p.Hkv
     # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
-    qr, kr = euler_rotate_qk(q, k, delta, beta, freqs, q_positions=p.q_pos, k_positions=p.k_pos, layout=p.layout)
+    # the registered op directly: every argument was checked once, in _validate
+    qr, kr = _rotate_qk_op(q, k, delta, beta, freqs, p.q_pos, p.k_pos, LAYOUTS[p.layout])
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     mask, is_causal, row_ok = _sdpa_mask(p, q.device)
     out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
@@ -293,8 +217,6 @@ def _fused_unsupported(q, p):
     if dev == "cuda" and not _ext.HAS_CUDA_KERNELS:
         return "this build of complexformer._C has no CUDA kernels"
     if dev == "cuda":
-        if not _ext.HAS_CUDA_KERNELS:
-            return "complexformer was built without CUDA kernels (no nvcc at build time)"
         if not _fused_cuda_supported(q.dtype, p.d, p.dv):
             return (f"dtype {str(q.dtype).replace('torch.', '')} with head dims d={p.d}, dv={p.dv} is not supported "
                     "by the fused CUDA kernel (float16/bfloat16, d == dv in {64, 128})")
@@ -383,8 +305,8 @@ def _fused_setup_context(ctx, inputs, output):
 
 
 def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
-    """(dx, ddelta, dbeta | None, dfreqs | None) through the rotation helper's registered backward
-    op (traceable by torch.compile), or its Python function where no op is registered."""
+    """(dx, ddelta, dbeta | None, dfreqs | None) through the rotation's registered backward op
+    (traceable by torch.compile)."""
     dx, dd, db, df = torch.ops.complexformer.euler_rotate_backward(x, grad, delta, beta, freqs, pos, layout, need_freqs)
     return dx, dd, (db if beta is not None else None), (df if need_freqs else None)
 

@@ -35,7 +35,7 @@ import torch
 
 from . import data as cfdata
 from .metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
-from .pdl import pdl_weights, token_counts
+from .counts import pdl_weights, token_counts
 from .train import build_model, resolve_device, train
 
 # The quick grid is sized for <= 10 minutes on a 2-core CPU (about 6 measured, see

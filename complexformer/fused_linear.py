@@ -18,11 +18,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._ext import check_tensor, require_cuda_kernels
+from ._ext import require_cuda_kernels
 from ._selfcheck import selfcheck
+from .checks import (FLOAT_DTYPES, REDUCTIONS, check_normalizer, check_pdl_options, check_targets_in_range,
+                     check_targets_weights, check_tensor)
+from .checks import compute_dtype as _acc_dtype
 from .pdl import (
-    _FLOAT_DTYPES, _MEAN, _NONE, _NORM_GIVEN, _NORM_PRECOMPUTED, _REDUCTIONS, _acc_dtype, _check_normalizer,
-    _check_options, _check_targets_in_range, _check_targets_weights, _run_kernel, _scale, _sync_checks, _tracing,
+    _MEAN, _NONE, _NORM_GIVEN, _NORM_PRECOMPUTED, _run_kernel, _scale, _sync_checks, _tracing,
 )
 
 __all__ = ["fused_linear_pdl_loss", "fused_linear_chunk_rows"]
@@ -296,9 +298,9 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     N x V buffers (524 MB each) at their peak (benchmarks/fused_linear.py measures both).
     """
     reject_unsupported_autodiff("fused_linear_pdl_loss", hidden, lm_head_weight, bias)
-    ignore_index, label_smoothing = _check_options(ignore_index, reduction, label_smoothing)
-    check_tensor("hidden", hidden, dtypes=_FLOAT_DTYPES, ndim=(2, 3))
-    check_tensor("lm_head_weight", lm_head_weight, dtypes=_FLOAT_DTYPES, ndim=2, device=hidden.device)
+    ignore_index, label_smoothing = check_pdl_options(ignore_index, reduction, label_smoothing)
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    check_tensor("lm_head_weight", lm_head_weight, dtypes=FLOAT_DTYPES, ndim=2, device=hidden.device)
     if lm_head_weight.dtype != hidden.dtype:
         raise TypeError(f"lm_head_weight: dtype {lm_head_weight.dtype} differs from hidden's {hidden.dtype}")
     D = hidden.shape[-1]
@@ -309,7 +311,7 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     if V == 0 or D == 0:
         raise ValueError(f"lm_head_weight: V and the hidden size must not be empty, got {tuple(lm_head_weight.shape)}")
     if bias is not None:
-        check_tensor("bias", bias, dtypes=_FLOAT_DTYPES, ndim=1, device=hidden.device)
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=hidden.device)
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}")
         if bias.shape[0] != V:
@@ -320,14 +322,14 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     for name, v in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
-    _check_targets_weights(targets, weights, hidden.shape[:-1], V, hidden.device)
+    check_targets_weights(targets, weights, hidden.shape[:-1], V, hidden.device)
     batch_shape = hidden.shape[:-1]
     acc = _acc_dtype(hidden.dtype)
-    norm = _check_normalizer(normalizer, reduction, hidden.device, acc)
+    norm = check_normalizer(normalizer, reduction, hidden.device, acc)
     h2 = hidden.reshape(-1, D)
     t = targets.reshape(-1).contiguous()
     if hidden.is_cuda and _sync_checks():
-        _check_targets_in_range(t, V, ignore_index)
+        check_targets_in_range(t, V, ignore_index)
     n = h2.shape[0]
     chunk = chunk_size or fused_linear_chunk_rows(n, D, V, hidden.dtype, hidden.device, memory_budget)
     w = weights.detach().to(acc).contiguous()
@@ -335,7 +337,7 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     if reduction != "none" and torch.is_grad_enabled():
         mask = ((_GRAD_HIDDEN if hidden.requires_grad else 0) | (_GRAD_WEIGHT if lm_head_weight.requires_grad else 0)
                 | (_GRAD_BIAS if bias is not None and bias.requires_grad else 0))
-    loss, _, _, _ = _fused_linear_fwd(h2, lm_head_weight, bias, t, w, norm, ignore_index, _REDUCTIONS[reduction],
+    loss, _, _, _ = _fused_linear_fwd(h2, lm_head_weight, bias, t, w, norm, ignore_index, REDUCTIONS[reduction],
                                       float(label_smoothing), chunk, None, mask)
     return loss.view(batch_shape) if reduction == "none" else loss
 

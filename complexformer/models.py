@@ -39,7 +39,8 @@ except ImportError as e:  # pragma: no cover
 
 from .hf.cmha import cmha_parameters
 from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, _hf_init, rope_freqs
-from .pdl import pdl_loss, pdl_weights
+from .counts import pdl_weights
+from .pdl import pdl_loss
 
 _TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
 ATTENTIONS = ("cmha", "rope", "none")

@@ -15,12 +15,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ._ext import check_int
 from .attention import cmha_attention
+from .checks import check_backend, check_int, check_key_padding_mask, check_layout, check_positions, compute_dtype
 from .reference import default_freqs
-
-LAYOUTS = ("half", "interleaved")
-BACKENDS = ("auto", "fused", "sdpa", "reference")
 
 
 class CMHACache(NamedTuple):
@@ -102,10 +99,8 @@ class CMHA(nn.Module):
                              "(CMHA pairs the features of a head into d/2 complex numbers)")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        check_layout(layout)
+        check_backend(backend)
         if not (isinstance(rope_base, (int, float)) and rope_base > 0):
             raise ValueError(f"rope_base: expected a positive number, got {rope_base!r}")
         if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -144,11 +139,7 @@ class CMHA(nn.Module):
         if self.learnable_freqs:
             self.freqs.copy_(self._default_freqs(self.freqs.device).expand_as(self.freqs))
         else:
-            self.freqs = self._default_freqs(self.freqs.device, self._fixed_freqs_dtype(self.freqs.dtype))
-
-    @staticmethod
-    def _fixed_freqs_dtype(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
+            self.freqs = self._default_freqs(self.freqs.device, compute_dtype(self.freqs.dtype))
 
     def _apply(self, fn, *args, **kwargs):
         # Module.to(bfloat16) would round the fixed frequencies to 8 bits, and omega * position
@@ -156,7 +147,7 @@ class CMHA(nn.Module):
         # float64 after .double() (exact for float64 checks).
         super()._apply(fn, *args, **kwargs)
         if not self.learnable_freqs:
-            self.freqs = self._default_freqs(self.freqs.device, self._fixed_freqs_dtype(self.freqs.dtype))
+            self.freqs = self._default_freqs(self.freqs.device, compute_dtype(self.freqs.dtype))
         return self
 
     def extra_repr(self):
@@ -193,7 +184,7 @@ class CMHA(nn.Module):
         positions, k_pos = None, None
         if position_ids is not None or past_pos is not None:
             if position_ids is not None:
-                q_pos = self._check_positions(position_ids, B, L, x.device)
+                q_pos = check_positions("position_ids", position_ids, B, L, x.device, other="x")
             else:  # continue every row from its last cached position
                 q_pos = past_pos[:, -1:] + 1 + torch.arange(L, device=x.device)
             if past_len:
@@ -207,7 +198,8 @@ class CMHA(nn.Module):
 
         kpm = None
         if key_padding_mask is not None:
-            kpm = self._check_mask(key_padding_mask, B, Lk, x.device)
+            kpm = check_key_padding_mask("key_padding_mask", key_padding_mask, B, Lk, x.device, other="x", ints=True,
+                                         dims="(batch, past_len + seq_len)")
 
         extra = {} if positions is None else {"positions": positions}
         # q_offset = past_len puts the new queries bottom-right (after the cached keys); None
@@ -242,37 +234,3 @@ class CMHA(nn.Module):
             raise ValueError(f"past_key_value.positions: expected shape (B={B} or 1, past_len={pk.shape[2]}), "
                              f"got {tuple(pos.shape)}")
         return pk, pv, pos
-
-    @staticmethod
-    def _check_positions(position_ids, B, L, device):
-        p = position_ids
-        if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
-            raise TypeError("position_ids: expected an integer tensor, got "
-                            f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
-        if p.dim() == 1:
-            p = p[None]
-        if p.dim() != 2 or p.shape[1] != L or p.shape[0] not in (1, B):
-            raise ValueError(f"position_ids: expected shape (B={B}, L={L}) or (L,), got {tuple(position_ids.shape)}")
-        if p.device != device:
-            raise ValueError(f"position_ids: on {p.device}, but x is on {device}")
-        return p.to(torch.int64)
-
-    @staticmethod
-    def _check_mask(mask, B, Lk, device):
-        if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
-            raise TypeError("key_padding_mask: expected a bool (or 0/1 integer) tensor, True = attend, got "
-                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-        if tuple(mask.shape) != (B, Lk):
-            raise ValueError(f"key_padding_mask: expected shape (B={B}, past_len + L={Lk}), got {tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"key_padding_mask: on {mask.device}, but x is on {device}")
-        if mask.dtype == torch.bool:
-            return mask
-        # 0/1 integers (a Hugging Face attention mask). Any other value is refused: it may be an
-        # additive mask (0 / -inf style) or a position tensor passed by mistake. One host sync on
-        # CUDA, skipped while torch.compile traces or a CUDA graph is captured.
-        capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not torch.compiler.is_compiling() and not capturing and bool(((mask != 0) & (mask != 1)).any()):
-            bad = mask[(mask != 0) & (mask != 1)][0].item()
-            raise ValueError(f"key_padding_mask: integer masks must hold 0 or 1 (1 = attend), found {bad}")
-        return mask != 0

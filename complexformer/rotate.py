@@ -14,8 +14,9 @@ Layers of this file:
   * ``euler_rotate_qk`` (internal, for the "sdpa" attention backend): q and k in one launch.
   * ``_rotate_forward`` / ``_rotate_backward`` (internal, docs/design.md, "Attention"): raw kernel calls
     without autograd; the fused-attention glue calls ``_rotate_backward`` with float32 gradients.
-  * ``rotate_reference`` / ``_rotate_backward_torch``: the same math in plain PyTorch, used where no
-    kernel exists (float64 on CUDA) and as the baseline of benchmarks and self-checks.
+  * the same math in plain PyTorch (``reference.rotate_reference`` / ``rotate_backward_reference``)
+    runs where no kernel exists (float64 on CUDA), under forward-mode AD / torch.func, and in
+    double backward.
 """
 import math
 from typing import Optional
@@ -24,27 +25,15 @@ import torch
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-from .reference import EPS_R
-LAYOUTS = {"half": 0, "interleaved": 1}
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .checks import (FLOAT_DTYPES, check_angles, check_head_dim, check_heads, check_layout, check_positions,
+                     check_tensor, compute_dtype, layout_id)
+from .reference import as_positions, rotate_backward_reference, rotate_reference
+
 _CPU_CHUNKS = 64  # token chunks of the CPU backward reduction
 _CUDA_BLOCKS = 2048  # target number of CUDA backward blocks (column blocks x token chunks)
 _CUDA_COLS = 64  # (kv head, pair) columns per CUDA backward block
 _CUDA_WS_ELEMS = 1 << 22  # cap of the CUDA backward's partial-sum workspace (16 MiB)
 _CUDA_MAX_GROUP = 128  # query heads per kv head the CUDA backward takes (keys are expanded beyond)
-
-
-def _layout_id(layout):
-    if isinstance(layout, int) and layout in (0, 1):
-        return layout
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected 'half' or 'interleaved', got {layout!r}")
-    return LAYOUTS[layout]
-
-
-def _compute_dtype(dtype):
-    """Parameters (and the math) are float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _uses_kernel(x):
@@ -76,112 +65,35 @@ def _kernel_dtype(x):
     return x.dtype
 
 
-def _prep_pos(pos, device):
-    pos = pos.detach()
-    if pos.dim() == 1:
-        pos = pos[None]
-    return pos.to(device=device, dtype=torch.int64).contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# Plain PyTorch math (reference, float64-on-CUDA path, benchmark baseline)
-
-def _pos_angle(freqs, pos):
-    """omega * p reduced to [-pi, pi] in float64: (Bp, H or 1, L, h)."""
-    f = freqs.double()
-    f = f[None, None] if f.dim() == 1 else f[None]  # (1, H|1, h)
-    a = f[:, :, None, :] * pos.double()[:, None, :, None]
-    return a - 2 * math.pi * torch.round(a / (2 * math.pi))
-
-
-def _split(x, layout):
-    h = x.shape[-1] // 2
-    return (x[..., :h], x[..., h:]) if layout == 0 else (x[..., 0::2], x[..., 1::2])
-
-
-def _merge(a, b, layout):
-    return torch.cat([a, b], -1) if layout == 0 else torch.stack([a, b], -1).flatten(-2)
-
-
-def rotate_reference(x, delta, beta, freqs, pos, *, layout="half", dtype=None):
-    """The rotation in plain PyTorch (math in ``dtype``, default the kernel's compute dtype).
-
-    Same arguments as ``_rotate_forward``; returns (B, H, L, d) in ``dtype``."""
-    layout = _layout_id(layout)
-    dt = dtype or _compute_dtype(x.dtype)
-    H = delta.shape[0]
-    xe = x.to(dt).repeat_interleave(H // x.shape[1], 1)
-    re, im = _split(xe, layout)
-    r = torch.sqrt(re * re + im * im + EPS_R)
-    off = _pos_angle(freqs, _prep_pos(pos, x.device))
-    if beta is not None:
-        off = off + beta.double()[None, :, None, :]
-    phi = delta.to(dt)[None, :, None, :] * torch.atan2(im, re) + off.to(dt)
-    return _merge(r * torch.cos(phi), r * torch.sin(phi), layout)
-
-
-def _rotate_backward_torch(x, grad, delta, beta, freqs, pos, *, layout, need_freqs_grad):
-    """The bounded backward of rotate_math.h in plain PyTorch (same outputs as _rotate_backward)."""
-    layout = _layout_id(layout)
-    dt = _compute_dtype(x.dtype)
-    B, Hx, L, d = x.shape
-    H = delta.shape[0]
-    pos = _prep_pos(pos, x.device)
-    xe = x.to(dt).repeat_interleave(H // Hx, 1)
-    re, im = _split(xe, layout)
-    g_re, g_im = _split(grad.to(dt), layout)
-    r = torch.sqrt(re * re + im * im + EPS_R)
-    c, s, th = re / r, im / r, torch.atan2(im, re)
-    off = _pos_angle(freqs, pos)
-    if beta is not None:
-        off = off + beta.double()[None, :, None, :]
-    dl = delta.to(dt)[None, :, None, :]
-    phi = dl * th + off.to(dt)
-    sp, cp = torch.sin(phi), torch.cos(phi)
-    A = g_re * cp + g_im * sp
-    Bq = g_re * sp - g_im * cp
-    dx = _merge(c * A + dl * s * Bq, s * A - dl * c * Bq, layout)
-    dx = dx.view(B, Hx, H // Hx, L, d).sum(2).to(x.dtype)
-    dphi = -r * Bq
-    ddelta = (dphi * th).sum((0, 2))
-    dbeta = dphi.sum((0, 2)) if beta is not None else None
-    dfreqs = None
-    if need_freqs_grad:
-        dfreqs = (dphi * pos.to(dt)[:, None, :, None]).sum((0, 2))
-        if freqs.dim() == 1:
-            dfreqs = dfreqs.sum(0)
-    return dx, ddelta, dbeta, dfreqs
-
-
 # ----------------------------------------------------------------------------------------------
 # Raw kernel calls (no autograd): the internal API of docs/design.md, "Attention"
 
 def _rotate_forward(x, delta, beta, freqs, pos, *, layout):
     """x (B, Hx, L, d), Hx | H -> x~ (B, H, L, d) in x's dtype. beta None for keys; pos (Bp, L) int."""
-    layout = _layout_id(layout)
+    layout = layout_id(layout)
     if not _uses_kernel(x):
         return rotate_reference(x, delta, beta, freqs, pos, layout=layout).to(x.dtype)
     _ext.require_cuda_kernels("euler_rotate", x)
-    pd = _compute_dtype(x.dtype)
+    pd = compute_dtype(x.dtype)
     xk = _prep_x(x, _kernel_dtype(x))
     B, _, L, d = x.shape
     out = torch.empty((B, delta.shape[0], L, d), dtype=xk.dtype, device=x.device)
     if out.numel() == 0:
         return out.to(x.dtype)
     _C.rotate_fwd(_ext.dl(xk), _ext.dl(_as_param(delta, pd)), _ext.dl_opt(_as_param(beta, pd)),
-                  _ext.dl(_as_param(freqs, pd)), _ext.dl(_prep_pos(pos, x.device)), _ext.dl(out),
+                  _ext.dl(_as_param(freqs, pd)), _ext.dl(as_positions(pos, x.device)), _ext.dl(out),
                   layout, _ext.num_threads(), _ext.stream(x))
     return out.to(x.dtype)
 
 
 def _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, *, layout):
     """(q~, k~) in one kernel launch on CUDA: q with beta, k without; both (B, H, L*, d)."""
-    layout = _layout_id(layout)
+    layout = layout_id(layout)
     if not _uses_kernel(q) or q.dtype != k.dtype or q.numel() == 0 or k.numel() == 0:
         return (_rotate_forward(q, delta, beta, freqs, q_pos, layout=layout),
                 _rotate_forward(k, delta, None, freqs, k_pos, layout=layout))
     _ext.require_cuda_kernels("euler_rotate", q)
-    pd = _compute_dtype(q.dtype)
+    pd = compute_dtype(q.dtype)
     qk, kk = _prep_x(q, _kernel_dtype(q)), _prep_x(k, _kernel_dtype(k))
     H = delta.shape[0]
     q_out = torch.empty((q.shape[0], H, q.shape[2], q.shape[3]), dtype=qk.dtype, device=q.device)
@@ -189,7 +101,7 @@ def _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, *, layout):
     fr = _ext.dl(_as_param(freqs, pd))
     dlt = _as_param(delta, pd)
     _C.rotate_fwd_qk(_ext.dl(qk), _ext.dl(kk), _ext.dl(dlt), _ext.dl_opt(_as_param(beta, pd)), fr,
-                     _ext.dl(_prep_pos(q_pos, q.device)), _ext.dl(_prep_pos(k_pos, k.device)),
+                     _ext.dl(as_positions(q_pos, q.device)), _ext.dl(as_positions(k_pos, k.device)),
                      _ext.dl(q_out), _ext.dl(k_out), layout, _ext.num_threads(), _ext.stream(q))
     return q_out.to(q.dtype), k_out.to(k.dtype)
 
@@ -214,14 +126,14 @@ def _rotate_backward(x, grad, delta, beta, freqs, pos, *, layout, need_freqs_gra
     dfreqs (shape of freqs) or None) with the parameter gradients in the compute dtype (float64
     for float64 x, else float32). dx sums over the G query heads sharing a kv head. The parameter
     gradients are deterministic (fixed-order two-stage reductions, no atomics)."""
-    layout = _layout_id(layout)
+    layout = layout_id(layout)
     B, Hx, L, d = x.shape
     H = delta.shape[0]
     if not _uses_kernel(x):
-        return _rotate_backward_torch(x, grad, delta, beta, freqs, pos, layout=layout,
+        return rotate_backward_reference(x, grad, delta, beta, freqs, pos, layout=layout,
                                       need_freqs_grad=need_freqs_grad)
     _ext.require_cuda_kernels("euler_rotate", x)
-    pd = _compute_dtype(x.dtype)
+    pd = compute_dtype(x.dtype)
     if x.numel() == 0:  # no tokens: zero parameter gradients
         z = torch.zeros((H, d // 2), dtype=pd, device=x.device)
         return (torch.zeros_like(x), z, z.clone() if beta is not None else None,
@@ -246,7 +158,7 @@ def _rotate_backward(x, grad, delta, beta, freqs, pos, *, layout, need_freqs_gra
     dbeta = torch.empty_like(ddelta) if beta is not None else None
     dfreqs = torch.empty(freqs.shape, dtype=pd, device=x.device) if need_freqs_grad else None
     _C.rotate_bwd(_ext.dl(xk), _ext.dl(g), _ext.dl(_as_param(delta, pd)), _ext.dl_opt(_as_param(beta, pd)),
-                  _ext.dl(_as_param(freqs, pd)), _ext.dl(_prep_pos(pos, x.device)), _ext.dl(dx), _ext.dl(ws),
+                  _ext.dl(_as_param(freqs, pd)), _ext.dl(as_positions(pos, x.device)), _ext.dl(dx), _ext.dl(ws),
                   _ext.dl(ddelta), _ext.dl_opt(dbeta), _ext.dl_opt(dfreqs), chunk, layout,
                   _ext.num_threads(), _ext.stream(x))
     return dx.to(x.dtype), ddelta, dbeta, dfreqs
@@ -281,7 +193,7 @@ def _rotate_bwd_op(x: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor, bet
 
 @_rotate_bwd_op.register_fake
 def _(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad):
-    pd = _compute_dtype(x.dtype)
+    pd = compute_dtype(x.dtype)
     dd = delta.new_empty(delta.shape, dtype=pd)
     db = delta.new_empty(delta.shape if beta is not None else (0,), dtype=pd)
     df = freqs.new_empty(freqs.shape if need_freqs_grad else (0,), dtype=pd)
@@ -306,7 +218,7 @@ def _rotate_bwd_any(x, grad, delta, beta, freqs, positions, layout, need_freqs):
     """The backward kernel, or under create_graph=True (double backward) the same formulas in
     differentiable torch ops, so second derivatives are exact rather than silently dropped."""
     if torch.is_grad_enabled():
-        dx, dd, db, df = _rotate_backward_torch(x, grad, delta, beta, freqs, positions, layout=layout,
+        dx, dd, db, df = rotate_backward_reference(x, grad, delta, beta, freqs, positions, layout=layout,
                                                 need_freqs_grad=need_freqs)
         return dx, dd, db, df
     return _rotate_bwd_op(x, grad, delta, beta, freqs, positions, layout, need_freqs)
@@ -360,53 +272,15 @@ _rotate_qk_op.register_autograd(_rotate_qk_grad, setup_context=_rotate_qk_setup)
 # ----------------------------------------------------------------------------------------------
 # Public API
 
-def _public_layout(layout):
-    """The public functions take the names only (True would otherwise pass as 1, "interleaved")."""
-    if not isinstance(layout, str):
-        raise ValueError(f"layout: expected 'half' or 'interleaved', got {layout!r}")
-    return _layout_id(layout)
-
-
-def _check_params(x, delta, beta, freqs):
-    _ext.check_tensor("delta", delta, dtypes=_FLOATS, ndim=2, device=x.device)
-    h = x.shape[-1] // 2
-    H = delta.shape[0]
-    if delta.shape[1] != h:
-        raise ValueError(f"delta: expected shape (H, {h}) for head dimension {x.shape[-1]}, got {tuple(delta.shape)}")
-    if H == 0:
-        raise ValueError("delta: needs at least one head")
-    if beta is not None:
-        _ext.check_tensor("beta", beta, dtypes=_FLOATS, ndim=2, device=x.device)
-        if tuple(beta.shape) != tuple(delta.shape):
-            raise ValueError(f"beta: expected shape {tuple(delta.shape)} like delta, got {tuple(beta.shape)}")
-    _ext.check_tensor("freqs", freqs, dtypes=_FLOATS, ndim=(1, 2), device=x.device)
-    if tuple(freqs.shape) not in ((h,), (H, h)):
-        raise ValueError(f"freqs: expected shape ({h},) or ({H}, {h}), got {tuple(freqs.shape)}")
-    return H
+def _resolve_positions(name, positions, x, xname):
+    if positions is None:
+        return torch.arange(x.shape[2], device=x.device)[None]
+    return check_positions(name, positions, x.shape[0], x.shape[2], x.device, other=xname)
 
 
 def _check_x(name, x):
-    _ext.check_tensor(name, x, dtypes=_FLOATS, ndim=4)
-    d = x.shape[-1]
-    if d == 0 or d % 2:
-        raise ValueError(f"{name}: the head dimension (last) must be a positive even number, got {d}")
-
-
-def _check_heads(name, x, H):
-    Hx = x.shape[1]
-    if Hx == 0 or H % Hx:
-        raise ValueError(f"{name}: its {Hx} heads must divide the {H} query heads of delta")
-
-
-def _resolve_positions(name, positions, B, L, device):
-    if positions is None:
-        return torch.arange(L, device=device)[None]
-    _ext.check_tensor(name, positions, dtypes=(torch.int32, torch.int64), ndim=(1, 2), device=device)
-    if positions.dim() == 1:
-        positions = positions[None]
-    if positions.shape[1] != L or positions.shape[0] not in (1, B):
-        raise ValueError(f"{name}: expected shape ({L},) or ({B}, {L}), got {tuple(positions.shape)}")
-    return positions.to(torch.int64)
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, ndim=4)
+    check_head_dim(name, x.shape[-1])
 
 
 def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout="half"):
@@ -427,17 +301,15 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
         (B, H, L, d) in x's dtype. The math runs in float32 (float64 for float64 inputs).
         Differentiable with respect to x, delta, beta and freqs.
     """
-    layout_id = _public_layout(layout)
+    lid = check_layout(layout)
     _check_x("x", x)
-    if is_query and beta is None:
-        raise ValueError("beta: required for queries (is_query=True); pass is_query=False for keys")
-    H = _check_params(x, delta, beta if is_query else None, freqs)
-    _check_heads("x", x, H)
-    pos = _resolve_positions("positions", positions, x.shape[0], x.shape[2], x.device)
+    H = check_angles(delta, beta if is_query else None, freqs, x.shape[-1] // 2, x.device, is_query=is_query)
+    check_heads("x", x.shape[1], H)
+    pos = _resolve_positions("positions", positions, x, "x")
     b = beta if is_query else None
     if _ext.needs_torch_math(x, delta, b, freqs):  # forward-mode AD / torch.func: torch ops
-        return rotate_reference(x, delta, b, freqs, pos, layout=layout_id).to(x.dtype)
-    return _rotate_op(x, delta, b, freqs, pos, layout_id)
+        return rotate_reference(x, delta, b, freqs, pos, layout=lid).to(x.dtype)
+    return _rotate_op(x, delta, b, freqs, pos, lid)
 
 
 def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=None, layout="half"):
@@ -445,24 +317,22 @@ def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=N
 
     q (B, H or a divisor, Lq, d), k (B, Hkv, Lk, d) -> (q~ (B, H, Lq, d), k~ (B, H, Lk, d)).
     Used by the "sdpa" attention backend; differentiable like ``euler_rotate``."""
-    layout_id = _public_layout(layout)
+    lid = check_layout(layout)
     _check_x("q", q)
     _check_x("k", k)
     if k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
         raise ValueError(f"k: shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head dimension")
     if k.device != q.device:
         raise ValueError(f"k: on {k.device}, but q is on {q.device}")
-    if beta is None:
-        raise ValueError("beta: required (queries get the phase bias)")
-    H = _check_params(q, delta, beta, freqs)
-    _check_heads("q", q, H)
-    _check_heads("k", k, H)
-    qp = _resolve_positions("q_positions", q_positions, q.shape[0], q.shape[2], q.device)
-    kp = _resolve_positions("k_positions", k_positions, k.shape[0], k.shape[2], k.device)
+    H = check_angles(delta, beta, freqs, q.shape[-1] // 2, q.device)
+    check_heads("q", q.shape[1], H)
+    check_heads("k", k.shape[1], H)
+    qp = _resolve_positions("q_positions", q_positions, q, "q")
+    kp = _resolve_positions("k_positions", k_positions, k, "k")
     if _ext.needs_torch_math(q, k, delta, beta, freqs):  # forward-mode AD / torch.func: torch ops
-        return (rotate_reference(q, delta, beta, freqs, qp, layout=layout_id).to(q.dtype),
-                rotate_reference(k, delta, None, freqs, kp, layout=layout_id).to(k.dtype))
-    return _rotate_qk_op(q, k, delta, beta, freqs, qp, kp, layout_id)
+        return (rotate_reference(q, delta, beta, freqs, qp, layout=lid).to(q.dtype),
+                rotate_reference(k, delta, None, freqs, kp, layout=lid).to(k.dtype))
+    return _rotate_qk_op(q, k, delta, beta, freqs, qp, kp, lid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +349,7 @@ def _selfcheck_rotate(device):
     pos = torch.arange(L)[None] + 5
     gy = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
     ref = rotate_reference(x, delta, beta, freqs, pos, layout="half")
-    rdx, rdd, rdb, _ = _rotate_backward_torch(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=False)
+    rdx, rdd, rdb, _ = rotate_backward_reference(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=False)
     dev = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
     out = _rotate_forward(dev(x), dev(delta), dev(beta), dev(freqs), pos.to(device), layout="half")
     dx, dd, db, _ = _rotate_backward(dev(x), dev(gy), dev(delta), dev(beta), dev(freqs), pos.to(device),

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as cfdata
-from .pdl import pdl_loss, pdl_weights, token_counts
+from .counts import pdl_weights, token_counts
+from .pdl import pdl_loss
 
 ATTENTIONS = ("cmha", "rope", "none")
 LOSSES = ("ce", "pdl")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import complexformer as cf
-from complexformer.pdl import reference_pdl_loss
+from complexformer.reference import reference_pdl_loss
 
 REDUCTIONS = ["mean", "sum", "none"]
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from complexformer import euler_rotate
 from complexformer import rotate as R
-from complexformer.reference import cmha_scores_pairwise, default_freqs, split_pairs
+from complexformer.reference import cmha_scores_pairwise, default_freqs, rotate_backward_reference, split_pairs
 
 F64 = torch.float64
 
@@ -231,8 +231,8 @@ def test_float32_flash_attention_rule(layout):
     ref = polar_rotate(x, delta, beta, freqs, pos, layout)
     torch32 = R.rotate_reference(x32, d32, b32, f32, p2, layout=layout)
     fa_rule(euler_rotate(x32, d32, b32, f32, positions=pos, layout=layout), ref, torch32, 1e-6)
-    rb = R._rotate_backward_torch(x, gy, delta, beta, freqs, p2, layout=layout, need_freqs_grad=True)
-    tb = R._rotate_backward_torch(x32, g32, d32, b32, f32, p2, layout=layout, need_freqs_grad=True)
+    rb = rotate_backward_reference(x, gy, delta, beta, freqs, p2, layout=layout, need_freqs_grad=True)
+    tb = rotate_backward_reference(x32, g32, d32, b32, f32, p2, layout=layout, need_freqs_grad=True)
     kb = R._rotate_backward(x32, g32, d32, b32, f32, p2, layout=layout, need_freqs_grad=True)
     for k_, t_, r_ in zip(kb, tb, rb):
         fa_rule(k_, r_, t_, 1e-5 * max(1.0, r_.abs().max().item()))

@@ -8,7 +8,7 @@ import torch
 
 from complexformer import euler_rotate
 from complexformer import rotate as R
-from complexformer.reference import default_freqs
+from complexformer.reference import default_freqs, rotate_backward_reference
 from test_rotate import F64, away_from_origin, polar_rotate
 
 pytestmark = pytest.mark.cuda
@@ -65,8 +65,8 @@ def test_forward_backward_vs_float64(dtype, layout, H, Hx, d, grad_dtype):
 
     gy = torch.randn(2, H, 33, d, device="cuda", dtype=torch.float64)
     gk = gy.float() if grad_dtype == "float32" else gy.to(dtype)
-    refs = R._rotate_backward_torch(*cpu64(x, gk, delta, beta, freqs, pos), layout=layout, need_freqs_grad=True)
-    same = R._rotate_backward_torch(x, gk, delta, beta, freqs, pos, layout=layout, need_freqs_grad=True)
+    refs = rotate_backward_reference(*cpu64(x, gk, delta, beta, freqs, pos), layout=layout, need_freqs_grad=True)
+    same = rotate_backward_reference(x, gk, delta, beta, freqs, pos, layout=layout, need_freqs_grad=True)
     outs = R._rotate_backward(x, gk, delta, beta, freqs, pos, layout=layout, need_freqs_grad=True)
     assert outs[0].dtype == dtype and outs[0].shape == x.shape
     for name, o, r, s in zip(("dx", "ddelta", "dbeta", "dfreqs"), outs, refs, same):
@@ -116,7 +116,7 @@ def test_very_wide_group_falls_back_to_expanded_keys():
     x, delta, beta, freqs, pos = make_cuda(H=160, Hx=1, L=5, d=8)
     gy = torch.randn(2, 160, 5, 8, device="cuda")
     got = R._rotate_backward(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=True)
-    ref = R._rotate_backward_torch(*cpu64(x, gy, delta, beta, freqs, pos), layout="half", need_freqs_grad=True)
+    ref = rotate_backward_reference(*cpu64(x, gy, delta, beta, freqs, pos), layout="half", need_freqs_grad=True)
     for u, v in zip(got, ref):
         assert err(u, v) <= 1e-4 * max(1.0, v.abs().max().item())
 
@@ -126,9 +126,9 @@ def test_long_sequence_many_chunks():
     x, delta, beta, freqs, pos = make_cuda(B=2, H=8, Hx=8, L=4096, d=128, batch_pos=True)
     gy = torch.randn(2, 8, 4096, 128, device="cuda")
     got = R._rotate_backward(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=True)
-    ref = R._rotate_backward_torch(x.double(), gy.double(), delta.double(), beta.double(), freqs.double(), pos,
+    ref = rotate_backward_reference(x.double(), gy.double(), delta.double(), beta.double(), freqs.double(), pos,
                                    layout="half", need_freqs_grad=True)
-    same = R._rotate_backward_torch(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=True)
+    same = rotate_backward_reference(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=True)
     for name, u, v, s in zip(("dx", "ddelta", "dbeta", "dfreqs"), got, ref, same):
         check_fa(name, u, v, s, 1e-5 * max(1.0, v.abs().max().item()))
 

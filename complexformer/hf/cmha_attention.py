@@ -45,8 +45,8 @@ except ImportError as e:  # pragma: no cover - exercised only without (a recent 
         f"AttentionMaskInterface): pip install -U 'complexformer[hf]' ({e})"
     ) from e
 
-from ..attention import BACKENDS, cmha_attention
-from ..module import CMHA
+from ..attention import cmha_attention
+from ..checks import check_backend, check_key_padding_mask, check_positions, compute_dtype
 from ..reference import default_freqs
 from ..rotate import euler_rotate_qk
 
@@ -108,10 +108,6 @@ def _hf_init():
     return initialization if hasattr(initialization, "constant_") else _TorchInit
 
 
-def _param_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class CMHAAttention(nn.Module):
     """CMHA self-attention with HF's module interface (see the module docstring).
 
@@ -149,8 +145,7 @@ class CMHAAttention(nn.Module):
             raise ValueError(f"learnable: expected a subset of {LEARNABLE}, got {learnable!r}")
         if delta_init not in ("rope", "normal"):
             raise ValueError(f"delta_init: expected 'rope' or 'normal', got {delta_init!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         h = head_dim // 2
         freqs = torch.as_tensor(freqs, device="cpu").detach() if not isinstance(freqs, torch.Tensor) else freqs.detach()
         if freqs.device.type == "meta":
@@ -260,7 +255,7 @@ class CMHAAttention(nn.Module):
         p = position_ids if position_ids is not None else cache_position
         if p is None:
             return (past + torch.arange(L, device=device))[None]
-        return CMHA._check_positions(p, B, L, device)
+        return check_positions("position_ids", p, B, L, device, other="hidden_states")
 
     def _check_cache_layer(self, cache):
         if self.layer_idx < len(cache.layers):
@@ -299,12 +294,10 @@ class CMHAAttention(nn.Module):
         Lk = k.shape[2]
         if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             kpm = None
-            if mask is not None:
-                if tuple(mask.shape) != (B, Lk) or mask.is_floating_point() or mask.is_complex():
-                    raise ValueError(f"attention_mask: a 2-D mask must be a bool / 0-1 integer (B={B}, keys={Lk}) "
-                                     f"tensor, True = attend; got {mask.dtype} {tuple(mask.shape)}")
-                kpm = mask.to(device=q.device, dtype=torch.bool)
-            delta, beta, freqs = self.angles(q.device, _param_dtype(q.dtype))
+            if mask is not None:  # HF's 2-D mask: nonzero = attend (values not checked: no host sync per layer)
+                kpm = check_key_padding_mask("attention_mask", mask.to(q.device), B, Lk, q.device, ints=True,
+                                             check_values=False)
+            delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
             return cmha_attention(q, k, v, delta, beta, freqs, causal=True, scale=self.scaling,
                                   key_padding_mask=kpm, positions=(q_pos, k_pos), backend=self.backend)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
@@ -320,7 +313,7 @@ class CMHAAttention(nn.Module):
 
     def _attend_masked(self, q, k, v, q_pos, k_pos, mask):
         """Any 4-D mask: the project's rotation kernel, then torch SDPA with the mask."""
-        pdt = _param_dtype(q.dtype)
+        pdt = compute_dtype(q.dtype)
         delta, beta, freqs = self.angles(q.device, pdt)
         qr, kr = euler_rotate_qk(q, k, delta.to(pdt), beta.to(pdt), freqs,
                                  q_positions=q_pos, k_positions=k_pos, layout="half")

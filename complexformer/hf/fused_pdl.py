@@ -17,7 +17,7 @@ import types
 import torch
 
 from ..fused_linear import fused_linear_pdl_loss
-from ..pdl import check_pdl_weights
+from ..checks import check_pdl_options, check_pdl_weights
 
 __all__ = ["apply_fused_pdl", "is_fused_pdl"]
 
@@ -147,10 +147,9 @@ def apply_fused_pdl(model, weights=None, *, ignore_index=-100, label_smoothing=0
     ``accelerate.prepare``): the wrappers call its forward. The patch is a method bound to the
     instance, so ``copy.deepcopy(model)`` gives a patched copy that runs on its own parameters.
     """
-    from ..pdl import _check_options
 
     check_fused_support(model, "apply_fused_pdl")
-    _check_options(ignore_index, "mean", label_smoothing)
+    check_pdl_options(ignore_index, "mean", label_smoothing)
     V = model.get_output_embeddings().weight.shape[0]
     if weights is not None:
         if not isinstance(weights, torch.Tensor):

@@ -29,7 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..pdl import pdl_loss, token_counts
+from ..counts import token_counts
+from ..pdl import pdl_loss
 from .fused_pdl import check_fused_support, final_hidden_states, fused_head_loss, is_fused_pdl
 from .fused_pdl import shift_labels as _shift_labels
 
