@@ -39,6 +39,7 @@ except ImportError as e:  # pragma: no cover
 
 from .hf.cmha import cmha_parameters
 from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, _hf_init, rope_freqs
+from .hf.fused_pdl import shift_labels
 from .counts import pdl_weights
 from .pdl import pdl_loss
 
@@ -326,7 +327,7 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
                 raise RuntimeError("loss='pdl' but no PDL weights are set: call model.set_pdl_weights("
                                    "complexformer.pdl_weights(counts, alpha)) first")
             self._pdl_checked = True
-        targets = F.pad(labels[..., 1:], (0, 1), value=ignore_index).to(logits.device)
+        targets = shift_labels(labels, ignore_index).to(logits.device)
         return pdl_loss(logits, targets, w, ignore_index=ignore_index)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
