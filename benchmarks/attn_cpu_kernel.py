@@ -89,7 +89,7 @@ def main():
         def fused_fb():
             fused_fwd()
             _C.attn_bwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(pos), dl(pos), None, None,
-                        dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf), int(causal), scale, 0, 0, nt, 0)
+                        dl(out), dl(dout), dl(lse), None, dl(dq), dl(dk), dl(dvf), int(causal), scale, 0, 0, nt, 0)
 
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         p1 = pos[0]

@@ -98,8 +98,8 @@ def bench(d, args):
         _C.attn_fwd(*common(), _ext.dl(out), _ext.dl(lse), 1, scale, 0, 0, 1, s, *ws())
 
     def fused_bwd():
-        _C.attn_bwd(*common(), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), _ext.dl(dq), _ext.dl(dk), _ext.dl(dv),
-                    1, scale, 0, 0, 1, s, *ws())
+        _C.attn_bwd(*common(), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), None, _ext.dl(dq), _ext.dl(dk),
+                    _ext.dl(dv), 1, scale, 0, 0, 1, s, *ws())
 
     def fused_fwd_bwd():
         fused_fwd()

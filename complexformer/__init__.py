@@ -6,6 +6,7 @@ from .pdl import PDLLoss, pdl_loss
 from .fused_linear import fused_linear_pdl_loss
 from .rotate import euler_rotate
 from .attention import cmha_attention
+from .partial_attention import merge_attention
 from .module import CMHA, CMHACache
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "cmha_attention",
     "euler_rotate",
     "fused_linear_pdl_loss",
+    "merge_attention",
     "pdl_loss",
     "pdl_weights",
     "token_counts",

@@ -18,6 +18,10 @@ query row with no visible key outputs 0 (never NaN) in every backend, and its gr
 NaN or Inf in q, k, v or the parameters gives NaN rows wherever the reference math does (every
 backend). Forward-mode AD and torch.func transforms run the "reference" math; the fused backend
 refuses double backward.
+
+return_lse=True also returns each row's log-sum-exp of the scaled scores (docs/design.md,
+"Log-sum-exp"), differentiable on every backend: the fused kernels produce it anyway and take its
+gradient in the backward (dS = P (dP - D + dlse)); "sdpa" has to recompute the scores for it.
 """
 import math
 from typing import Optional
@@ -124,23 +128,39 @@ def _visible(p, device):
                    device=device)
 
 
-def _attention_reference(q, k, v, delta, beta, freqs, p):
+def _masked_scores(s, vis):
+    """(s, vis, row_ok): scores with invisible keys at -inf, except on rows with no visible key,
+    which become a row of zeros (finite, so softmax and logsumexp stay NaN-free there and their
+    gradients are 0); vis and row_ok are None when every key is visible."""
+    if vis is None and s.shape[-1] > 0:
+        return s, None, None
+    if vis is None:
+        vis = torch.ones(1, 1, s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device)
+    row_ok = vis.any(-1, keepdim=True)
+    return s.masked_fill(~vis, float("-inf")).masked_fill(~row_ok, 0.0), vis, row_ok
+
+
+def _scores_lse(s, vis):
+    """(B, H, Lq) log-sum-exp of the scaled scores s over the visible keys, in s's dtype; -inf on a
+    row with no visible key (with a zero gradient)."""
+    s, _, row_ok = _masked_scores(s, vis)
+    lse = torch.logsumexp(s, -1)
+    return lse if row_ok is None else lse.masked_fill(~row_ok[..., 0], float("-inf"))
+
+
+def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False):
     G = p.H // p.Hkv
     qr = rotate_reference(q, delta, beta, freqs, p.q_pos, layout=p.layout).to(q.dtype)
     kr = rotate_reference(k, delta, None, freqs, p.k_pos, layout=p.layout).to(k.dtype)
     s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
     vis = _visible(p, q.device)
-    if vis is None and p.Lk > 0:
-        prob = torch.softmax(s, -1)
-    else:
-        if vis is None:
-            vis = torch.ones(1, 1, p.Lq, p.Lk, dtype=torch.bool, device=q.device)
-        # A row with no visible key: softmax over a row of zeros (finite), then zeroed by vis.
-        row_ok = vis.any(-1, keepdim=True)
-        s = s.masked_fill(~vis, float("-inf")).masked_fill(~row_ok, 0.0)
-        prob = torch.softmax(s, -1).masked_fill(~vis, 0.0)
+    sm, vis_all, _ = _masked_scores(s, vis)
+    prob = torch.softmax(sm, -1)
+    if vis_all is not None:  # a row with no visible key: softmax of zeros, zeroed here
+        prob = prob.masked_fill(~vis_all, 0.0)
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
-    return prob.to(v.dtype) @ vv
+    out = prob.to(v.dtype) @ vv
+    return out, (_scores_lse(s.to(p.pdtype), vis) if want_lse else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +188,7 @@ def _sdpa_mask(p, device):
     return vis | ~row_ok, False, row_ok
 
 
-def _attention_sdpa(q, k, v, delta, beta, freqs, p):
+def _attention_sdpa(q, k, v, delta, beta, freqs, p, want_lse=False):
     G = p.H // p.Hkv
     # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
     # the registered op directly: every argument was checked once, in _validate
@@ -179,7 +199,11 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p):
     out = out.masked_fill(_sdpa_nan_rows(qr, kr, mask, p), float("nan"))
     if row_ok is not None:
         out = out.masked_fill(~row_ok, 0.0)
-    return out
+    if not want_lse:
+        return out, None
+    # SDPA does not return it: the scores are recomputed (memory B * H * Lq * Lk in the compute dtype)
+    s = (qr.to(p.pdtype) @ kr.to(p.pdtype).transpose(-1, -2)) * p.scale
+    return out, _scores_lse(s, _visible(p, q.device))
 
 
 def _sdpa_nan_rows(qr, kr, mask, p):
@@ -273,9 +297,10 @@ def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale,
 def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
                     freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
                     cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-                    causal: bool, scale: float, q_offset: int,
+                    dlse: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
                     layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. the ROTATED q~ and k~ (per query head) and v (per query head)."""
+    """Gradients w.r.t. the ROTATED q~ and k~ (per query head) and v (per query head), from the
+    gradients of out and (None: 0) of lse."""
     B, H, Lq, d = q.shape
     Lk, dv = k.shape[2], v.shape[3]
     acc = _acc_dtype(q.dtype)
@@ -284,13 +309,14 @@ def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: to
     dv_full = torch.empty(B, H, Lk, dv, dtype=acc, device=q.device)
     _C.attn_bwd(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
                 _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(dout), _ext.dl(lse),
-                _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full), int(causal), float(scale), int(q_offset),
+                _ext.dl_opt(dlse), _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full), int(causal), float(scale), int(q_offset),
                 int(layout), _ext.num_threads(), _ext.stream(q), *_rotation_workspaces(q, k, "BWD"))
     return dq_rot, dk_rot, dv_full
 
 
 @_cmha_fused_bwd.register_fake
-def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, causal, scale, q_offset, layout):
+def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal, scale, q_offset,
+      layout):
     B, H, Lq, d = q.shape
     acc = _acc_dtype(q.dtype)
     return (q.new_empty(B, H, Lq, d, dtype=acc), q.new_empty(B, H, k.shape[2], d, dtype=acc),
@@ -302,6 +328,7 @@ def _fused_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse)
     ctx.args = (causal, scale, q_offset, layout)
+    ctx.set_materialize_grads(False)  # an unused lse (or out) sends None: no zero tensor to read
 
 
 def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
@@ -319,8 +346,13 @@ def _fused_backward(ctx, dout, dlse):
             "backend='reference' for higher-order gradients")
     q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse = ctx.saved_tensors
     causal, scale, q_offset, layout = ctx.args
+    if dout is None and dlse is None:
+        return (None,) * 14
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    if dlse is not None:
+        dlse = dlse.to(lse.dtype).contiguous()
     dq_rot, dk_rot, dv_full = _cmha_fused_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out,
-                                              dout.contiguous(), lse, causal, scale, q_offset, layout)
+                                              dout, lse, dlse, causal, scale, q_offset, layout)
     B, H, Lk, dv = dv_full.shape
     Hkv = k.shape[1]
     # fixed-order sum over the G query heads of each kv head (deterministic)
@@ -335,12 +367,12 @@ def _fused_backward(ctx, dout, dlse):
 _cmha_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
-def _attention_fused(q, k, v, delta, beta, freqs, p):
+def _attention_fused(q, k, v, delta, beta, freqs, p, want_lse=False):
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
-    out, _ = _cmha_fused(q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
+    out, lse = _cmha_fused(q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
                          p.kpm.contiguous() if p.kpm is not None else None, p.cu, p.causal, p.scale,
                          p.q_offset, LAYOUTS[p.layout])
-    return out
+    return out, (lse if want_lse else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,10 +388,11 @@ _AUTO_FUSED_ON_CPU = True
 _AUTO_FUSED_ON_CUDA = False
 
 
-def _auto_backend(q, p):
-    """The backend "auto" runs for this (validated) case."""
+def _auto_backend(q, p, want_lse=False):
+    """The backend "auto" runs for this (validated) case. return_lse prefers the fused kernel, which
+    produces the log-sum-exp anyway, where "sdpa" would recompute the (B, H, Lq, Lk) scores."""
     if q.device.type == "cuda":
-        use_fused = _AUTO_FUSED_ON_CUDA or p.kpm is not None or p.cu is not None
+        use_fused = _AUTO_FUSED_ON_CUDA or want_lse or p.kpm is not None or p.cu is not None
     else:
         use_fused = _AUTO_FUSED_ON_CPU
     return "fused" if use_fused and _fused_unsupported(q, p) is None else "sdpa"
@@ -369,8 +402,9 @@ _IMPL = {"fused": _attention_fused, "sdpa": _attention_sdpa, "reference": _atten
 
 
 def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset=None, key_padding_mask=None,
-                   cu_seqlens=None, layout="half", backend="auto", positions=None):
-    """Complex Multi-Head Attention (docs/design.md, "CMHA"): out (B, H, Lq, dv).
+                   cu_seqlens=None, layout="half", backend="auto", positions=None, return_lse=False):
+    """Complex Multi-Head Attention (docs/design.md, "CMHA"): out (B, H, Lq, dv), or (out, lse) with
+    return_lse=True.
 
     Args:
         q: (B, H, Lq, d) queries; k: (B, Hkv, Lk, d) keys; v: (B, Hkv, Lk, dv) values. Same dtype
@@ -398,24 +432,35 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
             absolute positions used by the rotation (e.g. a module's position_ids and KV-cache key
             positions). Masks stay index-based (causal by index with q_offset, padding,
             cu_seqlens); positions replace only the defaults q_offset + arange(Lq) / arange(Lk).
+        return_lse: also return lse (B, H, Lq), float32 (float64 for float64 q): each row's
+            natural log-sum-exp of the scaled scores over its visible keys, -inf on a row with no
+            visible key. Differentiable. Partial attentions over disjoint key sets merge exactly
+            with `merge_attention` (ring / context-parallel attention, split-KV decoding).
+            "sdpa" recomputes the scores for it (memory B * H * Lq * Lk); "auto" then takes the
+            fused kernel wherever it serves the case, on CUDA too.
     """
     p = _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
                   layout, backend, positions)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
     delta, beta, freqs = delta.to(p.pdtype), beta.to(p.pdtype), freqs.to(p.pdtype)
     if p.Lq == 0 or p.Lk == 0 or p.dv == 0:
         # Nothing to attend to (or nobody asking): the reference math gives the empty / zero
         # result, still attached to the graph so .backward() works and yields zero gradients.
-        return _attention_reference(q, k, v, delta, beta, freqs, p)
-    if _ext.needs_torch_math(q, k, v, delta, beta, freqs):
+        impl = _attention_reference
+    elif _ext.needs_torch_math(q, k, v, delta, beta, freqs):
         # forward-mode AD or a torch.func transform: the kernels' autograd is reverse mode only
-        return _attention_reference(q, k, v, delta, beta, freqs, p)
-    if backend == "auto":
-        backend = _auto_backend(q, p)
-    elif backend == "fused":
-        why = _fused_unsupported(q, p)
-        if why is not None:
-            raise RuntimeError(f"cmha_attention(backend='fused'): {why}; use backend='auto' or 'sdpa'")
-    return _IMPL[backend](q, k, v, delta, beta, freqs, p)
+        impl = _attention_reference
+    else:
+        if backend == "auto":
+            backend = _auto_backend(q, p, return_lse)
+        elif backend == "fused":
+            why = _fused_unsupported(q, p)
+            if why is not None:
+                raise RuntimeError(f"cmha_attention(backend='fused'): {why}; use backend='auto' or 'sdpa'")
+        impl = _IMPL[backend]
+    out, lse = impl(q, k, v, delta, beta, freqs, p, return_lse)
+    return (out, lse) if return_lse else out
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ typedef struct {
   void *out;
   CfStrides out_s;
   void *lse;                     /* (B, H, Lq) contiguous, compute dtype */
+  /* backward only: NULL, or the gradient w.r.t. lse, (B, H, Lq) contiguous, compute dtype. Since
+   * d lse_m / d S_mn = P_mn, it enters as dS = P (dP - (D - dlse)) (docs/design.md, "Log-sum-exp") */
+  const void *dlse;
   /* backward only: dout like out (last dim contiguous); contiguous outputs in the compute dtype,
    * per query head: dq_rot (B, H, Lq, d), dk_rot (B, H, Lk, d), dv_full (B, H, Lk, dv) */
   const void *dout;

@@ -5,9 +5,9 @@
  * Four launches on the caller's stream:
  *  0. the pre-rotation pass (attn_cuda_tile.cuh, launch_prerotate) writes q~ and k~ (per query head)
  *     into the workspaces q_rot, k_rot, so the kernels below copy plain tiles;
- *  1. dot:  D_m = sum_c dO_mc O_mc, one warp per row. D is parked in dq_rot[b, h, m, 0]: dq_rot is
- *     not written before launch 3, and there every CTA reads D of its own rows (then a barrier)
- *     before it overwrites them, so no extra workspace crosses the C boundary.
+ *  1. dot:  D_m = sum_c dO_mc O_mc - dlse_m (dlse: the gradient w.r.t. lse, 0 when absent), one
+ *     warp per row. D is parked in dq_rot[b, h, m, 0]: dq_rot is not written before launch 3,
+ *     and there every CTA reads D of its own rows (then a barrier) before it overwrites them, so no extra workspace crosses the C boundary.
  *  2. dkdv: a CTA per (key tile, query head, batch). It keeps dK~ and dV of its keys in registers
  *     while query tiles stream by; computing the transposed products
  *     S^T = K~ Q~^T and dP^T = V dO^T makes P^T and dS^T land directly in A-operand layout for
@@ -19,8 +19,8 @@
 
 namespace cfattn {
 
-/* D_m = sum_c dO_mc O_mc. G = D / 8 lanes per row, each with 8 elements (one 16-byte load of O and
- * of dO when rows are aligned), so a 256-thread block covers 256 / G rows (32 at d = 64). */
+/* D_m = sum_c dO_mc O_mc - dlse_m. G = D / 8 lanes per row, each with 8 elements (one 16-byte load
+ * of O and of dO when rows are aligned), so a 256-thread block covers 256 / G rows (32 at d = 64). */
 template <typename T, int D>
 __global__ void __launch_bounds__(256) attn_bwd_dot_kernel(const CfAttnArgs a) {
   constexpr int G = D / 8, RPB = 256 / G;
@@ -37,7 +37,10 @@ __global__ void __launch_bounds__(256) attn_bwd_dot_kernel(const CfAttnArgs a) {
   }
 #pragma unroll
   for (int w = G / 2; w > 0; w >>= 1) acc += __shfl_xor_sync(kFull, acc, w); /* within the row's G lanes */
-  if (row < a.Lq && sub == 0) ((float *)a.dq_rot)[((b * a.H + hq) * a.Lq + row) * a.d] = acc;
+  if (row < a.Lq && sub == 0) {
+    const int64_t m = (b * a.H + hq) * a.Lq + row;
+    ((float *)a.dq_rot)[m * a.d] = a.dlse ? acc - ((const float *)a.dlse)[m] : acc;
+  }
 }
 
 /* Per-row softmax statistics of query rows [m0, m0 + rows): lse * log2(e) (+inf where the row is

@@ -323,7 +323,7 @@ static int FN(attn_fwd)(const CfAttnArgs *p) {
 typedef struct {
   T *krow, *kt, *vt;  /* rotated keys as rows (nk, d) and tiles (ntile, d, BK); values (ntile, dv, BK) */
   T *q, *s, *dp, *dq; /* (BQ, d), (BQ, BK), (BQ, BK), (BQ, d) */
-  T *drow, *lrow;     /* D = rowsum(dout * out) and lse of the tile, (BQ,) */
+  T *drow, *lrow;     /* D = rowsum(dout * out) - dlse and lse of the tile, (BQ,) */
 } FN(BwdWs);
 
 CF_HOT static void FN(bwd_item)(const CfAttnArgs *p, FN(BwdWs) *ws, int64_t b, int64_t hq,
@@ -335,6 +335,7 @@ CF_HOT static void FN(bwd_item)(const CfAttnArgs *p, FN(BwdWs) *ws, int64_t b, i
   const int64_t dos = p->dout_s.l;
   const T *ob = (const T *)p->out + b * p->out_s.b + hq * p->out_s.h;
   const T *lseb = (const T *)p->lse + (b * H + hq) * p->Lq;
+  const T *dlseb = p->dlse ? (const T *)p->dlse + (b * H + hq) * p->Lq : NULL;
   T *dk = (T *)p->dk_rot + (b * H + hq) * p->Lk * d;
   T *dvf = (T *)p->dv_full + (b * H + hq) * p->Lk * dv;
 
@@ -365,7 +366,7 @@ CF_HOT static void FN(bwd_item)(const CfAttnArgs *p, FN(BwdWs) *ws, int64_t b, i
       const T *dor = dot + r * dos, *orow = ob + (rows.m0 + r) * p->out_s.l;
       T acc = 0;
       for (int64_t c = 0; c < dv; c++) acc += dor[c] * orow[c];
-      ws->drow[r] = acc;
+      ws->drow[r] = dlseb ? acc - dlseb[rows.m0 + r] : acc;
       ws->lrow[r] = lseb[rows.m0 + r];
     }
     for (int64_t x = 0; x < nq * d; x++) ws->dq[x] = 0;

@@ -2,7 +2,7 @@
  *
  *   _C.attn_fwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse,
  *               causal, scale, q_offset, layout, nthreads, stream[, q_ws, k_ws])
- *   _C.attn_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse,
+ *   _C.attn_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse,
  *               dq_rot, dk_rot, dv_full, causal, scale, q_offset, layout, nthreads, stream[, q_ws, k_ws])
  *   _C.attn_cuda_supported(dtype_name, d, dv) -> bool
  *
@@ -270,17 +270,17 @@ static PyObject *attn_fwd(PyObject *self, PyObject *args) {
 
 static PyObject *attn_bwd(PyObject *self, PyObject *args) {
   (void)self;
-  PyObject *o[16], *qws = Py_None, *kws = Py_None;
+  PyObject *o[17], *qws = Py_None, *kws = Py_None;
   int causal, layout, nthreads;
   double scale;
   long long q_offset;
   unsigned long long stream;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOidLiiK|OO:attn_bwd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
-                        &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &causal, &scale,
-                        &q_offset, &layout, &nthreads, &stream, &qws, &kws))
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOOidLiiK|OO:attn_bwd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                        &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &o[16], &causal,
+                        &scale, &q_offset, &layout, &nthreads, &stream, &qws, &kws))
     return NULL;
   CfAttnArgs a;
-  CfTensor q, out, dout, lse, dq, dk, dvf;
+  CfTensor q, out, dout, lse, dlse, dq, dk, dvf;
   if (parse_common(o, &a, &q, causal, scale, q_offset, layout, nthreads)) return NULL;
   const int cdt = compute_dtype(q.dtype);
   const int64_t oshape[4] = {a.B, a.H, a.Lq, a.dv}, lshape[3] = {a.B, a.H, a.Lq},
@@ -288,9 +288,11 @@ static PyObject *attn_bwd(PyObject *self, PyObject *args) {
   if (cf_tensor_arg(o[10], "out", &out) || check_like(&out, "out", &q, q.dtype, 4, oshape, 0) ||
       cf_tensor_arg(o[11], "dout", &dout) || check_like(&dout, "dout", &q, q.dtype, 4, oshape, 0) ||
       cf_tensor_arg(o[12], "lse", &lse) || check_like(&lse, "lse", &q, cdt, 3, lshape, 1) ||
-      cf_tensor_out(o[13], "dq_rot", &dq) || check_like(&dq, "dq_rot", &q, cdt, 4, dqs, 1) ||
-      cf_tensor_out(o[14], "dk_rot", &dk) || check_like(&dk, "dk_rot", &q, cdt, 4, dks, 1) ||
-      cf_tensor_out(o[15], "dv_full", &dvf) || check_like(&dvf, "dv_full", &q, cdt, 4, dvs, 1) ||
+      cf_tensor_opt(o[13], "dlse", &dlse) ||
+      (o[13] != Py_None && check_like(&dlse, "dlse", &q, cdt, 3, lshape, 1)) ||
+      cf_tensor_out(o[14], "dq_rot", &dq) || check_like(&dq, "dq_rot", &q, cdt, 4, dqs, 1) ||
+      cf_tensor_out(o[15], "dk_rot", &dk) || check_like(&dk, "dk_rot", &q, cdt, 4, dks, 1) ||
+      cf_tensor_out(o[16], "dv_full", &dvf) || check_like(&dvf, "dv_full", &q, cdt, 4, dvs, 1) ||
       parse_workspaces(qws, kws, &q, &a))
     return NULL;
   if (q.device == CF_DEV_CUDA && !a.q_rot && a.B * a.H * a.Lq * a.Lk > 0) {
@@ -301,6 +303,7 @@ static PyObject *attn_bwd(PyObject *self, PyObject *args) {
   a.out = out.data, a.out_s = cf_strides_bhl(&out);
   a.dout = dout.data, a.dout_s = cf_strides_bhl(&dout);
   a.lse = lse.data;
+  a.dlse = o[13] != Py_None ? dlse.data : NULL;
   a.dq_rot = dq.data, a.dk_rot = dk.data, a.dv_full = dvf.data;
 #ifdef CF_WITH_CUDA
   a.vec = a.vec && aligned16(&out) && aligned16(&dout); /* the CUDA backward also loads out and dout by 16 bytes */
@@ -326,9 +329,10 @@ PyMethodDef cf_attn_methods[] = {
      "attn_fwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse, causal, scale, q_offset, "
      "layout, nthreads, stream[, q_ws, k_ws]): fused CMHA forward on q's device; writes out and lse."},
     {"attn_bwd", attn_bwd, METH_VARARGS,
-     "attn_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dq_rot, dk_rot, "
-     "dv_full, causal, scale, q_offset, layout, nthreads, stream[, q_ws, k_ws]): gradients with respect to the "
-     "rotated q~, k~ and v, per query head (CUDA: needs the rotation workspaces)."},
+     "attn_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, dq_rot, "
+     "dk_rot, dv_full, causal, scale, q_offset, layout, nthreads, stream[, q_ws, k_ws]): gradients with respect "
+     "to the rotated q~, k~ and v, per query head, from dout and dlse (None: 0) (CUDA: needs the rotation "
+     "workspaces)."},
     {"attn_cuda_supported", attn_cuda_supported, METH_VARARGS,
      "attn_cuda_supported(dtype_name, d, dv) -> whether the CUDA fused kernels take this configuration."},
     {NULL, NULL, 0, NULL}};

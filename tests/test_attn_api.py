@@ -257,9 +257,10 @@ def test_opcheck_fused_ops():
         torch.library.opcheck(torch.ops.complexformer.cmha_fused.default, args)
         out, lse = torch.ops.complexformer.cmha_fused(*args)
         dout = torch.randn_like(out)
-        bargs = (*[t.detach() if isinstance(t, torch.Tensor) else t for t in args[:10]], out.detach(), dout,
-                 lse.detach(), True, 1 / math.sqrt(d), Lk - Lq, 0)
-        torch.library.opcheck(torch.ops.complexformer.cmha_fused_bwd.default, bargs)
+        for dlse in (None, torch.randn_like(lse)):
+            bargs = (*[t.detach() if isinstance(t, torch.Tensor) else t for t in args[:10]], out.detach(), dout,
+                     lse.detach(), dlse, True, 1 / math.sqrt(d), Lk - Lq, 0)
+            torch.library.opcheck(torch.ops.complexformer.cmha_fused_bwd.default, bargs)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "fused"])

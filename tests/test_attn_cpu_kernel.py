@@ -49,7 +49,7 @@ def kernel_fwd(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset
 
 
 def kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, *, causal=True, scale=None, q_offset=None,
-               kpm=None, cu_seqlens=None, layout="half", q_pos=None, k_pos=None, nthreads=None):
+               kpm=None, cu_seqlens=None, layout="half", q_pos=None, k_pos=None, nthreads=None, dlse=None):
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
     scale, q_offset, q_pos, k_pos = _resolve(q, k, causal=causal, scale=scale, q_offset=q_offset,
@@ -58,7 +58,7 @@ def kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, *, causal=True, scal
     dk = torch.full((B, H, Lk, d), float("nan"), dtype=q.dtype)
     dvf = torch.full((B, H, Lk, v.shape[3]), float("nan"), dtype=q.dtype)
     _C.attn_bwd(dl(q), dl(k), dl(v), dl(delta), dl(beta), dl(freqs), dl(q_pos), dl(k_pos),
-                dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(dout), dl(lse), dl(dq), dl(dk), dl(dvf),
+                dl_opt(kpm), dl_opt(cu_seqlens), dl(out), dl(dout), dl(lse), dl_opt(dlse), dl(dq), dl(dk), dl(dvf),
                 int(causal), float(scale), int(q_offset), LAYOUTS[layout],
                 nthreads or torch.get_num_threads(), 0)
     return dq, dk, dvf

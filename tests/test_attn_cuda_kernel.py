@@ -192,8 +192,8 @@ def run_bwd(c, x, out, lse, dout, workspaces_given=True):
     dv = torch.full((B, H, Lk, c.d), nan, dtype=torch.float32, device=q.device)
     _C.attn_bwd(_ext.dl(q), _ext.dl(x["k"]), _ext.dl(x["v"]), _ext.dl(x["delta"]), _ext.dl(x["beta"]),
                 _ext.dl(x["freqs"]), _ext.dl(x["q_pos"]), _ext.dl(x["k_pos"]), _ext.dl_opt(x["kpm"]),
-                _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), _ext.dl(dq), _ext.dl(dk),
-                _ext.dl(dv), int(c.causal), float(x["scale"]), int(x["q_offset"]), LAYOUT[c.layout],
+                _ext.dl_opt(x["cu"]), _ext.dl(out), _ext.dl(dout), _ext.dl(lse), None, _ext.dl(dq),
+                _ext.dl(dk), _ext.dl(dv), int(c.causal), float(x["scale"]), int(x["q_offset"]), LAYOUT[c.layout],
                 1, _ext.stream(q), *(workspaces(x) if workspaces_given else ()))
     torch.cuda.synchronize()
     return dq, dk, dv

@@ -100,6 +100,7 @@ struct Case {
   int64_t qpad = 0;            /* extra elements per q and dout row (not a multiple of 8: vec = 0) */
   bool bshd = false;           /* q, k, v stored (B, L, H, d) */
   double scale = 0;            /* 0: 1 / sqrt(d) */
+  bool dlse = false;           /* the backward also gets a gradient w.r.t. lse */
 };
 
 struct Err {
@@ -141,6 +142,8 @@ static void run_case(const Case &c) {
     }
   };
   fill(q, q16), fill(k, k16), fill(v, v16), fill(dout, do16);
+  std::vector<double> dlse(c.dlse ? B * H * Lq : 0);
+  for (auto &x : dlse) x = (double)(float)rnd(); /* exact in float32, the device's dtype */
   if (c.nan_q) q16[(Lq / 2) * d + 1] = 0x7fc0, q[(Lq / 2) * d + 1] = NAN; /* bf16 and f16 NaN alike */
   std::vector<float> delta(H * h), beta(H * h), freqs(c.head_freqs ? H * h : h);
   for (auto &x : delta) x = (float)(1.0 + 0.5 * rnd());
@@ -182,6 +185,7 @@ static void run_case(const Case &c) {
   p.out = out_ref.data(), p.out_s = {H * Lq * dv, Lq * dv, dv}, p.lse = lse_ref.data();
   p.dout = dout.data(), p.dout_s = {H * Lq * dv, Lq * dv, dv};
   p.dq_rot = dq_ref.data(), p.dk_rot = dk_ref.data(), p.dv_full = dv_ref.data();
+  p.dlse = c.dlse ? dlse.data() : nullptr;
   if (cf_attn_fwd_cpu(&p) || cf_attn_bwd_cpu(&p)) { printf("reference failed\n"); exit(2); }
 
   /* rotated q~ (B, H, Lq, d) and k~ per query head (B, H, Lk, d), float64, for the workspaces */
@@ -313,6 +317,8 @@ static void run_case(const Case &c) {
     if (pre) {
       a.dout = dod, a.dq_rot = dqd, a.dk_rot = dkd, a.dv_full = dvd;
       a.vec = a.vec && al3(a.dout_s);
+      std::vector<float> dlsef(dlse.begin(), dlse.end());
+      a.dlse = c.dlse ? dlsef.data() : nullptr;
       err = cf_attn_bwd_cuda(&a, 0, nullptr);
       if (err) {
         printf("FAIL %s [%s]: backward launcher: %s\n", c.name.c_str(), variant.c_str(), err);
@@ -378,13 +384,14 @@ static Case random_case(int i) {
   c.qpad = pick({0, 0, 0, 3, 8});
   c.bshd = rng() % 4 == 0;
   c.scale = rng() % 4 == 0 ? 0.2 + 0.05 * (rng() % 6) : 0;
+  c.dlse = rng() % 2;
   if (c.B * c.H * c.Lq * c.Lk * c.d > (int64_t)12e6) c.B = 1; /* keep the case cheap */
   char name[200];
-  snprintf(name, sizeof name, "rand%03d %s d%lld B%lld H%lld/%lld Lq%lld Lk%lld off%lld %s%s%s%s%s%s", i,
+  snprintf(name, sizeof name, "rand%03d %s d%lld B%lld H%lld/%lld Lq%lld Lk%lld off%lld %s%s%s%s%s%s%s", i,
            c.dtype == CF_BF16 ? "bf16" : "f16", (long long)c.d, (long long)c.B, (long long)c.H, (long long)c.Hkv,
            (long long)c.Lq, (long long)c.Lk, (long long)c.q_offset, c.causal ? "causal" : "full",
            c.layout ? " inter" : "", c.kpm ? " kpm" : "", c.cu.empty() ? "" : " cu", c.qpad % 8 ? " misal" : "",
-           c.bshd ? " bshd" : "");
+           c.bshd ? " bshd" : "", c.dlse ? " dlse" : "");
   c.name = name;
   return c;
 }
@@ -443,6 +450,13 @@ int main(int argc, char **argv) {
   add("d64 NaN in one query causal L=70", [](Case &c) { c.Lq = c.Lk = 70, c.nan_q = true; });
   add("d128 f16 L=17 scale=0.3", [](Case &c) { c.dtype = CF_F16, c.d = 128, c.Lq = c.Lk = 17, c.scale = 0.3; });
   add("d64 misaligned q rows (vec=0) L=65", [](Case &c) { c.Lq = c.Lk = 65, c.qpad = 3, c.kpm = 1; });
+  /* the gradient w.r.t. lse (return_lse): D - dlse in the dot launch */
+  add("d64 dlse kpm B=2 last batch fully masked L=130", [](Case &c) {
+    c.B = 2, c.Lq = c.Lk = 130, c.kpm = 2, c.dlse = true;
+  });
+  add("d128 f16 dlse GQA 4/2 chunk Lq=70 Lk=150", [](Case &c) {
+    c.dtype = CF_F16, c.d = 128, c.H = 4, c.Hkv = 2, c.Lq = 70, c.Lk = 150, c.q_offset = 80, c.dlse = true;
+  });
   add("d128 bshd layout L=100 GQA", [](Case &c) { c.d = 128, c.H = 2, c.Hkv = 1, c.Lq = c.Lk = 100, c.bshd = true; });
   if (full) {
     add("full: d64 bf16 L=300 causal", [](Case &c) { c.Lq = c.Lk = 300, c.H = c.Hkv = 1; });
