@@ -103,9 +103,9 @@ def back_to_back_ms(fn, *, device, reps=20, warmup=2):
     return (time.perf_counter() - t) * 1e3 / reps
 
 
-def gpu_kernels_per_call(fn, calls=10):
-    """CUDA: (device activities per call, their GPU milliseconds per call) of fn(), by
-    torch.profiler after one warm-up call: kernels plus memsets / memcpys, each a launch."""
+def gpu_kernel_times(fn, calls=5):
+    """CUDA: [(GPU ms per call, launches per call, name)] of every kernel (and memset / memcpy) that
+    fn() runs, by torch.profiler over ``calls`` calls after one warm-up call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -114,14 +114,13 @@ def gpu_kernels_per_call(fn, calls=10):
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    n, us = 0, 0.0
+    rows = []
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None)
         t = ev.cuda_time_total if t is None else t
         if t > 0:
-            n += ev.count
-            us += t
-    return n / calls, us / calls / 1e3
+            rows.append((t / calls / 1e3, ev.count / calls, ev.key))
+    return sorted(rows, reverse=True)
 
 
 def _proc_status_kb(field):

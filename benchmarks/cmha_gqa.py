@@ -21,9 +21,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import fmt_bytes, markdown_table, peak_bytes, time_ms  # noqa: E402
+from _util import fmt_bytes, markdown_table  # noqa: E402
 from cmha import make_inputs  # noqa: E402
-from cmha_padded import PRESETS, causal_flops, flash_sdpa, leaf, pre_rotated  # noqa: E402
+from cmha_padded import (add_shape_args, causal_flops, flash_sdpa, leaf, measure, pre_rotated,  # noqa: E402
+                         resolve_shape_args)
 
 from complexformer import cmha_attention  # noqa: E402
 
@@ -40,10 +41,12 @@ def bench(d, args, dev, dtype):
              "fused H==Hkv": (lambda: cmha_attention(*mha, *params, freqs, backend="fused"), mha + params),
              "flash expanded": (lambda: flash_sdpa(*flash), flash)}
     tag = f"d={d} H={H} Hkv={Hkv} B={B} L={L}"
-    with torch.no_grad():
-        ref = cases["flash expanded"][0]().float()
-        diff = (cases["fused GQA"][0]().float() - ref).abs().max().item()
-    print(f"{tag}: max |fused GQA - flash expanded| forward = {diff:.2e}", flush=True)
+    try:
+        with torch.no_grad():
+            diff = (cases["fused GQA"][0]().float() - cases["flash expanded"][0]().float()).abs().max().item()
+        print(f"{tag}: max |fused GQA - flash expanded| forward = {diff:.2e}", flush=True)
+    except Exception as e:  # reported again by its timing rows
+        print(f"{tag}: check failed: {type(e).__name__}: {e}", flush=True)
     fl = causal_flops([L] * B, H, d)
     rows, lines = [], []
     for backward in ([False] if args.fwd_only else [False, True]):
@@ -54,14 +57,8 @@ def bench(d, args, dev, dtype):
                 run = lambda fn=fn, leaves=leaves: torch.autograd.grad(fn(), leaves, dout)  # noqa: E731
             else:
                 run = torch.no_grad()(fn)
-            try:
-                ms = time_ms(run, device=dev, reps=args.reps, warmup=args.warmup, max_seconds=args.max_seconds)
-                res[name] = (ms, mult * fl / (ms / 1e3), peak_bytes(run, device=dev))
-            except Exception as e:  # one failing case must not end the run
-                res[name] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:100]}"
-            finally:
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+            r = measure(run, dev, args)
+            res[name] = r if isinstance(r, str) else (r[0], mult * fl / (r[0] / 1e3), r[1])
         base = res["flash expanded"]
         for name, r in res.items():
             if isinstance(r, str):
@@ -77,26 +74,11 @@ def bench(d, args, dev, dtype):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--tokens", type=int, default=None, help="B * L (default 16384 CUDA, 512 CPU)")
-    ap.add_argument("--seqlen", type=int, default=None, help="L (default 2048 CUDA, 128 CPU)")
-    ap.add_argument("--hd", type=int, default=None, help="H * d (default 2048 CUDA, 256 CPU)")
-    ap.add_argument("--dims", type=int, nargs="+", default=None, help="head dims d (default 64 128 CUDA, 64 CPU)")
+    add_shape_args(ap, reps=20)
     ap.add_argument("--groups", type=int, default=4, help="H / Hkv")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--max-seconds", type=float, default=3.0, help="time budget per case and pass (fewer reps)")
-    ap.add_argument("--fwd-only", action="store_true")
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    for key, val in PRESETS["cuda" if dev.type == "cuda" else "cpu"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, val)
-    dtype = getattr(torch, args.dtype)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}, torch {torch.__version__}, {args.dtype}, causal, B*L={args.tokens}, L={args.seqlen}, "
-          f"H*d={args.hd}, H/Hkv={args.groups}")
+    dev, dtype = resolve_shape_args(args)
+    print(f", H/Hkv={args.groups}")
     rows, lines = [], []
     for d in args.dims:
         r, ln = bench(d, args, dev, dtype)

@@ -43,6 +43,44 @@ PRESETS = {"cuda": dict(dtype="bfloat16", tokens=16384, seqlen=2048, hd=2048, di
            "cpu": dict(dtype="float32", tokens=512, seqlen=128, hd=256, dims=[64])}
 
 
+def add_shape_args(ap, reps):
+    """The options cmha_padded.py and cmha_gqa.py share (None: the device's preset)."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--tokens", type=int, default=None, help="B * L (default 16384 CUDA, 512 CPU)")
+    ap.add_argument("--seqlen", type=int, default=None, help="L (default 2048 CUDA, 128 CPU)")
+    ap.add_argument("--hd", type=int, default=None, help="H * d (default 2048 CUDA, 256 CPU)")
+    ap.add_argument("--dims", type=int, nargs="+", default=None, help="head dims d (default 64 128 CUDA, 64 CPU)")
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--warmup", type=int, default=3 if reps >= 20 else 2)
+    ap.add_argument("--max-seconds", type=float, default=3.0, help="time budget per case and pass (fewer reps)")
+    ap.add_argument("--fwd-only", action="store_true")
+
+
+def resolve_shape_args(args):
+    """Fill the preset defaults; returns (device, dtype) and prints the start of the header line."""
+    dev = torch.device(args.device)
+    for key, val in PRESETS["cuda" if dev.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}, torch {torch.__version__}, {args.dtype}, causal, B*L={args.tokens}, L={args.seqlen}, "
+          f"H*d={args.hd}", end="")
+    return dev, getattr(torch, args.dtype)
+
+
+def measure(fn, dev, args):
+    """(median ms, extra peak bytes) of fn(), or the error that stopped it (the run goes on)."""
+    try:
+        return (time_ms(fn, device=dev, reps=args.reps, warmup=args.warmup, max_seconds=args.max_seconds),
+                peak_bytes(fn, device=dev))
+    except Exception as e:  # OOM, an unsupported case: one row says so
+        return f"error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:100]}"
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def causal_flops(lens, H, d):
     """Forward FLOPs of causal attention over sequences of these lengths (FlashAttention's count)."""
     return sum(2.0 * H * n * n * d for n in lens)
@@ -148,15 +186,7 @@ def bench_config(d, Hkv_div, args, dev, dtype):
             if isinstance(checks.get(name), str):
                 res[name] = checks[name]
                 continue
-            fn = pass_fn(case, backward)
-            try:
-                ms = time_ms(fn, device=dev, reps=args.reps, warmup=args.warmup, max_seconds=args.max_seconds)
-                res[name] = (ms, peak_bytes(fn, device=dev))
-            except Exception as e:  # one failing case (OOM, unsupported) must not end the run
-                res[name] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:100]}"
-            finally:
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+            res[name] = measure(pass_fn(case, backward), dev, args)
         mult = 3.5 if backward else 1.0
         rate = {}
         for name, r in res.items():
@@ -184,28 +214,13 @@ def bench_config(d, Hkv_div, args, dev, dtype):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--tokens", type=int, default=None, help="B * L (default 16384 CUDA, 512 CPU)")
-    ap.add_argument("--seqlen", type=int, default=None, help="L, the padded length (default 2048 CUDA, 128 CPU)")
-    ap.add_argument("--hd", type=int, default=None, help="H * d (default 2048 CUDA, 256 CPU)")
-    ap.add_argument("--dims", type=int, nargs="+", default=None, help="head dims d (default 64 128 CUDA, 64 CPU)")
+    add_shape_args(ap, reps=10)
     ap.add_argument("--gqa", type=int, default=4, help="the GQA configuration's H / Hkv (0: H == Hkv only)")
     ap.add_argument("--min-frac", type=float, default=0.25, help="shortest sequence, as a fraction of L")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--max-seconds", type=float, default=3.0, help="time budget per case and pass (fewer reps)")
-    ap.add_argument("--fwd-only", action="store_true")
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    for key, val in PRESETS["cuda" if dev.type == "cuda" else "cpu"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, val)
-    dtype = getattr(torch, args.dtype)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}, torch {torch.__version__}, {args.dtype}, causal, B*L={args.tokens}, L={args.seqlen}, "
-          f"H*d={args.hd}, lengths uniform in [{args.min_frac:g} L, L], seed {args.seed}")
+    dev, dtype = resolve_shape_args(args)
+    print(f", lengths uniform in [{args.min_frac:g} L, L], seed {args.seed}")
     rows, lines = [], []
     for d in args.dims:
         for div in [1] + ([args.gqa] if args.gqa > 1 else []):
