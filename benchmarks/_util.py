@@ -10,6 +10,7 @@ resident-set high-water mark (VmHWM in /proc/self/status), reset to the current 
 /proc/self/clear_refs; run each CPU case in a fresh process (``run_worker``) so that one case's
 allocator caches and imports do not hide another's peak.
 """
+import importlib
 import json
 import os
 import statistics
@@ -51,6 +52,75 @@ def time_ms(fn, *, device, reps=10, warmup=2, max_seconds=None):
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def triton_entry(device, module, attr):
+    """``module.attr`` of an optional triton package (Liger-Kernel, cut-cross-entropy), or a string
+    saying why it is skipped: such packages run on CUDA only and may be absent (the GPU machine gets
+    them as wheels: benchmarks/fetch_wheels.sh). Any import failure is reported, never raised."""
+    if torch.device(device).type != "cuda":
+        return "CUDA only (triton)"
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception as e:  # ImportError, or triton failing to initialise: a skipped row, not a crash
+        return f"not importable ({e.__class__.__name__}: {e})"
+
+
+def host_ms(fn, *, device, reps=50, warmup=3):
+    """Median host-side milliseconds of one fn() call, no synchronisation around it: the Python +
+    dispatcher + launch cost the host pays per call while the device runs behind (on CUDA that is
+    the dispatch time as long as fn itself never waits for the device)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    sync(device)
+    return statistics.median(times)
+
+
+def back_to_back_ms(fn, *, device, reps=20, warmup=2):
+    """Milliseconds per call of ``reps`` calls issued back to back, one sync at the end: on CUDA the
+    device's throughput once the host enqueues ahead (time_ms syncs after every call, so it also
+    counts the host's dispatch gaps, which dominate small sizes)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if torch.device(device).type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) * 1e3 / reps
+
+
+def gpu_kernel_times(fn, calls=5):
+    """CUDA: [(GPU ms per call, launches per call, name)] of every kernel (and memset / memcpy) that
+    fn() runs, by torch.profiler over ``calls`` calls after one warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        t = ev.cuda_time_total if t is None else t
+        if t > 0:
+            rows.append((t / calls / 1e3, ev.count / calls, ev.key))
+    return sorted(rows, reverse=True)
 
 
 def _proc_status_kb(field):

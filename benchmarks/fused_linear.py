@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import fmt_bytes, markdown_table, peak_bytes, run_worker, sync, worker_result  # noqa: E402
+from _util import fmt_bytes, markdown_table, peak_bytes, run_worker, sync, triton_entry, worker_result  # noqa: E402
 
 import complexformer as cf  # noqa: E402
 from complexformer.fused_linear import fused_linear_chunk_rows  # noqa: E402
@@ -61,19 +61,12 @@ def eager_ce(h, W, y, w):
 
 def triton_case(name, device):
     """Liger-Kernel's fused linear CE with ce_weight, or cut-cross-entropy (unweighted): the loss
-    function, or why it is skipped (both are triton packages: CUDA only)."""
-    if device.type != "cuda":
-        return "CUDA only (triton)"
-    try:
-        if name == "liger":
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            return lambda h, W, y, w: LigerFusedLinearCrossEntropyLoss(ce_weight=w)(W, h, y)
-        from cut_cross_entropy import linear_cross_entropy
-
-        return lambda h, W, y, w: linear_cross_entropy(h, W, y)
-    except ImportError as e:
-        return f"not importable ({e.__class__.__name__}: {e})"
+    function, or why it is skipped."""
+    if name == "liger":
+        cls = triton_entry(device, "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
+        return cls if isinstance(cls, str) else (lambda h, W, y, w: cls(ce_weight=w)(W, h, y))
+    fn = triton_entry(device, "cut_cross_entropy", "linear_cross_entropy")
+    return fn if isinstance(fn, str) else (lambda h, W, y, w: fn(h, W, y))
 
 
 def case_fns(names, device):
