@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import fmt_bytes, markdown_table, peak_bytes, time_ms  # noqa: E402
+from _util import fmt_bytes, gpu_kernel_times, markdown_table, peak_bytes, time_ms  # noqa: E402
 
 from complexformer import _C, _ext  # noqa: E402
 from complexformer.reference import default_freqs, split_pairs  # noqa: E402
@@ -49,26 +49,11 @@ def rotate(x, delta, beta, freqs, pos):
 
 def profile_kernels(label, fns, calls=5):
     """Mean GPU time per call of every kernel each fn launches (torch.profiler, after a warm-up)."""
-    from torch.profiler import ProfilerActivity, profile
     for name, fn in fns.items():
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-        rows, total = [], 0.0
-        for ev in prof.key_averages():
-            t = getattr(ev, "device_time_total", None)
-            if t is None:
-                t = ev.cuda_time_total
-            if t <= 0:
-                continue
-            total += t / calls
-            rows.append((t / calls, ev.count // calls, ev.key))
-        print(f"\n{label} {name}: GPU time per forward+backward {total / 1000:.3f} ms")
-        for t, n, key in sorted(rows, reverse=True):
-            print(f"  {t / 1000:8.3f} ms  x{n}  {key[:150]}")
+        rows = gpu_kernel_times(fn, calls)
+        print(f"\n{label} {name}: GPU time per forward+backward {sum(r[0] for r in rows):.3f} ms")
+        for t, n, key in rows:
+            print(f"  {t:8.3f} ms  x{n:g}  {key[:150]}")
 
 
 def bench(d, args):

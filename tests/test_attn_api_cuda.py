@@ -204,3 +204,42 @@ def test_cuda_non_contiguous_bshd(backend):
     out = cmha_attention(q, k, v, *ts[3:], backend=backend)
     base = cmha_attention(q, k, v, *ts[3:], backend="reference")
     assert _err(out, ref) <= 2 * _err(base, ref) + FLOOR[torch.float16]
+
+
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", ["causal", "kpm", "lq_gt_lk", "mqa", "cu_seqlens"])
+def test_cuda_return_lse_fa_rule(backend, d, case):
+    """lse and the gradients through out and lse (the kernels' dlse) against the float64 pairwise
+    reference, by the FlashAttention rule; then a key split in two halves merged by the lse."""
+    from complexformer.reference import cmha_attention_pairwise
+    from test_attn_lse import run_split
+
+    ts64, kw = _inputs(case, d, grad=True)
+    pkw = dict(kw)
+    if pkw.get("positions") is not None:
+        pkw["q_pos"], pkw["k_pos"] = pkw.pop("positions")
+    ref, ref_lse = cmha_attention_pairwise(*ts64, **pkw)
+    fin = torch.isfinite(ref_lse)
+    gout, glse = torch.randn_like(ref), torch.randn_like(ref_lse)
+    gref = torch.autograd.grad((ref * gout).sum() + (ref_lse.where(fin, 0) * glse).sum(), ts64)
+    for dtype in (torch.float16, torch.bfloat16):
+        ts = [t.detach().to(dtype if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(ts64)]
+        out, lse = cmha_attention(*ts, backend=backend, return_lse=True, **kw)
+        base, base_lse = cmha_attention(*ts, backend="reference", return_lse=True, **kw)
+        assert lse.dtype == torch.float32 and torch.equal(torch.isneginf(lse), ~fin)
+        e, e_lse = _err(lse.where(fin, 0), ref_lse.where(fin, 0)), _err(base_lse.where(fin, 0), ref_lse.where(fin, 0))
+        assert e <= 2 * e_lse + FLOOR[dtype], f"{backend} {dtype} lse: err {e:.3e}, torch {e_lse:.3e}"
+        loss = lambda o, s: (o.float() * gout).sum() + (s.where(fin, 0) * glse).sum()  # noqa: E731
+        g = torch.autograd.grad(loss(out, lse), ts)
+        gb = torch.autograd.grad(loss(base, base_lse), ts)
+        for name, a, b, r in zip("q k v delta beta freqs".split(), g, gb, gref):
+            scale_ = max(1.0, r.abs().max().item())
+            e, eb = _err(a, r) / scale_, _err(b, r) / scale_
+            assert e <= 2 * eb + FLOOR[dtype], f"{backend} {dtype} grad {name}: err {e:.3e}, torch {eb:.3e}"
+        if case != "cu_seqlens":  # packed calls cannot be split by key index
+            Lk = ts[1].shape[2]
+            mo, ml = run_split(ts, kw, [0, Lk // 2, Lk], backend)
+            assert mo.dtype == dtype
+            assert _err(mo, ref) <= 2 * _err(base, ref) + FLOOR[dtype]
+            assert _err(ml.where(fin, 0), ref_lse.where(fin, 0)) <= 2 * e_lse + FLOOR[dtype]

@@ -30,7 +30,7 @@ def split_keys(ts, kw, cuts):
     q, k = ts[0], ts[1]
     Lq, Lk = q.shape[2], k.shape[2]
     q_offset = kw.get("q_offset", Lk - Lq)
-    qp, kp = kw.get("positions") or (q_offset + torch.arange(Lq), torch.arange(Lk))
+    qp, kp = kw.get("positions") or (q_offset + torch.arange(Lq, device=q.device), torch.arange(Lk, device=q.device))
     parts = []
     for c0, c1 in zip(cuts[:-1], cuts[1:]):
         pkw = {key: val for key, val in kw.items() if key not in ("positions", "q_offset", "key_padding_mask")}
