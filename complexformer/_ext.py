@@ -71,3 +71,42 @@ def needs_torch_math(*tensors):
         if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
             return True
     return False
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_plain(*args):
+    """True when a registered op may be skipped for its Python body (and a plain
+    torch.autograd.Function for its autograd, `eager_function`): nothing is tracing (torch.compile,
+    export), no TorchDispatchMode is active (FakeTensorMode, flop counters, ...), and every tensor
+    among args is a plain tensor (no fake, functional or other subclass). A custom op's Python
+    dispatch costs several times a small kernel (benchmarks/RESULTS.md, "Host overhead"); the op
+    stays the path for everything that needs its schema or fake kernel. Both paths run the same
+    functions, so they give the same bits."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
+def op_call(op, body, *args):
+    """op(*args), or its body directly when eager_plain(*args) (no autograd involved)."""
+    return body(*args) if eager_plain(*args) else op(*args)
+
+
+def eager_function(body, setup_context, backward):
+    """A torch.autograd.Function from a registered op's body and the setup_context / backward it
+    was registered with (`register_autograd`): the op's autograd without the op's dispatch.
+    (forward takes ctx and calls setup_context itself: a Function that defines setup_context has
+    its arguments bound to forward's signature by inspect on every call, which costs more than
+    the dispatch it saves.)"""
+    def forward(ctx, *args):
+        out = body(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    return type(body.__name__.strip("_") + "_function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})

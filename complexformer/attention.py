@@ -35,7 +35,7 @@ from .checks import (FLOAT_DTYPES, LAYOUTS, check_angles, check_backend, check_h
                      check_key_padding_mask, check_layout, check_positions, check_real, check_tensor)
 from .checks import compute_dtype as _acc_dtype
 from .reference import rotate_reference, seq_positions, visible
-from .rotate import _rotate_qk_op
+from .rotate import rotate_bwd, rotate_qk
 
 _POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in float64 angles
 
@@ -192,7 +192,7 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p, want_lse=False):
     G = p.H // p.Hkv
     # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
     # the registered op directly: every argument was checked once, in _validate
-    qr, kr = _rotate_qk_op(q, k, delta, beta, freqs, p.q_pos, p.k_pos, LAYOUTS[p.layout])
+    qr, kr = rotate_qk(q, k, delta, beta, freqs, p.q_pos, p.k_pos, LAYOUTS[p.layout])
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     mask, is_causal, row_ok = _sdpa_mask(p, q.device)
     out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
@@ -272,11 +272,9 @@ def _rotation_workspaces(q, k, kind):
             _ext.dl(torch.empty(B, H, Lk, d, dtype=q.dtype, device=q.device)))
 
 
-@torch.library.custom_op("complexformer::cmha_fused", mutates_args=())
-def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
-                freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
-                cu_seqlens: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
-                layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+# Each op's body is a plain function: the op runs it, and so does an eager call on plain tensors
+# without the op's dispatch (_ext.eager_plain, _ext.eager_function), for the same bits.
+def _fused_fwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=_acc_dtype(q.dtype), device=q.device)
@@ -287,18 +285,23 @@ def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.
     return out, lse
 
 
+@torch.library.custom_op("complexformer::cmha_fused", mutates_args=())
+def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
+                freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
+                cu_seqlens: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
+                layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_fwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset,
+                           layout)
+
+
 @_cmha_fused.register_fake
 def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, v.shape[3]), q.new_empty(B, H, Lq, dtype=_acc_dtype(q.dtype))
 
 
-@torch.library.custom_op("complexformer::cmha_fused_bwd", mutates_args=())
-def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
-                    freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
-                    cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-                    dlse: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
-                    layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fused_bwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal, scale,
+                    q_offset, layout):
     """Gradients w.r.t. the ROTATED q~ and k~ (per query head) and v (per query head), from the
     gradients of out and (None: 0) of lse."""
     B, H, Lq, d = q.shape
@@ -312,6 +315,16 @@ def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: to
                 _ext.dl_opt(dlse), _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full), int(causal), float(scale),
                 int(q_offset), int(layout), _ext.num_threads(), _ext.stream(q), *_rotation_workspaces(q, k, "BWD"))
     return dq_rot, dk_rot, dv_full
+
+
+@torch.library.custom_op("complexformer::cmha_fused_bwd", mutates_args=())
+def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
+                    freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                    dlse: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
+                    layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fused_bwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal,
+                           scale, q_offset, layout)
 
 
 @_cmha_fused_bwd.register_fake
@@ -332,9 +345,9 @@ def _fused_setup_context(ctx, inputs, output):
 
 
 def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
-    """(dx, ddelta, dbeta | None, dfreqs | None) through the rotation's registered backward op
-    (traceable by torch.compile)."""
-    dx, dd, db, df = torch.ops.complexformer.euler_rotate_backward(x, grad, delta, beta, freqs, pos, layout, need_freqs)
+    """(dx, ddelta, dbeta | None, dfreqs | None) through the rotation's backward (its registered op
+    when traced by torch.compile)."""
+    dx, dd, db, df = rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs)
     return dx, dd, (db if beta is not None else None), (df if need_freqs else None)
 
 
@@ -351,8 +364,8 @@ def _fused_backward(ctx, dout, dlse):
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
-    dq_rot, dk_rot, dv_full = _cmha_fused_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out,
-                                              dout, lse, dlse, causal, scale, q_offset, layout)
+    dq_rot, dk_rot, dv_full = _ext.op_call(_cmha_fused_bwd, _fused_bwd_body, q, k, v, delta, beta, freqs, q_pos,
+                                           k_pos, kpm, cu, out, dout, lse, dlse, causal, scale, q_offset, layout)
     B, H, Lk, dv = dv_full.shape
     Hkv = k.shape[1]
     # fixed-order sum over the G query heads of each kv head (deterministic)
@@ -365,13 +378,14 @@ def _fused_backward(ctx, dout, dlse):
 
 
 _cmha_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+_FusedFunction = _ext.eager_function(_fused_fwd_body, _fused_setup_context, _fused_backward)
 
 
 def _attention_fused(q, k, v, delta, beta, freqs, p, want_lse=False):
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
-    out, lse = _cmha_fused(q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
-                         p.kpm.contiguous() if p.kpm is not None else None, p.cu, p.causal, p.scale,
-                         p.q_offset, LAYOUTS[p.layout])
+    args = (q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
+            p.kpm.contiguous() if p.kpm is not None else None, p.cu, p.causal, p.scale, p.q_offset, LAYOUTS[p.layout])
+    out, lse = _FusedFunction.apply(*args) if _ext.eager_plain(*args) else _cmha_fused(*args)
     return out, (lse if want_lse else None)
 
 

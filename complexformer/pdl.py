@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from . import _C
+from . import _ext
 from ._ext import dl, dl_opt, needs_torch_math, num_threads, stream
 from ._selfcheck import selfcheck
 from .checks import (FLOAT_DTYPES, REDUCTIONS, check_logits, check_normalizer, check_pdl_options,
@@ -97,6 +98,22 @@ def _reduce(row_loss, reduction, shape):
     return row_loss.sum()
 
 
+def _loss_and_grad(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
+    """(loss, grad) with grad = d(loss) / d(logits) for grad_output = 1: the body of the custom op
+    pdl_loss_fwd and of the eager autograd.Function."""
+    mode = _NORM_BATCH if normalizer is None else _NORM_GIVEN
+    row_loss, grad = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing)
+    return _reduce(row_loss, reduction, logits.shape[:-1]), grad
+
+
+def _loss_value(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
+    """The loss alone (no gradient wanted: evaluation, torch.no_grad): no N x V buffer at all."""
+    mode = _NORM_BATCH if normalizer is None else _NORM_GIVEN
+    row_loss, _ = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing,
+                              want_grad=False)
+    return _reduce(row_loss, reduction, logits.shape[:-1])
+
+
 @torch.library.custom_op("complexformer::pdl_loss_fwd", mutates_args=())
 def _pdl_loss_fwd(
     logits: Tensor,
@@ -108,9 +125,7 @@ def _pdl_loss_fwd(
     label_smoothing: float,
 ) -> Tuple[Tensor, Tensor]:
     """(loss, grad): grad = d(loss) / d(logits) for grad_output = 1."""
-    mode = _NORM_BATCH if normalizer is None else _NORM_GIVEN
-    row_loss, grad = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing)
-    return _reduce(row_loss, reduction, logits.shape[:-1]), grad
+    return _loss_and_grad(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing)
 
 
 @_pdl_loss_fwd.register_fake
@@ -131,10 +146,7 @@ def _pdl_loss_value(
     label_smoothing: float,
 ) -> Tensor:
     """The loss alone (no gradient wanted: evaluation, torch.no_grad): no N x V buffer at all."""
-    mode = _NORM_BATCH if normalizer is None else _NORM_GIVEN
-    row_loss, _ = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing,
-                              want_grad=False)
-    return _reduce(row_loss, reduction, logits.shape[:-1])
+    return _loss_value(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing)
 
 
 @_pdl_loss_value.register_fake
@@ -142,8 +154,7 @@ def _(logits, targets, weights, normalizer, ignore_index, reduction, label_smoot
     return logits.new_empty(logits.shape[:-1] if reduction == _NONE else (), dtype=_acc_dtype(logits.dtype))
 
 
-@torch.library.custom_op("complexformer::pdl_scale_", mutates_args=("grad",))
-def _pdl_scale_(grad: Tensor, grad_output: Tensor) -> None:
+def _scale_in_place(grad, grad_output):
     """grad *= grad_output, in place: a scalar (skipped when exactly 1) or one value per row."""
     per_row = grad_output.numel() != 1  # reduction="none" (one row: the same as a scalar)
     if grad.is_cuda:
@@ -153,6 +164,12 @@ def _pdl_scale_(grad: Tensor, grad_output: Tensor) -> None:
         grad.mul_(grad_output.reshape(*grad.shape[:-1], 1).to(grad.dtype))
     elif float(grad_output) != 1.0:  # CPU: checking on the host costs nothing
         grad.mul_(grad_output.reshape(()).to(grad.dtype))
+
+
+@torch.library.custom_op("complexformer::pdl_scale_", mutates_args=("grad",))
+def _pdl_scale_(grad: Tensor, grad_output: Tensor) -> None:
+    """grad *= grad_output, in place: a scalar (skipped when exactly 1) or one value per row."""
+    _scale_in_place(grad, grad_output)
 
 
 @_pdl_scale_.register_fake
@@ -172,10 +189,13 @@ def _scale(grad, grad_output):
     grad_output == 1). Traced: out of place, since the traced graph may keep the forward's
     gradient output alive and a backward-time mutation of a forward output is not allowed
     (inductor fuses the multiply)."""
-    if _tracing(grad):
+    if _ext.eager_plain(grad, grad_output):  # not traced: no custom op needed either
+        _scale_in_place(grad, grad_output)
+    elif _tracing(grad):
         g = grad_output.to(grad.dtype)
         return grad * (g.reshape(*grad.shape[:-1], 1) if g.numel() != 1 else g.reshape(()))
-    _pdl_scale_(grad, grad_output)
+    else:
+        _pdl_scale_(grad, grad_output)
     return grad
 
 
@@ -205,11 +225,13 @@ def _pdl_loss_backward(ctx, grad_loss, _grad_grad):
             None, None, None
     if grad is None:
         logits, targets, weights, normalizer = ctx.saved_tensors
-        _, grad = _pdl_loss_fwd(logits.detach(), targets, weights, normalizer, *ctx.args)
+        _, grad = _ext.op_call(_pdl_loss_fwd, _loss_and_grad, logits.detach(), targets, weights, normalizer,
+                               *ctx.args)
     return _scale(grad, grad_loss), None, None, None, None, None, None
 
 
 _pdl_loss_fwd.register_autograd(_pdl_loss_backward, setup_context=_pdl_loss_setup)
+_PDLLossFunction = _ext.eager_function(_loss_and_grad, _pdl_loss_setup, _pdl_loss_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,8 +275,8 @@ def pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", l
     w = weights.detach().to(kdtype).contiguous()
     args = (logits, targets, w, norm, ignore_index, REDUCTIONS[reduction], label_smoothing)
     if not (torch.is_grad_enabled() and logits.requires_grad):
-        return _pdl_loss_value(*args)  # evaluation: the loss alone, no gradient buffer
-    loss, _ = _pdl_loss_fwd(*args)
+        return _ext.op_call(_pdl_loss_value, _loss_value, *args)  # evaluation: the loss alone, no gradient buffer
+    loss, _ = _PDLLossFunction.apply(*args) if _ext.eager_plain(*args) else _pdl_loss_fwd(*args)
     return loss
 
 

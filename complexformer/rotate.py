@@ -171,10 +171,16 @@ def _empty0(like):
     return like.new_empty((0,))
 
 
+# Each op's body is a plain function: the op runs it, and so does an eager call on plain tensors
+# without the op's dispatch (_ext.eager_plain, _ext.eager_function), for the same bits.
+def _rotate_body(x, delta, beta, freqs, positions, layout):
+    return _rotate_forward(x, delta, beta, freqs, positions, layout=layout)
+
+
 @torch.library.custom_op("complexformer::euler_rotate", mutates_args=())
 def _rotate_op(x: torch.Tensor, delta: torch.Tensor, beta: Optional[torch.Tensor], freqs: torch.Tensor,
                positions: torch.Tensor, layout: int) -> torch.Tensor:
-    return _rotate_forward(x, delta, beta, freqs, positions, layout=layout)
+    return _rotate_body(x, delta, beta, freqs, positions, layout)
 
 
 @_rotate_op.register_fake
@@ -182,13 +188,24 @@ def _(x, delta, beta, freqs, positions, layout):
     return x.new_empty((x.shape[0], delta.shape[0], x.shape[2], x.shape[3]))
 
 
+def _rotate_bwd_body(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad):
+    dx, dd, db, df = _rotate_backward(x, grad, delta, beta, freqs, positions, layout=layout,
+                                      need_freqs_grad=need_freqs_grad)
+    return dx, dd, _empty0(dd) if db is None else db, _empty0(dd) if df is None else df
+
+
 @torch.library.custom_op("complexformer::euler_rotate_backward", mutates_args=())
 def _rotate_bwd_op(x: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor, beta: Optional[torch.Tensor],
                    freqs: torch.Tensor, positions: torch.Tensor, layout: int,
                    need_freqs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dd, db, df = _rotate_backward(x, grad, delta, beta, freqs, positions, layout=layout,
-                                      need_freqs_grad=need_freqs_grad)
-    return dx, dd, _empty0(dd) if db is None else db, _empty0(dd) if df is None else df
+    return _rotate_bwd_body(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad)
+
+
+def rotate_bwd(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad):
+    """(dx, ddelta, dbeta, dfreqs) of the backward kernel (dbeta, dfreqs empty when not wanted),
+    through the registered op when traced."""
+    return _ext.op_call(_rotate_bwd_op, _rotate_bwd_body, x, grad, delta, beta, freqs, positions, layout,
+                        need_freqs_grad)
 
 
 @_rotate_bwd_op.register_fake
@@ -221,7 +238,7 @@ def _rotate_bwd_any(x, grad, delta, beta, freqs, positions, layout, need_freqs):
         dx, dd, db, df = rotate_backward_reference(x, grad, delta, beta, freqs, positions, layout=layout,
                                                 need_freqs_grad=need_freqs)
         return dx, dd, db, df
-    return _rotate_bwd_op(x, grad, delta, beta, freqs, positions, layout, need_freqs)
+    return rotate_bwd(x, grad, delta, beta, freqs, positions, layout, need_freqs)
 
 
 def _rotate_grad(ctx, grad):
@@ -233,13 +250,18 @@ def _rotate_grad(ctx, grad):
 
 
 _rotate_op.register_autograd(_rotate_grad, setup_context=_rotate_setup)
+_RotateFunction = _ext.eager_function(_rotate_body, _rotate_setup, _rotate_grad)
+
+
+def _rotate_qk_body(q, k, delta, beta, freqs, q_pos, k_pos, layout):
+    return _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, layout=layout)
 
 
 @torch.library.custom_op("complexformer::euler_rotate_qk", mutates_args=())
 def _rotate_qk_op(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
                   freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                   layout: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, layout=layout)
+    return _rotate_qk_body(q, k, delta, beta, freqs, q_pos, k_pos, layout)
 
 
 @_rotate_qk_op.register_fake
@@ -267,6 +289,14 @@ def _rotate_qk_grad(ctx, gq, gk):
 
 
 _rotate_qk_op.register_autograd(_rotate_qk_grad, setup_context=_rotate_qk_setup)
+_RotateQKFunction = _ext.eager_function(_rotate_qk_body, _rotate_qk_setup, _rotate_qk_grad)
+
+
+def rotate_qk(q, k, delta, beta, freqs, q_pos, k_pos, layout):
+    """(q~, k~) with autograd, from checked arguments (the "sdpa" attention backend): the registered
+    op euler_rotate_qk, or in eager on plain tensors the same autograd without its dispatch."""
+    args = (q, k, delta, beta, freqs, q_pos, k_pos, layout)
+    return _RotateQKFunction.apply(*args) if _ext.eager_plain(*args) else _rotate_qk_op(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +339,8 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
     b = beta if is_query else None
     if _ext.needs_torch_math(x, delta, b, freqs):  # forward-mode AD / torch.func: torch ops
         return rotate_reference(x, delta, b, freqs, pos, layout=lid).to(x.dtype)
-    return _rotate_op(x, delta, b, freqs, pos, lid)
+    args = (x, delta, b, freqs, pos, lid)
+    return _RotateFunction.apply(*args) if _ext.eager_plain(*args) else _rotate_op(*args)
 
 
 def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=None, layout="half"):
@@ -332,7 +363,7 @@ def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=N
     if _ext.needs_torch_math(q, k, delta, beta, freqs):  # forward-mode AD / torch.func: torch ops
         return (rotate_reference(q, delta, beta, freqs, qp, layout=lid).to(q.dtype),
                 rotate_reference(k, delta, None, freqs, kp, layout=lid).to(k.dtype))
-    return _rotate_qk_op(q, k, delta, beta, freqs, qp, kp, lid)
+    return rotate_qk(q, k, delta, beta, freqs, qp, kp, lid)
 
 
 # ----------------------------------------------------------------------------------------------
