@@ -137,3 +137,16 @@ def test_retain_graph_second_backward_recomputes_on_the_eager_path():
     (g1,) = torch.autograd.grad(loss, z, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, z)
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("name", ["pdl_loss", "cmha_sdpa", "euler_rotate_qk"])
+def test_paths_agree_under_autocast(name):
+    """Autocast (as complexformer.train uses on the GPU) sees the same ops on both paths."""
+    make, call, _ = CALLS[name]
+    ts, extra = make()
+    ts = [t.detach().float().requires_grad_() for t in ts]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs_op, grads_op = _run(call, ts, extra, Recorder())
+        outs, grads = _run(call, ts, extra)
+    for a, b in zip(outs + list(grads), outs_op + list(grads_op)):
+        assert (a is None and b is None) or torch.equal(a, b)
