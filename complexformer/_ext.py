@@ -92,9 +92,10 @@ def eager_plain(*args):
     return True
 
 
-def op_call(op, body, *args):
-    """op(*args), or its body directly when eager_plain(*args) (no autograd involved)."""
-    return body(*args) if eager_plain(*args) else op(*args)
+def op_call(op, eager, *args):
+    """op(*args), or eager(*args) when eager_plain(*args): the op's body (no autograd involved) or the
+    apply of its `eager_function`."""
+    return eager(*args) if eager_plain(*args) else op(*args)
 
 
 def eager_function(body, setup_context, backward):

@@ -140,11 +140,10 @@ def _masked_scores(s, vis):
     return s.masked_fill(~vis, float("-inf")).masked_fill(~row_ok, 0.0), vis, row_ok
 
 
-def _scores_lse(s, vis):
-    """(B, H, Lq) log-sum-exp of the scaled scores s over the visible keys, in s's dtype; -inf on a
-    row with no visible key (with a zero gradient)."""
-    s, _, row_ok = _masked_scores(s, vis)
-    lse = torch.logsumexp(s, -1)
+def _masked_lse(sm, row_ok):
+    """(B, H, Lq) log-sum-exp of scores masked by _masked_scores, in sm's dtype; -inf on a row with
+    no visible key (row_ok False), with a zero gradient."""
+    lse = torch.logsumexp(sm, -1)
     return lse if row_ok is None else lse.masked_fill(~row_ok[..., 0], float("-inf"))
 
 
@@ -154,13 +153,13 @@ def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False):
     kr = rotate_reference(k, delta, None, freqs, p.k_pos, layout=p.layout).to(k.dtype)
     s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
     vis = _visible(p, q.device)
-    sm, vis_all, _ = _masked_scores(s, vis)
+    sm, vis_all, row_ok = _masked_scores(s, vis)
     prob = torch.softmax(sm, -1)
     if vis_all is not None:  # a row with no visible key: softmax of zeros, zeroed here
         prob = prob.masked_fill(~vis_all, 0.0)
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     out = prob.to(v.dtype) @ vv
-    return out, (_scores_lse(s.to(p.pdtype), vis) if want_lse else None)
+    return out, (_masked_lse(sm.to(p.pdtype), row_ok) if want_lse else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +202,8 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p, want_lse=False):
         return out, None
     # SDPA does not return it: the scores are recomputed (memory B * H * Lq * Lk in the compute dtype)
     s = (qr.to(p.pdtype) @ kr.to(p.pdtype).transpose(-1, -2)) * p.scale
-    return out, _scores_lse(s, _visible(p, q.device))
+    sm, _, row_ok = _masked_scores(s, _visible(p, q.device))
+    return out, _masked_lse(sm, row_ok)
 
 
 def _sdpa_nan_rows(qr, kr, mask, p):
@@ -385,7 +385,7 @@ def _attention_fused(q, k, v, delta, beta, freqs, p, want_lse=False):
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
     args = (q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
             p.kpm.contiguous() if p.kpm is not None else None, p.cu, p.causal, p.scale, p.q_offset, LAYOUTS[p.layout])
-    out, lse = _FusedFunction.apply(*args) if _ext.eager_plain(*args) else _cmha_fused(*args)
+    out, lse = _ext.op_call(_cmha_fused, _FusedFunction.apply, *args)
     return out, (lse if want_lse else None)
 
 

@@ -98,20 +98,18 @@ def _reduce(row_loss, reduction, shape):
     return row_loss.sum()
 
 
-def _loss_and_grad(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
-    """(loss, grad) with grad = d(loss) / d(logits) for grad_output = 1: the body of the custom op
-    pdl_loss_fwd and of the eager autograd.Function."""
+def _loss_and_grad(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing, want_grad=True):
+    """(loss, grad) with grad = d(loss) / d(logits) for grad_output = 1 (None when not want_grad): the
+    body of the custom op pdl_loss_fwd and of the eager autograd.Function."""
     mode = _NORM_BATCH if normalizer is None else _NORM_GIVEN
-    row_loss, grad = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing)
+    row_loss, grad = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing,
+                                 want_grad=want_grad)
     return _reduce(row_loss, reduction, logits.shape[:-1]), grad
 
 
-def _loss_value(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
+def _loss_value(*args):
     """The loss alone (no gradient wanted: evaluation, torch.no_grad): no N x V buffer at all."""
-    mode = _NORM_BATCH if normalizer is None else _NORM_GIVEN
-    row_loss, _ = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing,
-                              want_grad=False)
-    return _reduce(row_loss, reduction, logits.shape[:-1])
+    return _loss_and_grad(*args, want_grad=False)[0]
 
 
 @torch.library.custom_op("complexformer::pdl_loss_fwd", mutates_args=())
@@ -276,7 +274,7 @@ def pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", l
     args = (logits, targets, w, norm, ignore_index, REDUCTIONS[reduction], label_smoothing)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return _ext.op_call(_pdl_loss_value, _loss_value, *args)  # evaluation: the loss alone, no gradient buffer
-    loss, _ = _PDLLossFunction.apply(*args) if _ext.eager_plain(*args) else _pdl_loss_fwd(*args)
+    loss, _ = _ext.op_call(_pdl_loss_fwd, _PDLLossFunction.apply, *args)
     return loss
 
 

@@ -295,8 +295,7 @@ _RotateQKFunction = _ext.eager_function(_rotate_qk_body, _rotate_qk_setup, _rota
 def rotate_qk(q, k, delta, beta, freqs, q_pos, k_pos, layout):
     """(q~, k~) with autograd, from checked arguments (the "sdpa" attention backend): the registered
     op euler_rotate_qk, or in eager on plain tensors the same autograd without its dispatch."""
-    args = (q, k, delta, beta, freqs, q_pos, k_pos, layout)
-    return _RotateQKFunction.apply(*args) if _ext.eager_plain(*args) else _rotate_qk_op(*args)
+    return _ext.op_call(_rotate_qk_op, _RotateQKFunction.apply, q, k, delta, beta, freqs, q_pos, k_pos, layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,8 +338,7 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
     b = beta if is_query else None
     if _ext.needs_torch_math(x, delta, b, freqs):  # forward-mode AD / torch.func: torch ops
         return rotate_reference(x, delta, b, freqs, pos, layout=lid).to(x.dtype)
-    args = (x, delta, b, freqs, pos, lid)
-    return _RotateFunction.apply(*args) if _ext.eager_plain(*args) else _rotate_op(*args)
+    return _ext.op_call(_rotate_op, _RotateFunction.apply, x, delta, b, freqs, pos, lid)
 
 
 def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=None, layout="half"):

@@ -7,7 +7,8 @@
  *     into the workspaces q_rot, k_rot, so the kernels below copy plain tiles;
  *  1. dot:  D_m = sum_c dO_mc O_mc - dlse_m (dlse: the gradient w.r.t. lse, 0 when absent), one
  *     warp per row. D is parked in dq_rot[b, h, m, 0]: dq_rot is not written before launch 3,
- *     and there every CTA reads D of its own rows (then a barrier) before it overwrites them, so no extra workspace crosses the C boundary.
+ *     and there every CTA reads D of its own rows (then a barrier) before it overwrites them, so no
+ *     extra workspace crosses the C boundary.
  *  2. dkdv: a CTA per (key tile, query head, batch). It keeps dK~ and dV of its keys in registers
  *     while query tiles stream by; computing the transposed products
  *     S^T = K~ Q~^T and dP^T = V dO^T makes P^T and dS^T land directly in A-operand layout for
