@@ -278,3 +278,30 @@ def test_compile_fullgraph_with_padding_mask():
         want = m(ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_peft_adapter_with_trained_angles_round_trip(tmp_path):
+    """Under LoRA with trainable angles, PeftModel.save_pretrained warns that delta / beta are not in
+    the adapter; save_cmha_angles / load_cmha_angles carry them (identical logits)."""
+    peft = pytest.importorskip("peft")
+    from complexformer.hf import load_cmha_angles, save_cmha_angles
+
+    def lora():
+        torch.manual_seed(3)
+        m = peft.get_peft_model(tiny(), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        for p in m.cmha_parameters():
+            p.requires_grad_(True)
+        return m
+
+    m = lora()
+    with torch.no_grad():
+        for p in m.cmha_parameters():
+            p.add_(0.1)
+    ids, mask = padded_batch()
+    with pytest.warns(UserWarning, match="CMHA angles"):
+        m.save_pretrained(tmp_path)
+    save_cmha_angles(m, tmp_path)
+    r = peft.PeftModel.from_pretrained(tiny(), tmp_path)
+    load_cmha_angles(r, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(r(ids, attention_mask=mask).logits, m(ids, attention_mask=mask).logits)

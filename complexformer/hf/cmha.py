@@ -14,7 +14,11 @@ scaled by s) is applied as an s^2 factor on the softmax scale. RoPE types whose 
 with the sequence length (dynamic, longrope) or that rotate only part of a head cannot be
 reproduced by a fixed CMHA rotation and are refused.
 
-The model's ``attn_implementation`` becomes "complexformer_cmha": HF then builds, for plain causal
+Saved state: ``save_pretrained`` / :func:`load_cmha` carry delta / beta (float32 even in a bf16
+model) and rebuild the frequencies from the config, any number of times. A PEFT adapter does not
+hold them: :func:`save_cmha_angles` / :func:`load_cmha_angles` keep them beside it.
+
+The model's ``attn_implementation`` becomes "complexformer_cmha" (on its own copy of the config): HF then builds, for plain causal
 attention, the 2-D padding mask the fused CMHA kernel takes; sliding windows (Mistral, Qwen2) and
 packed sequences keep HF's exact 4-D masks (rotation kernel + SDPA).
 """

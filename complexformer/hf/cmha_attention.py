@@ -45,6 +45,11 @@ except ImportError as e:  # pragma: no cover - exercised only without (a recent 
         f"AttentionMaskInterface): pip install -U 'complexformer[hf]' ({e})"
     ) from e
 
+try:
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - transformers without the output collector
+    _active_collector = None
+
 from ..attention import cmha_attention
 from ..checks import check_backend, check_key_padding_mask, check_positions, compute_dtype
 from ..reference import default_freqs
@@ -107,9 +112,7 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _cmha_mask)
 def _attention_collector():
     """transformers' output collector when the caller asked for the attention probabilities
     (``output_attentions=True``), else None."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # other transformers versions pass output_attentions to the module instead
+    if _active_collector is None:  # other transformers versions pass output_attentions to the module instead
         return None
     if torch.compiler.is_compiling() and not getattr(_active_collector, "compiling", False):
         return None  # nothing was set under compile (ComplexFormer's own forward); a ContextVar read would break the graph
