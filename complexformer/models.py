@@ -162,7 +162,9 @@ class ComplexFormerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ComplexFormerDecoderLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # data-dependent mask checks in HF's mask helpers
+    # generate() auto-compiles only with a static cache, which CMHA attention refuses;
+    # torch.compile(model, fullgraph=True) itself works (tested with a padding mask)
+    _can_compile_fullgraph = False
 
     @torch.no_grad()
     def _init_weights(self, module):
