@@ -37,7 +37,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError(f"complexformer.models needs transformers >= 4.56: pip install -U 'complexformer[hf]' ({e})") from e
 
-from .hf.cmha import cmha_parameters
+from .hf.cmha import _warn_on_peft_save, cmha_parameters
 from .hf.cmha_attention import ATTN_IMPLEMENTATION, CMHAAttention, _hf_init, rope_freqs
 from .hf.fused_pdl import shift_labels
 from .counts import pdl_weights
@@ -162,7 +162,9 @@ class ComplexFormerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ComplexFormerDecoderLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # data-dependent mask checks in HF's mask helpers
+    # generate() auto-compiles only with a static cache, which CMHA attention refuses;
+    # torch.compile(model, fullgraph=True) itself works (tested with a padding mask)
+    _can_compile_fullgraph = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -206,6 +208,10 @@ class ComplexFormerModel(ComplexFormerPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
+        wants = kwargs.get("output_attentions")
+        if self.config.output_attentions if wants is None else wants:
+            raise NotImplementedError("output_attentions=True: ComplexFormerModel does not return attention "
+                                      "probabilities (its fused CMHA kernels never build them)")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -266,6 +272,8 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
             self.pdl_weights = None
         self._pdl_checked = False
         self.post_init()
+        if config.attention == "cmha":
+            _warn_on_peft_save()  # learned angles are not in a PEFT adapter: warn when they would be dropped
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bfloat16) / .half() would round the PDL weights to 8 (11) bits: keep them float32.
@@ -335,7 +343,8 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
                 cache=None, **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+                         use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         output_attentions=kwargs.get("output_attentions"))
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden

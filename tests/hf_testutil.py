@@ -90,12 +90,13 @@ def hand_pdl_step(model, examples, weights, lr, normalize="weights"):
 def training_args(out_dir, *, batch, accum, lr, **kw):
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    defaults = dict(
         output_dir=str(out_dir), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
         max_steps=1, learning_rate=lr, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no", logging_strategy="no",
-        use_cpu=kw.pop("use_cpu", True), dataloader_num_workers=0, seed=0, disable_tqdm=True, **kw,
+        use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
+    return TrainingArguments(**{**defaults, **kw})
 
 
 def max_param_diff(a, b):

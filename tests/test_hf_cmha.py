@@ -18,7 +18,8 @@ from hf_testutil import (  # noqa: E402
 
 from complexformer import pdl as _pdl  # noqa: E402
 from complexformer.hf import (  # noqa: E402
-    ATTN_IMPLEMENTATION, CMHAAttention, cmha_parameters, convert_to_cmha, load_cmha,
+    ATTN_IMPLEMENTATION, CMHAAttention, cmha_parameters, convert_to_cmha, load_cmha, load_cmha_angles,
+    save_cmha_angles,
 )
 
 RTOL = 1e-5
@@ -230,7 +231,186 @@ def test_save_load_round_trip(tmp_path):
         load_cmha(tmp_path / "plain")
 
 
+ROPE_TYPES = {
+    "default": {},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPE_TYPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_reload_save_reload_every_rope_type(tmp_path, family, rope):
+    """load_cmha rebuilds the frequencies of every exact rope type under from_pretrained's meta-device
+    init, and a reloaded model saves and reloads again (continue-finetuning loops): logits and the
+    learned angles identical at every step."""
+    conv = _converted(tiny_family(family, rope_parameters={"rope_theta": 10000.0, **ROPE_TYPES[rope]}))
+    _perturb_angles(conv)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = conv(ids, attention_mask=mask).logits
+    model = conv
+    for step in ("first", "second"):
+        model.save_pretrained(tmp_path / step)
+        model = load_cmha(tmp_path / step).eval()
+        assert type(model).__name__ == type(conv).__name__
+        with torch.no_grad():
+            assert torch.equal(model(ids, attention_mask=mask).logits, want), step
+        for a, b in zip(cmha_parameters(conv), cmha_parameters(model)):
+            assert torch.equal(a, b)
+
+
+# ---- PEFT: the learned angles beside the adapter ---------------------------------------------------
+def _lora(model, peft):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(7)
+    lora = peft.get_peft_model(model, config)
+    for p in cmha_parameters(lora):  # PEFT freezes every non-LoRA parameter: train the angles too
+        p.requires_grad_(True)
+    return lora
+
+
+def test_peft_adapter_round_trip_keeps_the_angles(tmp_path):
+    """PeftModel.save_pretrained drops delta / beta (with a warning); save_cmha_angles beside the
+    adapter and load_cmha_angles after PeftModel.from_pretrained restore the exact logits. Merging the
+    adapter keeps them too: merge_and_unload + save_pretrained + load_cmha."""
+    peft = pytest.importorskip("peft")
+    base = tiny_family("llama")
+    lora = _lora(_converted(base), peft)
+    _perturb_angles(lora)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = lora(ids, attention_mask=mask).logits
+    with pytest.warns(UserWarning, match="CMHA angles"):
+        lora.save_pretrained(tmp_path / "adapter")
+    save_cmha_angles(lora, tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(_converted(base), tmp_path / "adapter")
+    with torch.no_grad():
+        assert not torch.allclose(reloaded(ids, attention_mask=mask).logits, want)  # the angles matter
+    load_cmha_angles(reloaded, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, attention_mask=mask).logits, want)
+    with pytest.raises(ValueError, match="missing"):
+        load_cmha_angles(_converted(tiny_family("llama", layers=3)), tmp_path / "adapter")
+
+    merged = lora.merge_and_unload()
+    with torch.no_grad():
+        want_merged = merged(ids, attention_mask=mask).logits
+    assert _rel_err(want, want_merged) < RTOL
+    merged.save_pretrained(tmp_path / "merged")
+    loaded = load_cmha(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, want_merged)
+
+
+def test_pdl_trainer_checkpoint_of_a_peft_model_resumes_the_angles(tmp_path):
+    """A PDLTrainer checkpoint of a PEFT model holds the angles beside the adapter: two steps in one
+    run equal one step, a checkpoint, and a resumed second step on a freshly converted base."""
+    peft = pytest.importorskip("peft")
+    from complexformer.hf import PDLTrainer
+
+    examples = ragged_examples()
+    weights = _pdl.pdl_weights(hand_counts(examples, TINY_VOCAB), alpha=1.0)
+    base = tiny_family("llama")
+
+    def train(out, **kw):
+        model = _lora(_converted(base), peft).train()
+        args = training_args(tmp_path / out, batch=4, accum=1, lr=0.5, max_steps=2, save_strategy="steps",
+                             save_steps=1)
+        PDLTrainer(model=model, args=args, train_dataset=examples, data_collator=pad_collate,
+                   pdl_weights=weights).train(**kw)
+        return model
+
+    straight = train("straight")
+    assert (tmp_path / "straight" / "checkpoint-1" / "cmha_angles.safetensors").is_file()
+    resumed = train("resumed", resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-1"))
+    assert not torch.equal(cmha_parameters(straight)[0], torch.ones(4, 8))  # the angles trained
+    for a, b in zip(cmha_parameters(straight), cmha_parameters(resumed)):
+        assert torch.equal(a, b)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(straight.eval()(ids, attention_mask=mask).logits,
+                           resumed.eval()(ids, attention_mask=mask).logits)
+
+
+# ---- lost or silently wrong state ----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a binding sliding window (4-D masks)
+def test_output_attentions_returns_the_probabilities(family):
+    model = tiny_family(family)
+    conv = _converted(model)
+    _perturb_angles(conv, scale=0.0)  # delta = 1, beta = 0: the original's probabilities
+    model.config._attn_implementation = "eager"  # HF returns probabilities from eager attention
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, output_attentions=True)
+        got = conv(ids, attention_mask=mask, output_attentions=True)
+        plain = conv(ids, attention_mask=mask).logits
+    assert len(got.attentions) == len(want.attentions) == 2
+    rows = mask.bool()[:, None, :, None]
+    for a, b in zip(want.attentions, got.attentions):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b.masked_fill(~rows, 0), a.masked_fill(~rows, 0), rtol=1e-5, atol=1e-6)
+    keep = mask.bool()
+    assert _rel_err(plain, got.logits, keep) < RTOL and _rel_err(want.logits, got.logits, keep) < RTOL
+
+
+def test_converting_leaves_a_model_sharing_the_config_alone():
+    model = tiny_family("llama")
+    twin = type(model)(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    conv = convert_to_cmha(model)
+    assert twin.config._attn_implementation == "sdpa" and conv.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert not getattr(twin.config, "cmha_conversion", None)
+    assert all(m.config is conv.config for m in conv.modules() if hasattr(m, "config"))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        assert _rel_err(twin(ids, attention_mask=mask).logits, conv(ids, attention_mask=mask).logits,
+                        mask.bool()) < RTOL
+
+
+def test_compile_fullgraph_with_a_padding_mask():
+    """No data-dependent branch in the mask hook: fullgraph tracing succeeds (dynamo with the eager
+    backend: the graph capture is what is tested, not inductor) and gives the eager logits."""
+    model = tiny_family("llama")
+    conv = _converted(model)
+    ids, mask = padded_batch()
+    compiled = torch.compile(conv, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got = compiled(ids, attention_mask=mask).logits
+        assert _rel_err(model(ids, attention_mask=mask).logits, got, mask.bool()) < RTOL
+    torch._dynamo.reset()
+
+
+def test_bfloat16_cast_keeps_the_angles_trainable(tmp_path):
+    """.to(bfloat16) casts everything but delta / beta, which stay float32 (a step of 1e-3 is not lost
+    to rounding); the bf16 forward and backward run, and load_cmha(dtype=bfloat16) keeps them float32."""
+    conv = _converted(tiny_family("llama")).to(torch.bfloat16)
+    attn = conv.model.layers[0].self_attn
+    assert attn.q_proj.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in cmha_parameters(conv)} == {torch.float32}
+    ids, mask = padded_batch()
+    conv(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    assert attn.delta.grad is not None and attn.delta.grad.dtype == torch.float32
+    with torch.no_grad():
+        attn.delta.add_(1e-3)
+    assert bool((attn.delta != 1).all())
+    with torch.no_grad():  # the 4-D mask path (packed sequences) too
+        assert conv(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6]] * 3)).logits.dtype == torch.bfloat16
+    conv.save_pretrained(tmp_path)
+    loaded = load_cmha(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in cmha_parameters(loaded)} == {torch.float32}
+    assert torch.equal(loaded.model.layers[0].self_attn.delta, attn.delta)
+
+
 # ---- bad input -----------------------------------------------------------------------------------
+def test_inconsistent_config_names_the_fields():
+    model = tiny_family("llama")
+    model.config.num_attention_heads = model.config.num_key_value_heads = 2  # the projections hold 4 / 2 heads
+    with pytest.raises(ValueError, match=r"LlamaConfig.head_dim \(16\) \* num_attention_heads \(2\) = 32.*q_proj"):
+        convert_to_cmha(model)
+
 def test_unsupported_model_names_supported_ones():
     from hf_testutil import tiny_gpt2
 
@@ -239,9 +419,9 @@ def test_unsupported_model_names_supported_ones():
 
 
 @pytest.mark.parametrize("rope,match", [
-    ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' cannot be reproduced"),
+    ({"rope_type": "dynamic", "factor": 2.0}, r"rope_parameters\['rope_type'\] = 'dynamic' cannot be reproduced"),
     ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-      "original_max_position_embeddings": 64}, "'longrope' cannot be reproduced"),
+      "original_max_position_embeddings": 64}, r"rope_parameters\['rope_type'\] = 'longrope' cannot be reproduced"),
 ])
 def test_non_reproducible_rope_types_raise(rope, match):
     model = tiny_family("llama", rope_parameters={"rope_theta": 10000.0, **rope})

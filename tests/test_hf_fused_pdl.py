@@ -231,3 +231,40 @@ def test_plain_trainer_patched_equals_unpatched(tmp_path, data):
     patched = _train(tmp_path, apply_fused_pdl(copy.deepcopy(model)), examples, accum=4)
     assert max_param_diff(plain, model) > 1e-3  # the step moved the parameters
     assert max_param_diff(patched, plain) < 1e-6
+
+
+def tiny_moe(kind, seed=0):
+    """A tiny MoE causal LM (4 experts, top 2) that asks for its router logits: its own loss adds
+    router_aux_loss_coef * aux_loss (float32: transformers' grouped expert matmul takes no float64)."""
+    import transformers
+
+    kw = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0, output_router_logits=True, router_aux_loss_coef=0.3)
+    if kind == "mixtral":
+        cfg, cls = transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw), "MixtralForCausalLM"
+    elif kind == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=16, **kw)
+        cls = "Qwen2MoeForCausalLM"
+    else:
+        cfg = transformers.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, **kw)
+        cls = "Qwen3MoeForCausalLM"
+    torch.manual_seed(seed)
+    return getattr(transformers, cls)(cfg)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_router_aux_loss_is_added_as_the_model_does(tmp_path, kind):
+    """apply_fused_pdl and PDLTrainer (unit weights = cross-entropy; fused or not) give the MoE
+    model's own loss, router load-balancing term included."""
+    model = tiny_moe(kind).train()
+    batch = pad_collate(ragged_examples()[:4])
+    own = model(**batch)
+    assert own.aux_loss is not None and float(own.aux_loss) > 0.5  # the term is large: dropping it shows
+    patched = apply_fused_pdl(copy.deepcopy(model))
+    torch.testing.assert_close(patched(**batch).loss, own.loss, rtol=1e-6, atol=1e-6)
+    ones = torch.ones(TINY_VOCAB)
+    for fused in (False, True):
+        trainer = PDLTrainer(model=copy.deepcopy(model), args=training_args(tmp_path, batch=4, accum=1, lr=LR),
+                             pdl_weights=ones, use_fused_linear=fused)
+        torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(batch)), own.loss, rtol=1e-6, atol=1e-6)

@@ -241,3 +241,67 @@ def test_pdl_trainer_fused_linear_equals_unfused(tmp_path):
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     assert not torch.equal(models[0].model.layers[0].self_attn.delta, tiny().model.layers[0].self_attn.delta)
+
+
+def test_save_reload_save_reload(tmp_path):
+    """Continue-finetuning loop: a reloaded model saves and reloads again, logits identical; a
+    bfloat16 cast keeps the angles float32 (trainable), through save and load too."""
+    m = tiny()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = m(ids, attention_mask=mask).logits
+    for step in ("first", "second"):
+        m.save_pretrained(tmp_path / step)
+        m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / step, dtype=torch.float64).eval()
+        with torch.no_grad():
+            assert torch.equal(m(ids, attention_mask=mask).logits, want), step
+    b = m.to(torch.bfloat16)
+    assert b.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in b.cmha_parameters()} == {torch.float32}
+    b.save_pretrained(tmp_path / "bf16")
+    r = ComplexFormerForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {p.dtype for p in r.cmha_parameters()} == {torch.float32}
+
+
+def test_output_attentions_raises():
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        tiny()(torch.tensor([[3, 4, 5]]), output_attentions=True)
+
+
+def test_compile_fullgraph_with_padding_mask():
+    """fullgraph capture (dynamo, eager backend: quick) with a padding mask: no graph break."""
+    m = tiny(dtype=torch.float32)
+    ids, mask = padded_batch()
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got = compiled(ids, attention_mask=mask, use_cache=False).logits
+        want = m(ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_peft_adapter_with_trained_angles_round_trip(tmp_path):
+    """Under LoRA with trainable angles, PeftModel.save_pretrained warns that delta / beta are not in
+    the adapter; save_cmha_angles / load_cmha_angles carry them (identical logits)."""
+    peft = pytest.importorskip("peft")
+    from complexformer.hf import load_cmha_angles, save_cmha_angles
+
+    def lora():
+        torch.manual_seed(3)
+        m = peft.get_peft_model(tiny(), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        for p in m.cmha_parameters():
+            p.requires_grad_(True)
+        return m
+
+    m = lora()
+    with torch.no_grad():
+        for p in m.cmha_parameters():
+            p.add_(0.1)
+    ids, mask = padded_batch()
+    with pytest.warns(UserWarning, match="CMHA angles"):
+        m.save_pretrained(tmp_path)
+    save_cmha_angles(m, tmp_path)
+    r = peft.PeftModel.from_pretrained(tiny(), tmp_path)
+    load_cmha_angles(r, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(r(ids, attention_mask=mask).logits, m(ids, attention_mask=mask).logits)

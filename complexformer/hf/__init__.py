@@ -5,7 +5,8 @@
 - :func:`apply_fused_pdl` (``fused_pdl.py``): patches a causal LM so that its loss runs through
   the fused LM head + loss and never builds the logits.
 - :func:`convert_to_cmha`, :func:`load_cmha`, :func:`cmha_parameters` (``cmha.py``): CMHA inside
-  Llama / Mistral / Qwen2 models; :class:`CMHAAttention` (``cmha_attention.py``) is the attention
+  Llama / Mistral / Qwen2 models; :func:`save_cmha_angles` / :func:`load_cmha_angles` keep learned
+  angles beside a PEFT adapter; :class:`CMHAAttention` (``cmha_attention.py``) is the attention
   module they and ``complexformer.models.ComplexFormerForCausalLM`` share.
 
 transformers is imported only when a name that needs it is first used, so that importing
@@ -19,7 +20,7 @@ from .pdl_trainer import _WindowNormalizer, label_token_counts  # noqa: F401
 _LAZY = {
     "apply_fused_pdl": ("fused_pdl", False),
     "convert_to_cmha": ("cmha", True), "load_cmha": ("cmha", True), "cmha_parameters": ("cmha", True),
-    "cmha_model_class": ("cmha", True),
+    "cmha_model_class": ("cmha", True), "save_cmha_angles": ("cmha", True), "load_cmha_angles": ("cmha", True),
     "CMHAAttention": ("cmha_attention", True), "ATTN_IMPLEMENTATION": ("cmha_attention", True),
 }
 __all__ = ["PDLTrainer", "label_token_counts", *_LAZY]

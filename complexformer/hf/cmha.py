@@ -14,7 +14,11 @@ scaled by s) is applied as an s^2 factor on the softmax scale. RoPE types whose 
 with the sequence length (dynamic, longrope) or that rotate only part of a head cannot be
 reproduced by a fixed CMHA rotation and are refused.
 
-The model's ``attn_implementation`` becomes "complexformer_cmha": HF then builds, for plain causal
+Saved state: ``save_pretrained`` / :func:`load_cmha` carry delta / beta (float32 even in a bf16
+model) and rebuild the frequencies from the config, any number of times. A PEFT adapter does not
+hold them: :func:`save_cmha_angles` / :func:`load_cmha_angles` keep them beside it.
+
+The model's ``attn_implementation`` becomes "complexformer_cmha" (on its own copy of the config): HF then builds, for plain causal
 attention, the 2-D padding mask the fused CMHA kernel takes; sliding windows (Mistral, Qwen2) and
 packed sequences keep HF's exact 4-D masks (rotation kernel + SDPA).
 """
@@ -61,22 +65,24 @@ def _frequencies(rotary, config, head_dim):
         raise NotImplementedError(f"convert_to_cmha: per-layer rope types {rt} are not supported")
     if rt not in EXACT_ROPE_TYPES:
         raise NotImplementedError(
-            f"convert_to_cmha: rope type {rt!r} cannot be reproduced exactly by CMHA's fixed rotation "
+            f"convert_to_cmha: {type(config).__name__}.rope_parameters['rope_type'] = {rt!r} cannot be reproduced "
+            "exactly by CMHA's fixed rotation "
             f"(its frequencies depend on the sequence length, or it rotates part of a head); supported: "
             f"{', '.join(EXACT_ROPE_TYPES)}"
         )
     inv = rotary.inv_freq
+    s = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
     if inv.device.type == "meta":
         # Built under from_pretrained's meta-device init: recompute the values on the CPU with the
-        # rotary embedding's own init function.
+        # rotary embedding's own init function. The explicit CPU device context matters: the init
+        # functions create tensors without a device (torch.arange(...).to(device)), which would
+        # otherwise land on the meta device of the surrounding context.
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        if rt == "default":  # computed by the module's own static method (takes no device)
-            with torch.device("cpu"):
-                inv, _ = rotary.compute_default_rope_parameters(config)
-        else:
-            inv, _ = ROPE_INIT_FUNCTIONS[rt](config, torch.device("cpu"))
-    s = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+        init = rotary.compute_default_rope_parameters if rt == "default" else ROPE_INIT_FUNCTIONS[rt]
+        with torch.device("cpu"):
+            inv, s = init(config)
+        s = float(s or 1.0)
     inv = inv.detach().to("cpu", torch.float32)
     if tuple(inv.shape) != (head_dim // 2,):
         raise NotImplementedError(
@@ -124,6 +130,10 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, attn_classes)]
     if not targets:
         raise ValueError(f"convert_to_cmha: no Llama/Mistral/Qwen2 attention module found in {type(model).__name__}")
+    H = config.num_attention_heads
+    Hkv = getattr(config, "num_key_value_heads", None) or H
+    for name, attn in targets:
+        _check_widths(config, name, attn, H, Hkv)
     rotary = _rotary(model)
     num_layers = config.num_hidden_layers
     for name, attn in targets:
@@ -131,8 +141,7 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
         freqs, s = _frequencies(rotary, config, head_dim)
         ref = next(attn.parameters())
         new = CMHAAttention(
-            hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            hidden_size=config.hidden_size, num_heads=H, num_kv_heads=Hkv,
             head_dim=head_dim, layer_idx=attn.layer_idx, num_layers=num_layers, freqs=freqs,
             scaling=attn.scaling * s * s, learnable=learnable, delta_init="rope",
             projections=(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj), backend=backend,
@@ -141,9 +150,37 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
         new.train(attn.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    setattr(config, CONFIG_KEY, {"learnable": list(learnable), "backend": backend})
-    config._attn_implementation = ATTN_IMPLEMENTATION
+    # The model gets its own config: another model built from the same config object keeps its
+    # attention implementation (and no conversion marker).
+    _own_config(model, config)
+    setattr(model.config, CONFIG_KEY, {"learnable": list(learnable), "backend": backend})
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    _warn_on_peft_save()
     return model
+
+
+def _check_widths(config, name, attn, H, Hkv):
+    """head_dim * heads must equal the projection widths the conversion reshapes q / k / v into."""
+    d = attn.head_dim
+    for proj, heads, field, dim in (("q_proj", H, "num_attention_heads", "out_features"),
+                                    ("k_proj", Hkv, "num_key_value_heads", "out_features"),
+                                    ("v_proj", Hkv, "num_key_value_heads", "out_features"),
+                                    ("o_proj", H, "num_attention_heads", "in_features")):
+        width = getattr(getattr(attn, proj), dim, None)
+        if width is not None and width != heads * d:
+            raise ValueError(
+                f"convert_to_cmha: inconsistent config: {type(config).__name__}.head_dim ({d}) * {field} ({heads}) = "
+                f"{heads * d}, but {name}.{proj}.{dim} is {width}")
+
+
+def _own_config(model, config):
+    """Give ``model`` (and its submodules that share ``config``) a copy of ``config``."""
+    import copy
+
+    own = copy.deepcopy(config)
+    for m in model.modules():
+        if getattr(m, "config", None) is config:
+            m.config = own
 
 
 def cmha_parameters(model):
@@ -164,6 +201,127 @@ def cmha_parameters(model):
     return out
 
 
+ANGLES_FILE = "cmha_angles.safetensors"
+
+
+def _unwrap(model):
+    """The transformers model inside PEFT (``PeftModel.get_base_model()``) / DDP wrappers."""
+    for _ in range(4):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def _named_angles(model):
+    """{name: parameter} of the learnable delta / beta, named in the transformers model (PEFT's
+    ``base_model.model.`` prefix stripped, so a file fits the bare model and its adapters alike)."""
+    out = {}
+    for name, m in _unwrap(model).named_modules():
+        if isinstance(m, CMHAAttention):
+            for n, p in m.named_parameters(recurse=False):
+                if n in LEARNABLE:
+                    out[f"{name}.{n}" if name else n] = p
+    return out
+
+
+def save_cmha_angles(model, directory):
+    """Save the learned CMHA angles (delta / beta) of ``model`` (a converted model or
+    ComplexFormerForCausalLM, bare or wrapped by PEFT) to ``directory/cmha_angles.safetensors``.
+
+    PEFT's ``save_pretrained`` saves only the adapter: call this beside it when the angles are
+    trained under PEFT, and :func:`load_cmha_angles` after ``PeftModel.from_pretrained``. The file
+    is written atomically. Returns its path.
+    """
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    angles = _named_angles(model)
+    if not angles:
+        raise ValueError(f"save_cmha_angles: {type(model).__name__} has no learnable CMHA angles")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, ANGLES_FILE)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cmha_angles.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in angles.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+@torch.no_grad()
+def load_cmha_angles(model, directory):
+    """Load the angles :func:`save_cmha_angles` wrote to ``directory`` into ``model`` (in place).
+    Every learnable angle of the model must be in the file and every entry must match one, with
+    the same shape; otherwise nothing is loaded and a ValueError names the keys. Returns the model."""
+    import os
+
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, ANGLES_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_cmha_angles: no {ANGLES_FILE} in {directory} (written by save_cmha_angles)")
+    saved, angles = load_file(path), _named_angles(model)
+    missing, unexpected = sorted(set(angles) - set(saved)), sorted(set(saved) - set(angles))
+    bad = [k for k in angles if k in saved and saved[k].shape != angles[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"load_cmha_angles: {path} does not fit {type(model).__name__}: missing {missing}, "
+                         f"unexpected {unexpected}, shape mismatch {bad}")
+    for k, p in angles.items():
+        p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+    return model
+
+
+def _angles_at_risk(model):
+    """True when ``model`` holds CMHA angles that a PEFT adapter save would lose: trainable ones,
+    or ones moved from their RoPE start (delta = 1, beta = 0) in a converted model."""
+    for m in _unwrap(model).modules():
+        if isinstance(m, CMHAAttention):
+            for n, p in m.named_parameters(recurse=False):
+                if n in LEARNABLE and (p.requires_grad or (m.delta_init == "rope" and bool(
+                        (p != (1.0 if n == "delta" else 0.0)).any()))):
+                    return True
+    return False
+
+
+def _warn_on_peft_save():
+    """Make ``peft.PeftModel.save_pretrained`` warn when it drops learned CMHA angles (it saves the
+    adapter only) and no cmha_angles file is beside it. Installed once; changes nothing else."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return
+    original = PeftModel.save_pretrained
+    if getattr(original, "_cmha_checked", False):
+        return
+
+    import functools
+    import os
+    import warnings
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        result = original(self, save_directory, *args, **kwargs)
+        if not os.path.isfile(os.path.join(save_directory, ANGLES_FILE)) and _angles_at_risk(self):
+            warnings.warn(
+                f"PeftModel.save_pretrained saved the adapter only: the learned CMHA angles (delta / beta) of "
+                f"{type(_unwrap(self)).__name__} are not in {save_directory}. Save them with "
+                "complexformer.hf.save_cmha_angles(model, directory) and restore them with load_cmha_angles "
+                "(PDLTrainer does this in its checkpoints).", UserWarning, stacklevel=2)
+        return result
+
+    save_pretrained._cmha_checked = True
+    PeftModel.save_pretrained = save_pretrained
+
+
 _CLASS_CACHE = {}
 
 
@@ -171,14 +329,13 @@ def cmha_model_class(cls):
     """A subclass of the HF model class ``cls`` whose instances are converted on construction, so
     ``from_pretrained`` of a saved converted model builds the CMHA modules before loading the
     weights (delta / beta load like any parameter, with no unexpected or missing keys)."""
+    cls = getattr(cls, "_cmha_base_class", cls)
     if cls in _CLASS_CACHE:
         return _CLASS_CACHE[cls]
 
     def __init__(self, config, *args, **kwargs):
         cls.__init__(self, config, *args, **kwargs)
         info = getattr(config, CONFIG_KEY, None) or {}
-        # the conversion runs on an already-converted config: clear the marker for the check
-        setattr(config, CONFIG_KEY, None)
         convert_to_cmha(self, learnable=tuple(info.get("learnable", LEARNABLE)), backend=info.get("backend", "auto"))
 
     @torch.no_grad()
@@ -188,8 +345,11 @@ def cmha_model_class(cls):
         else:
             cls._init_weights(self, module)
 
-    sub = type(f"CMHA{cls.__name__}", (cls,), {"__init__": __init__, "_init_weights": _init_weights,
-                                                 "__module__": __name__})
+    # The subclass keeps the HF class's name: save_pretrained records it as the config's
+    # ``architectures``, which load_cmha (and every other tool) reads back.
+    sub = type(cls.__name__, (cls,), {"__init__": __init__, "_init_weights": _init_weights,
+                                      "__module__": __name__, "__qualname__": cls.__qualname__,
+                                      "_cmha_base_class": cls})
     _CLASS_CACHE[cls] = sub
     return sub
 
@@ -207,7 +367,10 @@ def load_cmha(path, *, model_class=None, **kwargs):
                          "load it with from_pretrained and call convert_to_cmha")
     if model_class is None:
         names = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, names[0], None) if names else None
+        name = names[0] if names else ""
+        # checkpoints saved by earlier versions record the subclass's name "CMHA<class>"
+        model_class = getattr(transformers, name, None) or (
+            getattr(transformers, name[4:], None) if name.startswith("CMHA") else None)
         if model_class is None:
             raise ValueError(f"load_cmha: cannot tell the model class from architectures={names!r}; pass model_class=")
     if kwargs.get("attn_implementation", ATTN_IMPLEMENTATION) != ATTN_IMPLEMENTATION:
@@ -216,5 +379,5 @@ def load_cmha(path, *, model_class=None, **kwargs):
     return cmha_model_class(model_class).from_pretrained(path, config=config, **kwargs)
 
 
-__all__ = ["convert_to_cmha", "cmha_parameters", "cmha_model_class", "load_cmha", "CMHAAttention",
-           "ATTN_IMPLEMENTATION"]
+__all__ = ["convert_to_cmha", "cmha_parameters", "cmha_model_class", "load_cmha", "save_cmha_angles",
+           "load_cmha_angles", "CMHAAttention", "ATTN_IMPLEMENTATION"]

@@ -37,13 +37,18 @@ try:
     from transformers import AttentionInterface
     from transformers.cache_utils import Cache, DynamicLayer
     from transformers.masking_utils import (
-        AttentionMaskInterface, causal_mask_function, flash_attention_mask, sdpa_mask,
+        AttentionMaskInterface, causal_mask_function, sdpa_mask,
     )
 except ImportError as e:  # pragma: no cover - exercised only without (a recent enough) transformers
     raise ImportError(
         "complexformer's CMHA attention for Hugging Face models needs transformers >= 4.56 (Cache layers, "
         f"AttentionMaskInterface): pip install -U 'complexformer[hf]' ({e})"
     ) from e
+
+try:
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - transformers without the output collector
+    _active_collector = None
 
 from ..attention import cmha_attention
 from ..checks import check_backend, check_key_padding_mask, check_positions, compute_dtype
@@ -52,6 +57,7 @@ from ..rotate import euler_rotate_qk
 
 ATTN_IMPLEMENTATION = "complexformer_cmha"
 LEARNABLE = ("delta", "beta")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _cmha_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
@@ -68,17 +74,27 @@ def _cmha_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
     aligned = ints and q_offset - kv_offset == kv_length - q_length and (
         attention_mask is None or attention_mask.shape[-1] == kv_offset + kv_length)
     if aligned and mask_function is causal_mask_function:
-        return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                                    attention_mask)
+        return _padding_mask(attention_mask, kv_length)
     kwargs["allow_is_causal_skip"] = False
     full = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
     if aligned and full is not None and not torch.compiler.is_compiling():
         plain = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, causal_mask_function,
                           attention_mask, **dict(kwargs, use_vmap=False))
         if torch.equal(full, plain.expand_as(full)):
-            return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
-                                        causal_mask_function, attention_mask)
+            return _padding_mask(attention_mask, kv_length)
     return full
+
+
+def _padding_mask(attention_mask, kv_length):
+    """The 2-D padding mask of the last ``kv_length`` keys, or None when nothing is padded. Under
+    torch.compile the mask is always kept: "nothing padded" is a data-dependent branch that would
+    break ``fullgraph=True`` (the kernel gives the same result with an all-True mask)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if not torch.compiler.is_compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
 
 
 def _unconverted_attention(module, *args, **kwargs):
@@ -91,6 +107,17 @@ def _unconverted_attention(module, *args, **kwargs):
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _unconverted_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _cmha_mask)
+
+
+def _attention_collector():
+    """transformers' output collector when the caller asked for the attention probabilities
+    (``output_attentions=True``), else None."""
+    if _active_collector is None:  # other transformers versions pass output_attentions to the module instead
+        return None
+    if torch.compiler.is_compiling() and not getattr(_active_collector, "compiling", False):
+        return None  # nothing was set under compile (ComplexFormer's own forward); a ContextVar read would break the graph
+    collected = _active_collector.get()
+    return collected if collected is not None and "attentions" in collected else None
 
 
 class _TorchInit:
@@ -168,6 +195,7 @@ class CMHAAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = projections
         pdev = device if device is not None else next(self.q_proj.parameters()).device
         pdt = dtype if dtype is not None else next(self.q_proj.parameters()).dtype
+        pdt = torch.float32 if pdt in _LOW_PRECISION else pdt  # see _apply
         for name in learnable:
             setattr(self, name, nn.Parameter(torch.empty(num_heads, h, device=pdev, dtype=pdt)))
         # Fixed angles (delta = 1, beta = 0) and the frequencies are derived data, not state: plain
@@ -179,6 +207,18 @@ class CMHAAttention(nn.Module):
         self._freqs_master = freqs.to(torch.float64).cpu()
         self._derived = {}
         self.reset_cmha_parameters()
+
+    def _apply(self, fn, *args, **kwargs):
+        # delta / beta never go below float32: in bfloat16 1 + 1e-3 rounds back to 1, so a model
+        # cast with .to(torch.bfloat16) / .half() could no longer learn them (the kernels compute
+        # in float32 anyway). Every other tensor is cast as asked.
+        kept = {n: p.data for n, p in self._parameters.items() if n in LEARNABLE and p is not None}
+        super()._apply(fn, *args, **kwargs)
+        for n, old in kept.items():
+            p = self._parameters.get(n)
+            if p is not None and p.dtype in _LOW_PRECISION:
+                p.data = old.to(device=p.device, dtype=torch.float32)
+        return self
 
     def _fixed(self, name, device, dtype):
         key = (name, device, dtype)
@@ -245,9 +285,17 @@ class CMHAAttention(nn.Module):
             k_pos = self._cached_positions(cache, q_pos, B, L, k.shape[2])
         else:
             k_pos = q_pos
-        out = self._attend(q, k, v, q_pos, k_pos, attention_mask)
+        collector = _attention_collector()
+        if collector is not None or kwargs.get("output_attentions"):
+            # output_attentions=True: the probabilities exist only on the reference path
+            out, probs = self._attend_reference(q, k, v, q_pos, k_pos, self._check_mask(q, k, attention_mask))
+        else:
+            out, probs = self._attend(q, k, v, q_pos, k_pos, attention_mask), None
         out = self.o_proj(out.transpose(1, 2).reshape(B, L, H * d))
-        return out, None
+        if collector is not None:  # transformers >= 5 records attentions through this collector
+            collector["attentions"].append(probs)
+            probs = None
+        return out, probs
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
@@ -290,8 +338,7 @@ class CMHAAttention(nn.Module):
         return pos[:, 0, -Lk:, 0]
 
     def _attend(self, q, k, v, q_pos, k_pos, mask):
-        B, H, Lq, _ = q.shape
-        Lk = k.shape[2]
+        B, Lk = q.shape[0], k.shape[2]
         if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             kpm = None
             if mask is not None:  # HF's 2-D mask: nonzero = attend (values not checked: no host sync per layer)
@@ -300,6 +347,15 @@ class CMHAAttention(nn.Module):
             delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
             return cmha_attention(q, k, v, delta, beta, freqs, causal=True, scale=self.scaling,
                                   key_padding_mask=kpm, positions=(q_pos, k_pos), backend=self.backend)
+        return self._attend_masked(q, k, v, q_pos, k_pos, self._check_mask(q, k, mask))
+
+    @staticmethod
+    def _check_mask(q, k, mask):
+        """``mask`` unchanged if it is None, 2-D or a valid 4-D mask (else a ValueError)."""
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            return mask
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
             raise ValueError(
                 "attention_mask: expected None, a 2-D (batch, keys) padding mask or a 4-D (batch, 1, queries, keys) "
@@ -309,23 +365,53 @@ class CMHAAttention(nn.Module):
         if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (Lq, Lk):
             raise ValueError(f"attention_mask: expected a 4-D shape (B={B} or 1, 1 or H={H}, Lq={Lq}, Lk={Lk}), "
                              f"got {tuple(mask.shape)}")
-        return self._attend_masked(q, k, v, q_pos, k_pos, mask)
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"attention_mask: a 4-D mask must be bool or floating point, got {mask.dtype}")
+        return mask
+
+    def _rotated(self, q, k, q_pos, k_pos):
+        """(q, k) rotated by CMHA in float32 (float64 for float64 inputs); k is H heads wide."""
+        pdt = compute_dtype(q.dtype)
+        delta, beta, freqs = self.angles(q.device, pdt)
+        return euler_rotate_qk(q, k, delta.to(pdt), beta.to(pdt), freqs, q_positions=q_pos, k_positions=k_pos,
+                               layout="half")
+
+    def _attend_reference(self, q, k, v, q_pos, k_pos, mask):
+        """(output, probabilities (B, H, Lq, Lk)) written out: scores, mask, softmax, weighted sum.
+        Used for ``output_attentions=True``; the same masks and outputs as the other paths."""
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        qr, kr = self._rotated(q, k, q_pos, k_pos)
+        scores = (qr.to(kr.dtype) @ kr.transpose(-1, -2)) * self.scaling
+        scores = scores.to(compute_dtype(q.dtype))
+        if mask is None or mask.dim() == 2:
+            i = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+            visible = (torch.arange(Lk, device=q.device)[None, :] <= i)[None, None]
+            if mask is not None:
+                visible = visible & mask.to(q.device).bool()[:, None, None, :]
+        elif mask.dtype == torch.bool:
+            visible = mask
+        else:
+            visible = mask > torch.finfo(mask.dtype).min / 2
+            scores = scores + mask.to(scores.dtype)
+        visible = visible.expand(B, H, Lq, Lk)
+        row_ok = visible.any(-1, keepdim=True)  # a row with no visible key outputs 0, as the other paths
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~row_ok, 0.0), dim=-1)
+        probs = probs.masked_fill(~row_ok, 0.0)
+        G = self.num_key_value_groups
+        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
+        out = probs.to(v.dtype) @ vv
+        return out, probs.to(q.dtype)
 
     def _attend_masked(self, q, k, v, q_pos, k_pos, mask):
         """Any 4-D mask: the project's rotation kernel, then torch SDPA with the mask."""
-        pdt = compute_dtype(q.dtype)
-        delta, beta, freqs = self.angles(q.device, pdt)
-        qr, kr = euler_rotate_qk(q, k, delta.to(pdt), beta.to(pdt), freqs,
-                                 q_positions=q_pos, k_positions=k_pos, layout="half")
+        qr, kr = self._rotated(q, k, q_pos, k_pos)
         G = self.num_key_value_groups
         vv = v.repeat_interleave(G, dim=1) if G > 1 else v
         if mask.dtype == torch.bool:
             visible = mask
-        elif mask.is_floating_point():
-            # HF's additive ("eager") masks put the dtype's minimum on hidden keys
+        else:  # HF's additive ("eager") masks put the dtype's minimum on hidden keys
             visible = mask > torch.finfo(mask.dtype).min / 2
-        else:
-            raise TypeError(f"attention_mask: a 4-D mask must be bool or floating point, got {mask.dtype}")
         # SDPA gives NaN on a row with no visible key (e.g. a left-padding query); such rows are
         # unmasked for the call and zeroed afterwards, so no NaN reaches the next layer's values.
         row_ok = visible.any(-1, keepdim=True)

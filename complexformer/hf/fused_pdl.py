@@ -50,6 +50,24 @@ def check_fused_support(model, who):
                 f"head + loss does not")
 
 
+def router_aux_loss(model, outputs):
+    """``router_aux_loss_coef * aux_loss`` when the forward returned a router load-balancing loss
+    (MoE models with ``output_router_logits=True``: Mixtral, Qwen2-MoE, Qwen3-MoE), the term their
+    own loss adds to the cross-entropy; else None. ``model``: the unwrapped model (PEFT is fine)."""
+    aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+    if aux is None:
+        return None
+    # (a PEFT wrapper forwards these attribute reads to the model it holds)
+    coef = getattr(model, "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", None)
+    if coef is None:
+        raise NotImplementedError(
+            f"{type(model).__name__} returned a router aux_loss but has no router_aux_loss_coef: the fused loss "
+            "cannot add it as the model would")
+    return coef * aux
+
+
 def shift_labels(labels, ignore_index):
     """(B, T) targets aligned with the (B, T) hidden states: labels[:, 1:] padded with ignore_index
     (the last position gets no loss, and the hidden states stay contiguous)."""
@@ -141,6 +159,8 @@ def apply_fused_pdl(model, weights=None, *, ignore_index=-100, label_smoothing=0
     The output is the model's usual output with ``loss`` set and, instead of the full logits,
     ``logits`` = the last position's logits only, shape (B, 1, V) (what generation needs next);
     ``hidden_states`` is returned only if you asked for it (``output_hidden_states=True``).
+    MoE models asked for their router logits (``output_router_logits=True``, argument or config)
+    add ``router_aux_loss_coef * aux_loss`` to the loss, as their own forward does.
 
     :class:`complexformer.hf.PDLTrainer` uses the fused path automatically for a patched model.
     Patch the transformers model itself, before wrapping it (PEFT's ``get_peft_model``, DDP,
@@ -219,6 +239,9 @@ def _fused_forward(self, *args, **kwargs):
                 "(weighted) loss; train with complexformer.hf.PDLTrainer, which passes the weight sum")
         kw["normalizer"] = num_items.to(hidden.device) if torch.is_tensor(num_items) else num_items
     loss = fused_head_loss(head, hidden, targets, weights, **kw)
+    aux = router_aux_loss(self, outputs)
+    if aux is not None:  # MoE load balancing, added exactly as the model's own loss adds it
+        loss = loss + aux.to(loss.device)
     fields = {k: v for k, v in outputs.items() if k not in ("loss", "hidden_states")}
     if want_states:
         fields["hidden_states"] = outputs["hidden_states"]

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..counts import token_counts
 from ..pdl import pdl_loss
-from .fused_pdl import check_fused_support, final_hidden_states, fused_head_loss, is_fused_pdl
+from .fused_pdl import check_fused_support, final_hidden_states, fused_head_loss, is_fused_pdl, router_aux_loss
 from .fused_pdl import shift_labels as _shift_labels
 
 
@@ -265,6 +265,29 @@ def _shifted_targets(batch, ignore_index):
     return _shift_labels(labels, ignore_index)
 
 
+def _is_peft(model):
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
+def _save_peft_angles(model, directory):
+    """save_cmha_angles for a PEFT model with learnable CMHA angles (the full model's own
+    checkpoint holds them already)."""
+    if _is_peft(model):
+        from .cmha import _named_angles, save_cmha_angles
+
+        if _named_angles(model):
+            save_cmha_angles(model, directory)
+
+
+def _load_peft_angles(model, directory):
+    import os
+
+    from .cmha import ANGLES_FILE, load_cmha_angles
+
+    if _is_peft(model) and os.path.isfile(os.path.join(directory, ANGLES_FILE)):
+        load_cmha_angles(model, directory)
+
+
 def _build_pdl_trainer():
     try:
         from transformers import Trainer as _Trainer
@@ -349,6 +372,19 @@ def _build_pdl_trainer():
             self.pdl_ignore_index = int(pdl_ignore_index)
             self._pdl_weights_on = {}
 
+        # -- checkpoints: learned CMHA angles beside a PEFT adapter ---------------------------
+        def _save(self, output_dir=None, state_dict=None):
+            # A PEFT model saves its adapter only; the CMHA angles go beside it (cmha_angles.safetensors).
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if self.args.should_save:
+                _save_peft_angles(self.accelerator.unwrap_model(self.model), output_dir)
+            return super()._save(output_dir, state_dict)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            _load_peft_angles(model if model is not None else self.accelerator.unwrap_model(self.model),
+                              resume_from_checkpoint)
+
         # -- helpers -------------------------------------------------------------------------
         def _weights(self, device, dtype=torch.float32):
             key = (torch.device(device), dtype)
@@ -426,6 +462,9 @@ def _build_pdl_trainer():
                 loss = fused_head_loss(unwrapped.get_output_embeddings(), x, targets, w, **kw)
             else:
                 loss = pdl_loss(x, targets, w, **kw)
+            aux = router_aux_loss(unwrapped, outputs)
+            if aux is not None:  # MoE load balancing: added per micro-batch, as the model's own loss under Trainer
+                loss = loss + aux.to(loss.device)
             self.loss_is_scaled_for_ga = "normalizer" in kw
             return (loss * scale, outputs) if return_outputs else loss * scale
 
