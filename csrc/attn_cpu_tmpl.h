@@ -9,7 +9,7 @@
 
 /* A 32-byte vector of T (GCC vector extension): one ymm under AVX2 and AVX-512 alike, two xmm in
  * the portable clone. 32 rather than 64 bytes because a 64-byte vector is no machine type under
- * AVX2, where gcc then keeps it in memory (6x slower); on AVX-512 parts that double-pump 512-bit
+ * AVX2, where gcc then keeps it in memory (far slower: benchmarks/RESULTS.md); on AVX-512 parts that double-pump 512-bit
  * FMAs (AMD Zen 4) two ymm FMAs per cycle reach the same peak. Plain loops left gcc vectorising
  * the wrong dimension and spilling, hence explicit vectors. */
 #define VL ((int)(32 / sizeof(T)))

@@ -18,7 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "attn.h"
-#include "attn_cuda_ptx.cuh"
+#include "cuda_math.cuh"
 #include "cuda_util.cuh"
 #include "rotate_math.h"
 
@@ -33,30 +33,19 @@
 
 namespace cfattn {
 
-constexpr float kLog2e = 1.4426950408889634f;
+using namespace cfcuda;  // kLog2e, ex2_fast, the conversions, the PTX wrappers
+
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* ---- element types: packing, conversion and the matching mma instruction ---- */
+/* ---- element types: the mma instruction of each (conversions: cuda_math.cuh) ---- */
 template <typename T> struct Ty;
 
 template <> struct Ty<__nv_bfloat16> {
   static constexpr int BF = 1;
-  static __device__ __forceinline__ float2 unpack(uint32_t u) {
-    __nv_bfloat162 v;
-    memcpy(&v, &u, 4);
-    return __bfloat1622float2(v);
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return u;
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     mma_16816<BF>(c, a, b0, b1);
   }
@@ -64,18 +53,6 @@ template <> struct Ty<__nv_bfloat16> {
 
 template <> struct Ty<__half> {
   static constexpr int BF = 0;
-  static __device__ __forceinline__ float2 unpack(uint32_t u) {
-    __half2 v;
-    memcpy(&v, &u, 4);
-    return __half22float2(v);
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return u;
-  }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     mma_16816<BF>(c, a, b0, b1);
   }
@@ -167,10 +144,10 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&pa)[MB][KT][4], const float 
   for (int m = 0; m < MB; m++)
 #pragma unroll
     for (int kk = 0; kk < KT; kk++) {
-      pa[m][kk][0] = Ty<T>::pack(s[m][2 * kk][0], s[m][2 * kk][1]);
-      pa[m][kk][1] = Ty<T>::pack(s[m][2 * kk][2], s[m][2 * kk][3]);
-      pa[m][kk][2] = Ty<T>::pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
-      pa[m][kk][3] = Ty<T>::pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+      pa[m][kk][0] = pack2<T>(s[m][2 * kk][0], s[m][2 * kk][1]);
+      pa[m][kk][1] = pack2<T>(s[m][2 * kk][2], s[m][2 * kk][3]);
+      pa[m][kk][2] = pack2<T>(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+      pa[m][kk][3] = pack2<T>(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
     }
 }
 
@@ -183,13 +160,13 @@ template <typename T> __device__ __forceinline__ void load8(float (&x)[8], const
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-      const float2 f = Ty<T>::unpack(w[i]);
+      const float2 f = unpack2<T>(w[i]);
       x[2 * i] = f.x;
       x[2 * i + 1] = f.y;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; i++) x[i] = Ty<T>::to_float(g[i]);
+    for (int i = 0; i < 8; i++) x[i] = to_f(g[i]);
   }
 }
 
@@ -276,8 +253,8 @@ __device__ __forceinline__ void stage_rotated(T *s, const T *g, int64_t gs, int6
           float a0, b0, a1, b1;
           rot_one<IS_Q>(rp, c + e, p, re[e], im[e], &a0, &b0);
           rot_one<IS_Q>(rp, c + e + 1, p, re[e + 1], im[e + 1], &a1, &b1);
-          wre[e / 2] = Ty<T>::pack(a0, a1);
-          wim[e / 2] = Ty<T>::pack(b0, b1);
+          wre[e / 2] = pack2<T>(a0, a1);
+          wim[e / 2] = pack2<T>(b0, b1);
         }
       }
       store16(s + r * LDS + c, wre);
@@ -297,7 +274,7 @@ __device__ __forceinline__ void stage_rotated(T *s, const T *g, int64_t gs, int6
         for (int e = 0; e < 4; e++) {
           float a, b;
           rot_one<IS_Q>(rp, c / 2 + e, p, x[2 * e], x[2 * e + 1], &a, &b);
-          w[e] = Ty<T>::pack(a, b);
+          w[e] = pack2<T>(a, b);
         }
       }
       store16(s + r * LDS + c, w);
@@ -363,12 +340,12 @@ __device__ __forceinline__ void rotate_half_chunks(uint4 &wr, uint4 &wi, const R
   uint32_t r4[4] = {wr.x, wr.y, wr.z, wr.w}, i4[4] = {wi.x, wi.y, wi.z, wi.w};
 #pragma unroll
   for (int e = 0; e < 4; e++) {
-    const float2 re = Ty<T>::unpack(r4[e]), im = Ty<T>::unpack(i4[e]);
+    const float2 re = unpack2<T>(r4[e]), im = unpack2<T>(i4[e]);
     float a0, b0, a1, b1;
     rot_one<IS_Q>(rp, j0 + 2 * e, p, re.x, im.x, &a0, &b0);
     rot_one<IS_Q>(rp, j0 + 2 * e + 1, p, re.y, im.y, &a1, &b1);
-    r4[e] = Ty<T>::pack(a0, a1);
-    i4[e] = Ty<T>::pack(b0, b1);
+    r4[e] = pack2<T>(a0, a1);
+    i4[e] = pack2<T>(b0, b1);
   }
   wr = make_uint4(r4[0], r4[1], r4[2], r4[3]);
   wi = make_uint4(i4[0], i4[1], i4[2], i4[3]);
@@ -380,10 +357,10 @@ __device__ __forceinline__ void rotate_inter_chunk(uint4 &w, const RotParams &rp
   uint32_t x4[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
   for (int e = 0; e < 4; e++) {
-    const float2 x = Ty<T>::unpack(x4[e]);
+    const float2 x = unpack2<T>(x4[e]);
     float a, b;
     rot_one<IS_Q>(rp, j0 + e, p, x.x, x.y, &a, &b);
-    x4[e] = Ty<T>::pack(a, b);
+    x4[e] = pack2<T>(a, b);
   }
   w = make_uint4(x4[0], x4[1], x4[2], x4[3]);
 }

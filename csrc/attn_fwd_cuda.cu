@@ -127,7 +127,7 @@ __device__ __forceinline__ void fwd_finalize(const FwdRows<D, MB> &st, const CfA
         T *orow = og + row * a.out_s.l;
 #pragma unroll
         for (int nt = 0; nt < D / 8; nt++) {
-          const uint32_t w = Ty<T>::pack(st.o[m][nt][2 * i] * inv, st.o[m][nt][2 * i + 1] * inv);
+          const uint32_t w = pack2<T>(st.o[m][nt][2 * i] * inv, st.o[m][nt][2 * i + 1] * inv);
           memcpy(orow + nt * 8 + 2 * (lane & 3), &w, 4);
         }
         /* l NaN (a NaN score): lse NaN too, so the backward makes the row's gradients NaN */

@@ -6,10 +6,8 @@
 #include <stddef.h>
 
 #if defined(__CUDACC__)
-#define CF_HD __host__ __device__
 #define CF_INLINE static __forceinline__ __host__ __device__
 #else
-#define CF_HD
 #define CF_INLINE static inline
 #endif
 

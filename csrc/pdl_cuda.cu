@@ -9,34 +9,14 @@
  * Out-of-range targets make the row's loss and gradient NaN (the host cannot be told without a
  * sync; complexformer/pdl.py offers COMPLEXFORMER_SYNC_CHECKS=1 to raise instead).
  * All offsets are int64. */
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <math_constants.h>
+#include "cuda_math.cuh"
 #include "cuda_util.cuh"
 #include "pdl.h"
 
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2 ulp, -inf -> 0
-#if defined(__CUDA_ARCH__)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else  // the host emulation in tests/cuda_emu
-  return exp2f(x);
-#endif
-}
-
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using namespace cfcuda;  // kLog2e, ex2_fast, to_f / from_f (cuda_math.cuh)
 
 /* 16 bytes of T as K floats and back */
 template <typename T> struct Pack {
@@ -47,7 +27,7 @@ template <typename T> struct Pack {
   };
   __device__ __forceinline__ void to_float(float *x) const {
 #pragma unroll
-    for (int i = 0; i < K; i++) x[i] = to_f<T>(v[i]);
+    for (int i = 0; i < K; i++) x[i] = to_f(v[i]);
   }
   __device__ __forceinline__ void from_float(const float *x) {
 #pragma unroll
@@ -67,8 +47,8 @@ template <typename T> __device__ __forceinline__ int64_t align_head(const T *p, 
  * contributes exactly 1 (a one-hot row gets p = 1 exactly). A NaN sum survives (NaN * 0 = NaN). */
 __device__ __forceinline__ void combine(float &m, float &s, float m2, float s2) {
   const float mn = fmaxf(m, m2);
-  const float a = (m == -CUDART_INF_F) ? 0.f : fast_exp2((m - mn) * kLog2e);
-  const float b = (m2 == -CUDART_INF_F) ? 0.f : fast_exp2((m2 - mn) * kLog2e);
+  const float a = (m == -CUDART_INF_F) ? 0.f : ex2_fast((m - mn) * kLog2e);
+  const float b = (m2 == -CUDART_INF_F) ? 0.f : ex2_fast((m2 - mn) * kLog2e);
   s = s * a + s2 * b;
   m = mn;
 }
@@ -191,18 +171,18 @@ __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) pdl_loss_kernel(CfPdlArgs a
       float lm = -CUDART_INF_F;
       for (int i = 0; i < n; i++) lm = fmaxf(lm, x[i]);
       if (lm > m) {
-        s *= fast_exp2((m - lm) * kLog2e);  // 2^-inf = 0 when m is still -inf (NaN stays NaN)
+        s *= ex2_fast((m - lm) * kLog2e);  // 2^-inf = 0 when m is still -inf (NaN stays NaN)
         m = lm;
       }
       if (m != -CUDART_INF_F)
-        for (int i = 0; i < n; i++) s += fast_exp2((x[i] - m) * kLog2e);
+        for (int i = 0; i < n; i++) s += ex2_fast((x[i] - m) * kLog2e);
       else  // every value so far is -inf (p = 0), unless a NaN hides here: keep it
         for (int i = 0; i < n; i++) s += (x[i] != x[i]) ? x[i] : 0.f;
       if (smooth)
         for (int i = 0; i < n; i++) swz = fmaf(__ldg(w + c + i), x[i], swz);
     };
     for (int64_t c = threadIdx.x; c < head; c += BLOCK) {
-      const float x = to_f<T>(z[c]);
+      const float x = to_f(z[c]);
       accumulate(c, &x, 1);
     }
 #pragma unroll 1
@@ -228,7 +208,7 @@ __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) pdl_loss_kernel(CfPdlArgs a
       }
     }
     for (int64_t c = tail + threadIdx.x; c < V; c += BLOCK) {
-      const float x = to_f<T>(z[c]);
+      const float x = to_f(z[c]);
       accumulate(c, &x, 1);
     }
     block_reduce<BLOCK>(m, s, swz);
@@ -238,18 +218,18 @@ __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) pdl_loss_kernel(CfPdlArgs a
     const CfPdlCoef co = cf_pdl_coef(wy, W, (double)V, a.eps, inv_norm);
     const float A = (float)co.A_times_s, Bc = (float)co.B, C = (float)co.C;
     if (threadIdx.x == 0) {
-      const float zy = to_f<T>(z[y]);
+      const float zy = to_f(z[y]);
       *row_loss = (float)cf_pdl_row_loss(lse, zy, wy, W, swz, (double)V, a.eps, inv_norm);
     }
     if (!g) continue;  // loss only (block-uniform)
     /* sweep 2: dz_c = p_c A - B w_c - [c == y] C, from shared memory where cached */
     auto grad_of = [&](int64_t c, float x) {
-      float d = fast_exp2(fmaf(x - m, kLog2e, -ls2)) * A;
+      float d = ex2_fast(fmaf(x - m, kLog2e, -ls2)) * A;
       if (smooth) d -= Bc * __ldg(w + c);
       if (c == y) d -= C;
       return d;
     };
-    for (int64_t c = threadIdx.x; c < head; c += BLOCK) g[c] = from_f<T>(grad_of(c, to_f<T>(z[c])));
+    for (int64_t c = threadIdx.x; c < head; c += BLOCK) g[c] = from_f<T>(grad_of(c, to_f(z[c])));
     const bool vec_store = (((uintptr_t)g ^ (uintptr_t)z) & 15) == 0;  // same head: 16-byte stores line up
 #pragma unroll 2
     for (int64_t i = threadIdx.x; i < npack; i += BLOCK) {
@@ -268,7 +248,7 @@ __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) pdl_loss_kernel(CfPdlArgs a
         for (int k = 0; k < K; k++) g[c + k] = from_f<T>(x[k]);
       }
     }
-    for (int64_t c = tail + threadIdx.x; c < V; c += BLOCK) g[c] = from_f<T>(grad_of(c, to_f<T>(z[c])));
+    for (int64_t c = tail + threadIdx.x; c < V; c += BLOCK) g[c] = from_f<T>(grad_of(c, to_f(z[c])));
   }
 }
 
@@ -291,7 +271,7 @@ __global__ void pdl_scale_kernel(T *g, int64_t rows, int64_t V, const float *gp)
     gv[i] = p.u;
   }
   for (int64_t i = npack * K + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-    g[i] = from_f<T>(to_f<T>(g[i]) * s);
+    g[i] = from_f<T>(to_f(g[i]) * s);
 }
 
 template <typename T>
@@ -299,7 +279,7 @@ __global__ void pdl_scale_rows_kernel(T *g, int64_t rows, int64_t V, const float
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float s = gp[r];
     T *gr = g + r * V;
-    for (int64_t c = threadIdx.x; c < V; c += blockDim.x) gr[c] = from_f<T>(to_f<T>(gr[c]) * s);
+    for (int64_t c = threadIdx.x; c < V; c += blockDim.x) gr[c] = from_f<T>(to_f(gr[c]) * s);
   }
 }
 

@@ -10,22 +10,14 @@
  * order, and it accumulates that chunk's d delta, d beta, d omega per query head in its own
  * shared-memory slots. Chunk partials go to ws[p][3][H][h]; a second kernel adds them in chunk
  * order in double. No atomics: bitwise reproducible. */
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "cuda_math.cuh"
 #include "cuda_util.cuh"
 #include "rotate.h"
 #include "rotate_math.h"
 
 namespace {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using namespace cfcuda;  // to_f / from_f (cuda_math.cuh)
 
 /* N contiguous elements; WIDE: through the widest loads their byte count allows (p must be
  * aligned to that width, which the launcher checks), else element by element. */

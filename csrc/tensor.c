@@ -34,15 +34,6 @@ const char *cf_dtype_name(int dtype) {
   }
 }
 
-size_t cf_dtype_size(int dtype) {
-  switch (dtype) {
-    case CF_F64: case CF_I64: return 8;
-    case CF_F32: case CF_I32: return 4;
-    case CF_F16: case CF_BF16: return 2;
-    default: return 1;
-  }
-}
-
 int cf_tensor_arg(PyObject *capsule, const char *name, CfTensor *t) {
   memset(t, 0, sizeof(*t));
   DLTensor *dl = NULL;

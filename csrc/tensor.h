@@ -48,7 +48,6 @@ CfStrides cf_strides_bhl(const CfTensor *t);
 CfStrides cf_strides_bl(const CfTensor *t);
 
 const char *cf_dtype_name(int dtype);
-size_t cf_dtype_size(int dtype);
 
 /* CUDA launchers report failures as a message (NULL on success); this raises it. */
 PyObject *cf_raise_cuda(const char *what, const char *msg);

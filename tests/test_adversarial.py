@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 import complexformer as cf
 from complexformer import _C
 from complexformer._ext import dl
-from complexformer.reference import cmha_attention_pairwise, default_freqs
+from complexformer.reference import cmha_attention_pairwise
 from complexformer.rotate import euler_rotate_qk, rotate_reference
+from oracles import attn_inputs, cmha_ref, rotate_ref
 
 F64 = torch.float64
 ATTN_BACKENDS = ["fused", "sdpa", "auto", "reference"]
@@ -37,14 +38,7 @@ def pdl_case(N=7, V=5, dtype=F64, negative=False, seed=0):
 
 
 def attn_case(B=1, H=2, Hkv=1, Lq=5, Lk=5, d=8, dtype=F64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Lq, d, generator=g, dtype=dtype)
-    k = torch.randn(B, Hkv, Lk, d, generator=g, dtype=dtype)
-    v = torch.randn(B, Hkv, Lk, d, generator=g, dtype=dtype)
-    delta = (torch.randn(H, d // 2, generator=g) / math.sqrt(d // 2)).to(dtype)
-    beta = (0.3 * torch.randn(H, d // 2, generator=g)).to(dtype)
-    freqs = default_freqs(d, dtype=dtype)
-    return q, k, v, delta, beta, freqs
+    return attn_inputs(B, H, Hkv, Lq, Lk, d, dtype=dtype, seed=seed)
 
 
 def rot_case(B=2, H=2, Hx=1, L=4, d=6, seed=0):
@@ -87,7 +81,10 @@ def test_euler_rotate_forward_ad(is_query):
     tx, td = torch.randn_like(x), torch.randn_like(delta)
     b = beta if is_query else None
     pos = torch.arange(x.shape[2])[None]
-    want = torch.func.jvp(lambda x, dl: rotate_reference(x, dl, b, freqs, pos), (x, delta), (tx, td))[1]
+    G = delta.shape[0] // x.shape[1]
+    # the oracle: the polar form in plain PyTorch (forward AD of every backend runs rotate_reference)
+    want = torch.func.jvp(lambda x, dl: rotate_ref(x.repeat_interleave(G, 1), dl, b, freqs, pos), (x, delta),
+                          (tx, td))[1]
     got = torch.func.jvp(lambda x, dl: cf.euler_rotate(x, dl, beta, freqs, is_query=is_query), (x, delta),
                          (tx, td))[1]
     torch.testing.assert_close(got, want)
@@ -95,18 +92,20 @@ def test_euler_rotate_forward_ad(is_query):
         out = cf.euler_rotate(fwAD.make_dual(x, tx), fwAD.make_dual(delta, td), beta, freqs, is_query=is_query)
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want)
     jac = torch.func.jacrev(lambda x: cf.euler_rotate(x, delta, beta, freqs, is_query=is_query))(x)
-    torch.testing.assert_close(jac, torch.func.jacrev(lambda x: rotate_reference(x, delta, b, freqs, pos))(x))
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda x: rotate_ref(x.repeat_interleave(G, 1), delta, b, freqs,
+                                                                           pos))(x))
 
 
 def test_euler_rotate_qk_forward_ad():
     x, delta, beta, freqs = rot_case()
     k = torch.randn_like(x)
     t = torch.randn_like(x)
-    pos = torch.arange(x.shape[2])[None]
+    pos, G = torch.arange(x.shape[2])[None], delta.shape[0] // x.shape[1]
     for i, b in ((0, beta), (1, None)):  # q~ (with beta), k~ (without)
         got = torch.func.jvp(lambda y: euler_rotate_qk(*((y, k) if i == 0 else (x, y)), delta, beta, freqs)[i],
                              (x if i == 0 else k,), (t,))[1]
-        want = torch.func.jvp(lambda y: rotate_reference(y, delta, b, freqs, pos), (x if i == 0 else k,), (t,))[1]
+        want = torch.func.jvp(lambda y: rotate_ref(y.repeat_interleave(G, 1), delta, b, freqs, pos),
+                              (x if i == 0 else k,), (t,))[1]
         assert want.abs().max() > 0.1
         torch.testing.assert_close(got, want)
 
@@ -119,13 +118,14 @@ def test_cmha_attention_forward_ad(backend):
     def f(backend):
         return lambda q, b: cf.cmha_attention(q, k, v, delta, b, freqs, backend=backend)
 
-    want = torch.func.jvp(f("reference"), (q, beta), (tq, tb))[1]
+    # the oracle: CMHA in plain PyTorch (forward AD of every backend runs the package's reference math)
+    want = torch.func.jvp(lambda q, b: cmha_ref(q, k, v, delta, b, freqs)[0], (q, beta), (tq, tb))[1]
     torch.testing.assert_close(torch.func.jvp(f(backend), (q, beta), (tq, tb))[1], want)
     with fwAD.dual_level():
         out = cf.cmha_attention(fwAD.make_dual(q, tq), k, v, delta, fwAD.make_dual(beta, tb), freqs, backend=backend)
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want)
     g = torch.func.grad(lambda q: f(backend)(q, beta).square().sum())(q)
-    torch.testing.assert_close(g, torch.func.grad(lambda q: f("reference")(q, beta).square().sum())(q))
+    torch.testing.assert_close(g, torch.func.grad(lambda q: cmha_ref(q, k, v, delta, beta, freqs)[0].square().sum())(q))
 
 
 # ------------------------------------------------------------------ 2. double backward

@@ -10,27 +10,10 @@ from hypothesis import strategies as st
 
 from complexformer import cmha_attention
 from complexformer import attention as A
-from complexformer.reference import cmha_attention_pairwise, default_freqs
+from complexformer.reference import cmha_attention_pairwise
+from oracles import assert_fa_rule, attn_inputs
 
 ALL = ["reference", "sdpa", "fused"]
-
-
-def make(B=2, H=4, Hkv=2, Lq=6, Lk=6, d=8, dv=None, dtype=torch.float64, per_head=False, device="cpu",
-         grad=False, gen=None):
-    """Random CMHA inputs; delta ~ N(0, 1/sqrt(h)) like the authors' init, non-zero beta."""
-    dv = d if dv is None else dv
-    h = d // 2
-    g = gen or torch.Generator().manual_seed(1234)
-    q = torch.randn(B, H, Lq, d, generator=g, dtype=torch.float64)
-    k = torch.randn(B, Hkv, Lk, d, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, Lk, dv, generator=g, dtype=torch.float64)
-    delta = 1.0 + torch.randn(H, h, generator=g, dtype=torch.float64) / math.sqrt(h)
-    beta = 0.5 * torch.randn(H, h, generator=g, dtype=torch.float64)
-    freqs = default_freqs(d, dtype=torch.float64)
-    if per_head:
-        freqs = freqs * (1.0 + 0.1 * torch.rand(H, h, generator=g, dtype=torch.float64))
-    ts = [t.to(device=device, dtype=dtype).requires_grad_(grad) for t in (q, k, v, delta, beta, freqs)]
-    return ts
 
 
 def pairwise(q, k, v, delta, beta, freqs, **kw):
@@ -67,7 +50,7 @@ CASES = {
     "mqa": (dict(H=6, Hkv=1), dict()),
     "mha": (dict(H=3, Hkv=3), dict()),
     "interleaved": (dict(), dict(layout="interleaved")),
-    "per_head_freqs": (dict(per_head=True), dict()),
+    "per_head_freqs": (dict(per_head_freqs=True), dict()),
     "scale": (dict(), dict(scale=1.0)),
     "dv_ne_d": (dict(d=8, dv=6), dict()),
     "positions": (dict(B=2, Lq=3, Lk=7), dict(positions="custom")),
@@ -77,7 +60,7 @@ CASES = {
 def build_case(name, device="cpu", dtype=torch.float64, grad=False):
     shape, kw = CASES[name]
     kw = dict(kw)
-    ts = make(**shape, device=device, dtype=dtype, grad=grad)
+    ts = attn_inputs(**shape, device=device, dtype=dtype, grad=grad)
     B, Lq, Lk = ts[0].shape[0], ts[0].shape[2], ts[1].shape[2]
     if kw.get("key_padding_mask") == "kpm":
         kw["key_padding_mask"] = _kpm(B, Lk).to(device)
@@ -117,7 +100,7 @@ def test_grads_match_pairwise_float64(backend, case):
 
 @pytest.mark.parametrize("backend", ALL)
 def test_fully_masked_rows_are_zero_with_zero_grads(backend):
-    q, k, v, delta, beta, freqs = make(B=3, Lq=5, Lk=7, grad=True)
+    q, k, v, delta, beta, freqs = attn_inputs(B=3, Lq=5, Lk=7, grad=True)
     kpm = torch.ones(3, 7, dtype=torch.bool)
     kpm[1] = False
     out = cmha_attention(q, k, v, delta, beta, freqs, key_padding_mask=kpm, backend=backend)
@@ -128,7 +111,7 @@ def test_fully_masked_rows_are_zero_with_zero_grads(backend):
         assert torch.isfinite(t.grad).all()
     assert (q.grad[1] == 0).all() and (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
     # causal with Lq > Lk: the first rows see nothing
-    q, k, v, delta, beta, freqs = make(Lq=6, Lk=3, grad=True)
+    q, k, v, delta, beta, freqs = attn_inputs(Lq=6, Lk=3, grad=True)
     out = cmha_attention(q, k, v, delta, beta, freqs, backend=backend)
     assert (out[:, :, :3] == 0).all() and torch.isfinite(out).all()
     out.sum().backward()
@@ -140,7 +123,7 @@ def test_fully_masked_rows_are_zero_with_zero_grads(backend):
 def test_cu_seqlens_equals_separate_runs(backend, causal):
     lens = [3, 1, 5, 0, 4]
     T = sum(lens)
-    q, k, v, delta, beta, freqs = make(B=1, H=4, Hkv=2, Lq=T, Lk=T, d=16)
+    q, k, v, delta, beta, freqs = attn_inputs(B=1, H=4, Hkv=2, Lq=T, Lk=T, d=16)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     out = cmha_attention(q, k, v, delta, beta, freqs, cu_seqlens=cu, causal=causal, backend=backend)
     for s in range(len(lens)):
@@ -157,14 +140,14 @@ def test_gradcheck(backend, case):
     shape = {"H": 2, "Hkv": 1, **shape, "d": 4}
     if case != "cu_seqlens":
         shape = {**shape, "Lq": min(shape.get("Lq", 3), 3), "Lk": min(shape.get("Lk", 4), 4), "B": 2}
-    ts = make(**shape, per_head=True, grad=True)
+    ts = attn_inputs(**shape, per_head_freqs=True, grad=True)
     kw = dict(kw)
     if kw.get("key_padding_mask") == "kpm":
         kw["key_padding_mask"] = _kpm(ts[0].shape[0], ts[1].shape[2])
     fn = lambda *xs: cmha_attention(*xs, backend=backend, **kw)  # noqa: E731
     assert torch.autograd.gradcheck(fn, ts, eps=1e-6, atol=1e-6, rtol=1e-5)
     # fast mode (random projections) on a bigger GQA case with a padding mask
-    ts = make(B=2, H=4, Hkv=2, Lq=5, Lk=7, d=8, per_head=True, grad=True)
+    ts = attn_inputs(B=2, H=4, Hkv=2, Lq=5, Lk=7, d=8, per_head_freqs=True, grad=True)
     kw2 = dict(key_padding_mask=_kpm(2, 7), layout=kw.get("layout", "half"))
     fn2 = lambda *xs: cmha_attention(*xs, backend=backend, **kw2)  # noqa: E731
     assert torch.autograd.gradcheck(fn2, ts, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
@@ -172,7 +155,7 @@ def test_gradcheck(backend, case):
 
 @pytest.mark.parametrize("backend", ALL)
 def test_learnable_freqs_grad_shared(backend):
-    ts = make(grad=True)
+    ts = attn_inputs(grad=True)
     gout = torch.randn(2, 4, 6, 8, dtype=torch.float64)
     g1 = torch.autograd.grad(cmha_attention(*ts, backend=backend), ts[5], gout)[0]
     g2 = torch.autograd.grad(pairwise(*ts), ts[5], gout)[0]
@@ -184,7 +167,7 @@ def test_learnable_freqs_grad_shared(backend):
 def test_float32_params_and_dtype_of_grads(backend):
     """float32 q with float64 parameters: parameters are cast for the math, grads come back in
     the parameters' own dtype; freqs that do not require grad get none."""
-    q, k, v, delta, beta, freqs = make(dtype=torch.float32)
+    q, k, v, delta, beta, freqs = attn_inputs(dtype=torch.float32)
     q.requires_grad_()
     delta = delta.double().requires_grad_()
     beta = beta.double().requires_grad_()
@@ -197,12 +180,9 @@ def test_float32_params_and_dtype_of_grads(backend):
 
 def fa_rule(backend, ts64, kw, floor=2e-6):
     """FlashAttention rule: |backend(fp32) - ref64| <= 2 |torch-math(fp32) - ref64| + floor."""
-    ref = pairwise(*ts64, **kw)
     ts32 = [t.float() for t in ts64]
-    err = (cmha_attention(*ts32, backend=backend, **kw).double() - ref).abs().max().item()
-    base = (cmha_attention(*ts32, backend="reference", **kw).double() - ref).abs().max().item()
-    assert err <= 2 * base + floor, f"{backend}: float32 error {err:.3e} vs torch float32 math {base:.3e}"
-    return err, base
+    ours, torch32 = (cmha_attention(*ts32, backend=b, **kw) for b in (backend, "reference"))
+    return assert_fa_rule(ours, torch32, pairwise(*ts64, **kw), floor=floor, what=f"{backend} float32")
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "fused"])
@@ -222,7 +202,7 @@ def fa_rule(backend, ts64, kw, floor=2e-6):
 def test_hypothesis_float32_fa_rule(backend, L, Lk_extra, d, heads, B, causal, layout, use_kpm, bshd, seed):
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
-    ts = make(B=B, H=H, Hkv=Hkv, Lq=L, Lk=L + Lk_extra, d=d, per_head=bool(seed % 2), gen=g)
+    ts = attn_inputs(B=B, H=H, Hkv=Hkv, Lq=L, Lk=L + Lk_extra, d=d, per_head_freqs=bool(seed % 2), gen=g)
     if bshd:  # (B, L, H, d) storage viewed as (B, H, L, d): what a projection + view gives
         ts[:3] = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in ts[:3]]
     kw = dict(causal=causal, layout=layout)
@@ -232,13 +212,13 @@ def test_hypothesis_float32_fa_rule(backend, L, Lk_extra, d, heads, B, causal, l
 
 
 def test_fused_long_sequence():
-    ts = make(B=1, H=2, Hkv=1, Lq=1000, Lk=1000, d=32)
+    ts = attn_inputs(B=1, H=2, Hkv=1, Lq=1000, Lk=1000, d=32)
     fa_rule("fused", ts, {})
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "fused"])
 def test_param_grads_deterministic(backend):
-    ts = make(B=2, H=4, Hkv=2, Lq=67, Lk=67, d=32, dtype=torch.float32, grad=True)
+    ts = attn_inputs(B=2, H=4, Hkv=2, Lq=67, Lk=67, d=32, dtype=torch.float32, grad=True)
     gout = torch.randn(2, 4, 67, 32)
     runs = [torch.autograd.grad(cmha_attention(*ts, backend=backend), ts[3:], gout) for _ in range(2)]
     for a, b in zip(*runs):
@@ -247,7 +227,7 @@ def test_param_grads_deterministic(backend):
 
 def test_opcheck_fused_ops():
     for shape, kw in [(dict(), dict()), (dict(Lq=3, Lk=7), dict(key_padding_mask=True))]:
-        q, k, v, delta, beta, freqs = make(**shape, dtype=torch.float32, grad=True)
+        q, k, v, delta, beta, freqs = attn_inputs(**shape, dtype=torch.float32, grad=True)
         B, H, Lq, d = q.shape
         Lk = k.shape[2]
         q_pos = (Lk - Lq + torch.arange(Lq))[None]
@@ -265,7 +245,7 @@ def test_opcheck_fused_ops():
 
 @pytest.mark.parametrize("backend", ["sdpa", "fused"])
 def test_compile_fullgraph(backend):
-    ts = make(B=1, H=4, Hkv=2, Lq=5, Lk=9, d=16, dtype=torch.float32, grad=True)
+    ts = attn_inputs(B=1, H=4, Hkv=2, Lq=5, Lk=9, d=16, dtype=torch.float32, grad=True)
     kpm = _kpm(1, 9, full_row=False)
 
     def f(q, k, v, delta, beta, freqs):
@@ -276,7 +256,7 @@ def test_compile_fullgraph(backend):
 
     torch._dynamo.reset()
     cu = torch.tensor([0, 2, 5, 9], dtype=torch.int32)
-    ts9 = make(B=1, H=4, Hkv=2, Lq=9, Lk=9, d=16, dtype=torch.float32, grad=True)
+    ts9 = attn_inputs(B=1, H=4, Hkv=2, Lq=9, Lk=9, d=16, dtype=torch.float32, grad=True)
     for fn, args in [(f, ts), (g, (*ts9, cu))]:
         out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
         ref = fn(*args)
@@ -290,20 +270,20 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", ALL)
 def test_empty_inputs(backend):
     # Lq = 0: empty output; Lk = 0: zeros (no key to attend to), grads zero
-    ts = make(Lq=0, Lk=5, grad=True)
+    ts = attn_inputs(Lq=0, Lk=5, grad=True)
     out = cmha_attention(*ts, backend=backend)
     assert out.shape == (2, 4, 0, 8)
-    ts = make(Lq=3, Lk=0, grad=True)
+    ts = attn_inputs(Lq=3, Lk=0, grad=True)
     out = cmha_attention(*ts, backend=backend, causal=False)
     assert out.shape == (2, 4, 3, 8) and (out == 0).all()
     out.sum().backward()
     assert (ts[0].grad == 0).all()
-    ts = make(B=0)
+    ts = attn_inputs(B=0)
     assert cmha_attention(*ts, backend=backend).shape == (0, 4, 6, 8)
 
 
 def test_non_contiguous_inputs():
-    q, k, v, delta, beta, freqs = make(B=2, H=4, Hkv=2, Lq=6, Lk=6, d=8)
+    q, k, v, delta, beta, freqs = attn_inputs(B=2, H=4, Hkv=2, Lq=6, Lk=6, d=8)
     # (B, L, H, d) storage viewed as (B, H, L, d), and a transposed-last-dims v
     qt, kt = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
     vt = v.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -314,7 +294,7 @@ def test_non_contiguous_inputs():
 
 
 def test_auto_rule_cpu():
-    ts = make(dtype=torch.float32)
+    ts = attn_inputs(dtype=torch.float32)
     p = A._validate(*ts, True, None, None, None, None, "half", "auto", None)
     assert A._auto_backend(ts[0], p) == ("fused" if A._AUTO_FUSED_ON_CPU else "sdpa")
     torch.testing.assert_close(cmha_attention(*ts), cmha_attention(*ts, backend="reference"), atol=1e-5, rtol=1e-5)
@@ -324,10 +304,10 @@ def test_auto_rule_cpu():
 # Bad input: a clear exception naming the argument.
 # ---------------------------------------------------------------------------------------------
 def _bad_cases():
-    q, k, v, delta, beta, freqs = make(dtype=torch.float32)
+    q, k, v, delta, beta, freqs = attn_inputs(dtype=torch.float32)
     base = dict(q=q, k=k, v=v, delta=delta, beta=beta, freqs=freqs)
     cu = torch.tensor([0, 3, 6], dtype=torch.int32)
-    m1 = make(B=1, dtype=torch.float32)
+    m1 = attn_inputs(B=1, dtype=torch.float32)
     b1 = dict(zip("q k v delta beta freqs".split(), m1))
     return [
         (dict(q=q[..., :7], k=k[..., :7], v=v[..., :7]), {}, "even"),
@@ -370,7 +350,7 @@ def _bad_cases():
 @pytest.mark.parametrize("i", range(len(_bad_cases())))
 def test_bad_inputs_raise(i):
     tensors, kw, match = _bad_cases()[i]
-    q, k, v, delta, beta, freqs = make(dtype=torch.float32)
+    q, k, v, delta, beta, freqs = attn_inputs(dtype=torch.float32)
     args = dict(q=q, k=k, v=v, delta=delta, beta=beta, freqs=freqs)
     args.update(tensors)
     with pytest.raises((ValueError, TypeError), match=re.escape(match)):
@@ -378,10 +358,10 @@ def test_bad_inputs_raise(i):
 
 
 def test_fused_unsupported_dtype_raises():
-    q, k, v, delta, beta, freqs = make(dtype=torch.bfloat16)
+    q, k, v, delta, beta, freqs = attn_inputs(dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="fused"):
         cmha_attention(q, k, v, delta, beta, freqs, backend="fused")
-    q, k, v, delta, beta, freqs = make(B=1, H=1, Hkv=1, Lq=2, Lk=2, d=258, dtype=torch.float32)
+    q, k, v, delta, beta, freqs = attn_inputs(B=1, H=1, Hkv=1, Lq=2, Lk=2, d=258, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="head dims"):
         cmha_attention(q, k, v, delta, beta, freqs, backend="fused")
     assert torch.isfinite(cmha_attention(q, k, v, delta, beta, freqs)).all()  # auto still serves it

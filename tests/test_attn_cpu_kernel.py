@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from complexformer import _C
 from complexformer._ext import dl, dl_opt
-from complexformer.reference import (cmha_attention_pairwise, default_freqs, default_positions,
-                                     split_pairs, visible_mask)
+from complexformer.reference import cmha_attention_pairwise, default_positions, split_pairs, visible_mask
+from oracles import assert_fa_rule, attention_ref, attn_inputs, rotate_ref
 
 LAYOUTS = {"half": 0, "interleaved": 1}
 
@@ -67,32 +67,6 @@ def kernel_bwd(q, k, v, delta, beta, freqs, out, dout, lse, *, causal=True, scal
 # ------------------------------------------------------------------------------------------------
 # references
 
-def rotate_ref(x, delta, beta, freqs, pos, layout):
-    """Explicit Euler rotation of x (B, H, L, d) with per-head params; beta None for keys."""
-    H, h = delta.shape
-    re, im = split_pairs(x, layout)
-    r = torch.sqrt(re * re + im * im + 1e-9)
-    omega = freqs.expand(H, h) if freqs.dim() == 1 else freqs
-    # positions reduced to [-pi, pi] as the kernels do (cf_pos_angle) - exact in float64 anyway
-    ang = omega.double()[None, :, None, :] * pos.double()[:, None, :, None]
-    ang = ang - 2 * math.pi * torch.round(ang / (2 * math.pi))
-    phi = delta[None, :, None, :] * torch.atan2(im, re) + ang.to(x.dtype)
-    if beta is not None:
-        phi = phi + beta[None, :, None, :]
-    ore, oim = r * torch.cos(phi), r * torch.sin(phi)
-    if layout == "half":
-        return torch.cat([ore, oim], -1)
-    return torch.stack([ore, oim], -1).flatten(-2)
-
-
-def attention_ref(qr, kr, v_full, vis, scale):
-    """Softmax attention on rotated q~ (B,H,Lq,d), k~ (B,H,Lk,d), v (B,H,Lk,dv); empty rows -> 0."""
-    s = scale * qr @ kr.transpose(-1, -2)
-    s = s.masked_fill(~vis, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return p @ v_full
-
-
 def ref_grads(q, k, v, delta, beta, freqs, dout, *, causal, scale, q_offset, kpm, cu_seqlens, layout,
               q_pos, k_pos):
     """float64 (dq_rot, dk_rot, dv_full) by autograd through rotate-then-attention."""
@@ -112,32 +86,8 @@ def ref_grads(q, k, v, delta, beta, freqs, dout, *, causal, scale, q_offset, kpm
     return qr.grad, kr.grad, vf.grad
 
 
-def make_inputs(B=2, H=4, Hkv=2, Lq=17, Lk=17, d=16, dv=None, dtype=torch.float64, per_head_freqs=False,
-                strided=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    dv = d if dv is None else dv
-    h = d // 2
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    if strided:  # as sliced from a (B, L, heads, d) projection: q.stride(2) != d
-        q = rnd(B, Lq, H, d).to(dtype).transpose(1, 2)
-        k = rnd(B, Lk, Hkv, d).to(dtype).transpose(1, 2)
-        v = rnd(B, Lk, Hkv, dv).to(dtype).transpose(1, 2)
-    else:
-        q, k, v = rnd(B, H, Lq, d).to(dtype), rnd(B, Hkv, Lk, d).to(dtype), rnd(B, Hkv, Lk, dv).to(dtype)
-    delta = (1.0 + 0.5 * rnd(H, h)).to(dtype)
-    beta = (0.3 * rnd(H, h)).to(dtype)
-    if per_head_freqs:
-        freqs = (default_freqs(d, dtype=torch.float64)[None] * (1 + 0.1 * rnd(H, 1).abs())).to(dtype)
-    else:
-        freqs = default_freqs(d, dtype=dtype)
-    return q, k, v, delta, beta, freqs
-
-
 # ------------------------------------------------------------------------------------------------
-# the test cases: (name, make_inputs kwargs, mask kwargs)
+# the test cases: (name, attn_inputs kwargs, mask kwargs)
 
 CASES = [
     ("L1", dict(B=1, H=1, Hkv=1, Lq=1, Lk=1, d=32), dict(causal=True)),
@@ -179,7 +129,7 @@ def _mask_args(B, Lq, Lk, mask, seed=0):
 
 @pytest.mark.parametrize("name,shape,mask", CASES, ids=[c[0] for c in CASES])
 def test_forward_backward_float64(name, shape, mask):
-    q, k, v, delta, beta, freqs = make_inputs(**shape)
+    q, k, v, delta, beta, freqs = attn_inputs(**shape)
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
     kw = _mask_args(B, Lq, Lk, mask)
@@ -211,7 +161,7 @@ FLOAT32_CASES = ["L17_gqa", "L129_d128", "L300", "kpm", "varlen", "strided", "de
 @pytest.mark.parametrize("name", FLOAT32_CASES)
 def test_float32_flash_rule(name):
     shape, mask = next((s, m) for n, s, m in CASES if n == name)
-    q, k, v, delta, beta, freqs = make_inputs(**shape, dtype=torch.float32)
+    q, k, v, delta, beta, freqs = attn_inputs(**shape, dtype=torch.float32)
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
     G = H // k.shape[1]
@@ -241,9 +191,7 @@ def test_float32_flash_rule(name):
     ref = torch_math(torch.float64)
     low = torch_math(torch.float32)
     for name_, got, r, l in zip(["out", "dq_rot", "dk_rot", "dv_full"], (out, dq, dk, dvf), ref, low):
-        err = (got.double() - r).abs().max().item()
-        torch_err = (l.double() - r).abs().max().item()
-        assert err <= 2 * torch_err + 1e-5, f"{name_}: kernel error {err:.3g} vs torch float32 {torch_err:.3g}"
+        assert_fa_rule(got, l, r, floor=1e-5, what=name_)
     assert torch.equal(torch.isfinite(lse), vis.expand(B, H, Lq, Lk).any(-1))
 
 
@@ -254,7 +202,7 @@ def test_float32_flash_rule(name):
 def test_property_float64(B, Hkv, G, Lq, extra, h, dv, causal, q_offset, layout, strided, use_kpm, nthreads):
     """Random shapes / masks / layouts: forward vs the pair-by-pair reference, backward vs autograd."""
     Lk = Lq + extra
-    q, k, v, delta, beta, freqs = make_inputs(B=B, H=Hkv * G, Hkv=Hkv, Lq=Lq, Lk=Lk, d=2 * h, dv=dv,
+    q, k, v, delta, beta, freqs = attn_inputs(B=B, H=Hkv * G, Hkv=Hkv, Lq=Lq, Lk=Lk, d=2 * h, dv=dv,
                                               strided=strided, seed=Lq * 131 + Lk)
     kpm = (torch.arange(Lk)[None, :] % (B + 2) != torch.arange(B)[:, None]) if use_kpm else None
     kw = dict(causal=causal, scale=None, q_offset=q_offset, kpm=kpm, cu_seqlens=None, layout=layout)
@@ -275,7 +223,7 @@ def test_property_float64(B, Hkv, G, Lq, extra, h, dv, causal, q_offset, layout,
 
 def test_extreme_q_offset():
     """q_offset near the int64 limits: everything visible / nothing visible, no overflow."""
-    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=5, Lk=7, d=8)
+    q, k, v, delta, beta, freqs = attn_inputs(B=1, H=2, Hkv=1, Lq=5, Lk=7, d=8)
     pos = (torch.arange(5)[None], torch.arange(7)[None])
     for off in (2**62, -(2**62)):
         out, lse = kernel_fwd(q, k, v, delta, beta, freqs, causal=True, q_offset=off, q_pos=pos[0], k_pos=pos[1])
@@ -289,7 +237,7 @@ def test_extreme_q_offset():
 
 def test_per_head_freqs_and_explicit_positions():
     """Per-head freqs and arbitrary (per-batch) position tensors enter the rotation only."""
-    q, k, v, delta, beta, freqs = make_inputs(B=2, H=4, Hkv=2, Lq=30, Lk=50, d=16, per_head_freqs=True)
+    q, k, v, delta, beta, freqs = attn_inputs(B=2, H=4, Hkv=2, Lq=30, Lk=50, d=16, per_head_freqs=True)
     q_pos = torch.stack([torch.arange(30) + 7, torch.arange(30) * 3])
     k_pos = torch.stack([torch.arange(50), torch.arange(50) * 2 + 1])
     out, lse = kernel_fwd(q, k, v, delta, beta, freqs, causal=True, q_pos=q_pos, k_pos=k_pos)
@@ -302,7 +250,7 @@ def test_per_head_freqs_and_explicit_positions():
 def test_strided_positions_and_out():
     """The kernels read positions (forward) and out, dout (backward) through their strides: the
     results equal those of contiguous copies bit for bit."""
-    q, k, v, delta, beta, freqs = make_inputs(B=2, H=4, Hkv=2, Lq=12, Lk=12, d=16)
+    q, k, v, delta, beta, freqs = attn_inputs(B=2, H=4, Hkv=2, Lq=12, Lk=12, d=16)
     pos = torch.stack([torch.arange(12) + 3, torch.arange(12) * 2]).repeat_interleave(2, dim=1)
     pos_s, pos_c = pos[:, ::2], pos[:, ::2].contiguous()
     out, lse = kernel_fwd(q, k, v, delta, beta, freqs, q_pos=pos_c, k_pos=pos_c, nthreads=1)
@@ -322,7 +270,7 @@ def test_strided_positions_and_out():
 def test_float32_special_pairs(layout):
     """Pairs on the branch cut (negative re, +-0 im), at the origin, signed zeros and large norms:
     the float32 tile loader's atan2 / sincos must follow the libm conventions of the reference."""
-    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=24, Lk=24, d=8, dtype=torch.float32)
+    q, k, v, delta, beta, freqs = attn_inputs(B=1, H=2, Hkv=1, Lq=24, Lk=24, d=8, dtype=torch.float32)
     special = torch.tensor([[-1.0, 0.0], [-1.0, -0.0], [0.0, 0.0], [-0.0, 0.0], [-0.0, -0.0], [0.0, -0.0],
                             [3.0, -2.0], [-1e-20, 1e-20], [0.5, -0.0], [-2.0, 1e-30], [-2.0, -1e-30], [1.0, 1.0]])
     for x in (q, k):
@@ -343,7 +291,7 @@ def test_float32_special_pairs(layout):
 
 def test_long_positions_float32_phase():
     """Positions ~1e6: the positional angle is reduced in double, so float32 keeps its accuracy."""
-    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=20, Lk=20, d=16, dtype=torch.float32)
+    q, k, v, delta, beta, freqs = attn_inputs(B=1, H=2, Hkv=1, Lq=20, Lk=20, d=16, dtype=torch.float32)
     q_pos = (torch.arange(20) + 1_000_000)[None]
     k_pos = q_pos.clone()
     out, _ = kernel_fwd(q, k, v, delta, beta, freqs, causal=True, q_pos=q_pos, k_pos=k_pos)
@@ -355,7 +303,7 @@ def test_long_positions_float32_phase():
 @pytest.mark.parametrize("nthreads", [1, 3])
 def test_threads_and_determinism(nthreads):
     """Small B*H splits the work (query chunks forward, key chunks + partial dq backward)."""
-    q, k, v, delta, beta, freqs = make_inputs(B=1, H=1, Hkv=1, Lq=300, Lk=300, d=16)
+    q, k, v, delta, beta, freqs = attn_inputs(B=1, H=1, Hkv=1, Lq=300, Lk=300, d=16)
     out, lse = kernel_fwd(q, k, v, delta, beta, freqs, nthreads=nthreads)
     ref_out, _ = cmha_attention_pairwise(q, k, v, delta, beta, freqs, causal=True)
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
@@ -369,7 +317,7 @@ def test_threads_and_determinism(nthreads):
 
 
 def test_empty_keys():
-    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=5, Lk=0, d=16)
+    q, k, v, delta, beta, freqs = attn_inputs(B=1, H=2, Hkv=1, Lq=5, Lk=0, d=16)
     out, lse = kernel_fwd(q, k, v, delta, beta, freqs, causal=False)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all() and (lse < 0).all()
     dq, dk, dvf = kernel_bwd(q, k, v, delta, beta, freqs, out, torch.randn_like(out), lse, causal=False)
@@ -377,7 +325,7 @@ def test_empty_keys():
 
 
 def _call_fwd_with(**over):
-    q, k, v, delta, beta, freqs = make_inputs(B=1, H=2, Hkv=1, Lq=8, Lk=8, d=16)
+    q, k, v, delta, beta, freqs = attn_inputs(B=1, H=2, Hkv=1, Lq=8, Lk=8, d=16)
     args = dict(q=q, k=k, v=v, delta=delta, beta=beta, freqs=freqs, q_pos=torch.arange(8)[None],
                 k_pos=torch.arange(8)[None], kpm=None, cu=None, out=torch.empty(1, 2, 8, 16, dtype=q.dtype),
                 lse=torch.empty(1, 2, 8, dtype=q.dtype))

@@ -24,7 +24,8 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from complexformer import _C, _ext
-from complexformer.reference import cmha_attention_pairwise, default_freqs, default_positions, split_pairs, visible_mask
+from complexformer.reference import cmha_attention_pairwise, default_freqs, default_positions, visible_mask
+from oracles import assert_fa_rule, rotate_ref
 
 pytestmark = pytest.mark.cuda
 
@@ -75,29 +76,6 @@ class Case:
         if self.scale is not None:
             parts.append(f"scale{self.scale}")
         return "-".join(parts)
-
-
-def _pos_angle(omega, p):
-    """cf_pos_angle (rotate_math.h): omega * p reduced to [-pi, pi] in float64."""
-    a = omega.double() * p.double()
-    return a - 2 * math.pi * torch.round(a / (2 * math.pi))
-
-
-def rotate_ref(x, delta, beta, freqs, pos, layout, dtype):
-    """Euler rotation of x (B, H, L, d) per head, computed in `dtype` (angles reduced in float64)."""
-    H = x.shape[1]
-    omega = freqs.expand(H, freqs.shape[-1]) if freqs.dim() == 1 else freqs
-    xr = x.to(dtype)
-    re, im = split_pairs(xr, layout)
-    r = torch.sqrt(re * re + im * im + 1e-9)
-    off = _pos_angle(omega[None, :, None, :], pos[:, None, :, None]).to(dtype)
-    if beta is not None:
-        off = off + beta.to(dtype)[None, :, None, :]
-    phi = delta.to(dtype)[None, :, None, :] * torch.atan2(im, re) + off
-    ore, oim = r * torch.cos(phi), r * torch.sin(phi)
-    if layout == "half":
-        return torch.cat([ore, oim], -1)
-    return torch.stack([ore, oim], -1).flatten(-2)
 
 
 def attn_math(qr, kr, vf, vis, scale):
@@ -215,11 +193,7 @@ def vis_mask(c, x):
 def check_fa(name, got, ref, pt, rel_floor=2e-3):
     """FlashAttention rule: err(got) <= 2 err(pt) + floor, all vs the float64 reference."""
     assert not torch.isnan(got).any(), f"{name}: NaN in the output (unwritten or invalid elements)"
-    err = (got.double() - ref).abs().max().item() if got.numel() else 0.0
-    pt_err = (pt.double() - ref).abs().max().item() if got.numel() else 0.0
-    floor = rel_floor * (ref.abs().max().item() if ref.numel() else 0.0) + 1e-5
-    assert err <= 2 * pt_err + floor, (
-        f"{name}: max abs err {err:.3e} > 2 x torch-{pt.dtype} err {pt_err:.3e} + floor {floor:.1e}")
+    assert_fa_rule(got, pt, ref, floor=1e-5, rel_floor=rel_floor, what=f"{name} (torch {pt.dtype})")
 
 
 def check_forward(c, path):

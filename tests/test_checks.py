@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from complexformer import CMHA, cmha_attention, euler_rotate
-from complexformer.reference import default_freqs
+from oracles import attn_inputs
 
 B, H, L, d = 2, 4, 5, 8
 
 
 def _qkv():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(3))
-    delta, beta = torch.ones(H, d // 2, dtype=torch.float64), torch.zeros(H, d // 2, dtype=torch.float64)
-    return q, k, v, delta, beta, default_freqs(d, dtype=torch.float64)
+    return attn_inputs(B, H, H, L, L, d, seed=0)
 
 
 BAD_POSITIONS = [

@@ -16,7 +16,7 @@ real concurrency are the GPU tests' job (test_*_cuda*.py).
   and token_counts.
 - attention (csrc/attn_*cuda*.cu, attn_cuda_tile.cuh; emu_fibers.h: one fiber per CUDA thread,
   real block / named barriers, per-warp collectives; blocks one after another), with the PTX
-  wrappers of csrc/attn_cuda_ptx.cuh replaced by emulated twins (tests/cuda_emu/attn_cuda_ptx.cuh:
+  wrappers of csrc/cuda_ptx.cuh replaced by emulated twins (tests/cuda_emu/cuda_ptx.cuh:
   ldmatrix, mma.sync, cp.async with deferred completion, ex2). The driver runs the forward without
   the rotation workspaces (key tiles rotated on load, the GQA path) and with them (the pre-rotated
   forward and the backward), and compares out, lse, dq_rot, dk_rot, dv_full (and the workspaces'
@@ -138,8 +138,47 @@ def _read(name):
         return f.read()
 
 
+# ---- the PTX header ----------------------------------------------------------------------------
+# Every inline PTX instruction of the kernels sits behind a wrapper in csrc/cuda_ptx.cuh; each
+# emulated build directory gets tests/cuda_emu/cuda_ptx.cuh in its place.
+PTX_HEADER = "cuda_ptx.cuh"
+_DEVICE_FN = re.compile(r"__device__\s+(?:__forceinline__\s+|inline\s+)*[\w:<>,\s\*&]*?\b(\w+)\s*\(")
+
+
+def no_inline_ptx(src, path):
+    """src, checked to hold no inline asm (outside csrc/cuda_ptx.cuh it would have no emulation)."""
+    left = [f"{path}:{i + 1}: {line.strip()}" for i, line in enumerate(src.splitlines())
+            if re.search(r"\basm\b", line) and not line.lstrip().startswith(("//", "/*", "*"))]
+    assert not left, (f"inline PTX outside {PTX_HEADER} has no emulation; move it into a wrapper there "
+                      f"(and add its twin to tests/cuda_emu/{PTX_HEADER}):\n" + "\n".join(left))
+    return src
+
+
+def stage_headers(build_dir, rewrite=None):
+    """csrc's CUDA headers in build_dir (so that their own includes resolve there too), each passed
+    through rewrite(src, path) (default: checked by no_inline_ptx), with the emulated PTX header in
+    place of the real one."""
+    check_ptx_twins()
+    rewrite = rewrite or (lambda src, path: f'#line 1 "{path}"\n' + no_inline_ptx(src, path))
+    for name in sorted(f for f in os.listdir(CSRC) if f.endswith(".cuh") and f != PTX_HEADER):
+        (build_dir / name).write_text(rewrite(_read(name), os.path.join(CSRC, name)))
+    shutil.copy(os.path.join(EMU, PTX_HEADER), build_dir / PTX_HEADER)
+
+
+def check_ptx_twins():
+    """Every wrapper of csrc/cuda_ptx.cuh needs an emulated twin of the same name."""
+    real = set(_DEVICE_FN.findall(_read(PTX_HEADER)))
+    with open(os.path.join(EMU, PTX_HEADER)) as f:
+        emulated = f.read()
+    missing = sorted(n for n in real if not re.search(rf"\b{n}\s*\(", emulated))
+    assert not missing, (f"csrc/{PTX_HEADER} has wrappers without an emulated twin in tests/cuda_emu/{PTX_HEADER}: "
+                         f"{', '.join(missing)} (emu_ldmatrix / emu_mma_16816 / emu_cp_async cover most PTX shapes)")
+    assert {"ldsm_x4", "mma_16816", "ex2_fast"} <= real, f"cannot parse the wrappers of csrc/{PTX_HEADER}"
+
+
 # ---- rotate ------------------------------------------------------------------------------------
 def rotate_source(src):
+    src = no_inline_ptx(src, "rotate_cuda.cu")
     src = rewrite_launches(src, 3, "the forward, backward and reduce launches in rotate_cuda.cu")
     hook = re.compile(r"(void copy_(?:in|out)\((?:const )?T \*p\)(?: const)? \{)")
     src, m = hook.subn(r"\1 emu_check_aligned(p, sizeof(U));", src)
@@ -150,6 +189,7 @@ def rotate_source(src):
 def test_rotate_cuda_kernels_emulated(tmp_path):
     unit = tmp_path / "rotate_cuda_emu.cpp"
     unit.write_text(rotate_source(_read("rotate_cuda.cu")))
+    stage_headers(tmp_path)
     exe = build(tmp_path, "rotate", [str(unit)], "rotate_driver.cpp", "rotate_cpu.c")[""]
     out = run([exe])
     assert re.search(r"\b60 cases, 0 failures", out), out
@@ -157,6 +197,7 @@ def test_rotate_cuda_kernels_emulated(tmp_path):
 
 # ---- pdl ---------------------------------------------------------------------------------------
 def pdl_source(src):
+    src = no_inline_ptx(src, "pdl_cuda.cu")
     src = rewrite_launches(src, 8, "the prologue, loss, scale (2) and token_counts (4) launches")
     src = shared_to_host(src, 2, "token_counts' histogram and the loss kernel's row cache")
     return '#include "emu_threads.h"\n' + src
@@ -165,6 +206,7 @@ def pdl_source(src):
 def test_pdl_cuda_kernels_emulated(tmp_path):
     unit = tmp_path / "pdl_cuda_emu.cpp"
     unit.write_text(pdl_source(_read("pdl_cuda.cu")))
+    stage_headers(tmp_path)
     exe = build(tmp_path, "pdl", [str(unit)], "pdl_driver.cpp", "pdl_cpu.c", flags=("-ffp-contract=off", "-pthread"),
                 link_flags=("-pthread",))[""]
     out = run([exe])
@@ -174,11 +216,9 @@ def test_pdl_cuda_kernels_emulated(tmp_path):
 
 
 # ---- attention ---------------------------------------------------------------------------------
-PTX_HEADER = "attn_cuda_ptx.cuh"
 # inline-asm named barriers (bar.sync / bar.arrive id, n) -> the emulation's counted barriers
 _NAMED_BAR = re.compile(r'asm\s+volatile\s*\(\s*"bar\.(sync|arrive)\s+%0,\s*%1;\\n"\s*::\s*"r"\(([^()]+)\),\s*'
                         r'"r"\(([^()]+)\)\s*:\s*"memory"\s*\)\s*;')
-_DEVICE_FN = re.compile(r"__device__\s+(?:__forceinline__\s+|inline\s+)*[\w:<>,\s\*&]*?\b(\w+)\s*\(")
 # the device passes emulated: sm_90 on an H100-like device, sm_80 (CF_ATTN_SM80_PASS tiles) on an A100
 ARCHS = {"sm90": (900, "h100"), "sm80": (800, "a100")}
 
@@ -190,50 +230,28 @@ def attn_source(src, path):
     # the device pass being emulated (-DEMU_CUDA_ARCH=900 / 800): code that differs per architecture
     src = re.sub(r"\b__CUDA_ARCH__\b", "EMU_CUDA_ARCH", src)
     src = _NAMED_BAR.sub(lambda m: _keep_lines(m, f"emu_bar_{m.group(1)}({m.group(2)}, {m.group(3)});"), src)
-    left = [f"{path}:{i + 1}: {line.strip()}" for i, line in enumerate(src.splitlines())
-            if re.search(r"\basm\b", line) and not line.lstrip().startswith(("//", "/*", "*"))]
-    assert not left, ("inline PTX outside attn_cuda_ptx.cuh has no emulation; move it into a wrapper there "
-                      "(and add its twin to tests/cuda_emu/attn_cuda_ptx.cuh):\n" + "\n".join(left))
-    return f'#line 1 "{path}"\n' + src
-
-
-def check_ptx_twins():
-    """Every wrapper of csrc/attn_cuda_ptx.cuh needs an emulated twin of the same name."""
-    real = set(_DEVICE_FN.findall(_read(PTX_HEADER)))
-    with open(os.path.join(EMU, PTX_HEADER)) as f:
-        emulated = f.read()
-    missing = sorted(n for n in real if not re.search(rf"\b{n}\s*\(", emulated))
-    assert not missing, (f"csrc/{PTX_HEADER} has wrappers without an emulated twin in tests/cuda_emu/{PTX_HEADER}: "
-                         f"{', '.join(missing)} (emu_ldmatrix / emu_mma_16816 / emu_cp_async cover most PTX shapes)")
-    assert {"ldsm_x4", "mma_16816"} <= real, f"cannot parse the wrappers of csrc/{PTX_HEADER}"
+    return f'#line 1 "{path}"\n' + no_inline_ptx(src, path)
 
 
 def prepare_attn(build_dir):
-    """Rewritten copies of csrc's attention CUDA sources in build_dir, with the emulated PTX header;
-    returns the emulated translation units (one per .cu)."""
-    names = sorted(f for f in os.listdir(CSRC) if f.startswith("attn") and f.endswith((".cu", ".cuh")))
-    assert any(f.endswith(".cu") for f in names) and PTX_HEADER in names, f"no attention CUDA sources in {CSRC}"
-    launches, units = 0, []
+    """Rewritten copies of csrc's attention CUDA sources and of the headers in build_dir, with the
+    emulated PTX header; returns the emulated translation units (one per .cu)."""
+    names = sorted(f for f in os.listdir(CSRC) if f.startswith("attn") and f.endswith(".cu"))
+    assert names, f"no attention CUDA sources in {CSRC}"
+    units = []
     for name in names:
-        if name == PTX_HEADER:
-            continue
         src = _read(name)
-        launches += len(_LAUNCH.findall(src))
-        src = attn_source(src, os.path.join(CSRC, name))
-        if name.endswith(".cu"):
-            unit = build_dir / (name[:-3] + "_emu.cpp")
-            unit.write_text('#include "emu_fibers.h"\n' + src)
-            units.append(str(unit))
-        else:
-            (build_dir / name).write_text(src)
+        unit = build_dir / (name[:-3] + "_emu.cpp")
+        unit.write_text('#include "emu_fibers.h"\n' + attn_source(src, os.path.join(CSRC, name)))
+        units.append(str(unit))
+    stage_headers(build_dir, attn_source)
+    launches = sum(len(_LAUNCH.findall(_read(f))) for f in os.listdir(CSRC) if f.startswith("attn") and ".cu" in f)
     assert launches >= 2, "expected kernel launches in the attention sources"
-    shutil.copy(os.path.join(EMU, PTX_HEADER), build_dir / PTX_HEADER)
     return units
 
 
 def run_attn(tmp_path, full):
     toolchain()
-    check_ptx_twins()
     units = prepare_attn(tmp_path)
     exes = build(tmp_path, "attn", units, "attn_driver.cpp", "attn_cpu.c", support=("emu_fibers.cpp",),
                  variants={arch: [f"-DEMU_CUDA_ARCH={cc}"] for arch, (cc, _) in ARCHS.items()})

@@ -12,8 +12,8 @@ import complexformer as cf
 from complexformer import attention as A
 from complexformer import pdl as P
 from complexformer import rotate as R
-from complexformer.reference import default_freqs
 from complexformer.rotate import euler_rotate_qk
+from oracles import attn_inputs
 
 
 class Recorder(TorchDispatchMode):
@@ -29,13 +29,8 @@ class Recorder(TorchDispatchMode):
 
 
 def _attn_inputs(dtype=torch.float64):
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 4, 9, 16, generator=g, dtype=dtype)
-    k = torch.randn(2, 2, 13, 16, generator=g, dtype=dtype)
-    v = torch.randn(2, 2, 13, 16, generator=g, dtype=dtype)
-    delta = 1 + 0.3 * torch.randn(4, 8, generator=g, dtype=dtype)
-    beta = 0.3 * torch.randn(4, 8, generator=g, dtype=dtype)
-    return [t.requires_grad_() for t in (q, k, v, delta, beta)] + [default_freqs(16, dtype=dtype)]
+    ts = attn_inputs(2, 4, 2, 9, 13, 16, dtype=dtype, seed=3)
+    return [t.requires_grad_() for t in ts[:5]] + [ts[5]]
 
 
 def _pdl_inputs():

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import complexformer as cf
 from complexformer.fused_linear import fused_linear_chunk_rows
+from oracles import assert_fa_rule
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -166,14 +167,7 @@ def test_deterministic():
 FLOOR = {torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def fa_rule(ours, torch_low, ref, rel_floor, what):
-    """FlashAttention rule: our error vs float64 is at most 2x PyTorch's own error in that dtype
-    (plus a floor relative to the reference's magnitude)."""
-    ref = ref.double()
-    err = (ours.double() - ref).abs().max().item()
-    base = (torch_low.double() - ref).abs().max().item()
-    floor = rel_floor * max(ref.abs().max().item(), 1e-30)
-    assert err <= 2 * base + floor, f"{what}: error {err:.3e} > 2 x torch's {base:.3e} + floor {floor:.3e}"
+
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -188,7 +182,7 @@ def test_low_precision_flash_attention_rule(dtype, reduction):
         torch.float32) if dtype == torch.float16 else unfused(a, b, y, w, c, **kw), *lo)
     assert ours[0].dtype == torch.float32 and [g.dtype for g in ours[1:]] == [dtype] * 3
     for o, lw, r, what in zip(ours, torch_low, ref, ("loss", "grad_hidden", "grad_weight", "grad_bias")):
-        fa_rule(o, lw, r, FLOOR[dtype], what)
+        assert_fa_rule(o, lw, r, rel_floor=FLOOR[dtype], what=what)
 
 
 @pytest.mark.cuda
@@ -215,7 +209,7 @@ def test_cuda_flash_attention_rule_deterministic_and_no_host_sync(dtype):
     assert all(torch.equal(a, b) for a, b in zip(ours, again))  # deterministic
     torch_low = run(lambda a, b, c: unfused(a, b, yd, wd, c, label_smoothing=0.1), *lo)
     for o, lw, r, what in zip(ours, torch_low, ref, ("loss", "grad_hidden", "grad_weight", "grad_bias")):
-        fa_rule(o.cpu(), lw.cpu(), r, FLOOR[dtype], what)
+        assert_fa_rule(o.cpu(), lw.cpu(), r, rel_floor=FLOOR[dtype], what=what)
 
 
 # ---------------------------------------------------------------- the chunk rule

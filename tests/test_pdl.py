@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import complexformer as cf
 from complexformer.reference import reference_pdl_loss
+from oracles import assert_fa_rule
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -64,16 +65,6 @@ def test_float64_matches_cross_entropy(reduction, smoothing, shape):
     torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
 
 
-def fa_rule_check(ours, torch_low, ref, rel_floor):
-    """FlashAttention rule: our error vs the float64 reference is at most 2x PyTorch's error in the
-    same dtype plus a small floor (relative to the reference's magnitude)."""
-    ref = ref.double()
-    err = (ours.double() - ref).abs().max().item()
-    base = (torch_low.double() - ref).abs().max().item()
-    floor = rel_floor * max(ref.abs().max().item(), 1e-30)
-    assert err <= 2 * base + floor, f"error {err:.3e} > 2 x torch's {base:.3e} + floor {floor:.3e}"
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("N,V", [(64, 32000), (257, 1031), (8, 3)])
@@ -84,8 +75,8 @@ def test_float32_flash_attention_rule(reduction, smoothing, N, V):
     ours, g_ours = loss_and_grad(cf.pdl_loss, z32, y, w, reduction=reduction, label_smoothing=smoothing)
     low, g_low = loss_and_grad(ce, z32, y, w, reduction=reduction, label_smoothing=smoothing)
     assert ours.dtype == torch.float32 and g_ours.dtype == torch.float32
-    fa_rule_check(ours, low, ref, 2e-7)
-    fa_rule_check(g_ours, g_low, gref, 2e-7)
+    assert_fa_rule(ours, low, ref, rel_floor=2e-7)
+    assert_fa_rule(g_ours, g_low, gref, rel_floor=2e-7)
 
 
 def test_large_common_offset():
@@ -94,8 +85,8 @@ def test_large_common_offset():
     ref, gref = loss_and_grad(ce, z64, y, w.double(), reduction="sum", label_smoothing=0.1)
     ours, g_ours = loss_and_grad(cf.pdl_loss, z64.float(), y, w, reduction="sum", label_smoothing=0.1)
     low, g_low = loss_and_grad(ce, z64.float(), y, w, reduction="sum", label_smoothing=0.1)
-    fa_rule_check(ours, low, ref, 2e-7)
-    fa_rule_check(g_ours, g_low, gref, 2e-7)
+    assert_fa_rule(ours, low, ref, rel_floor=2e-7)
+    assert_fa_rule(g_ours, g_low, gref, rel_floor=2e-7)
 
 
 def test_exp_polynomial_accuracy():

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import complexformer as cf
+from oracles import assert_fa_rule
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -43,12 +44,7 @@ def loss_and_grad(fn, z, *args, go_seed=5, **kw):
     return out.detach(), g
 
 
-def fa_rule(ours, torch_low, ref, rel_floor, what):
-    ref = ref.double()
-    err = (ours.double() - ref).abs().max().item()
-    base = (torch_low.double() - ref).abs().max().item()
-    floor = rel_floor * max(ref.abs().max().item(), 1e-30)
-    assert err <= 2 * base + floor, f"{what}: error {err:.3e} > 2 x torch's {base:.3e} + floor {floor:.3e}"
+
 
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -64,8 +60,8 @@ def test_matches_cross_entropy(dtype, reduction, smoothing, N, V):
     ours, g_ours = loss_and_grad(cf.pdl_loss, z, y, w, reduction=reduction, label_smoothing=smoothing)
     low, g_low = loss_and_grad(ce, z, y, w, reduction=reduction, label_smoothing=smoothing)
     assert g_ours.dtype == dtype and ours.dtype == torch.float32
-    fa_rule(ours, low, ref, FLOOR[dtype], "loss")
-    fa_rule(g_ours, g_low, gref, FLOOR[dtype], "grad")
+    assert_fa_rule(ours, low, ref, rel_floor=FLOOR[dtype], what="loss")
+    assert_fa_rule(g_ours, g_low, gref, rel_floor=FLOOR[dtype], what="grad")
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -88,8 +84,8 @@ def test_strided_and_misaligned_rows(dtype, layout):
     ref, gref = loss_and_grad(ce, z.double(), y, w.double(), reduction="none")
     ours, g_ours = loss_and_grad(cf.pdl_loss, z, y, w, reduction="none")
     low, g_low = loss_and_grad(ce, z, y, w, reduction="none")
-    fa_rule(ours, low, ref, FLOOR[dtype], "loss")
-    fa_rule(g_ours, g_low, gref, FLOOR[dtype], "grad")
+    assert_fa_rule(ours, low, ref, rel_floor=FLOOR[dtype], what="loss")
+    assert_fa_rule(g_ours, g_low, gref, rel_floor=FLOOR[dtype], what="grad")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -100,8 +96,8 @@ def test_large_common_offset(dtype):
     ref, gref = loss_and_grad(ce, z.double(), y, w.double(), reduction="sum", label_smoothing=0.1)
     ours, g_ours = loss_and_grad(cf.pdl_loss, z, y, w, reduction="sum", label_smoothing=0.1)
     low, g_low = loss_and_grad(ce, z, y, w, reduction="sum", label_smoothing=0.1)
-    fa_rule(ours, low, ref, FLOOR[dtype], "loss")
-    fa_rule(g_ours, g_low, gref, FLOOR[dtype], "grad")
+    assert_fa_rule(ours, low, ref, rel_floor=FLOOR[dtype], what="loss")
+    assert_fa_rule(g_ours, g_low, gref, rel_floor=FLOOR[dtype], what="grad")
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -118,8 +114,8 @@ def test_row_cache_whole_and_partial(dtype, V, offset):
     ref, gref = loss_and_grad(ce, z.double(), y, w.double(), reduction="sum", label_smoothing=0.1)
     ours, g_ours = loss_and_grad(cf.pdl_loss, z, y, w, reduction="sum", label_smoothing=0.1)
     low, g_low = loss_and_grad(ce, z, y, w, reduction="sum", label_smoothing=0.1)
-    fa_rule(ours, low, ref, FLOOR[dtype], "loss")
-    fa_rule(g_ours, g_low, gref, FLOOR[dtype], "grad")
+    assert_fa_rule(ours, low, ref, rel_floor=FLOOR[dtype], what="loss")
+    assert_fa_rule(g_ours, g_low, gref, rel_floor=FLOOR[dtype], what="grad")
     with torch.no_grad():  # the loss-only path (no cache) gives the same loss bits
         assert torch.equal(cf.pdl_loss(z, y, w, reduction="sum", label_smoothing=0.1), ours)
 
@@ -155,13 +151,13 @@ def test_grad_output_one_and_not_one():
     z3 = z.clone().requires_grad_()
     zr = z.float().clone().requires_grad_()
     ce(zr, y, w).backward()
-    fa_rule(z1.grad, zr.grad.bfloat16(), zr.grad, FLOOR[torch.bfloat16], "g=1")
+    assert_fa_rule(z1.grad, zr.grad.bfloat16(), zr.grad, rel_floor=FLOOR[torch.bfloat16], what="g=1")
     torch.testing.assert_close(z2.grad.float(), 2.5 * z1.grad.float(), rtol=1e-2, atol=1e-6)
     rows = torch.rand(32, device=DEV) + 0.5
     cf.pdl_loss(z3, y, w, reduction="none").backward(rows)
     zr.grad = None
     ce(zr, y, w, reduction="none").backward(rows)
-    fa_rule(z3.grad, zr.grad.bfloat16(), zr.grad, FLOOR[torch.bfloat16], "per-row")
+    assert_fa_rule(z3.grad, zr.grad.bfloat16(), zr.grad, rel_floor=FLOOR[torch.bfloat16], what="per-row")
 
 
 def test_retain_graph_double_backward():
@@ -305,7 +301,7 @@ def test_fused_linear(dtype, reduction):
     ours = run(lambda a, b: cf.fused_linear_pdl_loss(a, b, y, w, reduction=reduction, chunk_size=64), h, W)
     low = run(lambda a, b: ce(a @ b.T, y, w, reduction=reduction), h, W)
     for o, l, r, what in zip(ours, low, ref, ("loss", "grad_hidden", "grad_weight")):
-        fa_rule(o, l, r, FLOOR[dtype], what)
+        assert_fa_rule(o, l, r, rel_floor=FLOOR[dtype], what=what)
 
 
 def test_torch_compile_and_opcheck():

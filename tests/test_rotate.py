@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from complexformer import euler_rotate
 from complexformer import rotate as R
 from complexformer.reference import cmha_scores_pairwise, default_freqs, rotate_backward_reference, split_pairs
+from oracles import assert_fa_rule
 
 F64 = torch.float64
 
@@ -216,12 +217,6 @@ def test_parameter_gradients_deterministic():
 # ------------------------------------------------------------------------------------------------
 # float32 / half inputs by the FlashAttention rule
 
-def fa_rule(out, ref, same_math_lowp, floor):
-    err = (out.double() - ref).abs().max().item()
-    base = (same_math_lowp.double() - ref).abs().max().item()
-    assert err <= 2 * base + floor, f"error {err:.3e} vs torch-in-same-dtype {base:.3e}"
-
-
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_float32_flash_attention_rule(layout):
     x, delta, beta, freqs, pos = make(B=2, H=8, Hx=2, L=64, d=64, layout=layout, per_head_freqs=True)
@@ -230,12 +225,12 @@ def test_float32_flash_attention_rule(layout):
     x32, d32, b32, f32, g32 = (t.float() for t in (x, delta, beta, freqs, gy))
     ref = polar_rotate(x, delta, beta, freqs, pos, layout)
     torch32 = R.rotate_reference(x32, d32, b32, f32, p2, layout=layout)
-    fa_rule(euler_rotate(x32, d32, b32, f32, positions=pos, layout=layout), ref, torch32, 1e-6)
+    assert_fa_rule(euler_rotate(x32, d32, b32, f32, positions=pos, layout=layout), torch32, ref, floor=1e-6)
     rb = rotate_backward_reference(x, gy, delta, beta, freqs, p2, layout=layout, need_freqs_grad=True)
     tb = rotate_backward_reference(x32, g32, d32, b32, f32, p2, layout=layout, need_freqs_grad=True)
     kb = R._rotate_backward(x32, g32, d32, b32, f32, p2, layout=layout, need_freqs_grad=True)
     for k_, t_, r_ in zip(kb, tb, rb):
-        fa_rule(k_, r_, t_, 1e-5 * max(1.0, r_.abs().max().item()))
+        assert_fa_rule(k_, t_, r_, floor=1e-5 * max(1.0, r_.abs().max().item()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -246,7 +241,7 @@ def test_half_inputs_on_cpu(dtype):
     assert out.dtype == dtype
     ref = polar_rotate(xl.detach(), delta, beta, freqs, pos)
     same = R.rotate_reference(xl.detach(), delta.float(), beta.float(), freqs.float(), pos[None], dtype=torch.float32)
-    fa_rule(out, ref, same.to(dtype), 1e-6)
+    assert_fa_rule(out, same.to(dtype), ref, floor=1e-6)
     out.sum().backward()
     assert xl.grad.dtype == dtype and torch.isfinite(xl.grad.float()).all()
 

@@ -9,6 +9,7 @@ import torch
 from complexformer import euler_rotate
 from complexformer import rotate as R
 from complexformer.reference import default_freqs, rotate_backward_reference
+from oracles import assert_fa_rule, max_err
 from test_rotate import F64, away_from_origin, polar_rotate
 
 pytestmark = pytest.mark.cuda
@@ -30,18 +31,9 @@ def make_cuda(B=2, H=8, Hx=2, L=33, d=64, *, dtype=torch.float32, layout="half",
     return c(x, dtype), c(delta), c(beta), c(freqs), pos.cuda()
 
 
-def err(a, ref):
-    return (a.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
-
-
 def cpu64(*ts):
     """float64 CPU copies: the references run there (few GPU launches, fast under memcheck)."""
     return [t.detach().double().cpu() if t.is_floating_point() else t.cpu() for t in ts]
-
-
-def check_fa(name, out, ref, same_math, floor):
-    e, base = err(out, ref), err(same_math, ref)
-    assert e <= 2 * base + floor, f"{name}: error {e:.3e} vs torch-in-same-dtype {base:.3e} (floor {floor:.1e})"
 
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -61,7 +53,7 @@ def test_forward_backward_vs_float64(dtype, layout, H, Hx, d, grad_dtype):
     out = R._rotate_forward(x, delta, beta, freqs, pos, layout=layout)
     assert out.dtype == dtype and out.shape == (2, H, 33, d)
     same = R.rotate_reference(x, delta, beta, freqs, pos, layout=layout, dtype=torch.float32).to(dtype)
-    check_fa("forward", out, ref, same, FLOOR[dtype])
+    assert_fa_rule(out, same, ref, what="forward", floor=FLOOR[dtype])
 
     gy = torch.randn(2, H, 33, d, device="cuda", dtype=torch.float64)
     gk = gy.float() if grad_dtype == "float32" else gy.to(dtype)
@@ -71,7 +63,7 @@ def test_forward_backward_vs_float64(dtype, layout, H, Hx, d, grad_dtype):
     assert outs[0].dtype == dtype and outs[0].shape == x.shape
     for name, o, r, s in zip(("dx", "ddelta", "dbeta", "dfreqs"), outs, refs, same):
         scale = max(1.0, r.abs().max().item())
-        check_fa(name, o, r, s, FLOOR[dtype] * scale if name == "dx" else 1e-5 * scale)
+        assert_fa_rule(o, s, r, what=name, floor=FLOOR[dtype] * scale if name == "dx" else 1e-5 * scale)
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
@@ -79,7 +71,7 @@ def test_float32_matches_polar_form_closely(layout):
     x, delta, beta, freqs, pos = make_cuda(layout=layout, per_head=True)
     out = euler_rotate(x, delta, beta, freqs, positions=pos[0], layout=layout)
     ref = polar_rotate(*cpu64(x, delta, beta, freqs, pos), layout)
-    assert err(out, ref) < 1e-5
+    assert max_err(out, ref) < 1e-5
 
 
 def test_shared_freqs_keys_and_cpu_agreement():
@@ -91,7 +83,7 @@ def test_shared_freqs_keys_and_cpu_agreement():
     (euler_rotate(xs[0], xs[1], None, xs[2], positions=pos, is_query=False) * gy).sum().backward()
     (euler_rotate(xc[0], xc[1], None, xc[2], positions=pos.cpu(), is_query=False) * gy.cpu()).sum().backward()
     for a, b in zip(xs, xc):
-        assert err(a.grad.cpu(), b.grad) <= 1e-4 * max(1.0, b.grad.abs().max().item())
+        assert max_err(a.grad.cpu(), b.grad) <= 1e-4 * max(1.0, b.grad.abs().max().item())
 
 
 def test_strided_and_misaligned_inputs():
@@ -103,7 +95,7 @@ def test_strided_and_misaligned_inputs():
     ref = polar_rotate(*cpu64(x, delta, beta, freqs, pos), "half")
     for xin in (xv, x.transpose(1, 2).contiguous().transpose(1, 2)):
         out = euler_rotate(xin, delta, beta, freqs, positions=pos)
-        assert err(out, ref) < 1e-5
+        assert max_err(out, ref) < 1e-5
     gy = torch.randn(3, 4, 17, 64, device="cuda")
     a = R._rotate_backward(xv, gy.transpose(1, 2).contiguous().transpose(1, 2), delta, beta, freqs, pos,
                            layout="half", need_freqs_grad=True)
@@ -118,7 +110,7 @@ def test_very_wide_group_falls_back_to_expanded_keys():
     got = R._rotate_backward(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=True)
     ref = rotate_backward_reference(*cpu64(x, gy, delta, beta, freqs, pos), layout="half", need_freqs_grad=True)
     for u, v in zip(got, ref):
-        assert err(u, v) <= 1e-4 * max(1.0, v.abs().max().item())
+        assert max_err(u, v) <= 1e-4 * max(1.0, v.abs().max().item())
 
 
 @pytest.mark.slow
@@ -130,7 +122,7 @@ def test_long_sequence_many_chunks():
                                    layout="half", need_freqs_grad=True)
     same = rotate_backward_reference(x, gy, delta, beta, freqs, pos, layout="half", need_freqs_grad=True)
     for name, u, v, s in zip(("dx", "ddelta", "dbeta", "dfreqs"), got, ref, same):
-        check_fa(name, u, v, s, 1e-5 * max(1.0, v.abs().max().item()))
+        assert_fa_rule(u, s, v, what=name, floor=1e-5 * max(1.0, v.abs().max().item()))
 
 
 def test_deterministic_backward():

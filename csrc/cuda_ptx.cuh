@@ -1,7 +1,8 @@
-/* The PTX instructions the fused attention kernels use, each behind one small wrapper: warp-wide
- * ldmatrix and mma.sync, cp.async, and the fast base-2 exponential. Kept apart from the tile code
- * (attn_cuda_tile.cuh) so that tests/test_cuda_emulated.py can compile the kernels as host C++
- * with an emulated copy of exactly this header (tests/cuda_emu/attn_cuda_ptx.cuh) standing in.
+/* Every inline PTX instruction of the CUDA kernels, each behind one small wrapper: the fast base-2
+ * exponential (all softmax kernels, through cuda_math.cuh) and, for the fused attention kernels,
+ * warp-wide ldmatrix and mma.sync and cp.async. Kept in this one header, apart from the kernels,
+ * so that tests/test_cuda_emulated.py can compile every .cu as host C++ with an emulated copy of
+ * exactly this header (tests/cuda_emu/cuda_ptx.cuh) standing in; it rejects asm anywhere else.
  *
  * Register fragments (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
  *   accumulator C (16 x 8):  c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1)
@@ -9,11 +10,11 @@
  *   B (16 x 8, "col"):       b0 = (k 2t, 2t+1; col g), b1 = (k 2t+8, 2t+9; col g)
  * ldmatrix .x4: lanes 8m .. 8m+7 give the row addresses of 8 x 8 matrix m; register m of lane l
  * receives (row l / 4, cols 2 (l % 4), +1) of matrix m (.trans: the transposed matrix). */
-#ifndef CF_ATTN_CUDA_PTX_CUH
-#define CF_ATTN_CUDA_PTX_CUH
+#ifndef CF_CUDA_PTX_CUH
+#define CF_CUDA_PTX_CUH
 #include <stdint.h>
 
-namespace cfattn {
+namespace cfcuda {
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -64,5 +65,5 @@ __device__ __forceinline__ float ex2_fast(float x) {
   return y;
 }
 
-}  // namespace cfattn
+}  // namespace cfcuda
 #endif

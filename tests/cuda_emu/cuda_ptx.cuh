@@ -1,24 +1,36 @@
-/* Host stand-in for csrc/attn_cuda_ptx.cuh (same names and signatures) under emu_fibers.h:
- * tests/test_cuda_emulated.py copies the attention sources into a build directory and puts
- * this file there in place of the real one. Every wrapper is emulated as the PTX ISA defines it:
+/* Host stand-in for csrc/cuda_ptx.cuh (same names and signatures): tests/test_cuda_emulated.py
+ * puts this file in every emulated build directory in place of the real one. Every wrapper is
+ * emulated as the PTX ISA defines it:
+ *   ex2.approx.ftz: exp2f with denormal results flushed to zero (every family);
+ *   and, under emu_fibers.h only (the attention kernels; warp-wide instructions need its fibers):
  *   ldmatrix .x1/.x2/.x4 [.trans]: lanes 8m .. 8m+7 give the row addresses (16-byte aligned, in
  *     shared memory) of 8 x 8 b16 matrix m; register m of lane l gets (row l / 4, cols 2 (l % 4),
  *     +1) of matrix m, the lower column in the low half (.trans: of the transposed matrix);
  *   mma.m16n8k16 row.col, f32 accumulate, f16 / bf16 operands (fragments as in the real header);
  *     the products are exact in float, the sum is taken in float (the order may differ slightly
  *     from the tensor cores');
- *   cp.async: recorded at issue, lands at the cp.async.wait_group that retires its group;
- *   ex2.approx.ftz: exp2f with denormal results flushed to zero.
+ *   cp.async: recorded at issue, lands at the cp.async.wait_group that retires its group.
  * A new wrapper in the real header needs its twin here (emu_ldmatrix / emu_mma_16816 /
  * emu_cp_async cover the other shapes of these instructions). */
-#ifndef CF_ATTN_CUDA_PTX_CUH
-#define CF_ATTN_CUDA_PTX_CUH
+#ifndef CF_CUDA_PTX_CUH
+#define CF_CUDA_PTX_CUH
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
-#include "emu_fibers.h"
+#include <cmath>
 
-namespace cfattn {
+namespace cfcuda {
+
+/* ex2.approx.ftz.f32 */
+static inline float ex2_fast(float x) {
+  const float y = exp2f(x);
+  return y < 1.17549435e-38f ? 0.f : y;
+}
+
+}  // namespace cfcuda
+
+#ifdef EMU_FIBERS_H
+namespace cfcuda {
 
 /* a 32-bit "shared address": the offset into the launch's dynamic shared memory */
 static inline uint32_t smem_u32(const void *p) {
@@ -118,11 +130,6 @@ static inline void cp_async16(void *s, const void *g) { emu_cp_async(s, g, 16, 1
 static inline void cp_async_commit() { emu_cp_async_commit(); }
 template <int N> static inline void cp_async_wait() { emu_cp_async_wait(N); }
 
-/* ex2.approx.ftz.f32 */
-static inline float ex2_fast(float x) {
-  const float y = exp2f(x);
-  return y < 1.17549435e-38f ? 0.f : y;
-}
-
-}  // namespace cfattn
+}  // namespace cfcuda
+#endif  // EMU_FIBERS_H
 #endif
