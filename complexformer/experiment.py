@@ -39,8 +39,8 @@ from .metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
 from .counts import pdl_weights, token_counts
 from .train import HelpFormatter, write_json, build_model, choose_threads, resolve_device, train, write_atomic
 
-# The quick grid is sized for <= 10 minutes on a 2-core CPU (about 6 measured, see
-# benchmarks/RESULTS.md); --full repeats it for 3 seeds.
+# The quick grid is sized for a few minutes on a 2-core CPU (3-5 measured, see benchmarks/RESULTS.md);
+# --full repeats it for 3 seeds.
 DEFAULTS = dict(pretrain_steps=400, finetune_steps=150, batch_size=16, seq_len=128, lr=3e-3, finetune_lr=1e-3,
                 hidden_size=128, num_layers=2, num_heads=4, vocab_size=1024, alphas=(0.25, 0.5, 1.0),
                 prompts=48, prompt_len=16, new_tokens=32, temperature=1.0, finetune_eval_every=10)
