@@ -37,7 +37,7 @@ import torch
 from . import data as cfdata
 from .metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
 from .counts import pdl_weights, token_counts
-from .train import HelpFormatter, write_json, build_model, choose_threads, resolve_device, train, write_atomic
+from .train import HelpFormatter, build_model, choose_threads, resolve_device, train, write_atomic, write_json
 
 # The quick grid is sized for a few minutes on a 2-core CPU (3-5 measured, see benchmarks/RESULTS.md);
 # --full repeats it for 3 seeds.
@@ -211,8 +211,8 @@ def _smooth(y, k=21):
     return ((c[hi] - c[lo]) / (hi - lo)).tolist()
 
 
-# Distinct line styles and offset markers: "cmha, delta=1 init" ends within 0.5% of "rope" and
-# would hide under it with solid lines alone
+# Distinct line styles and offset markers: "cmha, delta=1 init" follows "rope" closely and would
+# hide under it with solid lines alone
 _STYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P")
 
@@ -236,7 +236,7 @@ def _plot_curves(per_seed, path):
         y = _smooth(r["loss"])
         ax[0].plot(range(1, len(y) + 1), y, label=f"{att} (end {y[-1]:.3f})", **_styled(i, len(y)))
     ax[0].set(title=f"pretraining (narrative), seed {s0['seed']}", xlabel="step",
-              ylabel="training CE (centred 21-step mean)")
+              ylabel="training CE (centred moving mean)")
     base = s0["finetune"].get("pretrained (no finetune)")
     if base is not None:
         ax[1].axhline(base["val"]["ce"], color="gray", linewidth=1, label="pretrained (no finetune)")
