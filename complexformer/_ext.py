@@ -11,14 +11,19 @@ from torch.utils.dlpack import to_dlpack
 try:
     from . import _C
 except ImportError as e:  # the usual cause: importing the source tree (cwd) instead of the install
+    import importlib.util as _util
     import os as _os
 
+    if _util.find_spec(f"{__package__}._C") is not None:
+        raise  # the file is there but does not load (a missing library, another Python's build)
+    # no chained traceback: Python words a missing submodule of a package being imported as
+    # "cannot import name '_C' from partially initialized module (most likely a circular import)"
     raise ImportError(
         "complexformer._C, the compiled extension, is missing from "
         f"{_os.path.dirname(_os.path.abspath(__file__))}. If that is the source checkout, run Python "
         "from another directory to use the installed package, or build in place with "
         "`pip install -e .` (or `python setup.py build_ext --inplace`)."
-    ) from e
+    ) from None
 
 _BUILD = _C.build_info()
 HAS_CUDA_KERNELS = bool(_BUILD["cuda"])

@@ -1,7 +1,7 @@
 """The comparison grid: does CMHA beat RoPE, and does PDL finetuning help rare tokens and diversity?
 
-    python -m complexformer.experiment                  # quick: 1 seed, <= 10 min on a 2-core CPU
-    python -m complexformer.experiment --full           # 3 seeds, mean +- std
+    python -m complexformer.experiment                  # quick: 1 seed, 3-5 min on an idle 2-core CPU
+    python -m complexformer.experiment --full           # 3 seeds, mean +- std, 3x as long
     python -m complexformer.experiment --device cuda --out runs/gpu
 
 On the embedded corpus (``complexformer.data``), with the training function of
@@ -20,10 +20,11 @@ On the embedded corpus (``complexformer.data``), with the training function of
    greedy and sampled continuations of held-out prompts.
 
 Output: tables on stdout, ``results.json`` (every run, per seed, and the mean/std) and PNG plots in
-``--out``: training curves, the PDL weight curves, and accuracy per frequency quartile.
+``--out`` (default runs/experiment): training curves (pretraining CE; finetuning: held-out
+unweighted CE, the same quantity for CE and PDL), the PDL weight curves, and accuracy per frequency
+quartile.
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -36,13 +37,13 @@ import torch
 from . import data as cfdata
 from .metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
 from .counts import pdl_weights, token_counts
-from .train import build_model, resolve_device, train
+from .train import HelpFormatter, build_model, choose_threads, resolve_device, train, write_atomic, write_json
 
-# The quick grid is sized for <= 10 minutes on a 2-core CPU (about 6 measured, see
-# benchmarks/RESULTS.md); --full repeats it for 3 seeds.
+# The quick grid is sized for a few minutes on a 2-core CPU (3-5 measured, see benchmarks/RESULTS.md);
+# --full repeats it for 3 seeds.
 DEFAULTS = dict(pretrain_steps=400, finetune_steps=150, batch_size=16, seq_len=128, lr=3e-3, finetune_lr=1e-3,
                 hidden_size=128, num_layers=2, num_heads=4, vocab_size=1024, alphas=(0.25, 0.5, 1.0),
-                prompts=48, prompt_len=16, new_tokens=32, temperature=1.0)
+                prompts=48, prompt_len=16, new_tokens=32, temperature=1.0, finetune_eval_every=10)
 
 
 # (row, attention, extra config): CMHA with the authors' init (delta ~ N(0, 1/sqrt(d/2)), so the
@@ -53,15 +54,17 @@ POSITION_RUNS = (("cmha", "cmha", {}), ("cmha, delta=1 init", "cmha", {"delta_in
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m complexformer.experiment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--full", action="store_true", help="3 seeds (0, 1, 2), mean +- std")
     p.add_argument("--seeds", type=int, nargs="+", help="explicit seeds (default: 0, or 0 1 2 with --full)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"pretraining steps (default {DEFAULTS['pretrain_steps']}); finetuning takes "
-                        f"{DEFAULTS['finetune_steps']}/{DEFAULTS['pretrain_steps']} of it")
+    p.add_argument("--steps", type=int, default=DEFAULTS["pretrain_steps"],
+                   help=f"pretraining steps; finetuning takes {DEFAULTS['finetune_steps']}/"
+                        f"{DEFAULTS['pretrain_steps']} of it")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULTS["alphas"]), help="PDL exponents")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/experiment", metavar="DIR")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one per physical core not busy with other work)")
+    p.add_argument("--out", default="runs/experiment", metavar="DIR", help="where results.json and the plots go")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p.parse_args(argv)
 
@@ -131,8 +134,12 @@ def run_seed(seed, cfg, corpora, tok, dev, progress):
         model.load_state_dict(pretrained.state_dict())
         hist = None
         if loss is not None:
+            # held-out plain CE along the way: the one loss that compares CE with PDL (whose training
+            # loss is weighted); its last point is the table's value
             hist = train(model, ft_train, loss=loss, alpha=alpha, steps=cfg["finetune_steps"], lr=cfg["finetune_lr"],
-                         warmup=max(1, cfg["finetune_steps"] // 20), desc=f"finetune {name} s{seed}", **common)
+                         warmup=max(1, cfg["finetune_steps"] // 20), desc=f"finetune {name} s{seed}",
+                         evaluate=lambda m: evaluate_lm(m, vx, vy)["ce"], eval_every=cfg["finetune_eval_every"],
+                         **common)
         ev = evaluate_lm(model, vx, vy, buckets=buckets)
         texts = _continuations(model, tok, prompts, cfg, seed, L)
         finetune[name] = {
@@ -141,6 +148,7 @@ def run_seed(seed, cfg, corpora, tok, dev, progress):
             "distinct": {m: {"d1": distinct_n(t, 1), "d2": distinct_n(t, 2)} for m, t in texts.items()},
             "samples": {m: t[:3] for m, t in texts.items()},
             "train_loss": None if hist is None else hist["loss"],
+            "val_ce_curve": None if hist is None else hist["eval"],
         }
     return position, finetune, counts
 
@@ -192,34 +200,62 @@ def format_table(summary, cols, first="run"):
     return "\n".join(lines)
 
 
-def _smooth(y, k=20):
-    k = max(1, min(k, len(y) // 5 or 1))
+def _smooth(y, k=21):
+    """Centred moving average over ``k`` points (fewer at the ends, where the window is cut off):
+    one value per step, so the curve covers every step and is not shifted."""
+    h = max(0, min(k, len(y) // 5) // 2)
     t = torch.tensor(y, dtype=torch.float64)
     c = torch.cat([torch.zeros(1, dtype=torch.float64), t.cumsum(0)])
-    return ((c[k:] - c[:-k]) / k).tolist()
+    i = torch.arange(len(y))
+    lo, hi = (i - h).clamp(min=0), (i + h + 1).clamp(max=len(y))
+    return ((c[hi] - c[lo]) / (hi - lo)).tolist()
 
 
-def plot_all(per_seed, counts, alphas, out):
-    """training_curves.png, pdl_weights.png, bucket_accuracy.png in ``out``; returns their paths."""
+# Distinct line styles and offset markers: "cmha, delta=1 init" follows "rope" closely and would
+# hide under it with solid lines alone
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _styled(i, n_points):
+    every = max(1, n_points // 8)
+    return dict(linestyle=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                markevery=(i * every // 4 % every, every))
+
+
+def _seeds_note(per_seed):
+    seeds = [s["seed"] for s in per_seed]
+    return f"1 seed ({seeds[0]})" if len(seeds) == 1 else f"mean of {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+
+
+def _plot_curves(per_seed, path):
     plt = _require_plotting()
-    paths = []
     s0 = per_seed[0]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for att, r in s0["position"].items():
-        ax[0].plot(_smooth(r["loss"]), label=att)
-    ax[0].set(title=f"pretraining (narrative), seed {s0['seed']}", xlabel="step", ylabel="training CE (smoothed)")
-    for name, r in s0["finetune"].items():
-        if r["train_loss"] is not None:
-            ax[1].plot(_smooth(r["train_loss"]), label=name)
-    ax[1].set(title="finetuning (poetry)", xlabel="step", ylabel="training loss (PDL: weighted), smoothed")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (att, r) in enumerate(s0["position"].items()):
+        y = _smooth(r["loss"])
+        ax[0].plot(range(1, len(y) + 1), y, label=f"{att} (end {y[-1]:.3f})", **_styled(i, len(y)))
+    ax[0].set(title=f"pretraining (narrative), seed {s0['seed']}", xlabel="step",
+              ylabel="training CE (centred moving mean)")
+    base = s0["finetune"].get("pretrained (no finetune)")
+    if base is not None:
+        ax[1].axhline(base["val"]["ce"], color="gray", linewidth=1, label="pretrained (no finetune)")
+    runs = [(n, r) for n, r in s0["finetune"].items() if r.get("val_ce_curve")]
+    for i, (name, r) in enumerate(runs):
+        steps, ce = zip(*r["val_ce_curve"])
+        ax[1].plot(steps, ce, label=f"{name} (end {ce[-1]:.3f})", **_styled(i, len(steps)))
+    ax[1].set(title=f"finetuning (poetry), seed {s0['seed']}", xlabel="step",
+              ylabel="held-out CE (unweighted, all runs)")
     for a in ax:
-        a.legend()
+        a.legend(fontsize=8)
         a.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(os.path.join(out, "training_curves.png"))
-    fig.savefig(paths[-1], dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
+
+def _plot_weights(counts, alphas, path):
+    plt = _require_plotting()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     c = counts[counts > 0].double().sort(descending=True).values
     rank = torch.arange(1, len(c) + 1)
@@ -231,24 +267,41 @@ def plot_all(per_seed, counts, alphas, out):
     ax.legend()
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    paths.append(os.path.join(out, "pdl_weights.png"))
-    fig.savefig(paths[-1], dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = list(s0["finetune"].keys())
+
+def _plot_buckets(per_seed, path):
+    """Mean accuracy per quartile; error bars: the std over seeds, or with one seed the binomial
+    standard error of the held-out targets in the quartile (Q1 has only a few hundred)."""
+    plt = _require_plotting()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    names = list(per_seed[0]["finetune"].keys())
     width = 0.8 / len(names)
+    n = torch.tensor(per_seed[0]["finetune"][names[0]]["val"]["tokens_by_bucket"], dtype=torch.float64)
     for i, name in enumerate(names):
-        accs = torch.tensor([s["finetune"][name]["val"]["acc_by_bucket"] for s in per_seed])
-        ax.bar([q + i * width for q in range(4)], accs.mean(0).tolist(), width,
-               yerr=accs.std(0).tolist() if len(per_seed) > 1 else None, label=name)
-    ax.set_xticks([q + 0.4 - width / 2 for q in range(4)], ["Q1 (rare)", "Q2", "Q3", "Q4 (frequent)"])
-    ax.set(title="held-out top-1 accuracy by token frequency quartile", ylabel="accuracy")
+        accs = torch.tensor([s["finetune"][name]["val"]["acc_by_bucket"] for s in per_seed], dtype=torch.float64)
+        mean = accs.mean(0)
+        err = accs.std(0) if len(per_seed) > 1 else (mean * (1 - mean) / n.clamp(min=1)).sqrt()
+        ax.bar([q + i * width for q in range(4)], mean.tolist(), width, yerr=err.tolist(), capsize=2, label=name)
+    quart = ["Q1 (rare)", "Q2", "Q3", "Q4 (frequent)"]
+    ax.set_xticks([q + 0.4 - width / 2 for q in range(4)],
+                  [f"{q}\n{int(k)} targets" for q, k in zip(quart, n.tolist())])
+    bars = "std over seeds" if len(per_seed) > 1 else "binomial standard error"
+    ax.set(title=f"held-out top-1 accuracy by token frequency quartile\n{_seeds_note(per_seed)}; "
+                 f"error bars: {bars}", ylabel="accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(os.path.join(out, "bucket_accuracy.png"))
-    fig.savefig(paths[-1], dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
+
+
+def plot_all(per_seed, counts, alphas, out):
+    """training_curves.png, pdl_weights.png, bucket_accuracy.png in ``out``; returns their paths."""
+    paths = [os.path.join(out, n) for n in ("training_curves.png", "pdl_weights.png", "bucket_accuracy.png")]
+    _plot_curves(per_seed, paths[0])
+    _plot_weights(counts, alphas, paths[1])
+    _plot_buckets(per_seed, paths[2])
     return paths
 
 
@@ -258,12 +311,12 @@ def main(argv=None):
     _require_plotting()  # fail before training, not after
     seeds = args.seeds or ([0, 1, 2] if args.full else [0])
     cfg = dict(DEFAULTS, alphas=tuple(args.alphas))
-    if args.steps is not None:
-        if args.steps < 1:
-            raise ValueError(f"--steps: expected a positive int, got {args.steps}")
-        cfg["finetune_steps"] = max(1, round(args.steps * cfg["finetune_steps"] / cfg["pretrain_steps"]))
-        cfg["pretrain_steps"] = args.steps
+    if args.steps < 1:
+        raise ValueError(f"--steps: expected a positive int, got {args.steps}")
+    cfg["finetune_steps"] = max(1, round(args.steps * cfg["finetune_steps"] / cfg["pretrain_steps"]))
+    cfg["pretrain_steps"] = args.steps
     os.makedirs(args.out, exist_ok=True)
+    print(choose_threads(args.threads), flush=True)
 
     t0 = time.perf_counter()
     pre_train_text, pre_val_text = cfdata.split_held_out(cfdata.load_corpus("narrative"))
@@ -285,8 +338,7 @@ def main(argv=None):
     results = {"command": "python -m complexformer.experiment " + " ".join(sys.argv[1:] if argv is None else argv),
                "config": cfg, "seeds": seeds, "machine": _machine(dev), "minutes": minutes,
                "summary": summary, "per_seed": per_seed, "plots": [os.path.basename(p) for p in plots]}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(os.path.join(args.out, "results.json"), results)
 
     n = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
     print(f"\n## Position schemes: pretrained on narrative, held-out narrative ({n})\n")

@@ -18,16 +18,22 @@ run at the same global batch.
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+if importlib.util.find_spec("ipywidgets") is not None:
+    from tqdm.auto import tqdm  # a widget bar in notebooks
+else:  # tqdm.auto would warn "IProgress not found" in a notebook, then use the text bar anyway
+    from tqdm import tqdm
 
 from . import data as cfdata
 from .counts import pdl_weights, token_counts
@@ -48,6 +54,112 @@ def resolve_device(name):
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda[:N], got {name!r}")
     return dev
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows each option's default (unless None / off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def write_atomic(path, write):
+    """``write(tmp)`` to a temporary file beside ``path`` (same suffix), then move it over ``path``:
+    a reader never sees half a file, and an interrupted run leaves the old one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    write_atomic(path, write)
+
+
+def _cores_and_cpus():
+    """(physical cores, logical CPUs) this process may run on: its affinity set (Linux), with SMT
+    siblings counted once; os.cpu_count() for both where that is unknown."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+        return n, None
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return len(cores), cpus
+
+
+def _busy_cpus(cpus, seconds=0.25):
+    """How many of ``cpus`` other processes keep busy right now: /proc/stat sampled over ``seconds``
+    (None where that is unavailable)."""
+    def sample():
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    v = [int(x) for x in fields]
+                    out[name] = (sum(v[:8]), v[3] + v[4])  # total, idle + iowait
+        return out
+
+    try:
+        a = sample()
+        time.sleep(seconds)
+        b = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for name, (total, idle) in b.items():
+        dt = total - a.get(name, (0, 0))[0]
+        if dt > 0:
+            busy += 1 - (idle - a[name][1]) / dt
+    return busy
+
+
+def choose_threads(requested=None):
+    """Set torch's CPU thread count and return a line that says what was chosen and why.
+
+    Default: one thread per physical core this process may use that no other process keeps busy
+    right now (at least 1; divided among the ranks of a local torchrun). The models here are small,
+    so a thread that has to share its core stalls every op at the next barrier: on a 2-core machine
+    with one other busy process, 2 threads trained at 9.5k tokens/s and 1 thread at 16.7k, while on
+    the idle machine 2 threads were 1.3x faster than 1 (benchmarks/RESULTS.md). OMP_NUM_THREADS, when
+    set, is respected; ``requested`` (--threads) overrides both.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads: expected a positive int, got {requested}")
+        torch.set_num_threads(requested)
+        return f"threads: {requested} (--threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS; --threads N overrides)"
+    cores, cpus = _cores_and_cpus()
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    busy = _busy_cpus(set(cpus)) if cpus else None
+    free = cores if busy is None else cores * max(0.0, len(cpus) - busy) / len(cpus)
+    n = max(1, min(cores, int(free + 0.5)) // ranks)
+    torch.set_num_threads(n)
+    load = "" if busy is None else f", {busy:.1f} of {len(cpus)} CPUs busy with other work"
+    per = f" / {ranks} local ranks" if ranks > 1 else ""
+    return f"threads: {n} ({cores} cores available{load}{per}; --threads N overrides)"
 
 
 def init_distributed(device):
@@ -101,13 +213,17 @@ def lr_at(step, steps, lr, warmup):
 
 
 def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_len=128, lr=3e-3,
-          warmup=None, weight_decay=0.01, seed=0, progress=True, desc="train"):
+          warmup=None, weight_decay=0.01, seed=0, progress=True, desc="train", evaluate=None, eval_every=None):
     """Train ``model`` in place on random windows of the int64 token ``stream``.
 
     loss: "ce", or "pdl" (weights (count + eps)^-alpha from the counts of the stream's targets,
     :func:`complexformer.pdl_weights`). Under an initialised process group the model is wrapped in
     DDP and ``batch_size`` is the global batch. Returns a history dict: per-step ``loss`` (the
     global training loss), ``lr``, ``seconds``, ``tokens_per_s``.
+
+    ``evaluate(model) -> float`` (on rank 0), when given, is recorded before the first step, every
+    ``eval_every`` steps and after the last as ``eval``: [[steps done, value], ...]; its time is not
+    counted in ``seconds``.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
@@ -136,9 +252,22 @@ def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_
     # bf16 autocast on the GPU (CMHA's fused CUDA kernels take half precision); float32 on the CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     hist = {"loss": [], "lr": []}
+    eval_seconds = 0.0
+    if evaluate is not None:
+        hist["eval"] = []
+
+    def record_eval(done):
+        nonlocal eval_seconds
+        if evaluate is not None and rank == 0:
+            t = time.perf_counter()
+            hist["eval"].append([done, float(evaluate(model))])
+            model.train()
+            eval_seconds += time.perf_counter() - t
+
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     t0 = time.perf_counter()
+    record_eval(0)
     for step in bar:
         x, y = cfdata.random_windows(stream, batch_size, seq_len, gen, rank=rank, world_size=world)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -169,9 +298,11 @@ def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_
         hist["loss"].append(logged.item())
         hist["lr"].append(cur_lr)
         bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
+        if (eval_every and (step + 1) % eval_every == 0) or step + 1 == steps:
+            record_eval(step + 1)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    hist["seconds"] = time.perf_counter() - t0
+    hist["seconds"] = time.perf_counter() - t0 - eval_seconds
     hist["tokens_per_s"] = steps * batch_size * seq_len / hist["seconds"]
     model.eval()
     return hist
@@ -179,29 +310,31 @@ def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m complexformer.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text-file", help="UTF-8 text to train on (default: the embedded corpus, see --corpus)")
     src.add_argument("--corpus", choices=cfdata.CORPUS_PARTS, default="narrative",
-                     help="embedded corpus part used when no --text-file is given (default: narrative)")
+                     help="embedded corpus part used when no --text-file is given")
     p.add_argument("--attention", choices=ATTENTIONS, default=None,
                    help="position scheme (default: cmha, or the --init-from model's)")
-    p.add_argument("--loss", choices=LOSSES, default="ce")
+    p.add_argument("--loss", choices=LOSSES, default="ce", help="training loss")
     p.add_argument("--alpha", type=float, default=1.0, help="PDL exponent (with --loss pdl)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training window")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (split over DDP ranks)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one per physical core not busy with other work)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     p.add_argument("--init-from", metavar="DIR", help="start from a model + tokenizer saved by an earlier run")
     p.add_argument("--out", metavar="DIR", default="runs/train", help="where metrics.json and the model go")
-    p.add_argument("--tokenizer", choices=cfdata.TOKENIZERS, default="bpe")
+    p.add_argument("--tokenizer", choices=cfdata.TOKENIZERS, default="bpe", help="byte-level BPE or raw bytes")
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--hidden-size", type=int, default=128, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the text held out (its end)")
     p.add_argument("--no-save", action="store_true", help="write metrics.json only, not the model")
     return p.parse_args(argv)
 
@@ -215,6 +348,9 @@ def main(argv=None):
         text, source = cfdata.load_corpus(args.corpus), f"embedded:{args.corpus}"
     dev = init_distributed(dev)
     rank, world = dist_info()
+    threads = choose_threads(args.threads)
+    if rank == 0:
+        print(threads, flush=True)
     train_text, val_text = cfdata.split_held_out(text, args.val_fraction)
 
     if args.init_from:
@@ -256,8 +392,7 @@ def main(argv=None):
                    "train_tokens": len(train_ids), "val_tokens": len(val_ids), "history": hist,
                    "val": val, "val_ppl": val["ppl"]}
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+        write_json(os.path.join(args.out, "metrics.json"), metrics)
         if not args.no_save:
             model.save_pretrained(args.out)
             tok.save(args.out)

@@ -7,41 +7,82 @@ Steps: train a byte-level BPE tokenizer on the file (the `tokenizers` library), 
 ragged examples that end in EOS, count the label tokens the loss will see
 (complexformer.hf.label_token_counts), turn the counts into weights
 (complexformer.pdl_weights: w = (count + eps)^-alpha), and train a tiny GPT-2 built from a config
-with complexformer.hf.PDLTrainer. At the end it reports, on held-out text, the plain (unweighted)
-cross-entropy and the next-token accuracy for frequent / middle / rare target tokens: PDL trades some
-accuracy on frequent tokens for accuracy on rare ones. `--compare-ce` trains the same model from the
-same initialisation with alpha = 0 (plain cross-entropy) and prints both side by side.
+with complexformer.hf.PDLTrainer. At the end it prints, on held-out text, the plain (unweighted)
+cross-entropy, perplexity and next-token accuracy for frequent / middle / rare target tokens.
+`--compare-ce` trains the same model from the same initialisation with alpha = 0 (plain
+cross-entropy) and prints both side by side.
+
+What to expect: the model here starts from scratch, and at alpha = 1 PDL makes every seen token type
+count about equally, so the model is slow to learn even the frequent tokens. Beside `--compare-ce`'s
+cross-entropy run, PDL at alpha = 1 then has a much higher held-out CE and can be worse in every
+bucket, rare tokens included (examples/README.md). PDL is meant for finetuning a model that already
+knows the frequent tokens: there, at alpha 0.25-0.5, it trades some perplexity for rare-token
+accuracy (`python -m complexformer.experiment`, benchmarks/RESULTS.md). A smaller --alpha flattens
+the weights here too.
 """
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 
 import torch
 
+from complexformer.train import HelpFormatter
+
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--text-file", required=True, help="UTF-8 text, one paragraph/verse per line")
     p.add_argument("--max-lines", type=int, default=None, help="use only the first N non-empty lines")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (special tokens included)")
     p.add_argument("--seq-len", type=int, default=128, help="max tokens per packed example")
-    p.add_argument("--eval-fraction", type=float, default=0.05)
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="share of the examples held out")
     p.add_argument("--alpha", type=float, default=1.0, help="PDL exponent; 0 = plain cross-entropy")
-    p.add_argument("--eps", type=float, default=1e-7)
+    p.add_argument("--eps", type=float, default=1e-7, help="PDL weights are (count + eps)^-alpha")
     p.add_argument("--max-weight", type=float, default=None, help="clip weights (guards unseen targets)")
     p.add_argument("--compare-ce", action="store_true", help="also train with alpha=0 from the same init")
-    p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule)")
+    p.add_argument("--n-layer", type=int, default=2, help="GPT-2 layers")
+    p.add_argument("--n-embd", type=int, default=128, help="GPT-2 width")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads (must divide --n-embd)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, split and data-order seed")
     p.add_argument("--output-dir", default=None, help="Trainer output dir (default: a temp dir; nothing is saved)")
-    return p.parse_args()
+    args = p.parse_args()
+    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "n_layer", "n_embd", "n_head"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    if args.max_lines is not None and args.max_lines < 2:
+        p.error(f"--max-lines must be at least 2 (one line to train on, one held out), got {args.max_lines}")
+    if args.seq_len < 2:
+        p.error(f"--seq-len must be at least 2 (a token and the EOS after it), got {args.seq_len}")
+    if not 0 < args.eval_fraction < 1:
+        p.error(f"--eval-fraction must lie in (0, 1), got {args.eval_fraction}")
+    if args.alpha < 0:
+        p.error(f"--alpha must be >= 0, got {args.alpha}")
+    if args.n_embd % args.n_head:
+        p.error(f"--n-head {args.n_head} must divide --n-embd {args.n_embd}")
+    return args
+
+
+def read_lines(path, max_lines):
+    """The file's non-empty lines (stripped), or exit with a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except FileNotFoundError:
+        sys.exit(f"error: --text-file {path}: no such file")
+    except IsADirectoryError:
+        sys.exit(f"error: --text-file {path}: is a directory, not a text file")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: --text-file {path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    if not lines:
+        sys.exit(f"error: --text-file {path}: no text (the file is empty or has only blank lines)")
+    return lines[:max_lines] if max_lines else lines
 
 
 EOS = "<|endoftext|>"
@@ -148,20 +189,22 @@ def train_one(name, weights, init_state, cfg, train, args, out_dir):
 def main():
     args = parse_args()
     torch.manual_seed(args.seed)
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    import complexformer
-    from complexformer.hf import label_token_counts
-
-    with open(args.text_file, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    if args.max_lines:
-        lines = lines[: args.max_lines]
+    lines = read_lines(args.text_file, args.max_lines)
     print(f"{len(lines)} lines from {args.text_file}")
 
     tok = build_tokenizer(lines, args.vocab_size)
     vocab = tok.get_vocab_size()  # special tokens included: the model's output size
     examples = pack(lines, tok, args.seq_len)
+    if len(examples) < 2:
+        sys.exit(f"error: --text-file {args.text_file}: its {len(lines)} line(s) pack into {len(examples)} example "
+                 f"of <= {args.seq_len} tokens; need at least 2 (one to train on, one held out): give more "
+                 f"lines or a smaller --seq-len")
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import complexformer
+    from complexformer.hf import label_token_counts
+
     g = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(len(examples), generator=g).tolist()
     n_eval = max(1, int(len(examples) * args.eval_fraction))

@@ -20,14 +20,42 @@ from tqdm import tqdm
 
 import complexformer
 from complexformer.models import ComplexFormerConfig, ComplexFormerForCausalLM
+from complexformer.train import HelpFormatter, resolve_device
 
 
 def load_bytes(path, max_bytes):
-    with open(path, "rb") as f:
-        data = f.read(max_bytes if max_bytes > 0 else -1)
+    """The file's bytes as int64 tokens, or exit with a one-line error."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes if max_bytes > 0 else -1)
+    except FileNotFoundError:
+        sys.exit(f"error: --text-file {path}: no such file")
+    except IsADirectoryError:
+        sys.exit(f"error: --text-file {path}: is a directory, not a text file")
     if len(data) < 1024:
-        sys.exit(f"--text-file {path}: only {len(data)} bytes; need at least 1 KiB of text")
+        sys.exit(f"error: --text-file {path}: only {len(data)} bytes; need at least 1 KiB of text")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def check_args(ap, args):
+    """Exit with a one-line usage error for settings the model or the data cannot take."""
+    for name in ("steps", "batch_size", "seq_len", "dim", "depth", "heads", "kv_heads", "val_batches"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    if args.dim % args.heads:
+        ap.error(f"--heads {args.heads} must divide --dim {args.dim}")
+    if (args.dim // args.heads) % 2:
+        ap.error(f"--dim / --heads = {args.dim // args.heads} must be even (CMHA pairs the head dimensions)")
+    if args.heads % args.kv_heads:
+        ap.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
+    if args.gen_tokens < 0:
+        ap.error(f"--gen-tokens must be >= 0, got {args.gen_tokens}")
+    if not args.prompt:
+        ap.error("--prompt must not be empty")
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
 
 
 def batches(data, batch, seq_len, gen):
@@ -62,37 +90,41 @@ def val_bits_per_byte(model, data, args, gen):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--text-file", required=True, help="any UTF-8 text file (bytes are the tokens)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--text-file", required=True, help="any UTF-8 text file, at least 1 KiB (bytes are the tokens)")
     ap.add_argument("--max-bytes", type=int, default=0, help="read at most this many bytes (0: all)")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2, help="grouped-query attention (default 2)")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=16, help="windows per step")
+    ap.add_argument("--seq-len", type=int, default=128, help="bytes per window")
+    ap.add_argument("--dim", type=int, default=128, help="model width")
+    ap.add_argument("--depth", type=int, default=2, help="decoder layers")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (must divide --dim)")
+    ap.add_argument("--kv-heads", type=int, default=2, help="key/value heads, grouped-query attention (must divide --heads)")
     ap.add_argument("--attention", default="cmha", choices=["cmha", "rope", "none"],
                     help="cmha: learnable delta/beta; rope: delta=1, beta=0 fixed; none: no positions")
-    ap.add_argument("--backend", default="auto", choices=["auto", "fused", "sdpa", "reference"])
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--loss", default="pdl", choices=["pdl", "ce"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "fused", "sdpa", "reference"],
+                    help="cmha_attention backend")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine)")
+    ap.add_argument("--loss", default="pdl", choices=["pdl", "ce"], help="training loss")
     ap.add_argument("--pdl-alpha", type=float, default=0.25,
                     help="PDL exponent. The paper's default 1.0 is meant for finetuning a pretrained model; "
                          "from scratch it up-weights rare bytes so much that greedy text fills with them")
-    ap.add_argument("--val-batches", type=int, default=4)
-    ap.add_argument("--prompt", default="And God said")
-    ap.add_argument("--gen-tokens", type=int, default=120)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-batches", type=int, default=4, help="random held-out batches per validation")
+    ap.add_argument("--prompt", default="And God said", help="start of the generated text")
+    ap.add_argument("--gen-tokens", type=int, default=120, help="bytes to generate")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     args = ap.parse_args()
+    dev = check_args(ap, args)
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     data = load_bytes(args.text_file, args.max_bytes)
     n_val = max(len(data) // 20, args.seq_len + 2)
+    if len(data) - n_val < args.seq_len + 2:
+        sys.exit(f"error: --text-file {args.text_file}: {len(data)} bytes are too few for --seq-len {args.seq_len} "
+                 f"(need about {2 * args.seq_len + 4}: a window to train on and one held out)")
     train, val = data[:-n_val], data[-n_val:]
-    dev = torch.device(args.device)
 
     config = ComplexFormerConfig(vocab_size=256, hidden_size=args.dim, num_hidden_layers=args.depth,
                                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,

@@ -29,6 +29,9 @@ def test_tiny_experiment_writes_results_and_plots(tmp_path, capsys):
     assert list(ft) == ["pretrained (no finetune)", "CE", "PDL alpha=0.5", "PDL alpha=1"]
     for run in ft.values():
         assert len(run["val"]["acc_by_bucket"]) == 4 and sum(run["val"]["tokens_by_bucket"]) == run["val"]["tokens"]
+        if run["loss"] is not None:  # held-out plain CE along finetuning, ending at the table's value
+            curve = run["val_ce_curve"]
+            assert curve[0][0] == 0 and curve[-1] == [2, pytest.approx(run["val"]["ce"], rel=1e-6)]
         assert 0 <= run["distinct"]["sampled"]["d2"] <= 1
     # every finetuning run starts from the same weights: the untouched model differs from all of them
     ppl = [run["val"]["ppl"] for run in ft.values()]
@@ -36,3 +39,14 @@ def test_tiny_experiment_writes_results_and_plots(tmp_path, capsys):
     for name in r["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(r["plots"]) == {"training_curves.png", "pdl_weights.png", "bucket_accuracy.png"}
+
+
+def test_smoothing_is_centred_and_covers_every_step():
+    from complexformer.experiment import _smooth
+
+    line = [float(i) for i in range(100)]
+    s = _smooth(line)
+    assert len(s) == 100
+    assert s[10:90] == pytest.approx(line[10:90])  # a centred mean of a line is the line: no shift
+    assert _smooth([2.0] * 50) == pytest.approx([2.0] * 50)
+    assert _smooth([1.0, 3.0]) == pytest.approx([1.0, 3.0])

@@ -86,3 +86,58 @@ def test_end_to_end_then_finetune_from_it(poetry_file, tmp_path, capsys):
     assert not (ft / "tokenizer.json").exists()
     with pytest.raises(ValueError, match="--attention rope differs"):
         main(["--init-from", str(pre), "--attention", "rope", "--out", str(ft)] + TINY)
+
+
+def test_help_shows_defaults(capsys):
+    from complexformer.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps (default: 300)" in out and "(default: runs/train)" in out
+    assert "--threads" in out and "(default: None)" not in out
+
+
+def test_choose_threads(monkeypatch):
+    from complexformer import train as cftrain
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cftrain, "_cores_and_cpus", lambda: (2, [0, 1]))
+    try:
+        for busy, want in ((0.1, 2), (1.0, 1), (1.9, 1), (None, 2)):  # None: /proc/stat unreadable
+            monkeypatch.setattr(cftrain, "_busy_cpus", lambda cpus, b=busy: b)
+            line = cftrain.choose_threads()
+            assert torch.get_num_threads() == want and line.startswith(f"threads: {want} (2 cores available")
+        monkeypatch.setattr(cftrain, "_busy_cpus", lambda cpus: 0.0)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks share the cores
+        assert cftrain.choose_threads().startswith("threads: 1 ") and torch.get_num_threads() == 1
+        assert cftrain.choose_threads(3) == "threads: 3 (--threads)" and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert "OMP_NUM_THREADS" in cftrain.choose_threads()
+        with pytest.raises(ValueError, match="--threads"):
+            cftrain.choose_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cpus_reads_proc_stat():
+    from complexformer.train import _busy_cpus, _cores_and_cpus
+
+    cores, cpus = _cores_and_cpus()
+    assert 1 <= cores <= (len(cpus) if cpus else cores)
+    busy = _busy_cpus(set(cpus), seconds=0.05) if cpus else None
+    assert busy is None or -0.01 <= busy <= len(cpus) + 0.01
+
+
+def test_train_records_held_out_curve():
+    from complexformer.train import build_model, train
+
+    model = build_model(64, "cmha", hidden_size=16, num_layers=1, num_heads=2)
+    stream = torch.randint(0, 64, (400,))
+    calls = []
+    hist = train(model, stream, steps=7, batch_size=2, seq_len=8, progress=False, eval_every=3,
+                 evaluate=lambda m: calls.append(m.training) or float(len(calls)))
+    assert [s for s, _ in hist["eval"]] == [0, 3, 6, 7] and [v for _, v in hist["eval"]] == [1, 2, 3, 4]
+    assert model.training is False and len(hist["loss"]) == 7
