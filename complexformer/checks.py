@@ -78,6 +78,22 @@ def check_real(name, v, what="a number"):
     return float(v)
 
 
+def check_bool(name, v):
+    """``v`` as a Python bool: True, False or a NumPy bool, nothing else (``bool("no")`` is True, so
+    strings, None and numbers would otherwise pick a mode silently)."""
+    if isinstance(v, bool) or type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy":
+        return bool(v)
+    raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
+
+
+def check_not_differentiable(name, t, op):
+    """Refuse a tensor argument that requires grad where the op gives it no gradient (class weights,
+    a normaliser), as torch's own ops do, instead of silently leaving its .grad None."""
+    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: not differentiable with respect to argument '{name}'. This input cannot have "
+                           f"requires_grad True (pass {name}.detach())")
+
+
 def _compiling():
     """True while torch.compile traces: values are unknown, so data-dependent checks are skipped."""
     return torch.compiler.is_compiling()
@@ -148,9 +164,13 @@ def _param_shape(name, t, H, h, shared):
         raise ValueError(f"{name}: expected shape {want} (H={H} query heads, h=d/2={h}), got {tuple(t.shape)}")
 
 
+POS_MIN, POS_MAX = -(2**31), 2**31 - 1  # positions and q_offset: the int32 range (docs/design.md)
+
+
 def check_positions(name, p, B, L, device, other="q"):
     """(L,) or (B | 1, L) integer positions -> (Bp, L) int64 contiguous, Bp in {1, B}.
-    ``other`` names the input whose device the positions must share."""
+    ``other`` names the input whose device the positions must share. Values must lie in the int32
+    range (`check_position_range`)."""
     check_tensor(name, p, ndim=(1, 2))
     if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
         raise TypeError(f"{name}: dtype {_dtype_name(p.dtype)} not supported (expected an integer tensor)")
@@ -160,7 +180,28 @@ def check_positions(name, p, B, L, device, other="q"):
         raise ValueError(f"{name}: expected shape ({L},) or ({B}, {L}) or (1, {L}), got {tuple(p.shape)}")
     if p.device != device:
         raise ValueError(f"{name}: on {p.device}, but {other} is on {device}")
+    check_position_range(name, p)
     return p.to(torch.int64).contiguous()
+
+
+def check_position_range(name, p):
+    """Positions outside [POS_MIN, POS_MAX] raise, naming ``name``: omega * p is reduced in float64,
+    whose rounding grows with |p| (docs/design.md, "Masks and positions"). int32 tensors hold
+    nothing else; int64 tensors are read on the CPU (~1.5 us). A CUDA tensor is not read (a host
+    sync): the kernels make the rotation of an out-of-range position NaN instead. Skipped while
+    torch.compile traces."""
+    if p.dtype.itemsize < 4 or p.dtype == torch.int32 or p.device.type != "cpu" or p.numel() == 0 or _compiling():
+        return
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(p):
+        return
+    lo, hi = torch.aminmax(p if p.dtype == torch.int64 else p.to(torch.int64))
+    lo, hi = int(lo), int(hi)
+    if lo < POS_MIN or hi > POS_MAX:
+        bad = lo if lo < POS_MIN else hi
+        raise ValueError(f"{name}: position {bad} is out of range (expected {POS_MIN} <= position <= {POS_MAX}, "
+                         f"the int32 range)")
 
 
 def check_key_padding_mask(name, mask, B, Lk, device, *, other="q", ints=False, check_values=True,

@@ -25,12 +25,17 @@
 
 #define CF_EPS_R 1e-9
 #define CF_TWO_PI 6.283185307179586476925286766559
+#define CF_POS_MIN -2147483648.0 /* the positions' range: int32 (complexformer/checks.py POS_MIN, POS_MAX) */
+#define CF_POS_MAX 2147483647.0
 
 /* omega * p reduced to [-pi, pi] in double, so long contexts keep float32 phase accuracy.
  * Multiplying by 1 / (2 pi) instead of dividing: a double division is a ~40-instruction sequence on
  * GPUs (it made the attention's pre-rotation pass compute-bound); the two can differ only when
  * a / (2 pi) is within an ulp of a half-integer, where both results are the same angle (+-pi). */
 CF_INLINE double cf_pos_angle(double omega, double p) {
+  /* positions outside the int32 range (docs/design.md, "Masks and positions"): the Python checks
+   * raise on the CPU; CUDA positions are not read on the host, so the rotation says so with a NaN */
+  if (!(p >= CF_POS_MIN && p <= CF_POS_MAX)) return NAN;
   double a = omega * p;
   return a - CF_TWO_PI * rint(a * (1.0 / CF_TWO_PI));
 }
