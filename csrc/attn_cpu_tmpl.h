@@ -97,8 +97,9 @@ CF_AI void FN(rotate_row)(const CfAttnArgs *p, const T *restrict x, int64_t hq, 
   const T *beta = (const T *)p->beta + hq * h;
   const T *omega = (const T *)p->freqs + hq * p->freqs_sh;
   T off[CF_ATTN_MAX_D / 2];
+  const double pd = cf_pos_value(pos);
   for (int64_t j = 0; j < h; j++) {  /* the positional angle is reduced in double (cf_pos_angle) */
-    double o = cf_pos_angle((double)omega[j], (double)pos);
+    double o = cf_pos_angle((double)omega[j], pd);
     off[j] = (T)(with_beta ? o + (double)beta[j] : o);
   }
   FN(rotate_pairs)(p->layout, h, x, delta, off, mul, dst);

@@ -33,11 +33,18 @@
  * GPUs (it made the attention's pre-rotation pass compute-bound); the two can differ only when
  * a / (2 pi) is within an ulp of a half-integer, where both results are the same angle (+-pi). */
 CF_INLINE double cf_pos_angle(double omega, double p) {
-  /* positions outside the int32 range (docs/design.md, "Masks and positions"): the Python checks
-   * raise on the CPU; CUDA positions are not read on the host, so the rotation says so with a NaN */
-  if (!(p >= CF_POS_MIN && p <= CF_POS_MAX)) return NAN;
   double a = omega * p;
+#ifdef __CUDA_ARCH__ /* out-of-range positions: NaN (cf_pos_value); the CPU kernels convert once per row */
+  if (!(p >= CF_POS_MIN && p <= CF_POS_MAX)) return (double)NAN;
+#endif
   return a - CF_TWO_PI * rint(a * (1.0 / CF_TWO_PI));
+}
+
+/* A position as the rotation reads it: positions outside the int32 range (docs/design.md, "Masks
+ * and positions") become NaN, so their rotation is NaN. The Python checks raise for them on the
+ * CPU; CUDA positions are not read on the host (a sync), so there the NaN is what tells. */
+CF_INLINE double cf_pos_value(int64_t pos) {
+  return pos >= (int64_t)CF_POS_MIN && pos <= (int64_t)CF_POS_MAX ? (double)pos : (double)NAN;
 }
 
 #define CF_DEFINE_ROTATE(T, SUF, SQRT, ATAN2, SIN, COS)                                          \

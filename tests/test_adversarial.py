@@ -20,7 +20,7 @@ import complexformer as cf
 from complexformer import _C
 from complexformer._ext import dl
 from complexformer.reference import cmha_attention_pairwise, default_freqs
-from complexformer.rotate import euler_rotate_qk, rotate_reference
+from complexformer.rotate import _rotate_forward, euler_rotate_qk, rotate_reference
 
 F64 = torch.float64
 ATTN_BACKENDS = ["fused", "sdpa", "auto", "reference"]
@@ -508,6 +508,10 @@ def test_positions_beyond_the_limit_raise_naming_them(P):
         m(torch.randn(1, 3, 8, dtype=F64), position_ids=pos)
     with pytest.raises(ValueError, match="q_offset: .* out of range"):
         cf.cmha_attention(q, k, v, delta, beta, freqs, q_offset=_LIMIT - 2)  # q_offset + arange(3) passes 2^31 - 1
+    # below the checks (CUDA positions are not read on the host): the kernels and the reference NaN them
+    bad = ((pos < -_LIMIT) | (pos >= _LIMIT))[0]
+    for rot in (_rotate_forward(x, d_, b_, f_, pos, layout=0), rotate_reference(x, d_, b_, f_, pos)):
+        assert torch.isnan(rot[:, :, bad]).all() and not torch.isnan(rot[:, :, ~bad]).any()
 
 
 def test_cache_positions_errors_name_the_cache():
