@@ -187,21 +187,34 @@ def check_positions(name, p, B, L, device, other="q"):
 def check_position_range(name, p):
     """Positions outside [POS_MIN, POS_MAX] raise, naming ``name``: omega * p is reduced in float64,
     whose rounding grows with |p| (docs/design.md, "Masks and positions"). int32 tensors hold
-    nothing else; int64 tensors are read on the CPU (~1.5 us). A CUDA tensor is not read (a host
-    sync): the kernels make the rotation of an out-of-range position NaN instead. Skipped while
-    torch.compile traces."""
-    if p.dtype.itemsize < 4 or p.dtype == torch.int32 or p.device.type != "cpu" or p.numel() == 0 or _compiling():
-        return
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(p):
-        return
+    nothing else; an int64 tensor is read on the CPU (~2 us), once per tensor version (the layers of
+    a model share their position_ids). A CUDA tensor is not read (a host sync): the kernels make
+    the rotation of an out-of-range position NaN instead. Skipped while torch.compile traces."""
+    if (p.dtype.itemsize < 4 or p.dtype == torch.int32 or p.device.type != "cpu" or p.numel() == 0
+            or type(p) is not torch.Tensor or _compiling() or _seen(_checked_positions, p)):
+        return  # (not a plain tensor: fake, functional, ...: values unknown)
     lo, hi = torch.aminmax(p if p.dtype == torch.int64 else p.to(torch.int64))
-    lo, hi = int(lo), int(hi)
+    lo, hi = lo.item(), hi.item()
     if lo < POS_MIN or hi > POS_MAX:
         bad = lo if lo < POS_MIN else hi
         raise ValueError(f"{name}: position {bad} is out of range (expected {POS_MIN} <= position <= {POS_MAX}, "
                          f"the int32 range)")
+    _remember(_checked_positions, p)  # every layer of a model gets the same position_ids
+
+
+_checked_positions = {}  # id -> (weakref to the tensor, its version when checked)
+
+
+def _seen(cache, t):
+    """True when ``t``, unchanged since (same object, same version), passed a data check before."""
+    seen = cache.get(id(t))
+    return seen is not None and seen[0]() is t and seen[1] == t._version
+
+
+def _remember(cache, t):
+    if len(cache) > 64:
+        cache.clear()
+    cache[id(t)] = (weakref.ref(t), t._version)
 
 
 def check_key_padding_mask(name, mask, B, Lk, device, *, other="q", ints=False, check_values=True,
@@ -294,8 +307,7 @@ def check_pdl_weights(weights):
 
     if is_fake(weights) or weights.device.type == "meta":
         return
-    seen = _checked_weights.get(id(weights))
-    if weights.is_cuda and seen is not None and seen[0]() is weights and seen[1] == weights._version:
+    if weights.is_cuda and _seen(_checked_weights, weights):
         return
     ok = (weights >= 0) & (weights < math.inf)
     if not bool(ok.all()):
@@ -303,9 +315,7 @@ def check_pdl_weights(weights):
         raise ValueError(f"weights: class weights must be finite and >= 0, got {bad} (PDL weights come from "
                          f"pdl_weights(counts), which are positive)")
     if weights.is_cuda:
-        if len(_checked_weights) > 64:
-            _checked_weights.clear()
-        _checked_weights[id(weights)] = (weakref.ref(weights), weights._version)
+        _remember(_checked_weights, weights)
 
 
 _checked_weights = {}  # id -> (weakref to the tensor, its version when checked)

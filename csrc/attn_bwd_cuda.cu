@@ -105,14 +105,7 @@ __device__ __forceinline__ void dkdv_step(float (&dk)[MB][D / 8][4], float (&dv)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int cq = nt * 8 + 2 * (lane & 3) + (e & 1);
-        /* dS^T, exactly 0 where P is masked (a hidden key, a row past the range or with no visible
-         * key), as torch's masked softmax: P (dP - D) would be 0 * NaN there for a NaN value */
-        bool live = s_lse2[cq] != INFINITY;
-        if (need_mask) {
-          const int kl = kw0 + m * 16 + (lane >> 2) + (e >> 1) * 8;
-          live = live && s_kvalid[kl] != 0.f && !(a.causal && k0 + kl > m0 + cq + qoff);
-        }
-        dpt[m][nt][e] = live ? st[m][nt][e] * (dpt[m][nt][e] - s_D[cq]) : 0.f;
+        dpt[m][nt][e] = st[m][nt][e] * (dpt[m][nt][e] - s_D[cq]); /* dS^T */
       }
   acc_to_a<T>(pa, dpt);
   gemm_rs<T, true>(dk, pa, sQ, LDS, lane);
@@ -171,14 +164,13 @@ __device__ __forceinline__ void dq_step(float (&dq)[MB][D / 8][4], const CfAttnA
     for (int nt = 0; nt < NTK; nt++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        const float p = ex2_fast(fmaf(s[m][nt][e], sl2, -lse2[m][e >> 1]));
-        bool live = true;  /* a masked key's dS is exactly 0 (not 0 * NaN for a NaN value), as torch's */
+        float p = ex2_fast(fmaf(s[m][nt][e], sl2, -lse2[m][e >> 1]));
         if (need_mask) {
           const int cc = nt * 8 + 2 * (lane & 3) + (e & 1);
           const int64_t row = r0 + m * 16 + (e >> 1) * 8;
-          live = s_kvalid[cc] != 0.f && !(a.causal && n0 + cc > row + qoff);
+          if (s_kvalid[cc] == 0.f || (a.causal && n0 + cc > row + qoff)) p = 0.f;
         }
-        s[m][nt][e] = live ? p * (dp[m][nt][e] - Drow[m][e >> 1]) : 0.f; /* dS */
+        s[m][nt][e] = p * (dp[m][nt][e] - Drow[m][e >> 1]); /* dS */
       }
   uint32_t pa[MB][NTK / 2][4];
   acc_to_a<T>(pa, s);
