@@ -35,12 +35,17 @@ def build_info():
 
 
 def dl(t):
-    """A borrowed DLPack view of ``t`` for one call into _C."""
+    """A borrowed DLPack view of ``t`` for one call into _C. DLPack has no negative bit, and torch
+    exports such a tensor's memory as is (``torch._neg_view(x)`` would be read as x): it is resolved
+    here, into a copy, for every op at once. (The conjugate bit exists on complex tensors only,
+    which every check refuses; outputs are always fresh tensors, never such views.)"""
+    if t.is_neg():
+        t = t.resolve_neg()
     return to_dlpack(t)
 
 
 def dl_opt(t):
-    return None if t is None else to_dlpack(t)
+    return None if t is None else dl(t)
 
 
 def stream(t):

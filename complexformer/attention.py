@@ -31,13 +31,12 @@ import torch.nn.functional as F
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-from .checks import (FLOAT_DTYPES, LAYOUTS, check_angles, check_backend, check_head_dim, check_heads, check_int,
-                     check_key_padding_mask, check_layout, check_positions, check_real, check_tensor)
+from .checks import (FLOAT_DTYPES, LAYOUTS, POS_MAX, POS_MIN, check_angles, check_backend, check_bool, check_head_dim,
+                     check_heads, check_int, check_key_padding_mask, check_layout, check_positions, check_real,
+                     check_tensor)
 from .checks import compute_dtype as _acc_dtype
 from .reference import rotate_reference, seq_positions, visible
 from .rotate import rotate_bwd, rotate_qk
-
-_POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in float64 angles
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,6 +52,7 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
               layout, backend, positions):
     check_backend(backend)
     check_layout(layout)
+    causal = check_bool("causal", causal)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
     dev = q.device
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
@@ -75,7 +75,8 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     elif not math.isfinite(check_real("scale", scale, "a finite float or None")):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     if q_offset is not None:
-        q_offset = check_int("q_offset", q_offset, lo=-_POS_LIMIT + 1, hi=_POS_LIMIT - 1, what="an int or None")
+        # the default query positions q_offset + arange(Lq) stay within the positions' range
+        q_offset = check_int("q_offset", q_offset, lo=POS_MIN, hi=POS_MAX - max(Lq - 1, 0), what="an int or None")
     if key_padding_mask is not None:
         key_padding_mask = check_key_padding_mask("key_padding_mask", key_padding_mask, B, Lk, dev)
     if cu_seqlens is not None:
@@ -98,7 +99,7 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
                 raise ValueError("cu_seqlens: must be non-decreasing")
     p = _Plan()
     p.B, p.H, p.Hkv, p.Lq, p.Lk, p.d, p.dv = B, H, Hkv, Lq, Lk, d, v.shape[3]
-    p.causal, p.scale, p.layout = bool(causal), float(scale), layout
+    p.causal, p.scale, p.layout = causal, float(scale), layout
     p.kpm, p.cu = key_padding_mask, cu_seqlens
     p.q_offset = (Lk - Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
     p.pdtype = _acc_dtype(q.dtype)
@@ -455,8 +456,7 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
     """
     p = _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
                   layout, backend, positions)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    return_lse = check_bool("return_lse", return_lse)
     delta, beta, freqs = delta.to(p.pdtype), beta.to(p.pdtype), freqs.to(p.pdtype)
     if p.Lq == 0 or p.Lk == 0 or p.dv == 0:
         # Nothing to attend to (or nobody asking): the reference math gives the empty / zero

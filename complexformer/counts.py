@@ -75,6 +75,8 @@ def pdl_weights(counts, alpha=1.0, eps=1e-7, *, max_weight=None):
     template tokens included: the reference trainer's ``add_special_tokens=False`` count gives
     them weight 1e7) means every target the loss meets has a count >= 1, hence a weight <= 1.
     ``max_weight`` additionally caps weights when counts come from a different corpus.
+    Weights beyond float32's range (e.g. ``eps^-alpha`` for alpha > ~5.5 at the default eps)
+    raise a ValueError naming alpha and eps, rather than becoming inf: pass ``max_weight``.
     """
     check_tensor("counts", counts, ndim=1, allow_empty=False)
     if counts.is_complex() or counts.dtype == torch.bool:
@@ -97,7 +99,18 @@ def pdl_weights(counts, alpha=1.0, eps=1e-7, *, max_weight=None):
     w = (c + eps).pow(-float(alpha))
     if max_weight is not None:
         w = w.clamp(max=float(max_weight))
+    big = w.max()
+    if not bool(big <= _FLOAT32_MAX):  # the float32 weights would be inf (and a smoothed loss NaN)
+        cmin = float(c[w.argmax()])
+        cap = (f"max_weight={max_weight!r} is beyond it too; pass a smaller one" if max_weight is not None
+               else "pass max_weight= to cap the weights")
+        raise ValueError(f"alpha, eps: the weight of a count of {cmin:g}, ({cmin:g} + eps={eps:g})^-alpha={alpha:g} "
+                         f"= {float(big):.3g}, overflows float32 (max {_FLOAT32_MAX:.3g}): {cap}, or use a larger "
+                         f"eps or a smaller alpha")
     return w.to(torch.float32)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @selfcheck("token_counts", 0.0)

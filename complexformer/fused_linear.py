@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ._ext import require_cuda_kernels
 from ._selfcheck import selfcheck
-from .checks import (FLOAT_DTYPES, REDUCTIONS, check_normalizer, check_pdl_options, check_targets_in_range,
-                     check_targets_weights, check_tensor)
+from .checks import (FLOAT_DTYPES, REDUCTIONS, check_int, check_normalizer, check_not_differentiable,
+                     check_pdl_options, check_targets_in_range, check_targets_weights, check_tensor)
 from .checks import compute_dtype as _acc_dtype
 from .pdl import (
     _MEAN, _NONE, _NORM_GIVEN, _NORM_PRECOMPUTED, _run_kernel, _scale, _sync_checks, _tracing,
@@ -319,10 +319,13 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     require_cuda_kernels("fused_linear_pdl_loss", hidden)
     if hidden.is_cuda and hidden.dtype == torch.float64:
         raise TypeError("hidden: float64 is supported on the CPU only (CUDA: float32, float16, bfloat16)")
-    for name, v in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, lo=1, what="a positive int or None")
+    if memory_budget is not None:
+        memory_budget = check_int("memory_budget", memory_budget, lo=1, what="a positive int or None")
     check_targets_weights(targets, weights, hidden.shape[:-1], V, hidden.device)
+    check_not_differentiable("weights", weights, "fused_linear_pdl_loss")
+    check_not_differentiable("normalizer", normalizer, "fused_linear_pdl_loss")
     batch_shape = hidden.shape[:-1]
     acc = _acc_dtype(hidden.dtype)
     norm = check_normalizer(normalizer, reduction, hidden.device, acc)

@@ -29,7 +29,8 @@ Semantics (docs/design.md, "PDL"):
     synchronise with the host, so such a row's loss and gradient are NaN (never silently wrong);
     set ``COMPLEXFORMER_SYNC_CHECKS=1`` to check targets eagerly (one host sync) and raise instead.
   * the loss is float32 for float16/bfloat16/float32 logits and float64 for float64 logits; the
-    gradient has the logits' dtype. No gradient flows to ``weights`` or ``normalizer``.
+    gradient has the logits' dtype. ``weights`` and ``normalizer`` get no gradient: one that
+    requires grad raises a RuntimeError, as ``F.cross_entropy`` does for its ``weight``.
   * autograd: the kernels serve reverse mode; ``create_graph=True`` (double backward, gradient
     penalties, Hessian-vector products) rebuilds the gradient in torch ops, and forward-mode AD or
     a ``torch.func`` transform runs the whole loss in torch ops (``reference_pdl_loss``).
@@ -46,8 +47,8 @@ from . import _C
 from . import _ext
 from ._ext import dl, dl_opt, needs_torch_math, num_threads, stream
 from ._selfcheck import selfcheck
-from .checks import (FLOAT_DTYPES, REDUCTIONS, check_logits, check_normalizer, check_pdl_options,
-                     check_targets_in_range, check_targets_weights, check_tensor)
+from .checks import (FLOAT_DTYPES, REDUCTIONS, check_logits, check_normalizer, check_not_differentiable,
+                     check_pdl_options, check_targets_in_range, check_targets_weights, check_tensor)
 from .checks import compute_dtype as _acc_dtype  # weights, per-row losses and the loss
 from .counts import pdl_weights, token_counts  # noqa: F401 (public names of this module)
 from .reference import reference_pdl_loss
@@ -259,6 +260,8 @@ def pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", l
     logits = check_logits("logits", logits)
     V = logits.shape[-1]
     check_targets_weights(targets, weights, logits.shape[:-1], V, logits.device)
+    check_not_differentiable("weights", weights, "pdl_loss")
+    check_not_differentiable("normalizer", normalizer, "pdl_loss")
     kdtype = _acc_dtype(logits.dtype)
     norm = check_normalizer(normalizer, reduction, logits.device, kdtype)
     if needs_torch_math(logits, weights, norm):

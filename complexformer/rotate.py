@@ -25,8 +25,8 @@ import torch
 
 from . import _C, _ext
 from ._selfcheck import selfcheck
-from .checks import (FLOAT_DTYPES, check_angles, check_head_dim, check_heads, check_layout, check_positions,
-                     check_tensor, compute_dtype, layout_id)
+from .checks import (FLOAT_DTYPES, check_angles, check_bool, check_head_dim, check_heads, check_layout,
+                     check_positions, check_tensor, compute_dtype, layout_id)
 from .reference import as_positions, rotate_backward_reference, rotate_reference
 
 _CPU_CHUNKS = 64  # token chunks of the CPU backward reduction
@@ -322,7 +322,8 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
         delta: (H, h) semantic-angle scale, h = d/2.
         beta: (H, h) phase bias, added for queries only (``is_query=False`` ignores it; may be None).
         freqs: (h,) shared or (H, h) per-head positional frequencies (learnable if it requires grad).
-        positions: (L,) or (B, L) int32/int64 token positions; default ``arange(L)``.
+        positions: (L,) or (B, L) int32/int64 token positions, within the int32 range; default
+            ``arange(L)``.
         is_query: add beta (queries) or not (keys).
         layout: "half" (re = x[:h], im = x[h:]) or "interleaved" (re = x[0::2], im = x[1::2]).
 
@@ -331,6 +332,7 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
         Differentiable with respect to x, delta, beta and freqs.
     """
     lid = check_layout(layout)
+    is_query = check_bool("is_query", is_query)
     _check_x("x", x)
     H = check_angles(delta, beta if is_query else None, freqs, x.shape[-1] // 2, x.device, is_query=is_query)
     check_heads("x", x.shape[1], H)
