@@ -28,8 +28,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import _C, _ext
+from . import _ext
 from ._selfcheck import selfcheck
 from .checks import (FLOAT_DTYPES, LAYOUTS, check_angles, check_backend, check_head_dim, check_heads, check_int,
                      check_key_padding_mask, check_layout, check_positions, check_real, check_tensor)
@@ -232,7 +233,7 @@ _FUSED_CPU_MAX_D = 256
 @torch.compiler.assume_constant_result  # a C call dynamo cannot trace; its answer is fixed per build
 def _fused_cuda_supported(dtype, d, dv):
     """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
-    return bool(_C.attn_cuda_supported(str(dtype).replace("torch.", ""), d, dv))
+    return bool(_ext.launch("attn_cuda_supported", str(dtype).replace("torch.", ""), d, dv))
 
 
 def _fused_unsupported(q, p):
@@ -268,40 +269,41 @@ def _rotation_workspaces(q, k, kind):
     Lk = k.shape[2]
     if (kind == "FWD" and k.shape[1] != H) or B * H * Lq * Lk * d == 0:  # empty: the forward rotates on load
         return ()
-    return (_ext.dl(torch.empty(B, H, Lq, d, dtype=q.dtype, device=q.device)),
-            _ext.dl(torch.empty(B, H, Lk, d, dtype=q.dtype, device=q.device)))
+    return (torch.empty(B, H, Lq, d, dtype=q.dtype, device=q.device),
+            torch.empty(B, H, Lk, d, dtype=q.dtype, device=q.device))
 
 
-# Each op's body is a plain function: the op runs it, and so does an eager call on plain tensors
-# without the op's dispatch (_ext.eager_plain, _ext.eager_function), for the same bits.
-def _fused_fwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
+def _fused_fwd_body(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, beta: Tensor, freqs: Tensor, q_pos: Tensor,
+                    k_pos: Tensor, kpm: Optional[Tensor], cu_seqlens: Optional[Tensor], causal: bool, scale: float,
+                    q_offset: int, layout: int) -> tuple[Tensor, Tensor]:
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=_acc_dtype(q.dtype), device=q.device)
-    _C.attn_fwd(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
-                _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(lse), int(causal),
+    _ext.launch("attn_fwd", q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse, int(causal),
                 float(scale), int(q_offset), int(layout), _ext.num_threads(), _ext.stream(q),
                 *_rotation_workspaces(q, k, "FWD"))
     return out, lse
 
 
-@torch.library.custom_op("complexformer::cmha_fused", mutates_args=())
-def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
-                freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
-                cu_seqlens: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
-                layout: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fused_fwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset,
-                           layout)
-
-
-@_cmha_fused.register_fake
-def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
+def _fused_fwd_fake(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, v.shape[3]), q.new_empty(B, H, Lq, dtype=_acc_dtype(q.dtype))
 
 
-def _fused_bwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal, scale,
-                    q_offset, layout):
+def _fused_torch(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
+    """The fused op's (out, lse) in torch ops (forward-mode AD, torch.func): the "reference" backend."""
+    p = _Plan()
+    p.B, p.H, p.Lq, p.d = q.shape
+    p.Hkv, p.Lk, p.dv = k.shape[1], k.shape[2], v.shape[3]
+    p.causal, p.scale, p.q_offset, p.layout = causal, scale, q_offset, layout
+    p.kpm, p.cu, p.q_pos, p.k_pos, p.pdtype = kpm, cu_seqlens, q_pos, k_pos, _acc_dtype(q.dtype)
+    return _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=True)
+
+
+def _fused_bwd_body(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, beta: Tensor, freqs: Tensor, q_pos: Tensor,
+                    k_pos: Tensor, kpm: Optional[Tensor], cu_seqlens: Optional[Tensor], out: Tensor, dout: Tensor,
+                    lse: Tensor, dlse: Optional[Tensor], causal: bool, scale: float, q_offset: int,
+                    layout: int) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. the ROTATED q~ and k~ (per query head) and v (per query head), from the
     gradients of out and (None: 0) of lse."""
     B, H, Lq, d = q.shape
@@ -310,30 +312,21 @@ def _fused_bwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, 
     dq_rot = torch.empty(B, H, Lq, d, dtype=acc, device=q.device)
     dk_rot = torch.empty(B, H, Lk, d, dtype=acc, device=q.device)
     dv_full = torch.empty(B, H, Lk, dv, dtype=acc, device=q.device)
-    _C.attn_bwd(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
-                _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(dout), _ext.dl(lse),
-                _ext.dl_opt(dlse), _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full), int(causal), float(scale),
-                int(q_offset), int(layout), _ext.num_threads(), _ext.stream(q), *_rotation_workspaces(q, k, "BWD"))
+    _ext.launch("attn_bwd", q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, dq_rot,
+                dk_rot, dv_full, int(causal), float(scale), int(q_offset), int(layout), _ext.num_threads(),
+                _ext.stream(q), *_rotation_workspaces(q, k, "BWD"))
     return dq_rot, dk_rot, dv_full
 
 
-@torch.library.custom_op("complexformer::cmha_fused_bwd", mutates_args=())
-def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
-                    freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
-                    cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-                    dlse: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
-                    layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fused_bwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal,
-                           scale, q_offset, layout)
-
-
-@_cmha_fused_bwd.register_fake
-def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal, scale, q_offset,
-      layout):
+def _fused_bwd_fake(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal, scale,
+                    q_offset, layout):
     B, H, Lq, d = q.shape
     acc = _acc_dtype(q.dtype)
     return (q.new_empty(B, H, Lq, d, dtype=acc), q.new_empty(B, H, k.shape[2], d, dtype=acc),
             q.new_empty(B, H, k.shape[2], v.shape[3], dtype=acc))
+
+
+_cmha_fused_bwd = _ext.KernelOp("cmha_fused_bwd", _fused_bwd_body, fake=_fused_bwd_fake)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -352,11 +345,6 @@ def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
 
 
 def _fused_backward(ctx, dout, dlse):
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "cmha_attention(backend='fused'): double backward (create_graph=True, e.g. a gradient "
-            "penalty or a Hessian-vector product) is not supported by the fused kernel; use "
-            "backend='reference' for higher-order gradients")
     q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse = ctx.saved_tensors
     causal, scale, q_offset, layout = ctx.args
     if dout is None and dlse is None:
@@ -364,8 +352,8 @@ def _fused_backward(ctx, dout, dlse):
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
-    dq_rot, dk_rot, dv_full = _ext.op_call(_cmha_fused_bwd, _fused_bwd_body, q, k, v, delta, beta, freqs, q_pos,
-                                           k_pos, kpm, cu, out, dout, lse, dlse, causal, scale, q_offset, layout)
+    dq_rot, dk_rot, dv_full = _cmha_fused_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, dout, lse, dlse,
+                                              causal, scale, q_offset, layout)
     B, H, Lk, dv = dv_full.shape
     Hkv = k.shape[1]
     # fixed-order sum over the G query heads of each kv head (deterministic)
@@ -377,15 +365,17 @@ def _fused_backward(ctx, dout, dlse):
     return dq, dk, dvv, ddq + ddk, dbeta, dfreqs, None, None, None, None, None, None, None, None
 
 
-_cmha_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
-_FusedFunction = _ext.eager_function(_fused_fwd_body, _fused_setup_context, _fused_backward)
+_cmha_fused = _ext.KernelOp(
+    "cmha_fused", _fused_fwd_body, fake=_fused_fwd_fake, setup_context=_fused_setup_context,
+    backward=_fused_backward, torch_math=_fused_torch, label="cmha_attention(backend='fused')",
+    hint="; use backend='reference' for higher-order gradients")
 
 
 def _attention_fused(q, k, v, delta, beta, freqs, p, want_lse=False):
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
     args = (q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
             p.kpm.contiguous() if p.kpm is not None else None, p.cu, p.causal, p.scale, p.q_offset, LAYOUTS[p.layout])
-    out, lse = _ext.op_call(_cmha_fused, _FusedFunction.apply, *args)
+    out, lse = _cmha_fused(*args)
     return out, (lse if want_lse else None)
 
 
