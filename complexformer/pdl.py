@@ -48,6 +48,7 @@ from .checks import (FLOAT_DTYPES, REDUCTIONS, check_logits, check_normalizer, c
                      check_targets_in_range, check_targets_weights, check_tensor)
 from .checks import compute_dtype as _acc_dtype  # weights, per-row losses and the loss
 from .counts import pdl_weights, token_counts  # noqa: F401 (public names of this module)
+from .fused_linear import fused_linear_pdl_loss  # noqa: F401 (lived in this module before)
 from .reference import reference_pdl_loss
 
 __all__ = ["PDLLoss", "fused_linear_pdl_loss", "pdl_loss", "pdl_weights", "token_counts"]
@@ -233,7 +234,3 @@ def _selfcheck_pdl_loss(device):
     out = out.detach()
     return max(abs(float(out) - float(ref)) / max(1.0, abs(float(ref))),
                float((zd.grad.double().cpu() - zr.grad).abs().max() / zr.grad.abs().max()))
-
-
-# Kept importable from here too (it lived in this module before).
-from .fused_linear import fused_linear_pdl_loss  # noqa: E402
