@@ -187,7 +187,7 @@ class KernelOp:
     def __init__(self, name, body, *, fake, setup_context=None, backward=None, double_backward=False,
                  torch_math=None, label=None, hint="", mutates_args=()):
         self.name, self.body, self.torch_math = name, body, torch_math
-        self.label, self.hint = label or name, hint
+        self.label = label or name
         self.op = torch.library.custom_op("complexformer::" + name, body, mutates_args=mutates_args)
         self.op.register_fake(fake)
         self.eager = body
