@@ -10,16 +10,14 @@ import math
 import torch
 from torch import Tensor
 
-from . import _C
-from ._ext import dl, num_threads, require_cuda_kernels, stream
+from . import _ext
 from ._selfcheck import selfcheck
 from .checks import INT_DTYPES, check_int, check_real, check_tensor
 
 __all__ = ["pdl_weights", "token_counts"]
 
 
-@torch.library.custom_op("complexformer::token_counts", mutates_args=())
-def _token_counts_op(ids: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
+def _token_counts_body(ids: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
     counts = torch.empty(vocab_size, dtype=torch.int64, device=ids.device)
     if ids.numel() == 0:
         return counts.zero_()
@@ -27,7 +25,7 @@ def _token_counts_op(ids: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
     if ids.is_cuda:
         # One host sync to report out-of-range ids: counting is preprocessing, not the hot path.
         bad = torch.zeros(2, dtype=torch.int64, device=ids.device)
-        _C.pdl_token_counts(dl(ids), dl(counts), ignore_index, 1, stream(ids), dl(bad))
+        _ext.launch("pdl_token_counts", ids, counts, ignore_index, 1, _ext.stream(ids), bad)
         n_bad, value = bad.tolist()
         if n_bad:
             raise ValueError(
@@ -35,13 +33,14 @@ def _token_counts_op(ids: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
                 f"(expected 0 <= id < vocab_size, or ignore_index={ignore_index})"
             )
     else:
-        _C.pdl_token_counts(dl(ids), dl(counts), ignore_index, num_threads(), 0, None)
+        _ext.launch("pdl_token_counts", ids, counts, ignore_index, _ext.num_threads(), 0, None)
     return counts
 
 
-@_token_counts_op.register_fake
-def _(ids, vocab_size, ignore_index):
-    return ids.new_empty(vocab_size, dtype=torch.int64)
+# integer outputs: no autograd, nothing for a torch.func transform to differentiate
+_token_counts_op = _ext.KernelOp("token_counts", _token_counts_body,
+                                 fake=lambda ids, vocab_size, ignore_index: ids.new_empty(vocab_size,
+                                                                                         dtype=torch.int64))
 
 
 def token_counts(ids, vocab_size, *, ignore_index=-100):
@@ -59,7 +58,7 @@ def token_counts(ids, vocab_size, *, ignore_index=-100):
     # counts are one int64 per id: anything beyond 2^40 ids (8 TiB of counts) is a mistake
     vocab_size = check_int("vocab_size", vocab_size, lo=1, hi=2**40, what="a positive int")
     ignore_index = check_int("ignore_index", ignore_index)
-    require_cuda_kernels("token_counts", ids)
+    _ext.require_cuda_kernels("token_counts", ids)
     return _token_counts_op(ids, vocab_size, ignore_index)
 
 
