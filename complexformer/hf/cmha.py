@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from .cmha_attention import ATTN_IMPLEMENTATION, LEARNABLE, CMHAAttention
+from .cmha_attention import ATTN_IMPLEMENTATION, LEARNABLE, CMHAAttention, CMHAState
+from .families import FAMILIES, adapt, check_family
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_NAMES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and their base models (LlamaModel, ...)"
+LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")  # served by CMHAAttention; the rest by families.adapt
+SUPPORTED_MODEL_TYPES = LEGACY_MODEL_TYPES + tuple(FAMILIES)
+SUPPORTED_NAMES = ("the causal LM and base model of the model types " + ", ".join(SUPPORTED_MODEL_TYPES)
+                   + " (README, 'Hugging Face models')")
 EXACT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 CONFIG_KEY = "cmha_conversion"  # the config entry that records a conversion (saved in config.json)
 
@@ -58,20 +61,23 @@ def _rope_type(rotary, config):
     return rt
 
 
-def _frequencies(rotary, config, head_dim):
-    """(freqs (head_dim/2,) float32 on the CPU, attention_scaling) of the model's rotary embedding."""
+def _frequencies(rotary, config, layer_type=None):
+    """(freqs (rotary pairs,) float32 on the CPU, attention_scaling) of the model's rotary embedding,
+    for ``layer_type`` when the rope is per layer type (Gemma 3: ``{layer_type}_inv_freq``)."""
     rt = _rope_type(rotary, config)
-    if isinstance(rt, dict):  # per-layer-type rope (not in the supported families)
-        raise NotImplementedError(f"convert_to_cmha: per-layer rope types {rt} are not supported")
+    prefix = ""
+    if isinstance(rt, dict):
+        if layer_type not in rt:
+            raise NotImplementedError(f"convert_to_cmha: per-layer rope types {rt} without layer_type {layer_type!r}")
+        rt, prefix = rt[layer_type], f"{layer_type}_"
     if rt not in EXACT_ROPE_TYPES:
         raise NotImplementedError(
             f"convert_to_cmha: {type(config).__name__}.rope_parameters['rope_type'] = {rt!r} cannot be reproduced "
-            "exactly by CMHA's fixed rotation "
-            f"(its frequencies depend on the sequence length, or it rotates part of a head); supported: "
+            "exactly by CMHA's fixed rotation (its frequencies depend on the sequence length); supported: "
             f"{', '.join(EXACT_ROPE_TYPES)}"
         )
-    inv = rotary.inv_freq
-    s = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    inv = getattr(rotary, f"{prefix}inv_freq")
+    s = float(getattr(rotary, f"{prefix}attention_scaling", 1.0) or 1.0)
     if inv.device.type == "meta":
         # Built under from_pretrained's meta-device init: recompute the values on the CPU with the
         # rotary embedding's own init function. The explicit CPU device context matters: the init
@@ -81,25 +87,20 @@ def _frequencies(rotary, config, head_dim):
 
         init = rotary.compute_default_rope_parameters if rt == "default" else ROPE_INIT_FUNCTIONS[rt]
         with torch.device("cpu"):
-            inv, s = init(config)
+            inv, s = init(config, torch.device("cpu"), **({"layer_type": layer_type} if layer_type else {}))
         s = float(s or 1.0)
-    inv = inv.detach().to("cpu", torch.float32)
-    if tuple(inv.shape) != (head_dim // 2,):
-        raise NotImplementedError(
-            f"convert_to_cmha: the rotary embedding has {inv.numel()} frequencies but head_dim/2 = {head_dim // 2} "
-            "(partial rotary embeddings are not supported)"
-        )
-    return inv, s
+    return inv.detach().to("cpu", torch.float32), s
 
 
 def _check_model(model):
     config = getattr(model, "config", None)
     mt = getattr(config, "model_type", None)
+    check_family(config)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
             f"convert_to_cmha: {type(model).__name__} (model_type={mt!r}) is not supported; supported: {SUPPORTED_NAMES}"
         )
-    if getattr(config, CONFIG_KEY, None) and any(isinstance(m, CMHAAttention) for m in model.modules()):
+    if getattr(config, CONFIG_KEY, None) and any(isinstance(m, CMHAState) for m in model.modules()):
         raise ValueError(f"convert_to_cmha: {type(model).__name__} is already converted")
     H, Hkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if H % Hkv:
@@ -111,11 +112,13 @@ def _check_model(model):
 
 
 def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
-    """Swap every attention module of a Llama / Mistral / Qwen2 model for CMHA, in place.
+    """Make every attention module of a supported HF model CMHA, in place.
 
     Args:
-        model: a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or their base
-            ``...Model`` (any head on these decoders works the same way).
+        model: the causal LM or base model of a family in :data:`SUPPORTED_MODEL_TYPES` (README
+            table). Llama / Mistral / Qwen2 attention modules are swapped for
+            :class:`CMHAAttention`; the other families keep their HF attention modules, adapted by
+            ``families.py`` (docs/design.md, "HF families").
         learnable: which CMHA angles become trainable parameters, a subset of ("delta", "beta"). They
             start at delta = 1, beta = 0, where CMHA equals the model's RoPE: the converted model's
             outputs equal the original's. The others stay fixed (non-persistent buffers).
@@ -126,6 +129,9 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
     """
     config = _check_model(model)
     learnable = tuple(learnable)
+    if config.model_type in FAMILIES:
+        adapt(model, config, FAMILIES[config.model_type], learnable=learnable, backend=backend)
+        return _mark_converted(model, config, learnable, backend)
     attn_classes = _attention_classes()
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, attn_classes)]
     if not targets:
@@ -138,7 +144,11 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
     num_layers = config.num_hidden_layers
     for name, attn in targets:
         head_dim = attn.head_dim
-        freqs, s = _frequencies(rotary, config, head_dim)
+        freqs, s = _frequencies(rotary, config)
+        if tuple(freqs.shape) != (head_dim // 2,):
+            raise NotImplementedError(
+                f"convert_to_cmha: the rotary embedding has {freqs.numel()} frequencies but head_dim/2 = "
+                f"{head_dim // 2} (partial rotary is not supported for {config.model_type})")
         ref = next(attn.parameters())
         new = CMHAAttention(
             hidden_size=config.hidden_size, num_heads=H, num_kv_heads=Hkv,
@@ -150,6 +160,10 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
         new.train(attn.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return _mark_converted(model, config, learnable, backend)
+
+
+def _mark_converted(model, config, learnable, backend):
     # The model gets its own config: another model built from the same config object keeps its
     # attention implementation (and no conversion marker).
     _own_config(model, config)
@@ -196,7 +210,7 @@ def cmha_parameters(model):
     """
     out = []
     for m in model.modules():
-        if isinstance(m, CMHAAttention):
+        if isinstance(m, CMHAState):
             out.extend(p for n, p in m.named_parameters(recurse=False) if n in LEARNABLE)
     return out
 
@@ -221,7 +235,7 @@ def _named_angles(model):
     ``base_model.model.`` prefix stripped, so a file fits the bare model and its adapters alike)."""
     out = {}
     for name, m in _unwrap(model).named_modules():
-        if isinstance(m, CMHAAttention):
+        if isinstance(m, CMHAState):
             for n, p in m.named_parameters(recurse=False):
                 if n in LEARNABLE:
                     out[f"{name}.{n}" if name else n] = p
@@ -284,7 +298,7 @@ def _angles_at_risk(model):
     """True when ``model`` holds CMHA angles that a PEFT adapter save would lose: trainable ones,
     or ones moved from their RoPE start (delta = 1, beta = 0) in a converted model."""
     for m in _unwrap(model).modules():
-        if isinstance(m, CMHAAttention):
+        if isinstance(m, CMHAState):
             for n, p in m.named_parameters(recurse=False):
                 if n in LEARNABLE and (p.requires_grad or (m.delta_init == "rope" and bool(
                         (p != (1.0 if n == "delta" else 0.0)).any()))):
@@ -340,10 +354,10 @@ def cmha_model_class(cls):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if isinstance(module, CMHAAttention):
-            module.init_weights_hf()
-        else:
+        if not isinstance(module, CMHAAttention):
             cls._init_weights(self, module)
+        if isinstance(module, CMHAState):
+            module.init_weights_hf()
 
     # The subclass keeps the HF class's name: save_pretrained records it as the config's
     # ``architectures``, which load_cmha (and every other tool) reads back.

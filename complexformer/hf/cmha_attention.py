@@ -97,15 +97,35 @@ def _padding_mask(attention_mask, kv_length):
     return attention_mask
 
 
-def _unconverted_attention(module, *args, **kwargs):
-    raise RuntimeError(
-        f"attn_implementation={ATTN_IMPLEMENTATION!r} is served by complexformer's CMHA attention modules, but "
-        f"{type(module).__name__} was not converted (CMHA needs q and k before any rotary embedding). "
-        "Convert the model with complexformer.hf.convert_to_cmha."
-    )
+def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                  sliding_window=None, cmha_positions=None, **kwargs):
+    """The attention function HF's own attention modules call under :data:`ATTN_IMPLEMENTATION`
+    (modules adapted by ``families.py``): ``query`` (B, H, Lq, d) and ``key`` / ``value``
+    (B, Hkv, Lk, d) arrive un-rotated (the module applied an identity rotary embedding), and
+    ``cmha_positions`` = (query positions, cache or None) from the adapted forward. ``scaling`` is
+    the module's own (``module.scaling``, which conversion multiplied by yarn's s^2); the sliding
+    window is already in the mask HF built. Returns (out (B, Lq, H, d), probabilities or None)."""
+    if not isinstance(module, CMHAState) or cmha_positions is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} is served by complexformer's CMHA attention, but "
+            f"{type(module).__name__} was not converted (CMHA needs q and k before any rotary embedding). "
+            "Convert the model with complexformer.hf.convert_to_cmha."
+        )
+    if dropout and module.training:
+        raise NotImplementedError(f"{type(module).__name__}: attention dropout ({dropout}) is not supported by CMHA "
+                                  "attention; set config.attention_dropout = 0.0")
+    q_pos, cache = cmha_positions
+    k_pos = module._read_positions(cache, query.shape[0], key.shape[2]) if cache is not None else q_pos
+    if softcap is not None or _attention_collector() is not None or kwargs.get("output_attentions"):
+        # softcapping (Gemma 2) and attention probabilities: the written-out path, never a dropped cap
+        mask = module._check_mask(query, key, attention_mask)
+        out, probs = module._attend_reference(query, key, value, q_pos, k_pos, mask, softcap=softcap)
+    else:
+        out, probs = module._attend(query, key, value, q_pos, k_pos, attention_mask), None
+    return out.transpose(1, 2).contiguous(), probs
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, _unconverted_attention)
+AttentionInterface.register(ATTN_IMPLEMENTATION, _hf_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _cmha_mask)
 
 
