@@ -87,7 +87,7 @@ def _frequencies(rotary, config, layer_type=None):
 
         init = rotary.compute_default_rope_parameters if rt == "default" else ROPE_INIT_FUNCTIONS[rt]
         with torch.device("cpu"):
-            inv, s = init(config, torch.device("cpu"), **({"layer_type": layer_type} if layer_type else {}))
+            inv, s = init(config, device=torch.device("cpu"), **({"layer_type": layer_type} if layer_type else {}))
         s = float(s or 1.0)
     return inv.detach().to("cpu", torch.float32), s
 
