@@ -31,8 +31,14 @@ from .families import FAMILIES, adapt, check_family
 
 LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")  # served by CMHAAttention; the rest by families.adapt
 SUPPORTED_MODEL_TYPES = LEGACY_MODEL_TYPES + tuple(FAMILIES)
-SUPPORTED_NAMES = ("the causal LM and base model of the model types " + ", ".join(SUPPORTED_MODEL_TYPES)
-                   + " (README, 'Hugging Face models')")
+
+
+def _supported_names():
+    """The causal LM classes of the supported model types, for error messages."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+
+    return (", ".join(names.get(mt, mt) for mt in SUPPORTED_MODEL_TYPES)
+            + " and their base models (LlamaModel, ...; README, 'Hugging Face models')")
 EXACT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 CONFIG_KEY = "cmha_conversion"  # the config entry that records a conversion (saved in config.json)
 
@@ -98,7 +104,7 @@ def _check_model(model):
     check_family(config)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
-            f"convert_to_cmha: {type(model).__name__} (model_type={mt!r}) is not supported; supported: {SUPPORTED_NAMES}"
+            f"convert_to_cmha: {type(model).__name__} (model_type={mt!r}) is not supported; supported: {_supported_names()}"
         )
     if getattr(config, CONFIG_KEY, None) and any(isinstance(m, CMHAState) for m in model.modules()):
         raise ValueError(f"convert_to_cmha: {type(model).__name__} is already converted")

@@ -102,7 +102,7 @@ def _check_widths(config, name, attn, H, Hkv, d):
 def check_family(config):
     """The table entry of ``config.model_type``; raises naming the class and the supported families
     (or the refused config field)."""
-    from .cmha import SUPPORTED_MODEL_TYPES
+    from .cmha import _supported_names
 
     spec = FAMILIES.get(config.model_type)
     if spec is None:
@@ -112,7 +112,7 @@ def check_family(config):
             raise NotImplementedError(
                 f"convert_to_cmha: {type(config).__name__}.{field}={getattr(config, field)!r} is not supported: "
                 "transformers applies it only in some attention implementations, so no conversion can match "
-                f"the model; set it to None (supported families: {', '.join(SUPPORTED_MODEL_TYPES)})")
+                f"the model; set it to None (supported: {_supported_names()})")
     return spec
 
 
