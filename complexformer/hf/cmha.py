@@ -367,7 +367,11 @@ def cmha_model_class(cls):
 
     # The subclass keeps the HF class's name: save_pretrained records it as the config's
     # ``architectures``, which load_cmha (and every other tool) reads back.
+    # transformers applies its checkpoint key renamings (GPT-NeoX: embed_out -> lm_head) only to
+    # its own classes: this subclass lives in complexformer but loads the same checkpoints.
+    is_custom_code = classmethod(lambda sub_cls: cls.is_custom_code())
     sub = type(cls.__name__, (cls,), {"__init__": __init__, "_init_weights": _init_weights,
+                                      "is_custom_code": is_custom_code,
                                       "__module__": __name__, "__qualname__": cls.__qualname__,
                                       "_cmha_base_class": cls})
     _CLASS_CACHE[cls] = sub
