@@ -92,9 +92,7 @@ RECIPES = {
 
 QUICK = ("gemma2", "phi3", "cohere", "gpt_neox", "smollm3")
 FAMILY_PARAMS = [pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in RECIPES]
-LOGIT_TRANSFORMS = {"gemma2": "final_logit_softcapping", "gemma3_text": "final_logit_softcapping",
-                    "gemma3_text-linear": "final_logit_softcapping", "granite": "logits_scaling",
-                    "cohere": "logit_scale"}
+LOGIT_TRANSFORMS = {"gemma2": "final_logit_softcapping", "granite": "logits_scaling", "cohere": "logit_scale"}
 ATOL = 2e-6  # float32 noise: the measured max |d logits| is 3e-8 .. 4e-7
 VOCAB = COMMON["vocab_size"]
 
@@ -145,9 +143,9 @@ def test_family_logits_equal_and_the_rotation_is_used(name):
             assert d < ATOL, (tag, d)
         for m in conv.modules():
             if isinstance(getattr(m, "delta", None), torch.nn.Parameter):
-                m.delta.fill_(1.1)
+                m.delta.fill_(1.5)
         kw = batches["left"]
-        assert _max_diff(ref(**kw).logits, conv(**kw).logits, kw) > 1e-3
+        assert _max_diff(ref(**kw).logits, conv(**kw).logits, kw) > 50 * ATOL
     base_ref, base = build(name, head="base"), convert_to_cmha(build(name, head="base"))
     with torch.no_grad():
         kw = batches["left"]
