@@ -266,3 +266,32 @@ def test_unsupported_family_lists_the_supported_ones():
 
     with pytest.raises(NotImplementedError, match="GPT2LMHeadModel.*Gemma3ForCausalLM.*PhiForCausalLM"):
         convert_to_cmha(tiny_gpt2())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["phi3", "gemma2", "cohere"])
+def test_family_compile_fullgraph_with_a_padding_mask(name):
+    ref, conv = build(name), convert_to_cmha(build(name))
+    _, batches = _batches()
+    kw = batches["left"]
+    with torch.no_grad():
+        assert _max_diff(ref(**kw).logits, torch.compile(conv, fullgraph=True)(**kw).logits, kw) < ATOL
+
+
+def test_family_bf16_angles_and_peft_round_trip(tmp_path):
+    """Phi-3 (fused qkv_proj): delta / beta stay float32 under a bf16 cast; LoRA on the module's own
+    projection names; the angles saved beside the adapter come back exactly."""
+    peft = pytest.importorskip("peft")
+    from complexformer.hf import load_cmha_angles, save_cmha_angles
+
+    conv = convert_to_cmha(build("phi3"))
+    names = [n for n, _ in conv.named_parameters() if n.endswith((".delta", ".beta"))]
+    assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("delta", "beta")]
+    assert {p.dtype for p in cmha_parameters(copy.deepcopy(conv).to(torch.bfloat16))} == {torch.float32}
+    _move_angles(conv)
+    lora = peft.get_peft_model(conv, peft.LoraConfig(r=2, target_modules=["qkv_proj", "o_proj"]))
+    save_cmha_angles(lora, tmp_path)
+    fresh = peft.get_peft_model(convert_to_cmha(build("phi3")), peft.LoraConfig(r=2, target_modules=["qkv_proj", "o_proj"]))
+    load_cmha_angles(fresh, tmp_path)
+    for a, b in zip(cmha_parameters(lora), cmha_parameters(fresh)):
+        assert torch.equal(a, b)

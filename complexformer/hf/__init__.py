@@ -5,9 +5,11 @@
 - :func:`apply_fused_pdl` (``fused_pdl.py``): patches a causal LM so that its loss runs through
   the fused LM head + loss and never builds the logits.
 - :func:`convert_to_cmha`, :func:`load_cmha`, :func:`cmha_parameters` (``cmha.py``): CMHA inside
-  Llama / Mistral / Qwen2 models; :func:`save_cmha_angles` / :func:`load_cmha_angles` keep learned
-  angles beside a PEFT adapter; :class:`CMHAAttention` (``cmha_attention.py``) is the attention
-  module they and ``complexformer.models.ComplexFormerForCausalLM`` share.
+  HF models of 21 RoPE families (README table); :func:`save_cmha_angles` / :func:`load_cmha_angles`
+  keep learned angles beside a PEFT adapter; :class:`CMHAAttention` (``cmha_attention.py``) is the
+  attention module of converted Llama / Mistral / Qwen2 and of
+  ``complexformer.models.ComplexFormerForCausalLM``; the other families keep their HF attention
+  modules, adapted in ``families.py``.
 
 transformers is imported only when a name that needs it is first used, so that importing
 ``complexformer.hf`` for ``label_token_counts`` stays fast.

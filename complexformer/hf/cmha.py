@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Llama / Mistral / Qwen2 model to CMHA, and save / load converted models.
+"""Convert a Hugging Face model of a supported RoPE family to CMHA, and save / load converted models.
 
     model = AutoModelForCausalLM.from_pretrained(...)
     convert_to_cmha(model)                  # same logits as before (delta = 1, beta = 0 is RoPE)
@@ -6,21 +6,22 @@
     model.save_pretrained(path)             # config.json records the conversion
     model = load_cmha(path)                 # the converted model again, same logits
 
-How it stays exact: each attention module is swapped for :class:`CMHAAttention`, which keeps the
-original q_proj / k_proj / v_proj / o_proj modules (so PEFT / LoRA ``target_modules`` still match)
-and takes its rotation frequencies from the model's own rotary embedding (``inv_freq``, after any
-frequency-only ``rope_scaling``: linear, llama3, yarn). yarn's attention factor (cos and sin both
-scaled by s) is applied as an s^2 factor on the softmax scale. RoPE types whose frequencies change
-with the sequence length (dynamic, longrope) or that rotate only part of a head cannot be
-reproduced by a fixed CMHA rotation and are refused.
+How it stays exact: the rotation frequencies come from the model's own rotary embedding
+(``inv_freq``, per layer type for Gemma 3, after any frequency-only rope scaling: linear, llama3,
+yarn); yarn's attention factor (cos and sin both scaled by s) is applied as an s^2 factor on the
+softmax scale. Llama / Mistral / Qwen2 attention modules are swapped for :class:`CMHAAttention`,
+which keeps the original q_proj / k_proj / v_proj / o_proj modules (PEFT / LoRA ``target_modules``
+still match). The other families (:data:`families.FAMILIES`) keep their HF attention modules,
+adapted in place by ``families.py``. RoPE types whose frequencies change with the sequence length
+(dynamic, longrope) cannot be reproduced by a fixed CMHA rotation and are refused.
 
 Saved state: ``save_pretrained`` / :func:`load_cmha` carry delta / beta (float32 even in a bf16
 model) and rebuild the frequencies from the config, any number of times. A PEFT adapter does not
 hold them: :func:`save_cmha_angles` / :func:`load_cmha_angles` keep them beside it.
 
 The model's ``attn_implementation`` becomes "complexformer_cmha" (on its own copy of the config): HF then builds, for plain causal
-attention, the 2-D padding mask the fused CMHA kernel takes; sliding windows (Mistral, Qwen2) and
-packed sequences keep HF's exact 4-D masks (rotation kernel + SDPA).
+attention, the 2-D padding mask the fused CMHA kernel takes; sliding windows and packed sequences
+keep HF's exact 4-D masks (rotation kernel + SDPA).
 """
 from __future__ import annotations
 
