@@ -357,14 +357,21 @@ class CMHAState:
         return out, probs.to(q.dtype)
 
     def _attend_masked(self, q, k, v, q_pos, k_pos, mask):
-        """Any 4-D mask: the project's rotation kernel, then torch SDPA with the mask."""
-        qr, kr = self._rotated(q, k, q_pos, k_pos)
-        G = q.shape[1] // v.shape[1]
-        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
+        """Any 4-D mask: :func:`cmha_attention` with ``attn_mask`` (rotation kernel + torch SDPA);
+        with partial rotary, the rotation of the rotary features, then SDPA with the mask."""
         if mask.dtype == torch.bool:
             visible = mask
         else:  # HF's additive ("eager") masks put the dtype's minimum on hidden keys
             visible = mask > torch.finfo(mask.dtype).min / 2
+        if 2 * self._freqs_master.numel() == q.shape[-1]:
+            delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
+            attn = mask if mask.dtype == torch.bool else mask.masked_fill(~visible, float("-inf"))
+            return cmha_attention(q, k, v, delta, beta, freqs, causal=False, scale=self.scaling, attn_mask=attn,
+                                  positions=(q_pos, k_pos), layout=self.cmha_layout,
+                                  backend="reference" if self.backend == "reference" else "auto")
+        qr, kr = self._rotated(q, k, q_pos, k_pos)
+        G = q.shape[1] // v.shape[1]
+        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
         # SDPA gives NaN on a row with no visible key (e.g. a left-padding query); such rows are
         # unmasked for the call and zeroed afterwards, so no NaN reaches the next layer's values.
         row_ok = visible.any(-1, keepdim=True)
