@@ -180,12 +180,15 @@ def test_family_sampling_and_beam_search(name):
 def test_family_save_load_with_moved_angles(tmp_path, name):
     conv = convert_to_cmha(build(name))
     _move_angles(conv)
-    conv.save_pretrained(tmp_path)
-    back = load_cmha(tmp_path).eval()
+    conv.save_pretrained(tmp_path / "a")
+    back = load_cmha(tmp_path / "a").eval()
+    back.save_pretrained(tmp_path / "b")  # a reloaded model saves and reloads again
+    again = load_cmha(tmp_path / "b").eval()
     _, batches = _batches()
     with torch.no_grad():
         for kw in batches.values():
-            assert torch.equal(back(**kw).logits, conv(**kw).logits)
+            want = conv(**kw).logits
+            assert torch.equal(back(**kw).logits, want) and torch.equal(again(**kw).logits, want)
 
 
 @pytest.mark.parametrize("name", FAMILY_PARAMS)
