@@ -1,8 +1,14 @@
-"""The bridge to complexformer._C: DLPack views, the current CUDA stream, the build's capabilities.
-(Argument checks live in checks.py.)
+"""The one door to complexformer._C, and the one way to declare an op.
 
-Outputs and workspaces are always allocated here, by torch, so the caching allocator and CUDA
-graphs keep working; the C side only ever borrows memory for the duration of one call.
+* Kernels: ``launch(name, *args)`` calls ``_C.<name>`` with every tensor argument passed as a
+  borrowed DLPack view; ``stream``, ``num_threads`` and ``require_cuda_kernels`` supply the rest.
+  No other module imports ``_C``. (Argument checks live in checks.py.) Outputs and workspaces are
+  always allocated by torch, so the caching allocator and CUDA graphs keep working; the C side
+  only ever borrows memory for the duration of one call.
+* Ops: ``KernelOp`` declares an op once (docs/design.md, "Adding an op") and gives both of its
+  dispatch paths: the registered ``torch.library`` custom op (torch.compile, export, dispatch
+  modes, tensor subclasses) and, for eager calls on plain tensors, the same body and autograd in a
+  plain ``torch.autograd.Function``, without the custom op's Python dispatch.
 """
 import torch
 from torch.autograd import forward_ad
@@ -34,13 +40,28 @@ def build_info():
     return dict(_BUILD)
 
 
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+def launch(kernel, *args):
+    """``_C.<kernel>(*args)``, each tensor argument passed as a borrowed DLPack view."""
+    return getattr(_C, kernel)(*[dl(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
 def dl(t):
-    """A borrowed DLPack view of ``t`` for one call into _C."""
+    """A borrowed DLPack view of ``t`` for one call into _C. DLPack has no negative bit, and torch
+    exports such a tensor's memory as is (``torch._neg_view(x)`` would be read as x): it is resolved
+    here, into a copy, for every op at once. (The conjugate bit exists on complex tensors only,
+    which every check refuses; outputs are always fresh tensors, never such views.)"""
+    if t.is_neg():
+        t = t.resolve_neg()
     return to_dlpack(t)
 
 
 def dl_opt(t):
-    return None if t is None else to_dlpack(t)
+    return None if t is None else dl(t)
 
 
 def stream(t):
@@ -63,32 +84,34 @@ def require_cuda_kernels(op, t):
         )
 
 
+# --------------------------------------------------------------------------------------------
+# which path a call takes
+# --------------------------------------------------------------------------------------------
+
+
 def needs_torch_math(*tensors):
     """True when a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) is active or
-    a tensor carries a forward-mode tangent (torch.autograd.forward_ad). The kernels' autograd is
-    reverse mode only, so the public functions then run their plain-PyTorch math, which every
-    transform composes with (rather than silently returning a zero tangent)."""
+    a tensor carries a forward-mode tangent (torch.autograd.forward_ad): the kernels' autograd is
+    reverse mode only (the policy in KernelOp)."""
     if torch.compiler.is_compiling():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
-            return True
-    return False
+    if forward_ad._current_level < 0:  # no dual level entered: no tensor can carry a tangent
+        return False
+    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager_plain(*args):
-    """True when a registered op may be skipped for its Python body (and a plain
-    torch.autograd.Function for its autograd, `eager_function`): nothing is tracing (torch.compile,
-    export), no TorchDispatchMode is active (FakeTensorMode, flop counters, ...), and every tensor
-    among args is a plain tensor (no fake, functional or other subclass). A custom op's Python
-    dispatch costs several times a small kernel (benchmarks/RESULTS.md, "Host overhead"); the op
-    stays the path for everything that needs its schema or fake kernel. Both paths run the same
-    functions, so they give the same bits."""
+    """True when a KernelOp call may skip its registered op for the body and a plain
+    torch.autograd.Function: nothing is tracing (torch.compile, export), no TorchDispatchMode is
+    active (FakeTensorMode, flop counters, ...), and every tensor among args is a plain tensor (no
+    fake, functional or other subclass). A custom op's Python dispatch costs several times a small
+    kernel (benchmarks/RESULTS.md, "Host overhead"); the op stays the path for everything that
+    needs its schema or fake kernel. Both paths run the same functions, so they give the same bits."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     for a in args:
@@ -97,22 +120,101 @@ def eager_plain(*args):
     return True
 
 
-def op_call(op, eager, *args):
-    """op(*args), or eager(*args) when eager_plain(*args): the op's body (no autograd involved) or the
-    apply of its `eager_function`."""
-    return eager(*args) if eager_plain(*args) else op(*args)
+def tracing(t):
+    """True while torch.compile / AOTAutograd / opcheck trace a backward with fake tensors."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
-def eager_function(body, setup_context, backward):
-    """A torch.autograd.Function from a registered op's body and the setup_context / backward it
-    was registered with (`register_autograd`): the op's autograd without the op's dispatch.
-    (forward takes ctx and calls setup_context itself: a Function that defines setup_context has
-    its arguments bound to forward's signature by inspect on every call, which costs more than
-    the dispatch it saves.)"""
+# --------------------------------------------------------------------------------------------
+# declaring an op
+# --------------------------------------------------------------------------------------------
+
+UNSUPPORTED = "unsupported"  # torch_math= of an op that has no torch-ops equivalent to fall back to
+
+
+def _transform_error(label):
+    kind = None
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is not None:
+        kind = str(interpreter.key()).split(".")[-1]
+    what = ("forward-mode AD (torch.autograd.forward_ad)" if kind is None else
+            "forward-mode AD (torch.func.jvp)" if kind == "Jvp" else f"the torch.func {kind} transform")
+    return NotImplementedError(f"{label}: {what} is not supported; use reverse mode (loss.backward(), "
+                               "torch.autograd.grad)")
+
+
+def _first_order_only(label, hint, backward):
+    def first_order_backward(ctx, *grads):
+        if torch.is_grad_enabled() and not any(g is not None and tracing(g) for g in grads):
+            raise RuntimeError(f"{label}: double backward (create_graph=True, e.g. a gradient penalty or a "
+                               f"Hessian-vector product) is not supported: its backward is not differentiable{hint}")
+        return backward(ctx, *grads)
+
+    return first_order_backward
+
+
+def _eager_function(name, body, setup_context, backward):
+    """The op's autograd as a plain torch.autograd.Function. (forward takes ctx and calls
+    setup_context itself: a Function that defines setup_context has its arguments bound to
+    forward's signature by inspect on every call, which costs more than the dispatch it saves.)"""
     def forward(ctx, *args):
         out = body(*args)
         setup_context(ctx, args, out)
         return out
 
-    return type(body.__name__.strip("_") + "_function", (torch.autograd.Function,),
+    return type(name + "_function", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+class KernelOp:
+    """One op, declared once; calling it runs it the right way.
+
+    Args:
+        name: registered as ``complexformer::<name>`` (``torch.ops.complexformer.<name>``).
+        body: the computation on plain tensors, with type annotations (they give the op's
+            schema). Allocates its outputs with torch and calls kernels through ``launch``.
+        fake: the fake kernel (output shapes and dtypes from the arguments).
+        setup_context, backward: the autograd rule, as for ``register_autograd``; None for an op
+            without one (an integer op, or one only called inside another op's backward).
+        double_backward: True when ``backward`` stays differentiable under create_graph=True
+            (it rebuilds its gradient in torch ops); False makes create_graph=True raise.
+        torch_math: the policy under forward-mode AD and torch.func transforms, which the
+            kernels' reverse-mode autograd cannot serve: a function taking the op's arguments
+            that computes the same outputs in plain torch ops (run instead of the op), or
+            ``UNSUPPORTED`` (raise NotImplementedError), or None for an op never called with
+            user tensors under a transform (no check is made).
+        label: names the op in those errors (default: ``name``); hint: appended to the
+            double-backward error (what to use instead).
+        mutates_args: as for ``torch.library.custom_op``.
+
+    Calling the KernelOp: ``torch_math`` when a transform or tangent needs it; else on plain
+    tensors in eager mode (``eager_plain``) the body with a plain autograd.Function; else the
+    registered op ``.op``. ``.body`` and ``.eager`` are the pieces.
+    """
+
+    def __init__(self, name, body, *, fake, setup_context=None, backward=None, double_backward=False,
+                 torch_math=None, label=None, hint="", mutates_args=()):
+        self.name, self.body, self.torch_math = name, body, torch_math
+        self.label = label or name
+        self.op = torch.library.custom_op("complexformer::" + name, body, mutates_args=mutates_args)
+        self.op.register_fake(fake)
+        self.eager = body
+        if backward is not None:
+            if not double_backward:
+                backward = _first_order_only(self.label, hint, backward)
+            self.op.register_autograd(backward, setup_context=setup_context)
+            self.eager = _eager_function(name, body, setup_context, backward).apply
+
+    def run(self, *args):
+        """The outputs without the op's autograd (inside a backward, where grad mode is off): the
+        body on plain tensors in eager mode, else the registered op."""
+        return self.body(*args) if eager_plain(*args) else self.op(*args)
+
+    def __call__(self, *args):
+        if self.torch_math is not None and needs_torch_math(*args):
+            if self.torch_math is UNSUPPORTED:
+                raise _transform_error(self.label)
+            return self.torch_math(*args)
+        return self.eager(*args) if eager_plain(*args) else self.op(*args)

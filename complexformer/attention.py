@@ -13,7 +13,8 @@ softmax attention on (q~, k~, v). The backends differ only in how they do that:
 - "reference": plain PyTorch math, differentiable by autograd; for tests and as the last fallback.
 - "auto":      the fastest correct path for the device, dtype and shape (rule in `_auto_backend`).
 
-Masks are by index, positions only enter the rotation (docs/design.md, "Masks and positions"). A
+Masks are by index, positions only enter the rotation (docs/design.md, "Masks and positions"); a
+dense attn_mask (bool or additive) is served by "sdpa" and "reference". A
 query row with no visible key outputs 0 (never NaN) in every backend, and its gradients are 0. A
 NaN or Inf in q, k, v or the parameters gives NaN rows wherever the reference math does (every
 backend). Forward-mode AD and torch.func transforms run the "reference" math; the fused backend
@@ -28,16 +29,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import _C, _ext
+from . import _ext
 from ._selfcheck import selfcheck
-from .checks import (FLOAT_DTYPES, LAYOUTS, check_angles, check_backend, check_head_dim, check_heads, check_int,
-                     check_key_padding_mask, check_layout, check_positions, check_real, check_tensor)
+from .checks import (FLOAT_DTYPES, LAYOUTS, POS_MAX, POS_MIN, check_angles, check_backend, check_bool, check_head_dim,
+                     check_heads, check_int, check_key_padding_mask, check_layout, check_positions, check_real,
+                     check_tensor)
 from .checks import compute_dtype as _acc_dtype
 from .reference import rotate_reference, seq_positions, visible
 from .rotate import rotate_bwd, rotate_qk
-
-_POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in float64 angles
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,13 +47,14 @@ _POS_LIMIT = 2**31  # |q_offset| and positions: far beyond any context, exact in
 # --------------------------------------------------------------------------------------------
 class _Plan:
     __slots__ = ("B", "H", "Hkv", "Lq", "Lk", "d", "dv", "causal", "scale", "q_offset", "layout",
-                 "kpm", "cu", "q_pos", "k_pos", "pdtype")
+                 "kpm", "cu", "mask", "q_pos", "k_pos", "pdtype")
 
 
 def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
               layout, backend, positions):
     check_backend(backend)
     check_layout(layout)
+    causal = check_bool("causal", causal)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
     dev = q.device
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
@@ -75,7 +77,8 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     elif not math.isfinite(check_real("scale", scale, "a finite float or None")):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     if q_offset is not None:
-        q_offset = check_int("q_offset", q_offset, lo=-_POS_LIMIT + 1, hi=_POS_LIMIT - 1, what="an int or None")
+        # the default query positions q_offset + arange(Lq) stay within the positions' range
+        q_offset = check_int("q_offset", q_offset, lo=POS_MIN, hi=POS_MAX - max(Lq - 1, 0), what="an int or None")
     if key_padding_mask is not None:
         key_padding_mask = check_key_padding_mask("key_padding_mask", key_padding_mask, B, Lk, dev)
     if cu_seqlens is not None:
@@ -98,8 +101,8 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
                 raise ValueError("cu_seqlens: must be non-decreasing")
     p = _Plan()
     p.B, p.H, p.Hkv, p.Lq, p.Lk, p.d, p.dv = B, H, Hkv, Lq, Lk, d, v.shape[3]
-    p.causal, p.scale, p.layout = bool(causal), float(scale), layout
-    p.kpm, p.cu = key_padding_mask, cu_seqlens
+    p.causal, p.scale, p.layout = causal, float(scale), layout
+    p.kpm, p.cu, p.mask = key_padding_mask, cu_seqlens, None
     p.q_offset = (Lk - Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
     p.pdtype = _acc_dtype(q.dtype)
     if positions is None:
@@ -119,13 +122,43 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     return p
 
 
+def _check_attn_mask(attn_mask, p, device):
+    """attn_mask (bool: True = attend; floating point: added to the scaled scores, -inf hides a key)
+    as a 4-D view, after checking dtype, device and that it broadcasts to (B, H, Lq, Lk)."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a bool or floating-point tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask: expected a bool (True = attend) or floating-point (additive) tensor, got "
+                        f"{attn_mask.dtype}")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask: on {attn_mask.device}, but q is on {device}")
+    full = (p.B, p.H, p.Lq, p.Lk)
+    try:
+        ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, full) == full
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk) = {full}")
+    return attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))  # 4-D, as SDPA wants it
+
+
 # --------------------------------------------------------------------------------------------
 # "reference": plain PyTorch math.
 # --------------------------------------------------------------------------------------------
 def _visible(p, device):
-    """bool (B|1, 1, Lq, Lk): key n visible to query m (masks by index, docs/design.md); None = all."""
-    return visible(p.Lq, p.Lk, causal=p.causal, q_offset=p.q_offset, key_padding_mask=p.kpm, cu_seqlens=p.cu,
-                   device=device)
+    """bool, broadcastable to (B, H, Lq, Lk): key n visible to query m (masks by index, docs/design.md,
+    and attn_mask: True, or an additive value other than -inf); None = all."""
+    vis = visible(p.Lq, p.Lk, causal=p.causal, q_offset=p.q_offset, key_padding_mask=p.kpm, cu_seqlens=p.cu,
+                  device=device)
+    if p.mask is None:
+        return vis
+    keep = p.mask if p.mask.dtype == torch.bool else p.mask != float("-inf")
+    return keep if vis is None else vis & keep
+
+
+def _with_bias(s, p):
+    """The scaled scores plus an additive (floating-point) attn_mask."""
+    return s if p.mask is None or p.mask.dtype == torch.bool else s + p.mask.to(s.dtype)
 
 
 def _masked_scores(s, vis):
@@ -151,7 +184,7 @@ def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False):
     G = p.H // p.Hkv
     qr = rotate_reference(q, delta, beta, freqs, p.q_pos, layout=p.layout).to(q.dtype)
     kr = rotate_reference(k, delta, None, freqs, p.k_pos, layout=p.layout).to(k.dtype)
-    s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
+    s = _with_bias((qr @ kr.transpose(-1, -2)) * p.scale, p)  # (B, H, Lq, Lk)
     vis = _visible(p, q.device)
     sm, vis_all, row_ok = _masked_scores(s, vis)
     prob = torch.softmax(sm, -1)
@@ -165,8 +198,8 @@ def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False):
 # --------------------------------------------------------------------------------------------
 # "sdpa": rotation kernel + torch SDPA.
 # --------------------------------------------------------------------------------------------
-def _sdpa_mask(p, device):
-    """(attn_mask, is_causal, row_ok) for F.scaled_dot_product_attention.
+def _sdpa_mask(p, device, dtype):
+    """(attn_mask, is_causal, row_ok) for F.scaled_dot_product_attention (scores in ``dtype``).
 
     SDPA's is_causal is TOP-LEFT aligned (n <= m); ours is n <= m + q_offset. So is_causal is
     used only for the square case q_offset == 0, Lq == Lk (where every SDPA kernel agrees on the
@@ -174,7 +207,16 @@ def _sdpa_mask(p, device):
     explicit boolean mask. SDPA returns NaN on a row with no visible key: such rows (only
     possible with a key padding mask or q_offset < 0) are unmasked before the call and zeroed
     after it (row_ok), which also zeroes their gradients. is_causal needs scale > 0: torch's CPU
-    kernel gives NaN rows for a causal mask with scale <= 0, so those get the explicit mask."""
+    kernel gives NaN rows for a causal mask with scale <= 0, so those get the explicit mask. An
+    attn_mask always gives an explicit mask: boolean, or for an additive one the bias with -inf on
+    keys the index masks hide."""
+    if p.mask is not None:
+        vis = _visible(p, device)
+        row_ok = vis.any(-1, keepdim=True)
+        if p.mask.dtype == torch.bool:
+            return vis | ~row_ok, False, row_ok
+        bias = torch.where(vis, p.mask.to(dtype), float("-inf"))
+        return torch.where(row_ok, bias, 0.0), False, row_ok
     if p.kpm is None and p.cu is None:
         if not p.causal or p.q_offset >= p.Lk - 1:
             return None, False, None
@@ -193,15 +235,18 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p, want_lse=False):
     # the registered op directly: every argument was checked once, in _validate
     qr, kr = rotate_qk(q, k, delta, beta, freqs, p.q_pos, p.k_pos, LAYOUTS[p.layout])
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
-    mask, is_causal, row_ok = _sdpa_mask(p, q.device)
-    out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
+    mask, is_causal, row_ok = _sdpa_mask(p, q.device, qr.dtype)
+    # an additive mask's -inf does not hide a NaN score (NaN - inf is NaN): NaN keys become 0 for
+    # the call, and _sdpa_nan_rows gives NaN to exactly the rows that see one
+    kc = kr.nan_to_num(0.0, float("inf"), float("-inf")) if mask is not None and mask.dtype != torch.bool else kr
+    out = F.scaled_dot_product_attention(qr, kc, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
     out = out.masked_fill(_sdpa_nan_rows(qr, kr, mask, p), float("nan"))
     if row_ok is not None:
         out = out.masked_fill(~row_ok, 0.0)
     if not want_lse:
         return out, None
     # SDPA does not return it: the scores are recomputed (memory B * H * Lq * Lk in the compute dtype)
-    s = (qr.to(p.pdtype) @ kr.to(p.pdtype).transpose(-1, -2)) * p.scale
+    s = _with_bias((qr.to(p.pdtype) @ kr.to(p.pdtype).transpose(-1, -2)) * p.scale, p)
     sm, _, row_ok = _masked_scores(s, _visible(p, q.device))
     return out, _masked_lse(sm, row_ok)
 
@@ -209,9 +254,13 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p, want_lse=False):
 def _sdpa_nan_rows(qr, kr, mask, p):
     """(B, H, Lq, 1) bool: rows the reference makes NaN but torch's flash kernels may return as 0
     (they treat a row whose every score is NaN like a fully masked one): a query with a NaN or
-    infinite entry, or a query that sees a NaN key. No host sync; O(B H L d) next to the attention."""
+    infinite entry, a query that sees a NaN key, or (additive attn_mask) a NaN bias on a key it
+    sees. No host sync; O(B H L d) next to the attention."""
     bad = ~torch.isfinite(qr).all(-1)  # (B, H, Lq)
     kbad = torch.isnan(kr).any(-1)  # (B, H, Lk)
+    if mask is not None and mask.dtype != torch.bool:
+        bad = bad | torch.isnan(mask).any(-1)
+        mask = mask != float("-inf")
     if mask is not None:
         sees = (mask & kbad[:, :, None, :]).any(-1)
     elif p.causal:  # key n visible to query m iff n <= m + q_offset
@@ -232,11 +281,13 @@ _FUSED_CPU_MAX_D = 256
 @torch.compiler.assume_constant_result  # a C call dynamo cannot trace; its answer is fixed per build
 def _fused_cuda_supported(dtype, d, dv):
     """The CUDA kernel's own answer (tensor cores: float16/bfloat16, d == dv in {64, 128})."""
-    return bool(_C.attn_cuda_supported(str(dtype).replace("torch.", ""), d, dv))
+    return bool(_ext.launch("attn_cuda_supported", str(dtype).replace("torch.", ""), d, dv))
 
 
 def _fused_unsupported(q, p):
     """None when the fused kernel serves this case, else the reason (for errors and for auto)."""
+    if p.mask is not None:
+        return "attn_mask: the fused kernel takes no dense mask (causal, key_padding_mask and cu_seqlens only)"
     dev = q.device.type
     if dev == "cuda" and not _ext.HAS_CUDA_KERNELS:
         return "this build of complexformer._C has no CUDA kernels"
@@ -268,40 +319,41 @@ def _rotation_workspaces(q, k, kind):
     Lk = k.shape[2]
     if (kind == "FWD" and k.shape[1] != H) or B * H * Lq * Lk * d == 0:  # empty: the forward rotates on load
         return ()
-    return (_ext.dl(torch.empty(B, H, Lq, d, dtype=q.dtype, device=q.device)),
-            _ext.dl(torch.empty(B, H, Lk, d, dtype=q.dtype, device=q.device)))
+    return (torch.empty(B, H, Lq, d, dtype=q.dtype, device=q.device),
+            torch.empty(B, H, Lk, d, dtype=q.dtype, device=q.device))
 
 
-# Each op's body is a plain function: the op runs it, and so does an eager call on plain tensors
-# without the op's dispatch (_ext.eager_plain, _ext.eager_function), for the same bits.
-def _fused_fwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
+def _fused_fwd_body(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, beta: Tensor, freqs: Tensor, q_pos: Tensor,
+                    k_pos: Tensor, kpm: Optional[Tensor], cu_seqlens: Optional[Tensor], causal: bool, scale: float,
+                    q_offset: int, layout: int) -> tuple[Tensor, Tensor]:
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=_acc_dtype(q.dtype), device=q.device)
-    _C.attn_fwd(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
-                _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(lse), int(causal),
+    _ext.launch("attn_fwd", q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse, int(causal),
                 float(scale), int(q_offset), int(layout), _ext.num_threads(), _ext.stream(q),
                 *_rotation_workspaces(q, k, "FWD"))
     return out, lse
 
 
-@torch.library.custom_op("complexformer::cmha_fused", mutates_args=())
-def _cmha_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
-                freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
-                cu_seqlens: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
-                layout: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fused_fwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset,
-                           layout)
-
-
-@_cmha_fused.register_fake
-def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
+def _fused_fwd_fake(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, v.shape[3]), q.new_empty(B, H, Lq, dtype=_acc_dtype(q.dtype))
 
 
-def _fused_bwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal, scale,
-                    q_offset, layout):
+def _fused_torch(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
+    """The fused op's (out, lse) in torch ops (forward-mode AD, torch.func): the "reference" backend."""
+    p = _Plan()
+    p.B, p.H, p.Lq, p.d = q.shape
+    p.Hkv, p.Lk, p.dv = k.shape[1], k.shape[2], v.shape[3]
+    p.causal, p.scale, p.q_offset, p.layout = causal, scale, q_offset, layout
+    p.kpm, p.cu, p.mask, p.q_pos, p.k_pos, p.pdtype = kpm, cu_seqlens, None, q_pos, k_pos, _acc_dtype(q.dtype)
+    return _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=True)
+
+
+def _fused_bwd_body(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, beta: Tensor, freqs: Tensor, q_pos: Tensor,
+                    k_pos: Tensor, kpm: Optional[Tensor], cu_seqlens: Optional[Tensor], out: Tensor, dout: Tensor,
+                    lse: Tensor, dlse: Optional[Tensor], causal: bool, scale: float, q_offset: int,
+                    layout: int) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. the ROTATED q~ and k~ (per query head) and v (per query head), from the
     gradients of out and (None: 0) of lse."""
     B, H, Lq, d = q.shape
@@ -310,30 +362,21 @@ def _fused_bwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, 
     dq_rot = torch.empty(B, H, Lq, d, dtype=acc, device=q.device)
     dk_rot = torch.empty(B, H, Lk, d, dtype=acc, device=q.device)
     dv_full = torch.empty(B, H, Lk, dv, dtype=acc, device=q.device)
-    _C.attn_bwd(_ext.dl(q), _ext.dl(k), _ext.dl(v), _ext.dl(delta), _ext.dl(beta), _ext.dl(freqs), _ext.dl(q_pos),
-                _ext.dl(k_pos), _ext.dl_opt(kpm), _ext.dl_opt(cu_seqlens), _ext.dl(out), _ext.dl(dout), _ext.dl(lse),
-                _ext.dl_opt(dlse), _ext.dl(dq_rot), _ext.dl(dk_rot), _ext.dl(dv_full), int(causal), float(scale),
-                int(q_offset), int(layout), _ext.num_threads(), _ext.stream(q), *_rotation_workspaces(q, k, "BWD"))
+    _ext.launch("attn_bwd", q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, dq_rot,
+                dk_rot, dv_full, int(causal), float(scale), int(q_offset), int(layout), _ext.num_threads(),
+                _ext.stream(q), *_rotation_workspaces(q, k, "BWD"))
     return dq_rot, dk_rot, dv_full
 
 
-@torch.library.custom_op("complexformer::cmha_fused_bwd", mutates_args=())
-def _cmha_fused_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
-                    freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, kpm: Optional[torch.Tensor],
-                    cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-                    dlse: Optional[torch.Tensor], causal: bool, scale: float, q_offset: int,
-                    layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fused_bwd_body(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal,
-                           scale, q_offset, layout)
-
-
-@_cmha_fused_bwd.register_fake
-def _(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal, scale, q_offset,
-      layout):
+def _fused_bwd_fake(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, causal, scale,
+                    q_offset, layout):
     B, H, Lq, d = q.shape
     acc = _acc_dtype(q.dtype)
     return (q.new_empty(B, H, Lq, d, dtype=acc), q.new_empty(B, H, k.shape[2], d, dtype=acc),
             q.new_empty(B, H, k.shape[2], v.shape[3], dtype=acc))
+
+
+_cmha_fused_bwd = _ext.KernelOp("cmha_fused_bwd", _fused_bwd_body, fake=_fused_bwd_fake)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -352,11 +395,6 @@ def _rotate_bwd(x, grad, delta, beta, freqs, pos, layout, need_freqs):
 
 
 def _fused_backward(ctx, dout, dlse):
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "cmha_attention(backend='fused'): double backward (create_graph=True, e.g. a gradient "
-            "penalty or a Hessian-vector product) is not supported by the fused kernel; use "
-            "backend='reference' for higher-order gradients")
     q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, lse = ctx.saved_tensors
     causal, scale, q_offset, layout = ctx.args
     if dout is None and dlse is None:
@@ -364,8 +402,8 @@ def _fused_backward(ctx, dout, dlse):
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
-    dq_rot, dk_rot, dv_full = _ext.op_call(_cmha_fused_bwd, _fused_bwd_body, q, k, v, delta, beta, freqs, q_pos,
-                                           k_pos, kpm, cu, out, dout, lse, dlse, causal, scale, q_offset, layout)
+    dq_rot, dk_rot, dv_full = _cmha_fused_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu, out, dout, lse, dlse,
+                                              causal, scale, q_offset, layout)
     B, H, Lk, dv = dv_full.shape
     Hkv = k.shape[1]
     # fixed-order sum over the G query heads of each kv head (deterministic)
@@ -377,15 +415,17 @@ def _fused_backward(ctx, dout, dlse):
     return dq, dk, dvv, ddq + ddk, dbeta, dfreqs, None, None, None, None, None, None, None, None
 
 
-_cmha_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
-_FusedFunction = _ext.eager_function(_fused_fwd_body, _fused_setup_context, _fused_backward)
+_cmha_fused = _ext.KernelOp(
+    "cmha_fused", _fused_fwd_body, fake=_fused_fwd_fake, setup_context=_fused_setup_context,
+    backward=_fused_backward, torch_math=_fused_torch, label="cmha_attention(backend='fused')",
+    hint="; use backend='reference' for higher-order gradients")
 
 
 def _attention_fused(q, k, v, delta, beta, freqs, p, want_lse=False):
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
     args = (q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
             p.kpm.contiguous() if p.kpm is not None else None, p.cu, p.causal, p.scale, p.q_offset, LAYOUTS[p.layout])
-    out, lse = _ext.op_call(_cmha_fused, _FusedFunction.apply, *args)
+    out, lse = _cmha_fused(*args)
     return out, (lse if want_lse else None)
 
 
@@ -416,7 +456,7 @@ _IMPL = {"fused": _attention_fused, "sdpa": _attention_sdpa, "reference": _atten
 
 
 def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset=None, key_padding_mask=None,
-                   cu_seqlens=None, layout="half", backend="auto", positions=None, return_lse=False):
+                   cu_seqlens=None, layout="half", backend="auto", positions=None, return_lse=False, attn_mask=None):
     """Complex Multi-Head Attention (docs/design.md, "CMHA"): out (B, H, Lq, dv), or (out, lse) with
     return_lse=True.
 
@@ -432,12 +472,18 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
             decoding with a KV cache, chunked prefill). Enters the causal mask and the default
             query positions.
         key_padding_mask: (B, Lk) bool, True = attend. A query with no visible key outputs 0.
+        attn_mask: a dense mask broadcastable to (B, H, Lq, Lk): bool (True = attend) or floating
+            point (added to the scaled scores; -inf hides a key, other values, however negative,
+            are ordinary biases, as in torch's SDPA). It combines with causal, key_padding_mask
+            and cu_seqlens (a key is visible only if every mask lets it through); empty and NaN
+            rows follow the same rules. Served by "sdpa" and "reference" ("auto" picks "sdpa",
+            "fused" raises); gradients flow to a floating-point mask.
         cu_seqlens: (S+1,) int32 packed-sequence boundaries (0 = cu[0] <= ... <= cu[S] = Lq);
             needs B == 1 and Lq == Lk, excludes q_offset. No attention across sequences; positions
             restart at 0 in each sequence.
         layout: "half" (re = x[:d/2], im = x[d/2:], the authors' layout) or "interleaved".
         backend: "auto", "fused", "sdpa" or "reference" (see the module docstring). "auto": on
-            CPU "fused" when its kernel serves the case (float32/float64, d, dv <= 256), else
+            CPU "fused" when its kernel serves the case (no attn_mask) (float32/float64, d, dv <= 256), else
             "sdpa"; on CUDA "fused" when the fused kernel serves the case (float16/bfloat16,
             d == dv in {64, 128}) and a key padding mask or cu_seqlens is given, else "sdpa"
             (measurements: benchmarks/RESULTS.md). "fused" raises a RuntimeError for a case its
@@ -455,8 +501,9 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
     """
     p = _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
                   layout, backend, positions)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    return_lse = check_bool("return_lse", return_lse)
+    if attn_mask is not None:
+        p.mask = _check_attn_mask(attn_mask, p, q.device)
     delta, beta, freqs = delta.to(p.pdtype), beta.to(p.pdtype), freqs.to(p.pdtype)
     if p.Lq == 0 or p.Lk == 0 or p.dv == 0:
         # Nothing to attend to (or nobody asking): the reference math gives the empty / zero

@@ -78,6 +78,22 @@ def check_real(name, v, what="a number"):
     return float(v)
 
 
+def check_bool(name, v):
+    """``v`` as a Python bool: True, False or a NumPy bool, nothing else (``bool("no")`` is True, so
+    strings, None and numbers would otherwise pick a mode silently)."""
+    if isinstance(v, bool) or type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy":
+        return bool(v)
+    raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
+
+
+def check_not_differentiable(name, t, op):
+    """Refuse a tensor argument that requires grad where the op gives it no gradient (class weights,
+    a normaliser), as torch's own ops do, instead of silently leaving its .grad None."""
+    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: not differentiable with respect to argument '{name}'. This input cannot have "
+                           f"requires_grad True (pass {name}.detach())")
+
+
 def _compiling():
     """True while torch.compile traces: values are unknown, so data-dependent checks are skipped."""
     return torch.compiler.is_compiling()
@@ -148,9 +164,13 @@ def _param_shape(name, t, H, h, shared):
         raise ValueError(f"{name}: expected shape {want} (H={H} query heads, h=d/2={h}), got {tuple(t.shape)}")
 
 
+POS_MIN, POS_MAX = -(2**31), 2**31 - 1  # positions and q_offset: the int32 range (docs/design.md)
+
+
 def check_positions(name, p, B, L, device, other="q"):
     """(L,) or (B | 1, L) integer positions -> (Bp, L) int64 contiguous, Bp in {1, B}.
-    ``other`` names the input whose device the positions must share."""
+    ``other`` names the input whose device the positions must share. Values must lie in the int32
+    range (`check_position_range`)."""
     check_tensor(name, p, ndim=(1, 2))
     if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
         raise TypeError(f"{name}: dtype {_dtype_name(p.dtype)} not supported (expected an integer tensor)")
@@ -160,7 +180,41 @@ def check_positions(name, p, B, L, device, other="q"):
         raise ValueError(f"{name}: expected shape ({L},) or ({B}, {L}) or (1, {L}), got {tuple(p.shape)}")
     if p.device != device:
         raise ValueError(f"{name}: on {p.device}, but {other} is on {device}")
+    check_position_range(name, p)
     return p.to(torch.int64).contiguous()
+
+
+def check_position_range(name, p):
+    """Positions outside [POS_MIN, POS_MAX] raise, naming ``name``: omega * p is reduced in float64,
+    whose rounding grows with |p| (docs/design.md, "Masks and positions"). int32 tensors hold
+    nothing else; an int64 tensor is read on the CPU (~2 us), once per tensor version (the layers of
+    a model share their position_ids). A CUDA tensor is not read (a host sync): the kernels make
+    the rotation of an out-of-range position NaN instead. Skipped while torch.compile traces."""
+    if (p.dtype.itemsize < 4 or p.dtype == torch.int32 or p.device.type != "cpu" or p.numel() == 0
+            or type(p) is not torch.Tensor or _compiling() or _seen(_checked_positions, p)):
+        return  # (not a plain tensor: fake, functional, ...: values unknown)
+    lo, hi = torch.aminmax(p if p.dtype == torch.int64 else p.to(torch.int64))
+    lo, hi = lo.item(), hi.item()
+    if lo < POS_MIN or hi > POS_MAX:
+        bad = lo if lo < POS_MIN else hi
+        raise ValueError(f"{name}: position {bad} is out of range (expected {POS_MIN} <= position <= {POS_MAX}, "
+                         f"the int32 range)")
+    _remember(_checked_positions, p)  # every layer of a model gets the same position_ids
+
+
+_checked_positions = {}  # id -> (weakref to the tensor, its version when checked)
+
+
+def _seen(cache, t):
+    """True when ``t``, unchanged since (same object, same version), passed a data check before."""
+    seen = cache.get(id(t))
+    return seen is not None and seen[0]() is t and seen[1] == t._version
+
+
+def _remember(cache, t):
+    if len(cache) > 64:
+        cache.clear()
+    cache[id(t)] = (weakref.ref(t), t._version)
 
 
 def check_key_padding_mask(name, mask, B, Lk, device, *, other="q", ints=False, check_values=True,
@@ -253,8 +307,7 @@ def check_pdl_weights(weights):
 
     if is_fake(weights) or weights.device.type == "meta":
         return
-    seen = _checked_weights.get(id(weights))
-    if weights.is_cuda and seen is not None and seen[0]() is weights and seen[1] == weights._version:
+    if weights.is_cuda and _seen(_checked_weights, weights):
         return
     ok = (weights >= 0) & (weights < math.inf)
     if not bool(ok.all()):
@@ -262,9 +315,7 @@ def check_pdl_weights(weights):
         raise ValueError(f"weights: class weights must be finite and >= 0, got {bad} (PDL weights come from "
                          f"pdl_weights(counts), which are positive)")
     if weights.is_cuda:
-        if len(_checked_weights) > 64:
-            _checked_weights.clear()
-        _checked_weights[id(weights)] = (weakref.ref(weights), weights._version)
+        _remember(_checked_weights, weights)
 
 
 _checked_weights = {}  # id -> (weakref to the tensor, its version when checked)

@@ -10,16 +10,14 @@ import math
 import torch
 from torch import Tensor
 
-from . import _C
-from ._ext import dl, num_threads, require_cuda_kernels, stream
+from . import _ext
 from ._selfcheck import selfcheck
 from .checks import INT_DTYPES, check_int, check_real, check_tensor
 
 __all__ = ["pdl_weights", "token_counts"]
 
 
-@torch.library.custom_op("complexformer::token_counts", mutates_args=())
-def _token_counts_op(ids: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
+def _token_counts_body(ids: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
     counts = torch.empty(vocab_size, dtype=torch.int64, device=ids.device)
     if ids.numel() == 0:
         return counts.zero_()
@@ -27,7 +25,7 @@ def _token_counts_op(ids: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
     if ids.is_cuda:
         # One host sync to report out-of-range ids: counting is preprocessing, not the hot path.
         bad = torch.zeros(2, dtype=torch.int64, device=ids.device)
-        _C.pdl_token_counts(dl(ids), dl(counts), ignore_index, 1, stream(ids), dl(bad))
+        _ext.launch("pdl_token_counts", ids, counts, ignore_index, 1, _ext.stream(ids), bad)
         n_bad, value = bad.tolist()
         if n_bad:
             raise ValueError(
@@ -35,13 +33,14 @@ def _token_counts_op(ids: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
                 f"(expected 0 <= id < vocab_size, or ignore_index={ignore_index})"
             )
     else:
-        _C.pdl_token_counts(dl(ids), dl(counts), ignore_index, num_threads(), 0, None)
+        _ext.launch("pdl_token_counts", ids, counts, ignore_index, _ext.num_threads(), 0, None)
     return counts
 
 
-@_token_counts_op.register_fake
-def _(ids, vocab_size, ignore_index):
-    return ids.new_empty(vocab_size, dtype=torch.int64)
+# integer outputs: no autograd, nothing for a torch.func transform to differentiate
+_token_counts_op = _ext.KernelOp("token_counts", _token_counts_body,
+                                 fake=lambda ids, vocab_size, ignore_index: ids.new_empty(vocab_size,
+                                                                                         dtype=torch.int64))
 
 
 def token_counts(ids, vocab_size, *, ignore_index=-100):
@@ -59,7 +58,7 @@ def token_counts(ids, vocab_size, *, ignore_index=-100):
     # counts are one int64 per id: anything beyond 2^40 ids (8 TiB of counts) is a mistake
     vocab_size = check_int("vocab_size", vocab_size, lo=1, hi=2**40, what="a positive int")
     ignore_index = check_int("ignore_index", ignore_index)
-    require_cuda_kernels("token_counts", ids)
+    _ext.require_cuda_kernels("token_counts", ids)
     return _token_counts_op(ids, vocab_size, ignore_index)
 
 
@@ -75,6 +74,8 @@ def pdl_weights(counts, alpha=1.0, eps=1e-7, *, max_weight=None):
     template tokens included: the reference trainer's ``add_special_tokens=False`` count gives
     them weight 1e7) means every target the loss meets has a count >= 1, hence a weight <= 1.
     ``max_weight`` additionally caps weights when counts come from a different corpus.
+    Weights beyond float32's range (e.g. ``eps^-alpha`` for alpha > ~5.5 at the default eps)
+    raise a ValueError naming alpha and eps, rather than becoming inf: pass ``max_weight``.
     """
     check_tensor("counts", counts, ndim=1, allow_empty=False)
     if counts.is_complex() or counts.dtype == torch.bool:
@@ -97,7 +98,18 @@ def pdl_weights(counts, alpha=1.0, eps=1e-7, *, max_weight=None):
     w = (c + eps).pow(-float(alpha))
     if max_weight is not None:
         w = w.clamp(max=float(max_weight))
+    big = w.max()
+    if not bool(big <= _FLOAT32_MAX):  # the float32 weights would be inf (and a smoothed loss NaN)
+        cmin = float(c[w.argmax()])
+        cap = (f"max_weight={max_weight!r} is beyond it too; pass a smaller one" if max_weight is not None
+               else "pass max_weight= to cap the weights")
+        raise ValueError(f"alpha, eps: the weight of a count of {cmin:g}, ({cmin:g} + eps={eps:g})^-alpha={alpha:g} "
+                         f"= {float(big):.3g}, overflows float32 (max {_FLOAT32_MAX:.3g}): {cap}, or use a larger "
+                         f"eps or a smaller alpha")
     return w.to(torch.float32)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @selfcheck("token_counts", 0.0)

@@ -18,14 +18,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._ext import require_cuda_kernels
+from . import _ext
+from ._pdl_kernel import MEAN, NONE, NORM_GIVEN, NORM_PRECOMPUTED, run_kernel, scale, sync_checks
 from ._selfcheck import selfcheck
-from .checks import (FLOAT_DTYPES, REDUCTIONS, check_normalizer, check_pdl_options, check_targets_in_range,
-                     check_targets_weights, check_tensor)
+from .checks import (FLOAT_DTYPES, REDUCTIONS, check_int, check_normalizer, check_not_differentiable,
+                     check_pdl_options, check_targets_in_range, check_targets_weights, check_tensor)
 from .checks import compute_dtype as _acc_dtype
-from .pdl import (
-    _MEAN, _NONE, _NORM_GIVEN, _NORM_PRECOMPUTED, _run_kernel, _scale, _sync_checks, _tracing,
-)
 
 __all__ = ["fused_linear_pdl_loss", "fused_linear_chunk_rows"]
 
@@ -108,8 +106,8 @@ def _chunked(hidden, weight, bias, targets, weights, norm, mode, ignore_index, r
             torch.addmm(bias, hc, wt, out=out)
         if logits_lp is not None:
             logits[: e - s].copy_(out)
-        row_loss, g = _run_kernel(logits[: e - s], targets[s:e], weights, norm, mode, ignore_index, reduction,
-                                  label_smoothing, grad=grad[: e - s] if grad_mask else None, want_grad=bool(grad_mask))
+        row_loss, g = run_kernel(logits[: e - s], targets[s:e], weights, norm, mode, ignore_index, reduction,
+                                 label_smoothing, grad=grad[: e - s] if grad_mask else None, want_grad=bool(grad_mask))
         losses[s:e] = row_loss
         if not grad_mask:
             continue
@@ -131,14 +129,13 @@ def _chunked(hidden, weight, bias, targets, weights, norm, mode, ignore_index, r
             gw.addmm_(g.t(), hc.float())  # the kernel's float32 gradient, unrounded
         else:
             torch.addmm(gw, g_lp.t(), hc, out_dtype=torch.float32, out=gw)  # float32 accumulate in the GEMM
-    loss = losses if reduction == _NONE else losses.sum()
+    loss = losses if reduction == NONE else losses.sum()
     gw = hidden.new_empty(0, dtype=weight.dtype) if gw is None else gw.to(weight.dtype)
     gb = hidden.new_empty(0) if gb is None else gb.to(bias.dtype)
     return loss, gh, gw, gb
 
 
-@torch.library.custom_op("complexformer::fused_linear_pdl_fwd", mutates_args=())
-def _fused_linear_fwd(
+def _fused_linear_body(
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -155,23 +152,22 @@ def _fused_linear_fwd(
     """(loss: per-row (N,) or reduced, grad_hidden (N, D), grad_weight (V, D), grad_bias (V,)) for
     grad_output = 1, or for the per-row grad_output ``row_scale``. ``grad_mask`` bits (1 hidden,
     2 weight, 4 bias) say which gradients to compute; the others come back empty."""
-    norm, mode = normalizer, _NORM_GIVEN
-    if normalizer is None and reduction == _MEAN:
+    norm, mode = normalizer, NORM_GIVEN
+    if normalizer is None and reduction == MEAN:
         # the batch's weight sum, on the device, before any chunk runs (no host sync)
         V = weight.shape[0]
         valid = targets != ignore_index
         idx = torch.where(valid & (targets >= 0) & (targets < V), targets, 0)
-        norm, mode = (weights[idx] * valid).to(_acc_dtype(hidden.dtype)).sum(), _NORM_PRECOMPUTED
+        norm, mode = (weights[idx] * valid).to(_acc_dtype(hidden.dtype)).sum(), NORM_PRECOMPUTED
     with torch.autocast(hidden.device.type, enabled=False):  # the matmuls run in the dtypes chosen here
         return _chunked(hidden, weight, bias, targets, weights, norm, mode, ignore_index, reduction,
                         label_smoothing, chunk_size, row_scale, grad_mask)
 
 
-@_fused_linear_fwd.register_fake
-def _(hidden, weight, bias, targets, weights, normalizer, ignore_index, reduction, label_smoothing, chunk_size,
-      row_scale, grad_mask):
+def _fused_linear_fake(hidden, weight, bias, targets, weights, normalizer, ignore_index, reduction, label_smoothing,
+                       chunk_size, row_scale, grad_mask):
     n, d = hidden.shape
-    loss = hidden.new_empty((n,) if reduction == _NONE else (), dtype=_acc_dtype(hidden.dtype))
+    loss = hidden.new_empty((n,) if reduction == NONE else (), dtype=_acc_dtype(hidden.dtype))
     gh = hidden.new_empty((n, d) if grad_mask & _GRAD_HIDDEN else (0,))
     gw = hidden.new_empty(tuple(weight.shape) if grad_mask & _GRAD_WEIGHT else (0,), dtype=weight.dtype)
     gb = hidden.new_empty((weight.shape[0],) if grad_mask & _GRAD_BIAS else (0,),
@@ -197,56 +193,35 @@ def _fused_backward(ctx, grad_loss, _gh, _gw, _gb):
     grads, ctx.grads = ctx.grads, None
     if grad_loss is None:
         return (None,) * 12
-    if torch.is_grad_enabled() and not _tracing(grad_loss):
-        raise RuntimeError(
-            "fused_linear_pdl_loss: double backward (create_graph=True, torch.func.hessian, gradient "
-            "penalties) is not supported: its backward is not differentiable")
     need = ctx.needs_input_grad
     mask = (_GRAD_HIDDEN if need[0] else 0) | (_GRAD_WEIGHT if need[1] else 0) | (_GRAD_BIAS if need[2] else 0)
-    if grads is None or reduction == _NONE or mask & ~fwd_mask:
+    if grads is None or reduction == NONE or mask & ~fwd_mask:
         # reduction "none" (per-row grad_output), a second backward, or a gradient the forward
         # was not asked for: recompute, chunk by chunk
         hidden, weight, bias, targets, weights, normalizer = ctx.saved_tensors
-        scale = grad_loss.reshape(-1) if reduction == _NONE else None
-        _, gh, gw, gb = _fused_linear_fwd(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                          targets, weights, normalizer, ignore_index, reduction, ls, chunk, scale, mask)
+        row_scale = grad_loss.reshape(-1) if reduction == NONE else None
+        _, gh, gw, gb = _fused_linear_fwd.run(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                              targets, weights, normalizer, ignore_index, reduction, ls, chunk,
+                                              row_scale, mask)
     else:
         gh, gw, gb = grads
-    if reduction != _NONE:
-        gh, gw, gb = (_scale(g, grad_loss) if m & mask else None for g, m in
+    if reduction != NONE:
+        gh, gw, gb = (scale(g, grad_loss) if m & mask else None for g, m in
                       ((gh, _GRAD_HIDDEN), (gw, _GRAD_WEIGHT), (gb, _GRAD_BIAS)))
     return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 9
 
 
-_fused_linear_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+# Forward-mode AD and the torch.func transforms raise: the torch-ops equivalent would hold the
+# N x V logits this op exists to avoid.
+_fused_linear_fwd = _ext.KernelOp(
+    "fused_linear_pdl_fwd", _fused_linear_body, fake=_fused_linear_fake, setup_context=_fused_setup,
+    backward=_fused_backward, torch_math=_ext.UNSUPPORTED, label="fused_linear_pdl_loss",
+    hint="; use pdl_loss on F.linear's logits for higher-order gradients")
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-
-
-def reject_unsupported_autodiff(op, *tensors):
-    """Raise naming ``op`` under forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``)
-    and under the other ``torch.func`` transforms, which our autograd rules do not implement
-    (without this, forward AD would silently give a zero tangent)."""
-    if torch.compiler.is_compiling():  # dynamo traces plain tensors (it rejects forward AD itself)
-        return
-    from torch._C import _functorch
-
-    interpreter = _functorch.peek_interpreter_stack()
-    if interpreter is not None:
-        kind = str(interpreter.key()).split(".")[-1]
-        what = "forward-mode AD (torch.func.jvp)" if kind == "Jvp" else f"the torch.func {kind} transform"
-        raise NotImplementedError(f"{op}: {what} is not supported; use reverse mode (loss.backward(), "
-                                  f"torch.autograd.grad)")
-    import torch.autograd.forward_ad as fwad
-
-    if fwad._current_level >= 0 and any(
-        t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors
-    ):
-        raise NotImplementedError(f"{op}: forward-mode AD (torch.autograd.forward_ad) is not supported; use "
-                                  f"reverse mode (loss.backward(), torch.autograd.grad)")
 
 
 def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None, ignore_index=-100,
@@ -297,7 +272,6 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
     peak is 16.8 MB + 131 MB + 131 MB = 279 MB, where F.linear + F.cross_entropy hold several
     N x V buffers (524 MB each) at their peak (benchmarks/fused_linear.py measures both).
     """
-    reject_unsupported_autodiff("fused_linear_pdl_loss", hidden, lm_head_weight, bias)
     ignore_index, label_smoothing = check_pdl_options(ignore_index, reduction, label_smoothing)
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3))
     check_tensor("lm_head_weight", lm_head_weight, dtypes=FLOAT_DTYPES, ndim=2, device=hidden.device)
@@ -316,19 +290,22 @@ def fused_linear_pdl_loss(hidden, lm_head_weight, targets, weights, *, bias=None
             raise TypeError(f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}")
         if bias.shape[0] != V:
             raise ValueError(f"bias: expected shape ({V},) to match lm_head_weight, got {tuple(bias.shape)}")
-    require_cuda_kernels("fused_linear_pdl_loss", hidden)
+    _ext.require_cuda_kernels("fused_linear_pdl_loss", hidden)
     if hidden.is_cuda and hidden.dtype == torch.float64:
         raise TypeError("hidden: float64 is supported on the CPU only (CUDA: float32, float16, bfloat16)")
-    for name, v in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, lo=1, what="a positive int or None")
+    if memory_budget is not None:
+        memory_budget = check_int("memory_budget", memory_budget, lo=1, what="a positive int or None")
     check_targets_weights(targets, weights, hidden.shape[:-1], V, hidden.device)
+    check_not_differentiable("weights", weights, "fused_linear_pdl_loss")
+    check_not_differentiable("normalizer", normalizer, "fused_linear_pdl_loss")
     batch_shape = hidden.shape[:-1]
     acc = _acc_dtype(hidden.dtype)
     norm = check_normalizer(normalizer, reduction, hidden.device, acc)
     h2 = hidden.reshape(-1, D)
     t = targets.reshape(-1).contiguous()
-    if hidden.is_cuda and _sync_checks():
+    if hidden.is_cuda and sync_checks():
         check_targets_in_range(t, V, ignore_index)
     n = h2.shape[0]
     chunk = chunk_size or fused_linear_chunk_rows(n, D, V, hidden.dtype, hidden.device, memory_budget)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .attention import cmha_attention
-from .checks import check_backend, check_int, check_key_padding_mask, check_layout, check_positions, compute_dtype
+from .checks import (check_backend, check_bool, check_int, check_key_padding_mask, check_layout, check_position_range,
+                     check_positions, check_real, compute_dtype)
 from .reference import default_freqs
 
 
@@ -101,15 +102,18 @@ class CMHA(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         check_layout(layout)
         check_backend(backend)
-        if not (isinstance(rope_base, (int, float)) and rope_base > 0):
+        causal = check_bool("causal", causal)
+        if not check_real("rope_base", rope_base, "a positive number") > 0:
             raise ValueError(f"rope_base: expected a positive number, got {rope_base!r}")
-        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-            raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
+        if scale is not None:
+            scale = check_real("scale", scale, "None or a finite number")
+            if not math.isfinite(scale):
+                raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
 
         fk = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = head_dim
-        self.causal, self.rope_base, self.learnable_freqs = bool(causal), float(rope_base), bool(learnable_freqs)
+        self.causal, self.rope_base, self.learnable_freqs = causal, float(rope_base), bool(learnable_freqs)
         self.scale, self.layout, self.backend = scale, layout, backend
         h = head_dim // 2
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **fk)
@@ -187,6 +191,7 @@ class CMHA(nn.Module):
                 q_pos = check_positions("position_ids", position_ids, B, L, x.device, other="x")
             else:  # continue every row from its last cached position
                 q_pos = past_pos[:, -1:] + 1 + torch.arange(L, device=x.device)
+                check_position_range("past_key_value.positions (continued by the new tokens)", q_pos)
             if past_len:
                 if past_pos is None:
                     past_pos = torch.arange(past_len, device=x.device)[None]
@@ -230,7 +235,10 @@ class CMHA(nn.Module):
                 raise ValueError(f"{name}: {t.dtype} on {t.device}, but the new keys are {k.dtype} on {k.device}")
         if pv.shape[2] != pk.shape[2]:
             raise ValueError(f"past_key_value: key has {pk.shape[2]} positions but value has {pv.shape[2]}")
-        if pos is not None and (pos.dim() != 2 or pos.shape[1] != pk.shape[2] or pos.shape[0] not in (1, B)):
-            raise ValueError(f"past_key_value.positions: expected shape (B={B} or 1, past_len={pk.shape[2]}), "
-                             f"got {tuple(pos.shape)}")
+        if pos is not None:
+            if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+                shape = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
+                raise ValueError(f"past_key_value.positions: expected shape (B={B} or 1, past_len={pk.shape[2]}), "
+                                 f"got {shape}")
+            pos = check_positions("past_key_value.positions", pos, B, pk.shape[2], k.device, other="the new keys")
         return pk, pv, pos

@@ -29,172 +29,78 @@ Semantics (docs/design.md, "PDL"):
     synchronise with the host, so such a row's loss and gradient are NaN (never silently wrong);
     set ``COMPLEXFORMER_SYNC_CHECKS=1`` to check targets eagerly (one host sync) and raise instead.
   * the loss is float32 for float16/bfloat16/float32 logits and float64 for float64 logits; the
-    gradient has the logits' dtype. No gradient flows to ``weights`` or ``normalizer``.
+    gradient has the logits' dtype. ``weights`` and ``normalizer`` get no gradient: one that
+    requires grad raises a RuntimeError, as ``F.cross_entropy`` does for its ``weight``.
   * autograd: the kernels serve reverse mode; ``create_graph=True`` (double backward, gradient
     penalties, Hessian-vector products) rebuilds the gradient in torch ops, and forward-mode AD or
     a ``torch.func`` transform runs the whole loss in torch ops (``reference_pdl_loss``).
   * CPU kernels take float32/float64 logits (float16/bfloat16 are upcast to float32 by a copy);
     CUDA kernels take float32/float16/bfloat16 (float32 accumulation).
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _C
 from . import _ext
-from ._ext import dl, dl_opt, needs_torch_math, num_threads, stream
+from ._pdl_kernel import NONE, NORM_BATCH, NORM_GIVEN, run_kernel, scale, sync_checks
 from ._selfcheck import selfcheck
-from .checks import (FLOAT_DTYPES, REDUCTIONS, check_logits, check_normalizer, check_pdl_options,
-                     check_targets_in_range, check_targets_weights, check_tensor)
+from .checks import (FLOAT_DTYPES, REDUCTIONS, check_logits, check_normalizer, check_not_differentiable,
+                     check_pdl_options, check_targets_in_range, check_targets_weights, check_tensor)
 from .checks import compute_dtype as _acc_dtype  # weights, per-row losses and the loss
 from .counts import pdl_weights, token_counts  # noqa: F401 (public names of this module)
+from .fused_linear import fused_linear_pdl_loss  # noqa: F401 (lived in this module before)
 from .reference import reference_pdl_loss
 
 __all__ = ["PDLLoss", "fused_linear_pdl_loss", "pdl_loss", "pdl_weights", "token_counts"]
 
-_NONE, _SUM, _MEAN = 0, 1, 2  # REDUCTIONS' ids
-# where reduction="mean"'s denominator comes from (csrc/pdl.h CF_PDL_NORM_*)
-_NORM_BATCH, _NORM_GIVEN, _NORM_PRECOMPUTED = 0, 1, 2
-
-
-def _sync_checks():
-    return os.environ.get("COMPLEXFORMER_SYNC_CHECKS", "0") not in ("", "0")
+_REDUCTION_NAMES = {v: k for k, v in REDUCTIONS.items()}
 
 
 # --------------------------------------------------------------------------------------------
-# pdl_loss: the fused kernel as custom ops
+# pdl_loss: the fused kernel as two ops (loss and gradient; the loss alone)
 # --------------------------------------------------------------------------------------------
 
 
-def _run_kernel(logits, targets, weights, norm, norm_mode, ignore_index, reduction, label_smoothing, grad=None,
-                want_grad=True):
-    """Launch the fused kernel: returns (row_loss (N,), grad (logits.shape, contiguous) or None
-    when not want_grad: the loss alone, no N x V write).
-    logits: last-dim stride 1, 2-D or 3-D; targets: flat contiguous; weights: the kernel's dtype;
-    norm: None, or the mean's denominator (CUDA: float32 device scalar; CPU: any scalar tensor)."""
-    n = targets.numel()
-    row_loss = torch.empty(n, dtype=_acc_dtype(logits.dtype), device=logits.device)
-    if grad is None and want_grad:
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if n == 0:
-        return row_loss, grad
-    if logits.is_cuda:
-        ws = torch.empty(4, dtype=torch.float32, device=logits.device)
-        _C.pdl_loss_fwd(dl(logits), dl(targets), dl(weights), dl_opt(norm), dl(row_loss), dl_opt(grad),
-                        ignore_index, reduction, label_smoothing, 0.0, norm_mode, 1, stream(logits),
-                        dl(ws))
-    else:
-        norm_value = float(norm) if norm is not None else -1.0
-        _C.pdl_loss_fwd(dl(logits), dl(targets), dl(weights), None, dl(row_loss), dl_opt(grad),
-                        ignore_index, reduction, label_smoothing, norm_value, norm_mode, num_threads(), 0, None)
-    return row_loss, grad
+def _run(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing, want_grad):
+    mode = NORM_BATCH if normalizer is None else NORM_GIVEN
+    row_loss, grad = run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing,
+                                want_grad=want_grad)
+    return (row_loss.view(logits.shape[:-1]) if reduction == NONE else row_loss.sum()), grad
 
 
-def _reduce(row_loss, reduction, shape):
-    if reduction == _NONE:
-        return row_loss.view(shape)
-    return row_loss.sum()
+def _loss_and_grad(logits: Tensor, targets: Tensor, weights: Tensor, normalizer: Optional[Tensor],
+                   ignore_index: int, reduction: int, label_smoothing: float) -> Tuple[Tensor, Tensor]:
+    """(loss, grad) with grad = d(loss) / d(logits) for grad_output = 1."""
+    return _run(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing, True)
 
 
-def _loss_and_grad(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing, want_grad=True):
-    """(loss, grad) with grad = d(loss) / d(logits) for grad_output = 1 (None when not want_grad): the
-    body of the custom op pdl_loss_fwd and of the eager autograd.Function."""
-    mode = _NORM_BATCH if normalizer is None else _NORM_GIVEN
-    row_loss, grad = _run_kernel(logits, targets, weights, normalizer, mode, ignore_index, reduction, label_smoothing,
-                                 want_grad=want_grad)
-    return _reduce(row_loss, reduction, logits.shape[:-1]), grad
-
-
-def _loss_value(*args):
+def _loss_value(logits: Tensor, targets: Tensor, weights: Tensor, normalizer: Optional[Tensor], ignore_index: int,
+                reduction: int, label_smoothing: float) -> Tensor:
     """The loss alone (no gradient wanted: evaluation, torch.no_grad): no N x V buffer at all."""
-    return _loss_and_grad(*args, want_grad=False)[0]
+    return _run(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing, False)[0]
 
 
-@torch.library.custom_op("complexformer::pdl_loss_fwd", mutates_args=())
-def _pdl_loss_fwd(
-    logits: Tensor,
-    targets: Tensor,
-    weights: Tensor,
-    normalizer: Optional[Tensor],
-    ignore_index: int,
-    reduction: int,
-    label_smoothing: float,
-) -> Tuple[Tensor, Tensor]:
-    """(loss, grad): grad = d(loss) / d(logits) for grad_output = 1."""
-    return _loss_and_grad(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing)
+def _loss_torch(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
+    """The loss in differentiable torch ops (forward-mode AD, torch.func transforms, double backward)."""
+    loss = reference_pdl_loss(logits, targets, weights, ignore_index=ignore_index,
+                              reduction=_REDUCTION_NAMES[reduction], label_smoothing=label_smoothing,
+                              normalizer=None if normalizer is None else normalizer.detach())
+    return loss.view(logits.shape[:-1]) if reduction == NONE else loss
 
 
-@_pdl_loss_fwd.register_fake
-def _(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
-    acc = _acc_dtype(logits.dtype)
-    loss = logits.new_empty(logits.shape[:-1] if reduction == _NONE else (), dtype=acc)
-    return loss, logits.new_empty(logits.shape)
+def _loss_value_torch(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
+    check_targets_in_range(targets, logits.shape[-1], ignore_index)
+    return _loss_torch(logits.to(weights.dtype), targets, weights, normalizer, ignore_index, reduction,
+                       label_smoothing)
 
 
-@torch.library.custom_op("complexformer::pdl_loss_value", mutates_args=())
-def _pdl_loss_value(
-    logits: Tensor,
-    targets: Tensor,
-    weights: Tensor,
-    normalizer: Optional[Tensor],
-    ignore_index: int,
-    reduction: int,
-    label_smoothing: float,
-) -> Tensor:
-    """The loss alone (no gradient wanted: evaluation, torch.no_grad): no N x V buffer at all."""
-    return _loss_value(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing)
+def _loss_and_grad_torch(*args):
+    return _loss_value_torch(*args), args[0].new_empty((0,))  # no gradient buffer: autograd differentiates
 
 
-@_pdl_loss_value.register_fake
-def _(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
-    return logits.new_empty(logits.shape[:-1] if reduction == _NONE else (), dtype=_acc_dtype(logits.dtype))
-
-
-def _scale_in_place(grad, grad_output):
-    """grad *= grad_output, in place: a scalar (skipped when exactly 1) or one value per row."""
-    per_row = grad_output.numel() != 1  # reduction="none" (one row: the same as a scalar)
-    if grad.is_cuda:
-        g = grad_output.to(torch.float32).contiguous()
-        _C.pdl_scale(dl(grad), dl(g), int(per_row), stream(grad))
-    elif per_row:
-        grad.mul_(grad_output.reshape(*grad.shape[:-1], 1).to(grad.dtype))
-    elif float(grad_output) != 1.0:  # CPU: checking on the host costs nothing
-        grad.mul_(grad_output.reshape(()).to(grad.dtype))
-
-
-@torch.library.custom_op("complexformer::pdl_scale_", mutates_args=("grad",))
-def _pdl_scale_(grad: Tensor, grad_output: Tensor) -> None:
-    """grad *= grad_output, in place: a scalar (skipped when exactly 1) or one value per row."""
-    _scale_in_place(grad, grad_output)
-
-
-@_pdl_scale_.register_fake
-def _(grad, grad_output):
-    return None
-
-
-def _tracing(t):
-    """True while torch.compile / AOTAutograd / opcheck trace the backward with fake tensors."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return torch.compiler.is_compiling() or is_fake(t)
-
-
-def _scale(grad, grad_output):
-    """grad * grad_output for the backward. Eager: in place (skipped on the device when
-    grad_output == 1). Traced: out of place, since the traced graph may keep the forward's
-    gradient output alive and a backward-time mutation of a forward output is not allowed
-    (inductor fuses the multiply)."""
-    if _ext.eager_plain(grad, grad_output):  # not traced: no custom op needed either
-        _scale_in_place(grad, grad_output)
-    elif _tracing(grad):
-        g = grad_output.to(grad.dtype)
-        return grad * (g.reshape(*grad.shape[:-1], 1) if g.numel() != 1 else g.reshape(()))
-    else:
-        _pdl_scale_(grad, grad_output)
-    return grad
+def _loss_fake(logits, targets, weights, normalizer, ignore_index, reduction, label_smoothing):
+    return logits.new_empty(logits.shape[:-1] if reduction == NONE else (), dtype=_acc_dtype(logits.dtype))
 
 
 def _pdl_loss_setup(ctx, inputs, output):
@@ -223,13 +129,17 @@ def _pdl_loss_backward(ctx, grad_loss, _grad_grad):
             None, None, None
     if grad is None:
         logits, targets, weights, normalizer = ctx.saved_tensors
-        _, grad = _ext.op_call(_pdl_loss_fwd, _loss_and_grad, logits.detach(), targets, weights, normalizer,
-                               *ctx.args)
-    return _scale(grad, grad_loss), None, None, None, None, None, None
+        _, grad = _pdl_loss_fwd.run(logits.detach(), targets, weights, normalizer, *ctx.args)
+    return scale(grad, grad_loss), None, None, None, None, None, None
 
 
-_pdl_loss_fwd.register_autograd(_pdl_loss_backward, setup_context=_pdl_loss_setup)
-_PDLLossFunction = _ext.eager_function(_loss_and_grad, _pdl_loss_setup, _pdl_loss_backward)
+_pdl_loss_fwd = _ext.KernelOp(
+    "pdl_loss_fwd", _loss_and_grad,
+    fake=lambda logits, *a: (_loss_fake(logits, *a), logits.new_empty(logits.shape)),
+    setup_context=_pdl_loss_setup, backward=_pdl_loss_backward, double_backward=True,
+    torch_math=_loss_and_grad_torch, label="pdl_loss")
+_pdl_loss_value = _ext.KernelOp("pdl_loss_value", _loss_value, fake=_loss_fake, torch_math=_loss_value_torch,
+                                label="pdl_loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,23 +169,18 @@ def pdl_loss(logits, targets, weights, *, ignore_index=-100, reduction="mean", l
     logits = check_logits("logits", logits)
     V = logits.shape[-1]
     check_targets_weights(targets, weights, logits.shape[:-1], V, logits.device)
+    check_not_differentiable("weights", weights, "pdl_loss")
+    check_not_differentiable("normalizer", normalizer, "pdl_loss")
     kdtype = _acc_dtype(logits.dtype)
     norm = check_normalizer(normalizer, reduction, logits.device, kdtype)
-    if needs_torch_math(logits, weights, norm):
-        # forward-mode AD or a torch.func transform: the same math in differentiable torch ops
-        check_targets_in_range(targets, V, ignore_index)
-        return reference_pdl_loss(logits.to(kdtype), targets, weights.detach().to(kdtype), ignore_index=ignore_index,
-                                  reduction=reduction, label_smoothing=label_smoothing,
-                                  normalizer=None if norm is None else norm.detach())
     targets = targets.reshape(-1).contiguous()
-    if logits.is_cuda and _sync_checks():
+    if logits.is_cuda and sync_checks():
         check_targets_in_range(targets, V, ignore_index)
     w = weights.detach().to(kdtype).contiguous()
     args = (logits, targets, w, norm, ignore_index, REDUCTIONS[reduction], label_smoothing)
     if not (torch.is_grad_enabled() and logits.requires_grad):
-        return _ext.op_call(_pdl_loss_value, _loss_value, *args)  # evaluation: the loss alone, no gradient buffer
-    loss, _ = _ext.op_call(_pdl_loss_fwd, _PDLLossFunction.apply, *args)
-    return loss
+        return _pdl_loss_value(*args)  # evaluation: the loss alone, no gradient buffer
+    return _pdl_loss_fwd(*args)[0]
 
 
 class PDLLoss(torch.nn.Module):
@@ -311,9 +216,7 @@ def _pdl_grad_torch(logits, targets, weights, normalizer, ignore_index, reductio
     of weighted cross-entropy then comes from autograd through this expression."""
     with torch.enable_grad():
         z = logits if logits.requires_grad else logits.detach().requires_grad_()
-        name = {v: k for k, v in REDUCTIONS.items()}[reduction]
-        loss = reference_pdl_loss(z, targets, weights, ignore_index=ignore_index, reduction=name,
-                                  label_smoothing=label_smoothing, normalizer=normalizer)
+        loss = _loss_torch(z, targets, weights, normalizer, ignore_index, reduction, label_smoothing)
         (g,) = torch.autograd.grad(loss, z, grad_loss.to(loss.dtype), create_graph=True)
     return g
 
@@ -334,7 +237,3 @@ def _selfcheck_pdl_loss(device):
     out = out.detach()
     return max(abs(float(out) - float(ref)) / max(1.0, abs(float(ref))),
                float((zd.grad.double().cpu() - zr.grad).abs().max() / zr.grad.abs().max()))
-
-
-# Kept importable from here too (it lived in this module before).
-from .fused_linear import fused_linear_pdl_loss  # noqa: E402

@@ -159,7 +159,9 @@ def _pos_angle(freqs, pos):
     so long positions keep float32 phase accuracy."""
     f = freqs.double()
     f = f[None, None] if f.dim() == 1 else f[None]  # (1, H|1, h)
-    a = f[:, :, None, :] * pos.double()[:, None, :, None]
+    p = pos.double()
+    p = p.masked_fill((p < -2.0**31) | (p > 2.0**31 - 1), float("nan"))  # out of range: NaN, as the kernels
+    a = f[:, :, None, :] * p[:, None, :, None]
     return a - 2 * math.pi * torch.round(a / (2 * math.pi))
 
 

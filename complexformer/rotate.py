@@ -9,11 +9,15 @@ so that the CMHA score is the plain dot product of rotated queries and keys. RoP
 delta = 1, beta = 0.
 
 Layers of this file:
-  * ``euler_rotate`` (public): validates, normalises positions, calls the registered op
-    ``complexformer::euler_rotate`` (autograd, torch.compile, CUDA graphs).
-  * ``euler_rotate_qk`` (internal, for the "sdpa" attention backend): q and k in one launch.
-  * ``_rotate_forward`` / ``_rotate_backward`` (internal, docs/design.md, "Attention"): raw kernel calls
-    without autograd; the fused-attention glue calls ``_rotate_backward`` with float32 gradients.
+  * ``euler_rotate`` (public): validates, normalises positions, calls the op ``euler_rotate``.
+  * ``euler_rotate_qk``: q and k in one launch (the "sdpa" attention backend calls its op,
+    ``rotate_qk``, with arguments it checked itself).
+  * the ops (``_ext.KernelOp``: the registered ``complexformer::*`` op for torch.compile, dispatch
+    modes and subclasses, a plain autograd.Function in eager mode): ``euler_rotate``,
+    ``euler_rotate_qk`` and ``euler_rotate_backward`` (``rotate_bwd``, which the fused-attention
+    backward calls with float32 gradients of the rotated q~, k~).
+  * ``_rotate_forward`` / ``_rotate_forward_qk`` / ``_rotate_backward``: the kernel launches
+    without autograd, the ops' bodies.
   * the same math in plain PyTorch (``reference.rotate_reference`` / ``rotate_backward_reference``)
     runs where no kernel exists (float64 on CUDA), under forward-mode AD / torch.func, and in
     double backward.
@@ -22,11 +26,12 @@ import math
 from typing import Optional
 
 import torch
+from torch import Tensor
 
-from . import _C, _ext
+from . import _ext
 from ._selfcheck import selfcheck
-from .checks import (FLOAT_DTYPES, check_angles, check_head_dim, check_heads, check_layout, check_positions,
-                     check_tensor, compute_dtype, layout_id)
+from .checks import (FLOAT_DTYPES, check_angles, check_bool, check_head_dim, check_heads, check_layout,
+                     check_positions, check_tensor, compute_dtype, layout_id)
 from .reference import as_positions, rotate_backward_reference, rotate_reference
 
 _CPU_CHUNKS = 64  # token chunks of the CPU backward reduction
@@ -80,9 +85,8 @@ def _rotate_forward(x, delta, beta, freqs, pos, *, layout):
     out = torch.empty((B, delta.shape[0], L, d), dtype=xk.dtype, device=x.device)
     if out.numel() == 0:
         return out.to(x.dtype)
-    _C.rotate_fwd(_ext.dl(xk), _ext.dl(_as_param(delta, pd)), _ext.dl_opt(_as_param(beta, pd)),
-                  _ext.dl(_as_param(freqs, pd)), _ext.dl(as_positions(pos, x.device)), _ext.dl(out),
-                  layout, _ext.num_threads(), _ext.stream(x))
+    _ext.launch("rotate_fwd", xk, _as_param(delta, pd), _as_param(beta, pd), _as_param(freqs, pd),
+                as_positions(pos, x.device), out, layout, _ext.num_threads(), _ext.stream(x))
     return out.to(x.dtype)
 
 
@@ -98,11 +102,9 @@ def _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, *, layout):
     H = delta.shape[0]
     q_out = torch.empty((q.shape[0], H, q.shape[2], q.shape[3]), dtype=qk.dtype, device=q.device)
     k_out = torch.empty((k.shape[0], H, k.shape[2], k.shape[3]), dtype=kk.dtype, device=k.device)
-    fr = _ext.dl(_as_param(freqs, pd))
-    dlt = _as_param(delta, pd)
-    _C.rotate_fwd_qk(_ext.dl(qk), _ext.dl(kk), _ext.dl(dlt), _ext.dl_opt(_as_param(beta, pd)), fr,
-                     _ext.dl(as_positions(q_pos, q.device)), _ext.dl(as_positions(k_pos, k.device)),
-                     _ext.dl(q_out), _ext.dl(k_out), layout, _ext.num_threads(), _ext.stream(q))
+    _ext.launch("rotate_fwd_qk", qk, kk, _as_param(delta, pd), _as_param(beta, pd), _as_param(freqs, pd),
+                as_positions(q_pos, q.device), as_positions(k_pos, k.device), q_out, k_out, layout,
+                _ext.num_threads(), _ext.stream(q))
     return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
@@ -157,64 +159,48 @@ def _rotate_backward(x, grad, delta, beta, freqs, pos, *, layout, need_freqs_gra
     ddelta = torch.empty((H, d // 2), dtype=pd, device=x.device)
     dbeta = torch.empty_like(ddelta) if beta is not None else None
     dfreqs = torch.empty(freqs.shape, dtype=pd, device=x.device) if need_freqs_grad else None
-    _C.rotate_bwd(_ext.dl(xk), _ext.dl(g), _ext.dl(_as_param(delta, pd)), _ext.dl_opt(_as_param(beta, pd)),
-                  _ext.dl(_as_param(freqs, pd)), _ext.dl(as_positions(pos, x.device)), _ext.dl(dx), _ext.dl(ws),
-                  _ext.dl(ddelta), _ext.dl_opt(dbeta), _ext.dl_opt(dfreqs), chunk, layout,
-                  _ext.num_threads(), _ext.stream(x))
+    _ext.launch("rotate_bwd", xk, g, _as_param(delta, pd), _as_param(beta, pd), _as_param(freqs, pd),
+                as_positions(pos, x.device), dx, ws, ddelta, dbeta, dfreqs, chunk, layout, _ext.num_threads(),
+                _ext.stream(x))
     return dx.to(x.dtype), ddelta, dbeta, dfreqs
 
 
 # ----------------------------------------------------------------------------------------------
-# Registered ops
+# The ops (declared with _ext.KernelOp: registered op + eager path). Double backward rebuilds the
+# gradients in torch ops; forward-mode AD and torch.func run rotate_reference.
 
 def _empty0(like):
     return like.new_empty((0,))
 
 
-# Each op's body is a plain function: the op runs it, and so does an eager call on plain tensors
-# without the op's dispatch (_ext.eager_plain, _ext.eager_function), for the same bits.
-def _rotate_body(x, delta, beta, freqs, positions, layout):
+def _rotate_body(x: Tensor, delta: Tensor, beta: Optional[Tensor], freqs: Tensor, positions: Tensor,
+                 layout: int) -> Tensor:
     return _rotate_forward(x, delta, beta, freqs, positions, layout=layout)
 
 
-@torch.library.custom_op("complexformer::euler_rotate", mutates_args=())
-def _rotate_op(x: torch.Tensor, delta: torch.Tensor, beta: Optional[torch.Tensor], freqs: torch.Tensor,
-               positions: torch.Tensor, layout: int) -> torch.Tensor:
-    return _rotate_body(x, delta, beta, freqs, positions, layout)
+def _rotate_torch(x, delta, beta, freqs, positions, layout):
+    return rotate_reference(x, delta, beta, freqs, positions, layout=layout).to(x.dtype)
 
 
-@_rotate_op.register_fake
-def _(x, delta, beta, freqs, positions, layout):
-    return x.new_empty((x.shape[0], delta.shape[0], x.shape[2], x.shape[3]))
-
-
-def _rotate_bwd_body(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad):
+def _rotate_bwd_body(x: Tensor, grad: Tensor, delta: Tensor, beta: Optional[Tensor], freqs: Tensor,
+                     positions: Tensor, layout: int,
+                     need_freqs_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, ddelta, dbeta, dfreqs) of the backward kernel (dbeta, dfreqs empty when not wanted)."""
     dx, dd, db, df = _rotate_backward(x, grad, delta, beta, freqs, positions, layout=layout,
                                       need_freqs_grad=need_freqs_grad)
     return dx, dd, _empty0(dd) if db is None else db, _empty0(dd) if df is None else df
 
 
-@torch.library.custom_op("complexformer::euler_rotate_backward", mutates_args=())
-def _rotate_bwd_op(x: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor, beta: Optional[torch.Tensor],
-                   freqs: torch.Tensor, positions: torch.Tensor, layout: int,
-                   need_freqs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _rotate_bwd_body(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad)
-
-
-def rotate_bwd(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad):
-    """(dx, ddelta, dbeta, dfreqs) of the backward kernel (dbeta, dfreqs empty when not wanted),
-    through the registered op when traced."""
-    return _ext.op_call(_rotate_bwd_op, _rotate_bwd_body, x, grad, delta, beta, freqs, positions, layout,
-                        need_freqs_grad)
-
-
-@_rotate_bwd_op.register_fake
-def _(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad):
+def _rotate_bwd_fake(x, grad, delta, beta, freqs, positions, layout, need_freqs_grad):
     pd = compute_dtype(x.dtype)
     dd = delta.new_empty(delta.shape, dtype=pd)
     db = delta.new_empty(delta.shape if beta is not None else (0,), dtype=pd)
     df = freqs.new_empty(freqs.shape if need_freqs_grad else (0,), dtype=pd)
     return x.new_empty(x.shape), dd, db, df
+
+
+# called inside the backwards of euler_rotate, euler_rotate_qk and the fused attention
+rotate_bwd = _ext.KernelOp("euler_rotate_backward", _rotate_bwd_body, fake=_rotate_bwd_fake)
 
 
 def _param_grads(ctx, dd, db, df, delta, beta, freqs, first):
@@ -236,7 +222,7 @@ def _rotate_bwd_any(x, grad, delta, beta, freqs, positions, layout, need_freqs):
     differentiable torch ops, so second derivatives are exact rather than silently dropped."""
     if torch.is_grad_enabled():
         dx, dd, db, df = rotate_backward_reference(x, grad, delta, beta, freqs, positions, layout=layout,
-                                                need_freqs_grad=need_freqs)
+                                                   need_freqs_grad=need_freqs)
         return dx, dd, db, df
     return rotate_bwd(x, grad, delta, beta, freqs, positions, layout, need_freqs)
 
@@ -249,23 +235,22 @@ def _rotate_grad(ctx, grad):
         + (None, None)
 
 
-_rotate_op.register_autograd(_rotate_grad, setup_context=_rotate_setup)
-_RotateFunction = _ext.eager_function(_rotate_body, _rotate_setup, _rotate_grad)
+_rotate_op = _ext.KernelOp(
+    "euler_rotate", _rotate_body,
+    fake=lambda x, delta, *_: x.new_empty((x.shape[0], delta.shape[0], x.shape[2], x.shape[3])),
+    setup_context=_rotate_setup, backward=_rotate_grad, double_backward=True, torch_math=_rotate_torch)
 
 
-def _rotate_qk_body(q, k, delta, beta, freqs, q_pos, k_pos, layout):
+def _rotate_qk_body(q: Tensor, k: Tensor, delta: Tensor, beta: Tensor, freqs: Tensor, q_pos: Tensor, k_pos: Tensor,
+                    layout: int) -> tuple[Tensor, Tensor]:
     return _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, layout=layout)
 
 
-@torch.library.custom_op("complexformer::euler_rotate_qk", mutates_args=())
-def _rotate_qk_op(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor,
-                  freqs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                  layout: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rotate_qk_body(q, k, delta, beta, freqs, q_pos, k_pos, layout)
+def _rotate_qk_torch(q, k, delta, beta, freqs, q_pos, k_pos, layout):
+    return _rotate_torch(q, delta, beta, freqs, q_pos, layout), _rotate_torch(k, delta, None, freqs, k_pos, layout)
 
 
-@_rotate_qk_op.register_fake
-def _(q, k, delta, beta, freqs, q_pos, k_pos, layout):
+def _rotate_qk_fake(q, k, delta, beta, freqs, q_pos, k_pos, layout):
     H = delta.shape[0]
     return (q.new_empty((q.shape[0], H, q.shape[2], q.shape[3])),
             k.new_empty((k.shape[0], H, k.shape[2], k.shape[3])))
@@ -288,14 +273,9 @@ def _rotate_qk_grad(ctx, gq, gk):
             + (None, None, None))
 
 
-_rotate_qk_op.register_autograd(_rotate_qk_grad, setup_context=_rotate_qk_setup)
-_RotateQKFunction = _ext.eager_function(_rotate_qk_body, _rotate_qk_setup, _rotate_qk_grad)
-
-
-def rotate_qk(q, k, delta, beta, freqs, q_pos, k_pos, layout):
-    """(q~, k~) with autograd, from checked arguments (the "sdpa" attention backend): the registered
-    op euler_rotate_qk, or in eager on plain tensors the same autograd without its dispatch."""
-    return _ext.op_call(_rotate_qk_op, _RotateQKFunction.apply, q, k, delta, beta, freqs, q_pos, k_pos, layout)
+# (q~, k~) with autograd, from checked arguments (the "sdpa" attention backend)
+rotate_qk = _ext.KernelOp("euler_rotate_qk", _rotate_qk_body, fake=_rotate_qk_fake, setup_context=_rotate_qk_setup,
+                          backward=_rotate_qk_grad, double_backward=True, torch_math=_rotate_qk_torch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +302,8 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
         delta: (H, h) semantic-angle scale, h = d/2.
         beta: (H, h) phase bias, added for queries only (``is_query=False`` ignores it; may be None).
         freqs: (h,) shared or (H, h) per-head positional frequencies (learnable if it requires grad).
-        positions: (L,) or (B, L) int32/int64 token positions; default ``arange(L)``.
+        positions: (L,) or (B, L) int32/int64 token positions, within the int32 range; default
+            ``arange(L)``.
         is_query: add beta (queries) or not (keys).
         layout: "half" (re = x[:h], im = x[h:]) or "interleaved" (re = x[0::2], im = x[1::2]).
 
@@ -331,14 +312,12 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
         Differentiable with respect to x, delta, beta and freqs.
     """
     lid = check_layout(layout)
+    is_query = check_bool("is_query", is_query)
     _check_x("x", x)
     H = check_angles(delta, beta if is_query else None, freqs, x.shape[-1] // 2, x.device, is_query=is_query)
     check_heads("x", x.shape[1], H)
     pos = _resolve_positions("positions", positions, x, "x")
-    b = beta if is_query else None
-    if _ext.needs_torch_math(x, delta, b, freqs):  # forward-mode AD / torch.func: torch ops
-        return rotate_reference(x, delta, b, freqs, pos, layout=lid).to(x.dtype)
-    return _ext.op_call(_rotate_op, _RotateFunction.apply, x, delta, b, freqs, pos, lid)
+    return _rotate_op(x, delta, beta if is_query else None, freqs, pos, lid)
 
 
 def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=None, layout="half"):
@@ -358,9 +337,6 @@ def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=N
     check_heads("k", k.shape[1], H)
     qp = _resolve_positions("q_positions", q_positions, q, "q")
     kp = _resolve_positions("k_positions", k_positions, k, "k")
-    if _ext.needs_torch_math(q, k, delta, beta, freqs):  # forward-mode AD / torch.func: torch ops
-        return (rotate_reference(q, delta, beta, freqs, qp, layout=lid).to(q.dtype),
-                rotate_reference(k, delta, None, freqs, kp, layout=lid).to(k.dtype))
     return rotate_qk(q, k, delta, beta, freqs, qp, kp, lid)
 
 

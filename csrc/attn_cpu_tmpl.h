@@ -97,8 +97,9 @@ CF_AI void FN(rotate_row)(const CfAttnArgs *p, const T *restrict x, int64_t hq, 
   const T *beta = (const T *)p->beta + hq * h;
   const T *omega = (const T *)p->freqs + hq * p->freqs_sh;
   T off[CF_ATTN_MAX_D / 2];
+  const double pd = cf_pos_value(pos);
   for (int64_t j = 0; j < h; j++) {  /* the positional angle is reduced in double (cf_pos_angle) */
-    double o = cf_pos_angle((double)omega[j], (double)pos);
+    double o = cf_pos_angle((double)omega[j], pd);
     off[j] = (T)(with_beta ? o + (double)beta[j] : o);
   }
   FN(rotate_pairs)(p->layout, h, x, delta, off, mul, dst);
@@ -400,8 +401,21 @@ CF_HOT static void FN(bwd_item)(const CfAttnArgs *p, FN(BwdWs) *ws, int64_t b, i
         if (ws->lrow[r] != ws->lrow[r]) continue;  /* NaN row: dS = P (NaN where visible, 0 masked) */
         T *sr = s + r * BK;
         const T *dpr = dp + r * BK;
-        T D = ws->drow[r];
-        for (int64_t n = 0; n < BK; n++) sr[n] = sr[n] * (dpr[n] - D);
+        T D = ws->drow[r], chk[NR];
+        for (int l = 0; l < NR; l++) chk[l] = 0;
+        for (int64_t n = 0; n < BK; n += NR)
+          for (int l = 0; l < NR; l++) {
+            T x = sr[n + l] * (dpr[n + l] - D);
+            sr[n + l] = x;
+            chk[l] += x;
+          }
+        T c = 0;
+        for (int l = 0; l < NR; l++) c += chk[l];
+        /* A NaN in dP (a NaN value) or D (a NaN output) gives 0 * NaN on the masked keys, where
+         * torch's masked softmax has an exact 0 gradient: rare, so only then scan for them. */
+        if (c != c)
+          for (int64_t n = 0; n < nk; n++)
+            if (!visible(p, b, &rows, r, n0 + n)) sr[n] = 0;
       }
       FN(gemm)(nk, d, nq, s, 1, BK, ws->q, d, dk + n0 * d, d, 1);  /* dk~ += dS^T (scale q~) */
       FN(gemm)(nq, d, nk, s, BK, 1, krow, d, ws->dq, d, 1);          /* dq~ += dS k~ (times scale below) */

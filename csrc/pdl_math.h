@@ -36,11 +36,13 @@ CF_INLINE CfPdlCoef cf_pdl_coef(double wy, double W, double V, double eps, doubl
   return c;
 }
 
-/* swz = sum_c w_c z_c (only read when eps > 0) */
+/* swz = sum_c w_c z_c (only read when eps > 0). An infinite class weight makes W infinite: the
+ * smoothing term sum_c w_c (lse - z_c) is then W itself (each lse - z_c > 0), as torch computes it,
+ * where lse W - swz would be inf - inf = NaN. */
 CF_INLINE double cf_pdl_row_loss(double lse, double zy, double wy, double W, double swz, double V,
                                  double eps, double inv_norm) {
   double l = (1.0 - eps) * wy * (lse - zy);
-  if (eps > 0.0) l += eps / V * (lse * W - swz);
+  if (eps > 0.0) l += eps / V * (isinf(W) ? W : lse * W - swz);
   return l * inv_norm;
 }
 

@@ -82,7 +82,7 @@ static void FN(rot_fwd)(const CfRotJob *jb, T *out, int nthreads) {
   for (int64_t row = 0; row < rows; row++) {
     const int64_t l = row % L, i = (row / L) % H, b = row / (L * H);
     const T *xr = x + b * jb->x_s.b + (i / G) * jb->x_s.h + l * jb->x_s.l;
-    const double p = (double)jb->pos[b * jb->pos_s.b + l * jb->pos_s.l];
+    const double p = cf_pos_value(jb->pos[b * jb->pos_s.b + l * jb->pos_s.l]);
     FN(row_fwd)(xr, out + row * d, delta + i * h, beta ? beta + i * h : NULL,
                 freqs + i * jb->freqs_sh, p, h, jb->layout);
   }
@@ -104,7 +104,7 @@ static void FN(rot_bwd)(const CfRotBwdJob *jb, int nthreads) {
     const int64_t t1 = (c + 1) * jb->chunk < ntok ? (c + 1) * jb->chunk : ntok;
     for (int64_t t = c * jb->chunk; t < t1; t++) {
       const int64_t b = t / L, l = t % L;
-      const double p = (double)f->pos[b * f->pos_s.b + l * f->pos_s.l];
+      const double p = cf_pos_value(f->pos[b * f->pos_s.b + l * f->pos_s.l]);
       for (int64_t hx = 0; hx < Hx; hx++) {
         const T *xr = x + b * f->x_s.b + hx * f->x_s.h + l * f->x_s.l;
         T *dxr = dx + ((b * Hx + hx) * L + l) * d;

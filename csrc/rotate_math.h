@@ -25,6 +25,8 @@
 
 #define CF_EPS_R 1e-9
 #define CF_TWO_PI 6.283185307179586476925286766559
+#define CF_POS_MIN -2147483648.0 /* the positions' range: int32 (complexformer/checks.py POS_MIN, POS_MAX) */
+#define CF_POS_MAX 2147483647.0
 
 /* omega * p reduced to [-pi, pi] in double, so long contexts keep float32 phase accuracy.
  * Multiplying by 1 / (2 pi) instead of dividing: a double division is a ~40-instruction sequence on
@@ -32,7 +34,17 @@
  * a / (2 pi) is within an ulp of a half-integer, where both results are the same angle (+-pi). */
 CF_INLINE double cf_pos_angle(double omega, double p) {
   double a = omega * p;
+#ifdef __CUDA_ARCH__ /* out-of-range positions: NaN (cf_pos_value); the CPU kernels convert once per row */
+  if (!(p >= CF_POS_MIN && p <= CF_POS_MAX)) return (double)NAN;
+#endif
   return a - CF_TWO_PI * rint(a * (1.0 / CF_TWO_PI));
+}
+
+/* A position as the rotation reads it: positions outside the int32 range (docs/design.md, "Masks
+ * and positions") become NaN, so their rotation is NaN. The Python checks raise for them on the
+ * CPU; CUDA positions are not read on the host (a sync), so there the NaN is what tells. */
+CF_INLINE double cf_pos_value(int64_t pos) {
+  return pos >= (int64_t)CF_POS_MIN && pos <= (int64_t)CF_POS_MAX ? (double)pos : (double)NAN;
 }
 
 #define CF_DEFINE_ROTATE(T, SUF, SQRT, ATAN2, SIN, COS)                                          \

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 import complexformer as cf
 from complexformer import _C
 from complexformer._ext import dl
-from complexformer.reference import cmha_attention_pairwise
-from complexformer.rotate import euler_rotate_qk, rotate_reference
+from complexformer.reference import cmha_attention_pairwise, default_freqs
+from complexformer.rotate import _rotate_forward, euler_rotate_qk, rotate_reference
 from oracles import attn_inputs, cmha_ref, rotate_ref
 
 F64 = torch.float64
@@ -462,6 +462,199 @@ def test_cmha_module_key_padding_mask_values():
     for bad in (2, -1):
         with pytest.raises(ValueError, match=f"key_padding_mask: .*found {bad}"):
             m(x, key_padding_mask=torch.tensor([[1, bad, 1], [1, 1, 1]]))
+
+
+# ------------------------------------------------------------------ issue 17: the op boundary
+
+_LIMIT = 2**31  # positions: the int32 range [-2^31, 2^31 - 1] (docs/design.md, "Masks and positions")
+
+
+def _shifted_attention(P, dtype, backend):
+    q, k, v, delta, beta, freqs = attn_case(H=2, Hkv=1, Lq=5, Lk=7, d=8, dtype=dtype)
+    qp, kp = torch.arange(2, 7)[None], torch.arange(7)[None]
+    out = cf.cmha_attention(q, k, v, delta, beta, freqs, positions=(qp + P, kp + P), backend=backend)
+    # float64, pair by pair, with the exact relative positions (P cancels in p_m - p_n)
+    ref, _ = cmha_attention_pairwise(q.double(), k.double(), v.double(), delta.double(), beta.double(),
+                                     freqs.double(), q_pos=qp, k_pos=kp)
+    return out.double(), ref
+
+
+# Shifting every position by P must not change the output (an absolute P cancels in p_m - p_n).
+# float64: omega * p is rounded in float64 before its reduction mod 2 pi, an absolute phase error
+# up to |omega p| 2^-53 = 2.4e-7 rad at the limit: measured output errors 4e-8 there (4e-16 at
+# P = 0, 1e-8 at 1e9). float32 is limited by its own rounding, at every P: measured <= 5.2e-7.
+# (Within the limit the old code held too; beyond it, the next test.)
+@pytest.mark.parametrize("dtype, tol", [(F64, 1e-7), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("backend", ["fused", "sdpa", "reference"])
+@pytest.mark.parametrize("P", [0, 10**6, 10**9, _LIMIT - 7, -_LIMIT])
+def test_positions_shift_invariant_up_to_the_limit(P, backend, dtype, tol):
+    out, ref = _shifted_attention(P, dtype, backend)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("P", [_LIMIT, -_LIMIT - 1, 10**12, 10**18])
+def test_positions_beyond_the_limit_raise_naming_them(P):
+    q, k, v, delta, beta, freqs = attn_case(Lq=3, Lk=3)
+    pos = torch.arange(3)[None] + P
+    ok = torch.arange(3)[None]
+    x, d_, b_, f_ = rot_case(L=3)
+    with pytest.raises(ValueError, match=r"positions: position .* out of range"):
+        cf.euler_rotate(x, d_, b_, f_, positions=pos)
+    with pytest.raises(ValueError, match=r"q_positions: position .* out of range"):
+        euler_rotate_qk(x, x, d_, b_, f_, q_positions=pos)
+    for backend in ATTN_BACKENDS:
+        with pytest.raises(ValueError, match=r"positions\[1\] \(key positions\): position .* out of range"):
+            cf.cmha_attention(q, k, v, delta, beta, freqs, positions=(ok, pos), backend=backend)
+    m = cf.CMHA(8, 2).double()
+    with pytest.raises(ValueError, match="position_ids: position .* out of range"):
+        m(torch.randn(1, 3, 8, dtype=F64), position_ids=pos)
+    with pytest.raises(ValueError, match="q_offset: .* out of range"):
+        cf.cmha_attention(q, k, v, delta, beta, freqs, q_offset=_LIMIT - 2)  # q_offset + arange(3) passes 2^31 - 1
+    # below the checks (CUDA positions are not read on the host): the kernels and the reference NaN them
+    bad = ((pos < -_LIMIT) | (pos >= _LIMIT))[0]
+    for rot in (_rotate_forward(x, d_, b_, f_, pos, layout=0), rotate_reference(x, d_, b_, f_, pos)):
+        assert torch.isnan(rot[:, :, bad]).all() and not torch.isnan(rot[:, :, ~bad]).any()
+
+
+def test_cache_positions_errors_name_the_cache():
+    m = cf.CMHA(8, 2).double()
+    x = torch.randn(1, 2, 8, dtype=F64)
+    _, cache = m(x, position_ids=torch.tensor([[5, 6]]), use_cache=True)
+    for bad, match in ((cache.positions.double(), "past_key_value.positions: dtype float64"),
+                       (cache.positions + 10**12, "past_key_value.positions: position .* out of range"),
+                       (cache.positions + (_LIMIT - 8), r"past_key_value.positions \(continued by the new tokens\)")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            m(x, past_key_value=cf.CMHACache(cache.key, cache.value, bad))
+
+
+def test_negative_bit_tensors_are_read_with_their_sign():
+    z, y, w = pdl_case()
+    neg = torch._neg_view(-z)  # reads as z, with the negative bit set
+    assert neg.is_neg()
+    torch.testing.assert_close(cf.pdl_loss(neg, y, w, label_smoothing=0.1),
+                               F.cross_entropy(z, y, weight=w, label_smoothing=0.1))
+    torch.testing.assert_close(cf.pdl_loss(z, y, torch._neg_view(-w)), F.cross_entropy(z, y, weight=w))
+    x, delta, beta, freqs = rot_case()
+    want = cf.euler_rotate(x, delta, beta, freqs)
+    torch.testing.assert_close(cf.euler_rotate(torch._neg_view(-x), torch._neg_view(-delta), beta, freqs), want)
+    q, k, v, delta, beta, freqs = attn_case()
+    for backend in ("fused", "sdpa"):
+        want = cf.cmha_attention(q, k, v, delta, beta, freqs, backend=backend)
+        got = cf.cmha_attention(torch._neg_view(-q), k, torch._neg_view(-v), delta, beta, freqs, backend=backend)
+        torch.testing.assert_close(got, want)
+    h = torch.randn(6, 4, dtype=F64)
+    W = torch.randn(5, 4, dtype=F64)
+    torch.testing.assert_close(cf.fused_linear_pdl_loss(torch._neg_view(-h), W, y[:6], w),
+                               F.cross_entropy(h @ W.T, y[:6], weight=w))
+
+
+def test_weights_and_normalizer_that_require_grad_raise_like_cross_entropy():
+    z, y, w = pdl_case()
+    wg = w.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        F.cross_entropy(z, y, weight=wg)
+    with pytest.raises(RuntimeError, match="pdl_loss: not differentiable with respect to argument 'weights'"):
+        cf.pdl_loss(z.requires_grad_(), y, wg)
+    with pytest.raises(RuntimeError, match="argument 'normalizer'"):
+        cf.pdl_loss(z, y, w, normalizer=torch.tensor(3.0, requires_grad=True))
+    with pytest.raises(RuntimeError, match="argument 'weights'"):
+        cf.fused_linear_pdl_loss(torch.randn(7, 4, dtype=F64), torch.randn(5, 4, dtype=F64), y, wg)
+    with torch.no_grad():  # nothing is differentiated: fine, as for F.cross_entropy
+        torch.testing.assert_close(cf.pdl_loss(z, y, wg), F.cross_entropy(z, y, weight=w))
+
+
+def test_pdl_weights_refuse_float32_overflow():
+    counts = torch.tensor([0, 1, 5])
+    for kw in ({"alpha": 6.0}, {"alpha": 1.0, "eps": 1e-40}):
+        with pytest.raises(ValueError, match="alpha, eps: .* overflows float32.* max_weight"):
+            cf.pdl_weights(counts, **kw)
+        w = cf.pdl_weights(counts, **kw, max_weight=1e30)
+        assert torch.isfinite(w).all() and w[0] == 1e30
+    with pytest.raises(ValueError, match="max_weight=1e\\+300 is beyond it too"):
+        cf.pdl_weights(counts, alpha=6.0, max_weight=1e300)
+    assert cf.pdl_weights(counts, alpha=5.0).max() == pytest.approx(1e35, rel=1e-6)  # in range: unchanged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_infinite_weight_with_label_smoothing_is_inf_like_torch(dtype):
+    z, y, w = pdl_case(dtype=dtype)
+    y[y == 3] = 0  # the infinite-weight class is never a target
+    w[3] = float("inf")
+    for reduction in ("mean", "sum", "none"):
+        want = F.cross_entropy(z, y, weight=w, label_smoothing=0.1, reduction=reduction)
+        got = cf.pdl_loss(z, y, w, label_smoothing=0.1, reduction=reduction)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and not torch.isnan(got).any()
+        torch.testing.assert_close(got.to(want.dtype), want)
+
+
+@pytest.mark.parametrize("bad", ["no", None, 1, 0, np.int64(1), torch.tensor(True)])
+def test_causal_and_other_flags_take_a_bool_only(bad):
+    q, k, v, delta, beta, freqs = attn_case()
+    with pytest.raises(TypeError, match="causal: expected a bool"):
+        cf.cmha_attention(q, k, v, delta, beta, freqs, causal=bad)
+    with pytest.raises(TypeError, match="causal: expected a bool"):
+        cf.CMHA(8, 2, causal=bad)
+    x, d_, b_, f_ = rot_case()
+    with pytest.raises(TypeError, match="is_query: expected a bool"):
+        cf.euler_rotate(x, d_, b_, f_, is_query=bad)
+    with pytest.raises(TypeError, match="return_lse: expected a bool"):
+        cf.cmha_attention(q, k, v, delta, beta, freqs, return_lse=bad)
+    assert torch.equal(cf.cmha_attention(q, k, v, delta, beta, freqs, causal=np.bool_(False)),
+                       cf.cmha_attention(q, k, v, delta, beta, freqs, causal=False))
+
+
+def test_numpy_scalars_everywhere():
+    m = cf.CMHA(8, 2, scale=np.float32(0.5), rope_base=np.float64(500.0))
+    assert m.scale == 0.5 and type(m.scale) is float
+    ref = cf.CMHA(8, 2, scale=0.5, rope_base=500.0)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(1, 3, 8)
+    torch.testing.assert_close(m(x), ref(x))
+    h, W = torch.randn(7, 4, dtype=F64), torch.randn(5, 4, dtype=F64)
+    _, y, w = pdl_case()
+    torch.testing.assert_close(cf.fused_linear_pdl_loss(h, W, y, w, chunk_size=np.int64(3)),
+                               cf.fused_linear_pdl_loss(h, W, y, w, chunk_size=3))
+    torch.testing.assert_close(cf.fused_linear_pdl_loss(h, W, y, w, memory_budget=np.int32(4096)),
+                               cf.fused_linear_pdl_loss(h, W, y, w))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_value_leaves_masked_keys_gradients_finite_like_torch(causal):
+    # key 1's value is NaN, so are the outputs (0 * NaN even where key 1 is masked) and D =
+    # rowsum(dO * out); keys 4 and 5 are padding: torch's masked softmax gives them an exact 0
+    # gradient, where P (dP - D) = 0 * NaN made them NaN in the CPU kernel's tile
+    q, k, v, delta, beta, freqs = attn_case(H=1, Hkv=1, Lq=6, Lk=6)
+    v[0, 0, 1, 2] = float("nan")
+    kpm = torch.tensor([[True, True, True, True, False, False]])
+    grads = {}
+    for b in ("fused", "reference"):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        cf.cmha_attention(*ins, delta, beta, freqs, causal=causal, key_padding_mask=kpm, backend=b).sum().backward()
+        grads[b] = [t.grad for t in ins]
+    for got, want in zip(grads["fused"][1:], grads["reference"][1:]):  # dk, dv
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        torch.testing.assert_close(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    assert torch.all(grads["fused"][1][0, 0, 4:] == 0)
+
+
+def test_pdl_model_rechecks_weights_loaded_later():
+    from complexformer.models import ComplexFormerConfig, ComplexFormerForCausalLM
+
+    cfg = ComplexFormerConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=32, loss="pdl")
+    m = ComplexFormerForCausalLM(cfg)
+    m.set_pdl_weights(torch.rand(11) + 0.5)
+    ids = torch.randint(0, 11, (2, 5))
+    assert torch.isfinite(m(input_ids=ids, labels=ids).loss)
+    sd = m.state_dict()
+    sd["pdl_weights"] = torch.full((11,), float("nan"))
+    m.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="not set or invalid"):
+        m(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        m.pdl_weights[3] = -1.0  # any in-place write is seen too
+    with pytest.raises(RuntimeError, match="not set or invalid"):
+        m(input_ids=ids, labels=ids)
 
 
 # ------------------------------------------------------------------ hypothesis fuzz

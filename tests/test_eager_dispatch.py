@@ -9,7 +9,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import complexformer as cf
+from complexformer import _pdl_kernel as K
 from complexformer import attention as A
+from complexformer import counts as C
+from complexformer import fused_linear as FL
 from complexformer import pdl as P
 from complexformer import rotate as R
 from complexformer.rotate import euler_rotate_qk
@@ -53,6 +56,10 @@ CALLS = {
     "cmha_fused": (lambda: (_attn_inputs(), ()), lambda ts, _: cf.cmha_attention(*ts, backend="fused",
                                                                                   return_lse=True),
                    "complexformer.cmha_fused"),
+    "fused_linear_pdl_loss": (lambda: ([torch.randn(12, 8, dtype=torch.float64).requires_grad_(),
+                                         torch.randn(50, 8, dtype=torch.float64).requires_grad_()], _pdl_inputs()[1]),
+                              lambda ts, extra: cf.fused_linear_pdl_loss(*ts, *extra, chunk_size=5),
+                              "complexformer.fused_linear_pdl_fwd"),
     "cmha_sdpa": (lambda: (_attn_inputs(), ()), lambda ts, _: cf.cmha_attention(*ts, backend="sdpa"),
                   "complexformer.euler_rotate_qk"),
 }
@@ -91,9 +98,10 @@ def test_eager_plain_tensors_skip_the_registered_ops(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("registered op called in eager mode")
 
-    for mod, name in [(A, "_cmha_fused"), (A, "_cmha_fused_bwd"), (R, "_rotate_op"), (R, "_rotate_qk_op"),
-                      (R, "_rotate_bwd_op"), (P, "_pdl_loss_fwd"), (P, "_pdl_loss_value"), (P, "_pdl_scale_")]:
-        monkeypatch.setattr(mod, name, boom)
+    for mod, name in [(A, "_cmha_fused"), (A, "_cmha_fused_bwd"), (R, "_rotate_op"), (R, "rotate_qk"),
+                      (R, "rotate_bwd"), (P, "_pdl_loss_fwd"), (P, "_pdl_loss_value"), (K, "_pdl_scale_"),
+                      (FL, "_fused_linear_fwd"), (C, "_token_counts_op")]:
+        monkeypatch.setattr(getattr(mod, name), "op", boom)
     ts = _attn_inputs()
     out, lse = cf.cmha_attention(*ts, backend="fused", return_lse=True)
     (out.sum() + lse.sum()).backward()
@@ -103,6 +111,9 @@ def test_eager_plain_tensors_skip_the_registered_ops(monkeypatch):
     (cf.pdl_loss(z, y, w) * 2).backward()  # grad_output != 1: the scale runs too
     with torch.no_grad():
         assert math.isfinite(cf.pdl_loss(z, y, w).item())
+    h = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    (cf.fused_linear_pdl_loss(h, torch.randn(50, 8, dtype=torch.float64), y, w, reduction="none").sum()).backward()
+    assert torch.equal(cf.token_counts(y, 50), torch.bincount(y[y >= 0], minlength=50))
 
 
 def test_subclass_tensors_take_the_registered_op():
@@ -112,17 +123,17 @@ def test_subclass_tensors_take_the_registered_op():
     (z,), (y, w) = _pdl_inputs()
     zs = z.detach().as_subclass(Sub).requires_grad_()
     seen = []
-    orig = P._pdl_loss_fwd
+    orig = P._pdl_loss_fwd.op
 
     def spy(*a):
         seen.append(1)
         return orig(*a)
 
-    P._pdl_loss_fwd, saved = spy, P._pdl_loss_fwd
+    P._pdl_loss_fwd.op = spy
     try:
         loss = cf.pdl_loss(zs, y, w)
     finally:
-        P._pdl_loss_fwd = saved
+        P._pdl_loss_fwd.op = orig
     assert seen and torch.allclose(loss.as_subclass(torch.Tensor), cf.pdl_loss(z, y, w).detach())
 
 

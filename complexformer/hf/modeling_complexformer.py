@@ -16,6 +16,8 @@ computes the exact PDL mean over the whole optimizer step.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,7 +202,7 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
             self.register_buffer("pdl_weights", torch.full((config.vocab_size,), float("nan")))
         else:
             self.pdl_weights = None
-        self._pdl_checked = False
+        self._pdl_checked = None  # (weakref to the buffer, its version) when last found valid
         self.post_init()
         if config.attention == "cmha":
             _warn_on_peft_save()  # learned angles are not in a PEFT adapter: warn when they would be dropped
@@ -251,7 +253,6 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError("weights: must be finite and >= 0")
         self.pdl_weights.copy_(w.to(self.pdl_weights.device, torch.float32))
-        self._pdl_checked = True
 
     def set_pdl_counts(self, counts, eps=1e-7, max_weight=None):
         """Set the PDL weights from target-token counts (``complexformer.token_counts`` or
@@ -260,11 +261,15 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
 
     def _pdl_loss(self, logits, labels, num_items_in_batch=None, ignore_index=-100):
         w = self.pdl_weights
-        if not self._pdl_checked:
-            if not bool(torch.isfinite(w).all()):
-                raise RuntimeError("loss='pdl' but no PDL weights are set: call model.set_pdl_weights("
+        # Checked again whenever the buffer is replaced or written in place (load_state_dict,
+        # .to(), copy_ all bump its version): two attribute reads per call otherwise.
+        seen = self._pdl_checked
+        if seen is None or seen[0]() is not w or seen[1] != w._version:
+            if not bool((torch.isfinite(w) & (w >= 0)).all()):
+                raise RuntimeError("loss='pdl' but the PDL weights are not set or invalid (NaN, inf or negative; "
+                                   "e.g. loaded from a checkpoint that lacks them): call model.set_pdl_weights("
                                    "complexformer.pdl_weights(counts, alpha)) first")
-            self._pdl_checked = True
+            self._pdl_checked = (weakref.ref(w), w._version)
         targets = shift_labels(labels, ignore_index).to(logits.device)
         return pdl_loss(logits, targets, w, ignore_index=ignore_index)
 
