@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from _util import fmt_bytes, markdown_table, peak_bytes, sync
-from complexformer.train import ATTENTIONS, build_model
+from complexformer.hf import ATTENTIONS
+from complexformer.lab.train import build_model
 
 PRESETS = {
     "cpu": dict(hidden=128, layers=2, heads=4, vocab=1024, batch=16, seq=128),

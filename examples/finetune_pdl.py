@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from complexformer.train import HelpFormatter
+from complexformer.lab.train import HelpFormatter
 
 
 def parse_args():

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import complexformer
 from complexformer.models import ComplexFormerConfig, ComplexFormerForCausalLM
-from complexformer.train import HelpFormatter, resolve_device
+from complexformer.lab.train import HelpFormatter, resolve_device
 
 
 def load_bytes(path, max_bytes):

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import complexformer as cf
 from complexformer.reference import cmha_scores_pairwise
-from test_attn_api import _kpm, make
+from oracles import attn_inputs
+from test_attn_api import _kpm
 
 BACKENDS = ["reference", "sdpa", "auto"]
 NEG_INF = float("-inf")
@@ -70,7 +71,7 @@ SHAPES = [(2, 4, 5, 7), (2, 1, 5, 7), (1, 4, 1, 7), (5, 7), (7,), (1, 1, 1, 1)]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("extra", [dict(), dict(causal=False), dict(key_padding_mask="kpm"), dict(q_offset=-1)])
 def test_matches_float64_masked_softmax(backend, kind, shape, extra):
-    ts = make(B=2, H=4, Hkv=2, Lq=5, Lk=7)
+    ts = attn_inputs(B=2, H=4, Hkv=2, Lq=5, Lk=7)
     kw = dict(extra)
     if kw.get("key_padding_mask") == "kpm":
         kw["key_padding_mask"] = _kpm(2, 7)
@@ -85,7 +86,7 @@ def test_matches_float64_masked_softmax(backend, kind, shape, extra):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_float32_and_cu_seqlens(backend, kind):
     cu = torch.tensor([0, 3, 3, 8, 10], dtype=torch.int32)
-    ts = make(B=1, H=4, Hkv=2, Lq=10, Lk=10)
+    ts = attn_inputs(B=1, H=4, Hkv=2, Lq=10, Lk=10)
     mask = random_mask((1, 4, 10, 10), kind, torch.Generator().manual_seed(2))
     want_out, want_lse = oracle(*ts, attn_mask=mask, cu_seqlens=cu)
     ts32 = [t.float() for t in ts]
@@ -99,7 +100,7 @@ def test_float32_and_cu_seqlens(backend, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_empty_rows_give_zero_output_neg_inf_lse_and_zero_grads(backend, kind):
-    ts = make(B=2, H=4, Hkv=2, Lq=5, Lk=7, grad=True)
+    ts = attn_inputs(B=2, H=4, Hkv=2, Lq=5, Lk=7, grad=True)
     mask = random_mask((2, 4, 5, 7), kind, torch.Generator().manual_seed(3), hide=0.2)
     mask[0, 1, 2] = False if kind == "bool" else NEG_INF  # one query of one head sees nothing
     mask[1, :, 4] = False if kind == "bool" else NEG_INF  # one query of every head sees nothing
@@ -115,7 +116,7 @@ def test_empty_rows_give_zero_output_neg_inf_lse_and_zero_grads(backend, kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_rows_follow_the_reference_math(backend):
-    ts = make(B=1, H=2, Hkv=2, Lq=4, Lk=4)
+    ts = attn_inputs(B=1, H=2, Hkv=2, Lq=4, Lk=4)
     q, k = ts[0].clone(), ts[1].clone()
     k[0, 0, 3] = float("nan")  # a NaN key: hidden from query 1 by the mask, visible to query 3 (causal)
     q[0, 1, 0] = float("nan")  # a NaN query: its row is NaN
@@ -136,7 +137,7 @@ def test_nan_rows_follow_the_reference_math(backend):
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_gradcheck(backend, kind):
-    ts = make(B=1, H=2, Hkv=1, Lq=3, Lk=4, d=4, grad=True)
+    ts = attn_inputs(B=1, H=2, Hkv=1, Lq=3, Lk=4, d=4, grad=True)
     mask = random_mask((1, 2, 3, 4), kind, torch.Generator().manual_seed(5))
     mask[0, 0, 1] = False if kind == "bool" else NEG_INF  # an empty row
     leaves = list(ts[:5])
@@ -162,7 +163,7 @@ _dims = st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 5), st.in
 def test_broadcast_shapes(dims, seed, kind, keep, ndim, causal, backend):
     B, H, Lq, Lk = dims
     Hkv = 1 if H % 2 else 2
-    ts = make(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, d=4, gen=torch.Generator().manual_seed(seed))
+    ts = attn_inputs(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, d=4, gen=torch.Generator().manual_seed(seed))
     shape = tuple(n if k else 1 for n, k in zip(dims, keep))[4 - ndim:]
     mask = random_mask(shape, kind, torch.Generator().manual_seed(seed + 1))
     out, lse = cf.cmha_attention(*ts, attn_mask=mask, backend=backend, return_lse=True, causal=causal)
@@ -172,7 +173,7 @@ def test_broadcast_shapes(dims, seed, kind, keep, ndim, causal, backend):
 
 
 def test_forward_ad_runs_the_reference_math():
-    ts = make(B=1, H=2, Hkv=1, Lq=3, Lk=5)
+    ts = attn_inputs(B=1, H=2, Hkv=1, Lq=3, Lk=5)
     mask = random_mask((3, 5), "float", torch.Generator().manual_seed(6))
     tq = torch.randn_like(ts[0])
     f = lambda backend: lambda q: cf.cmha_attention(q, *ts[1:], attn_mask=mask, backend=backend)  # noqa: E731
@@ -182,7 +183,7 @@ def test_forward_ad_runs_the_reference_math():
 
 
 def test_fused_raises_and_auto_takes_a_backend_that_serves_the_mask():
-    ts = [t.float() for t in make(Lq=5, Lk=7)]
+    ts = [t.float() for t in attn_inputs(Lq=5, Lk=7)]
     mask = random_mask((5, 7), "bool", torch.Generator().manual_seed(7))
     with pytest.raises(RuntimeError, match="attn_mask"):
         cf.cmha_attention(*ts, attn_mask=mask, backend="fused")
@@ -191,7 +192,7 @@ def test_fused_raises_and_auto_takes_a_backend_that_serves_the_mask():
 
 
 def test_bad_masks_raise_naming_attn_mask():
-    ts = make(B=2, H=4, Hkv=2, Lq=5, Lk=7)
+    ts = attn_inputs(B=2, H=4, Hkv=2, Lq=5, Lk=7)
     for bad, err in [(torch.ones(5, 7, dtype=torch.int64), TypeError), (torch.ones(5, 6, dtype=torch.bool), ValueError),
                      (torch.ones(3, 4, 5, 7, dtype=torch.bool), ValueError),
                      (torch.ones(1, 2, 4, 5, 7, dtype=torch.bool), ValueError),

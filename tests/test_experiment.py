@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("matplotlib")
 
-from complexformer.experiment import main  # noqa: E402
+from complexformer.lab.experiment import main  # noqa: E402
 
 
 @pytest.mark.slow  # the training is tiny, but every run is still evaluated on the whole held-out text
@@ -42,7 +42,7 @@ def test_tiny_experiment_writes_results_and_plots(tmp_path, capsys):
 
 
 def test_smoothing_is_centred_and_covers_every_step():
-    from complexformer.experiment import _smooth
+    from complexformer.lab.experiment import _smooth
 
     line = [float(i) for i in range(100)]
     s = _smooth(line)

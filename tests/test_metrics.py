@@ -1,12 +1,12 @@
-"""complexformer.metrics and complexformer.data against hand computations."""
+"""complexformer.lab.metrics and complexformer.lab.data against hand computations."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from complexformer import data as cfdata
-from complexformer.metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
+from complexformer.lab import data as cfdata
+from complexformer.lab.metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
 
 
 class FixedLM(nn.Module):

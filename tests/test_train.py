@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from complexformer import data as cfdata  # noqa: E402
-from complexformer.train import main  # noqa: E402
+from complexformer.lab import data as cfdata  # noqa: E402
+from complexformer.lab.train import main  # noqa: E402
 
 TINY = ["--steps", "12", "--seq-len", "32", "--batch-size", "4", "--hidden-size", "32", "--layers", "1",
         "--heads", "2", "--lr", "1e-2"]
@@ -89,7 +89,7 @@ def test_end_to_end_then_finetune_from_it(poetry_file, tmp_path, capsys):
 
 
 def test_help_shows_defaults(capsys):
-    from complexformer.train import parse_args
+    from complexformer.lab.train import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--help"])
@@ -99,7 +99,7 @@ def test_help_shows_defaults(capsys):
 
 
 def test_choose_threads(monkeypatch):
-    from complexformer import train as cftrain
+    from complexformer.lab import train as cftrain
 
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -123,7 +123,7 @@ def test_choose_threads(monkeypatch):
 
 
 def test_busy_cpus_reads_proc_stat():
-    from complexformer.train import _busy_cpus, _cores_and_cpus
+    from complexformer.lab.train import _busy_cpus, _cores_and_cpus
 
     cores, cpus = _cores_and_cpus()
     assert 1 <= cores <= (len(cpus) if cpus else cores)
@@ -132,7 +132,7 @@ def test_busy_cpus_reads_proc_stat():
 
 
 def test_train_records_held_out_curve():
-    from complexformer.train import build_model, train
+    from complexformer.lab.train import build_model, train
 
     model = build_model(64, "cmha", hidden_size=16, num_layers=1, num_heads=2)
     stream = torch.randint(0, 64, (400,))

@@ -16,20 +16,20 @@ TINY = dict(steps=6, batch_size=4, seq_len=24, lr=1e-2, seed=3, progress=False)
 
 
 def _stream():
-    from complexformer import data as cfdata
+    from complexformer.lab import data as cfdata
 
     text = cfdata.load_corpus("poetry")[:6000]
     return cfdata.encode_stream(cfdata.ByteTokenizer(), text)
 
 
 def _model():
-    from complexformer.train import build_model
+    from complexformer.lab.train import build_model
 
     return build_model(256, "cmha", hidden_size=32, num_layers=1, num_heads=2, seed=3)
 
 
 def _run_all():
-    from complexformer.train import train
+    from complexformer.lab.train import train
 
     out = {}
     for loss, alpha in CASES:

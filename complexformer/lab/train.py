@@ -1,0 +1,408 @@
+"""Train one small causal LM on a text file and evaluate it on held-out text from the file's end.
+
+    python -m complexformer.train                                   # the embedded corpus, CMHA, CE
+    python -m complexformer.train --text-file my.txt --attention rope --steps 500
+    python -m complexformer.train --init-from runs/pre --corpus poetry --loss pdl --alpha 0.5
+    torchrun --nproc_per_node 2 -m complexformer.train --batch-size 32      # DDP (gloo on CPU)
+
+The model is ``complexformer.hf.ComplexFormerForCausalLM`` (attention "cmha", "rope" or "none").
+The tokenizer is a byte-level BPE trained on the training split (default; see
+``complexformer.lab.data`` for why) or raw bytes. The last 5% of the text (at a line boundary) is held
+out. Output: a progress bar with the loss, ``metrics.json``, the model and ``tokenizer.json`` in
+``--out``, and a last stdout line ``val_ppl=<float>``.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the process group comes from the environment (gloo on CPU,
+NCCL on CUDA); every rank draws the same global batch and trains on its own rows of it, and the
+loss is normalised by the global token (or PDL weight) sum, so the loss curve equals a one-process
+run at the same global batch.
+"""
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+if importlib.util.find_spec("ipywidgets") is not None:
+    from tqdm.auto import tqdm  # a widget bar in notebooks
+else:  # tqdm.auto would warn "IProgress not found" in a notebook, then use the text bar anyway
+    from tqdm import tqdm
+
+from ..counts import pdl_weights, token_counts
+from ..hf import ATTENTIONS, LOSSES
+from ..hf.label_counts import dist_info
+from ..pdl import pdl_loss
+from . import data as cfdata
+
+
+def resolve_device(name):
+    """torch.device for ``name``, or a ValueError naming --device (unknown or unavailable)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device: unknown device {name!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available in this torch build / on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda[:N], got {name!r}")
+    return dev
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows each option's default (unless None / off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def write_atomic(path, write):
+    """``write(tmp)`` to a temporary file beside ``path`` (same suffix), then move it over ``path``:
+    a reader never sees half a file, and an interrupted run leaves the old one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    write_atomic(path, write)
+
+
+def _cores_and_cpus():
+    """(physical cores, logical CPUs) this process may run on: its affinity set (Linux), with SMT
+    siblings counted once; os.cpu_count() for both where that is unknown."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+        return n, None
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return len(cores), cpus
+
+
+def _busy_cpus(cpus, seconds=0.25):
+    """How many of ``cpus`` other processes keep busy right now: /proc/stat sampled over ``seconds``
+    (None where that is unavailable)."""
+    def sample():
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    v = [int(x) for x in fields]
+                    out[name] = (sum(v[:8]), v[3] + v[4])  # total, idle + iowait
+        return out
+
+    try:
+        a = sample()
+        time.sleep(seconds)
+        b = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for name, (total, idle) in b.items():
+        dt = total - a.get(name, (0, 0))[0]
+        if dt > 0:
+            busy += 1 - (idle - a[name][1]) / dt
+    return busy
+
+
+def choose_threads(requested=None):
+    """Set torch's CPU thread count and return a line that says what was chosen and why.
+
+    Default: one thread per physical core this process may use that no other process keeps busy
+    right now (at least 1; divided among the ranks of a local torchrun). The models here are small,
+    so a thread that has to share its core stalls every op at the next barrier: on a 2-core machine
+    with one other busy process, 2 threads trained at 9.5k tokens/s and 1 thread at 16.7k, while on
+    the idle machine 2 threads were 1.3x faster than 1 (benchmarks/RESULTS.md). OMP_NUM_THREADS, when
+    set, is respected; ``requested`` (--threads) overrides both.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads: expected a positive int, got {requested}")
+        torch.set_num_threads(requested)
+        return f"threads: {requested} (--threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS; --threads N overrides)"
+    cores, cpus = _cores_and_cpus()
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    busy = _busy_cpus(set(cpus)) if cpus else None
+    free = cores if busy is None else cores * max(0.0, len(cpus) - busy) / len(cpus)
+    n = max(1, min(cores, int(free + 0.5)) // ranks)
+    torch.set_num_threads(n)
+    load = "" if busy is None else f", {busy:.1f} of {len(cpus)} CPUs busy with other work"
+    per = f" / {ranks} local ranks" if ranks > 1 else ""
+    return f"threads: {n} ({cores} cores available{load}{per}; --threads N overrides)"
+
+
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1) start the process group from the environment: NCCL for a
+    CUDA device (each rank on cuda:LOCAL_RANK), gloo for the CPU. Returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def build_model(vocab_size, attention="cmha", *, hidden_size=128, num_layers=2, num_heads=4,
+                max_position_embeddings=2048, seed=0, device="cpu", **config):
+    """A fresh ComplexFormerForCausalLM, initialised from ``seed``; ``config`` goes to
+    ComplexFormerConfig (e.g. delta_init="rope")."""
+    from ..hf.modeling_complexformer import ComplexFormerConfig, ComplexFormerForCausalLM
+
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
+    torch.manual_seed(seed)
+    cfg = ComplexFormerConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                              num_attention_heads=num_heads, max_position_embeddings=max_position_embeddings,
+                              attention=attention, tie_word_embeddings=True, **config)
+    return ComplexFormerForCausalLM(cfg).to(device)
+
+
+def load_model(directory, device="cpu"):
+    """A ComplexFormerForCausalLM saved with ``save_pretrained`` in ``directory``."""
+    from ..hf.modeling_complexformer import ComplexFormerForCausalLM
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"--init-from: no config.json in {directory!r} (not a complexformer.train output?)")
+    return ComplexFormerForCausalLM.from_pretrained(directory).to(device)
+
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warmup, then cosine decay to 10% of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_len=128, lr=3e-3,
+          warmup=None, weight_decay=0.01, seed=0, progress=True, desc="train", evaluate=None, eval_every=None):
+    """Train ``model`` in place on random windows of the int64 token ``stream``.
+
+    loss: "ce", or "pdl" (weights (count + eps)^-alpha from the counts of the stream's targets,
+    :func:`complexformer.pdl_weights`). Under an initialised process group the model is wrapped in
+    DDP and ``batch_size`` is the global batch. Returns a history dict: per-step ``loss`` (the
+    global training loss), ``lr``, ``seconds``, ``tokens_per_s``.
+
+    ``evaluate(model) -> float`` (on rank 0), when given, is recorded before the first step, every
+    ``eval_every`` steps and after the last as ``eval``: [[steps done, value], ...]; its time is not
+    counted in ``seconds``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if len(stream) < seq_len + 1:
+        raise ValueError(f"--seq-len {seq_len} is longer than the training text ({len(stream)} tokens)")
+    rank, world = dist_info()
+    dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    if int(stream.max()) >= vocab:
+        raise ValueError(f"the token stream has id {int(stream.max())} >= the model's vocab_size {vocab} "
+                         "(a tokenizer that does not match the model?)")
+    weights = None
+    if loss == "pdl":
+        # count the label stream the loss sees: every window's targets come from stream[1:]
+        weights = pdl_weights(token_counts(stream[1:], vocab), alpha=alpha).to(dev)
+    warmup = max(1, steps // 10) if warmup is None else warmup
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    # bf16 autocast on the GPU (CMHA's fused CUDA kernels take half precision); float32 on the CPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    hist = {"loss": [], "lr": []}
+    eval_seconds = 0.0
+    if evaluate is not None:
+        hist["eval"] = []
+
+    def record_eval(done):
+        nonlocal eval_seconds
+        if evaluate is not None and rank == 0:
+            t = time.perf_counter()
+            hist["eval"].append([done, float(evaluate(model))])
+            model.train()
+            eval_seconds += time.perf_counter() - t
+
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    record_eval(0)
+    for step in bar:
+        x, y = cfdata.random_windows(stream, batch_size, seq_len, gen, rank=rank, world_size=world)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        cur_lr = lr_at(step, steps, lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        with autocast:
+            logits = net(input_ids=x, use_cache=False).logits
+        logits = logits.float()
+        # sum over this rank's tokens / the global normaliser: the gradients DDP averages over
+        # ranks (hence the factor world) are exactly those of the global batch
+        if weights is None:
+            local = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+            norm = torch.tensor(float(batch_size * seq_len), device=dev)
+        else:
+            local = pdl_loss(logits, y, weights, reduction="sum")
+            norm = weights[y].sum()
+            if world > 1:
+                dist.all_reduce(norm)
+        step_loss = local / norm
+        opt.zero_grad(set_to_none=True)
+        (step_loss * world).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        logged = step_loss.detach()
+        if world > 1:
+            dist.all_reduce(logged)
+        hist["loss"].append(logged.item())
+        hist["lr"].append(cur_lr)
+        bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
+        if (eval_every and (step + 1) % eval_every == 0) or step + 1 == steps:
+            record_eval(step + 1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    hist["seconds"] = time.perf_counter() - t0 - eval_seconds
+    hist["tokens_per_s"] = steps * batch_size * seq_len / hist["seconds"]
+    model.eval()
+    return hist
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m complexformer.train", description=__doc__,
+                                formatter_class=HelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text-file", help="UTF-8 text to train on (default: the embedded corpus, see --corpus)")
+    src.add_argument("--corpus", choices=cfdata.CORPUS_PARTS, default="narrative",
+                     help="embedded corpus part used when no --text-file is given")
+    p.add_argument("--attention", choices=ATTENTIONS, default=None,
+                   help="position scheme (default: cmha, or the --init-from model's)")
+    p.add_argument("--loss", choices=LOSSES, default="ce", help="training loss")
+    p.add_argument("--alpha", type=float, default=1.0, help="PDL exponent (with --loss pdl)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training window")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (split over DDP ranks)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one per physical core not busy with other work)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    p.add_argument("--init-from", metavar="DIR", help="start from a model + tokenizer saved by an earlier run")
+    p.add_argument("--out", metavar="DIR", default="runs/train", help="where metrics.json and the model go")
+    p.add_argument("--tokenizer", choices=cfdata.TOKENIZERS, default="bpe", help="byte-level BPE or raw bytes")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
+    p.add_argument("--hidden-size", type=int, default=128, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the text held out (its end)")
+    p.add_argument("--no-save", action="store_true", help="write metrics.json only, not the model")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = resolve_device(args.device)
+    if args.text_file is not None:
+        text, source = cfdata.read_text_file(args.text_file), args.text_file
+    else:
+        text, source = cfdata.load_corpus(args.corpus), f"embedded:{args.corpus}"
+    dev = init_distributed(dev)
+    rank, world = dist_info()
+    threads = choose_threads(args.threads)
+    if rank == 0:
+        print(threads, flush=True)
+    train_text, val_text = cfdata.split_held_out(text, args.val_fraction)
+
+    if args.init_from:
+        tok = cfdata.load_tokenizer(args.init_from)
+        model = load_model(args.init_from, dev)
+        if args.attention is not None and args.attention != model.config.attention:
+            raise ValueError(f"--attention {args.attention} differs from the --init-from model's "
+                             f"({model.config.attention})")
+    else:
+        tok = cfdata.build_tokenizer(args.tokenizer, train_text, args.vocab_size)
+        if world > 1 and tok.kind == "bpe":
+            # every rank must use the same ids: take rank 0's merges rather than trust the
+            # trainer to break ties identically in every process
+            msg = [tok.to_str() if rank == 0 else None]
+            dist.broadcast_object_list(msg, src=0)
+            tok = cfdata.BPETokenizer.from_str(msg[0])
+        model = build_model(tok.vocab_size, args.attention or "cmha", hidden_size=args.hidden_size,
+                            num_layers=args.layers, num_heads=args.heads, seed=args.seed, device=dev)
+    train_ids, val_ids = cfdata.encode_stream(tok, train_text), cfdata.encode_stream(tok, val_text)
+    if len(train_ids) < args.seq_len + 1:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the training text ({len(train_ids)} tokens)")
+    if len(val_ids) < args.seq_len + 1:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the held-out text ({len(val_ids)} tokens; "
+                         f"use a longer file or a larger --val-fraction)")
+    n_params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        print(f"{source}: {len(train_ids)} train / {len(val_ids)} held-out tokens ({tok.kind}, vocab "
+              f"{tok.vocab_size}); {model.config.attention} model, {n_params / 1e6:.2f}M parameters; "
+              f"seed {args.seed}; {world} process(es)")
+    hist = train(model, train_ids, loss=args.loss, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
+                 seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+
+    if rank == 0:
+        from .metrics import evaluate_lm
+
+        val = evaluate_lm(model, *cfdata.sequential_windows(val_ids, args.seq_len))
+        metrics = {"args": vars(args), "source": source, "seed": args.seed, "world_size": world,
+                   "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "parameters": n_params,
+                   "train_tokens": len(train_ids), "val_tokens": len(val_ids), "history": hist,
+                   "val": val, "val_ppl": val["ppl"]}
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "metrics.json"), metrics)
+        if not args.no_save:
+            model.save_pretrained(args.out)
+            tok.save(args.out)
+        print(f"trained {args.steps} steps in {hist['seconds']:.1f} s ({hist['tokens_per_s']:.0f} tokens/s); "
+              f"final train loss {hist['loss'][-1]:.4f}; held-out ce {val['ce']:.4f}; wrote {args.out}")
+        print(f"val_ppl={val['ppl']:.4f}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_cli(main):
+    """Run a command's ``main()`` with bad input reported as one line "error: ..." and exit status 1."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
