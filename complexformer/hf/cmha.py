@@ -102,11 +102,11 @@ def _frequencies(rotary, config, layer_type=None):
 def _check_model(model):
     config = getattr(model, "config", None)
     mt = getattr(config, "model_type", None)
-    check_family(config)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
             f"convert_to_cmha: {type(model).__name__} (model_type={mt!r}) is not supported; supported: {_supported_names()}"
         )
+    check_family(config)
     if getattr(config, CONFIG_KEY, None) and any(isinstance(m, CMHAState) for m in model.modules()):
         raise ValueError(f"convert_to_cmha: {type(model).__name__} is already converted")
     H, Hkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads

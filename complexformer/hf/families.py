@@ -60,9 +60,10 @@ def _adapted_forward(self, *args, **kwargs):
 
 
 def adapted_class(cls):
-    """The CMHA subclass ``CMHA<cls>`` of an HF attention class (cached; importable from this
-    module, so adapted models pickle). ``isinstance(m, cls)`` still holds: transformers' output
-    capture (``output_attentions``), PEFT target names and device maps see the same module."""
+    """The CMHA subclass ``CMHA<cls>`` of an HF attention class (cached, and a name of this module
+    once created, so deepcopy and pickling within a process find it). ``isinstance(m, cls)`` still
+    holds: transformers' output capture (``output_attentions``), PEFT target names and device maps
+    see the same module."""
     if cls in _ADAPTED:
         return _ADAPTED[cls]
     name = f"CMHA{cls.__name__}"
