@@ -4,6 +4,7 @@ from ._ext import build_info
 from .counts import pdl_weights, token_counts
 from .pdl import PDLLoss, pdl_loss
 from .fused_linear import fused_linear_pdl_loss
+from .causal_lm import causal_lm_normalizer, causal_lm_pdl_loss
 from .rotate import euler_rotate
 from .attention import cmha_attention
 from .partial_attention import merge_attention
@@ -15,6 +16,8 @@ __all__ = [
     "CMHACache",
     "PDLLoss",
     "build_info",
+    "causal_lm_normalizer",
+    "causal_lm_pdl_loss",
     "cmha_attention",
     "euler_rotate",
     "fused_linear_pdl_loss",

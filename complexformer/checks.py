@@ -295,9 +295,9 @@ def check_targets_in_range(targets, V, ignore_index):
                          f"or ignore_index={ignore_index})")
 
 
-def check_pdl_weights(weights):
+def check_pdl_weights(weights, name="weights"):
     """The class weights' rule, shared by every PDL entry point: finite and >= 0, else a ValueError
-    naming ``weights``. (A negative weight makes the weighted mean's denominator meaningless, and
+    naming the argument (``name``). (A negative weight makes the weighted mean's denominator meaningless, and
     can make a batch's weight sum 0 or negative.) On CUDA the check reads the tensor once per
     tensor version (one host sync), then is remembered; under torch.compile tracing values are
     unknown and it is skipped."""
@@ -312,7 +312,7 @@ def check_pdl_weights(weights):
     ok = (weights >= 0) & (weights < math.inf)
     if not bool(ok.all()):
         bad = weights[~ok][0].item()
-        raise ValueError(f"weights: class weights must be finite and >= 0, got {bad} (PDL weights come from "
+        raise ValueError(f"{name}: class weights must be finite and >= 0, got {bad} (PDL weights come from "
                          f"pdl_weights(counts), which are positive)")
     if weights.is_cuda:
         _remember(_checked_weights, weights)

@@ -3,7 +3,7 @@
     python examples/train_cmha_lm.py --text-file my_corpus.txt --steps 300
 
 Tokens are bytes (vocab 256), so any UTF-8 text works without a tokenizer. The loss is the
-Power-Law Decay Loss (complexformer.pdl_loss) with weights (count + eps)^-alpha from the counts of
+Power-Law Decay Loss (complexformer.causal_lm_pdl_loss, fused with the LM head) with weights (count + eps)^-alpha from the counts of
 the training targets (complexformer.token_counts / pdl_weights): counting the very label stream the
 loss sees means no target is ever unseen (an unseen token would get weight eps^-alpha = 1e7).
 --pdl-alpha 0 (or --loss ce) is plain cross-entropy. Validation reports plain cross-entropy in
@@ -65,17 +65,17 @@ def batches(data, batch, seq_len, gen):
     return w[:, :-1], w[:, 1:]
 
 
-def make_loss(train, args):
-    """pdl_loss with label-stream weights, or plain cross-entropy."""
+def make_weights(train, args):
+    """PDL weights from the label stream's counts, or None (plain cross-entropy)."""
     if args.loss == "pdl" and args.pdl_alpha > 0:
         counts = complexformer.token_counts(train[1:], 256)
         weights = complexformer.pdl_weights(counts, alpha=args.pdl_alpha)
         w = weights[counts > 0]
         print(f"PDL weights from {len(train) - 1} target bytes ({len(w)} distinct): "
               f"alpha={args.pdl_alpha}, weight range {w.min():.3g} .. {w.max():.3g}")
-        return lambda logits, y: complexformer.pdl_loss(logits, y, weights)
+        return weights
     print("loss: plain cross-entropy")
-    return lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return None
 
 
 @torch.no_grad()
@@ -132,7 +132,8 @@ def main():
     model = ComplexFormerForCausalLM(config).to(dev)
     print(model.model.layers[0].self_attn)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train)} train bytes")
-    loss_fn = make_loss(train, args)
+    weights = make_weights(train, args)
+    weights = None if weights is None else weights.to(dev)
     # delta / beta (model.cmha_parameters()) get no weight decay: decay would pull the angles to 0, not to RoPE
     angles = {id(p) for p in model.cmha_parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) not in angles], "weight_decay": 0.01},
@@ -147,7 +148,9 @@ def main():
     for _ in bar:
         x, y = batches(train, args.batch_size, args.seq_len, gen)
         x, y = x.to(dev), y.to(dev)
-        loss = loss_fn(model(x, use_cache=False).logits, y)
+        # the loss from the final hidden states and the LM head, fused: the (B, T, 256) logits are never built
+        hidden = model.model(input_ids=x, use_cache=False).last_hidden_state
+        loss = complexformer.causal_lm_pdl_loss(hidden, y, weights, shift=False, lm_head=model.lm_head.weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

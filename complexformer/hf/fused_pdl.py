@@ -5,8 +5,9 @@ computes the shifted causal-LM loss with :func:`complexformer.fused_linear_pdl_l
 final hidden states and the LM head, and never builds the (B, T, V) logits. ``weights=None`` is
 cross-entropy (unit weights), exactly the model's own loss; a (V,) weight vector is PDL.
 
-The pieces :class:`complexformer.hf.PDLTrainer` shares (``final_hidden_states``,
-``fused_head_loss``, ``check_fused_support``) live here too. Nothing here imports transformers.
+The loss is :func:`complexformer.causal_lm_pdl_loss` with the LM head; the pieces
+:class:`complexformer.hf.PDLTrainer` shares (``final_hidden_states``, ``check_fused_support``,
+``router_aux_loss``) live here too. Nothing here imports transformers.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import types
 
 import torch
 
-from ..fused_linear import fused_linear_pdl_loss
+from ..causal_lm import causal_lm_pdl_loss
 from ..checks import check_pdl_options, check_pdl_weights
 
 __all__ = ["apply_fused_pdl", "is_fused_pdl"]
@@ -68,13 +69,6 @@ def router_aux_loss(model, outputs):
     return coef * aux
 
 
-def shift_labels(labels, ignore_index):
-    """(B, T) targets aligned with the (B, T) hidden states: labels[:, 1:] padded with ignore_index
-    (the last position gets no loss, and the hidden states stay contiguous)."""
-    pad = labels.new_full(labels.shape[:-1] + (1,), ignore_index)
-    return torch.cat([labels[..., 1:], pad], dim=-1)
-
-
 def final_hidden_states(model, inputs):
     """(outputs, hidden): one forward of ``model`` (a DDP wrapper is fine) asking for the hidden
     states and for the logits of the last position only; ``hidden`` is the final (normed) hidden
@@ -84,16 +78,6 @@ def final_hidden_states(model, inputs):
     if not states:
         raise NotImplementedError(f"{type(model).__name__}: the forward returned no hidden_states")
     return outputs, states[-1]
-
-
-def fused_head_loss(head, hidden, targets, weights, **kw):
-    """The fused LM head + loss on ``head`` (an nn.Linear). Under autocast the head runs in the
-    autocast dtype, as F.linear would."""
-    dev = hidden.device
-    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else hidden.dtype
-    W, b = head.weight, head.bias
-    return fused_linear_pdl_loss(hidden.to(dtype), W.to(dtype), targets.to(dev), weights, bias=None if b is None
-                                 else b.to(dtype), **kw)
 
 
 def is_fused_pdl(model):
@@ -114,12 +98,7 @@ class _Patch:
         self.label_smoothing = label_smoothing
         self._on = {}
 
-    def weights_on(self, device, V):
-        if self.weights is None:
-            w = self._on.get(("ones", device))
-            if w is None:
-                w = self._on[("ones", device)] = torch.ones(V, dtype=torch.float32, device=device)
-            return w
+    def weights_on(self, device):
         w = self._on.get(device)
         if w is None:
             w = self._on[device] = self.weights.to(device)
@@ -128,7 +107,8 @@ class _Patch:
 
 def apply_fused_pdl(model, weights=None, *, ignore_index=-100, label_smoothing=0.0):
     """Patch a Hugging Face causal LM so that a forward with ``labels`` computes its loss through
-    :func:`complexformer.fused_linear_pdl_loss` and never builds the (B, T, V) logits.
+    :func:`complexformer.causal_lm_pdl_loss` with the LM head (``fused_linear_pdl_loss``) and never
+    builds the (B, T, V) logits.
 
     Args:
         model: a transformers causal LM with an ``nn.Linear`` output layer (bias allowed) whose
@@ -221,24 +201,20 @@ def _fused_forward(self, *args, **kwargs):
     kwargs.pop("logits_to_keep", None)
     outputs = original(**kwargs, output_hidden_states=True, logits_to_keep=1)
     hidden = outputs["hidden_states"][-1]
-    targets = shifted if shifted is not None else shift_labels(labels, patch.ignore_index)
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels: shape {tuple(targets.shape)} does not match the model's hidden states "
-                         f"{tuple(hidden.shape[:-1])}")
-    kw = dict(ignore_index=patch.ignore_index, label_smoothing=patch.label_smoothing)
     head = self.get_output_embeddings()
+    weights = patch.weights
     if patch.model_weights:
         weights = self.pdl_weights
         check_pdl_weights(weights)  # e.g. still unset (NaN): set them with model.set_pdl_weights(...)
-    else:
-        weights = patch.weights_on(hidden.device, head.weight.shape[0])
-    if num_items is not None:
-        if patch.weights is not None or patch.model_weights:
-            raise ValueError(
-                "apply_fused_pdl: num_items_in_batch is a token count, the wrong denominator for a PDL "
-                "(weighted) loss; train with complexformer.hf.PDLTrainer, which passes the weight sum")
-        kw["normalizer"] = num_items.to(hidden.device) if torch.is_tensor(num_items) else num_items
-    loss = fused_head_loss(head, hidden, targets, weights, **kw)
+    elif weights is not None:
+        weights = patch.weights_on(hidden.device)
+    if num_items is not None and weights is not None:
+        raise ValueError(
+            "apply_fused_pdl: num_items_in_batch is a token count, the wrong denominator for a PDL "
+            "(weighted) loss; train with complexformer.hf.PDLTrainer, which passes the weight sum")
+    loss = causal_lm_pdl_loss(hidden, labels if shifted is None else shifted, weights, shift=shifted is None,
+                              normalizer=num_items, lm_head=head.weight, lm_head_bias=head.bias,
+                              ignore_index=patch.ignore_index, label_smoothing=patch.label_smoothing)
     aux = router_aux_loss(self, outputs)
     if aux is not None:  # MoE load balancing, added exactly as the model's own loss adds it
         loss = loss + aux.to(loss.device)

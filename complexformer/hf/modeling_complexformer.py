@@ -9,9 +9,9 @@ RMSNorm, LM head (tied to the embedding by default). Registered with ``AutoConfi
 The configuration (``attention`` = "cmha" | "rope" | "none", ``loss``, sizes) is
 :class:`ComplexFormerConfig` in ``configuration_complexformer.py``.
 
-``loss`` = "ce" (HF's shifted cross-entropy) or "pdl" (complexformer.pdl_loss on the shifted labels
-with the ``pdl_weights`` buffer, set by :meth:`ComplexFormerForCausalLM.set_pdl_weights` and saved
-with the model). Under gradient accumulation or DDP use :class:`complexformer.hf.PDLTrainer`, which
+``loss`` = "ce" (the shifted cross-entropy) or "pdl" (the shifted PDL loss with the ``pdl_weights``
+buffer, set by :meth:`ComplexFormerForCausalLM.set_pdl_weights` and saved with the model); both are
+:func:`complexformer.causal_lm_pdl_loss`. Under gradient accumulation or DDP use :class:`complexformer.hf.PDLTrainer`, which
 computes the exact PDL mean over the whole optimizer step.
 """
 from __future__ import annotations
@@ -33,12 +33,12 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError(f"ComplexFormerForCausalLM needs transformers >= 4.56: pip install -U 'complexformer[hf]' ({e})") from e
 
+from ..causal_lm import causal_lm_pdl_loss
+from ..checks import check_pdl_weights
 from ..counts import pdl_weights
-from ..pdl import pdl_loss
 from .cmha import _warn_on_peft_save, cmha_parameters
 from .cmha_attention import CMHAAttention, _hf_init, rope_freqs
 from .configuration_complexformer import ComplexFormerConfig
-from .fused_pdl import shift_labels
 
 _TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
 # The name the model outputs give the cache: `cache` from transformers 5.24, `past_key_values` before.
@@ -219,7 +219,7 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
     @property
     def accepts_loss_kwargs(self):
         # Trainer: True means "my loss is normalised by num_items_in_batch, do not divide it by the
-        # accumulation steps". HF's CE is; the PDL mean cannot be (its normaliser is a weight sum of
+        # accumulation steps". The CE loss is; the PDL mean cannot be (its normaliser is a weight sum of
         # the whole window), so under a plain Trainer loss="pdl" averages the micro-batch means.
         # PDLTrainer computes the exact window mean instead.
         return self.config.loss == "ce"
@@ -250,8 +250,7 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         if w.shape != self.pdl_weights.shape or not w.is_floating_point():
             raise ValueError(f"weights: expected a float tensor of shape ({self.config.vocab_size},), got "
                              f"{w.dtype} {tuple(w.shape)}")
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError("weights: must be finite and >= 0")
+        check_pdl_weights(w)
         self.pdl_weights.copy_(w.to(self.pdl_weights.device, torch.float32))
 
     def set_pdl_counts(self, counts, eps=1e-7, max_weight=None):
@@ -259,19 +258,21 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         ``complexformer.hf.label_token_counts``): ``pdl_weights(counts, config.pdl_alpha, eps, max_weight=...)``."""
         self.set_pdl_weights(pdl_weights(counts, alpha=self.config.pdl_alpha, eps=eps, max_weight=max_weight))
 
-    def _pdl_loss(self, logits, labels, num_items_in_batch=None, ignore_index=-100):
+    def _checked_pdl_weights(self):
+        """The pdl_weights buffer, checked (checks.check_pdl_weights) again whenever it is replaced
+        or written in place (load_state_dict, .to(), copy_ all bump its version): two attribute
+        reads per call otherwise."""
         w = self.pdl_weights
-        # Checked again whenever the buffer is replaced or written in place (load_state_dict,
-        # .to(), copy_ all bump its version): two attribute reads per call otherwise.
         seen = self._pdl_checked
         if seen is None or seen[0]() is not w or seen[1] != w._version:
-            if not bool((torch.isfinite(w) & (w >= 0)).all()):
+            try:
+                check_pdl_weights(w)
+            except ValueError as e:
                 raise RuntimeError("loss='pdl' but the PDL weights are not set or invalid (NaN, inf or negative; "
                                    "e.g. loaded from a checkpoint that lacks them): call model.set_pdl_weights("
-                                   "complexformer.pdl_weights(counts, alpha)) first")
+                                   "complexformer.pdl_weights(counts, alpha)) first") from e
             self._pdl_checked = (weakref.ref(w), w._version)
-        targets = shift_labels(labels, ignore_index).to(logits.device)
-        return pdl_loss(logits, targets, w, ignore_index=ignore_index)
+        return w
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
                 use_cache=None, inputs_embeds=None, logits_to_keep=0, output_hidden_states=None, return_dict=True,
@@ -292,10 +293,10 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels: {labels.shape[-1]} positions but {logits.shape[1]} logits "
                                  "(logits_to_keep must be 0 with labels)")
             if self.config.loss == "pdl":
-                loss = self._pdl_loss(logits, labels)
-            else:
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                          num_items_in_batch=kwargs.get("num_items_in_batch"))
+                loss = causal_lm_pdl_loss(logits, labels, self._checked_pdl_weights())
+            else:  # as HF's own causal-LM loss: on float32 logits, divided by num_items_in_batch (the
+                # window's token count) under Trainer's gradient accumulation
+                loss = causal_lm_pdl_loss(logits.float(), labels, normalizer=kwargs.get("num_items_in_batch"))
         result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         return result if return_dict else result.to_tuple()

@@ -7,7 +7,7 @@ weights. Averaging per-micro-batch means (what a plain ``compute_loss`` override
 micro-batches equally whatever their weight sums, and Hugging Face's ``num_items_in_batch`` is a
 token count, not a weight sum. So :class:`PDLTrainer` computes the weight sum of the whole
 accumulation window (over all processes) when the Trainer collects the window's batches, and
-passes it to ``pdl_loss`` as the ``normalizer``.
+passes it to :func:`complexformer.causal_lm_pdl_loss` as the ``normalizer``.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("complexformer.hf.PDLTrainer needs transformers: pip install 'complexformer[hf]'") from e
 
-from ..pdl import pdl_loss
-from .fused_pdl import check_fused_support, final_hidden_states, fused_head_loss, is_fused_pdl, router_aux_loss
-from .fused_pdl import shift_labels as _shift_labels
+from ..causal_lm import causal_lm_normalizer, causal_lm_pdl_loss, shift_labels
+from ..checks import check_pdl_weights
+from .fused_pdl import check_fused_support, final_hidden_states, is_fused_pdl, router_aux_loss
 from .label_counts import check_label_range
 
 
@@ -45,16 +45,16 @@ def _shifted_targets(batch, ignore_index):
     position's logits simply get no loss and no gradient. A collator that provides
     ``shift_labels`` (padding-free / packed batches) has already done the shift.
     """
-    shift_labels = batch.get("shift_labels")
-    if shift_labels is not None:
-        return shift_labels
+    shifted = batch.get("shift_labels")
+    if shifted is not None:
+        return shifted
     labels = batch.get("labels")
     if labels is None:
         raise ValueError(
             "PDLTrainer: the batch has no 'labels' (or 'shift_labels'); use a collator that builds "
             "them, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)"
         )
-    return _shift_labels(labels, ignore_index)
+    return shift_labels(labels, ignore_index)
 
 
 def _is_peft(model):
@@ -85,7 +85,7 @@ class PDLTrainer(_Trainer):
 
     ``PDLTrainer(model=..., args=..., train_dataset=..., pdl_weights=w)`` where ``w`` is the
     (V,) weight vector from ``complexformer.pdl_weights(label_token_counts(...))``. The loss is
-    ``complexformer.pdl_loss`` on the shifted labels (logits at t predict labels at t+1; HF
+    ``complexformer.causal_lm_pdl_loss`` on the shifted labels (logits at t predict labels at t+1; HF
     collators pass unshifted labels). The model never computes its own cross-entropy: labels
     are popped before the forward.
 
@@ -132,8 +132,7 @@ class PDLTrainer(_Trainer):
                 f"PDLTrainer: pdl_weights must be a non-empty 1-D float tensor (V,), got shape "
                 f"{tuple(pdl_weights.shape)} dtype {pdl_weights.dtype}"
             )
-        if not bool(torch.isfinite(pdl_weights).all()) or bool((pdl_weights < 0).any()):
-            raise ValueError("PDLTrainer: pdl_weights must be finite and >= 0")
+        check_pdl_weights(pdl_weights, "pdl_weights")
         out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if out is not None and getattr(out, "weight", None) is not None:
             if out.weight.shape[0] != pdl_weights.numel():
@@ -180,15 +179,15 @@ class PDLTrainer(_Trainer):
         return w
 
     def pdl_weight_sum(self, batches, device):
-        """Sum of w[target] over the shifted, non-ignored targets of ``batches`` (this process)."""
+        """Sum of w[target] over the shifted, non-ignored targets of ``batches`` (this process):
+        ``causal_lm_normalizer`` summed over the batches."""
         acc = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS: no float64
         w = self._weights(device, acc)
         total = torch.zeros((), dtype=acc, device=device)
         for batch in batches:
             targets = _shifted_targets(batch, self.pdl_ignore_index).to(device)
-            ids = targets[targets != self.pdl_ignore_index]
-            check_label_range(ids, w.numel(), self.pdl_ignore_index, "PDLTrainer", "len(pdl_weights)")
-            total += w[ids].sum()
+            check_label_range(targets, w.numel(), self.pdl_ignore_index, "PDLTrainer", "len(pdl_weights)")
+            total += causal_lm_normalizer(targets, w, shift=False, ignore_index=self.pdl_ignore_index)
         return total
 
     # -- Trainer hooks -------------------------------------------------------------------
@@ -230,28 +229,19 @@ class PDLTrainer(_Trainer):
         else:
             outputs = model(**inputs)
             x = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-        if x.shape[:-1] != targets.shape:
-            raise ValueError(
-                f"PDLTrainer: model outputs {tuple(x.shape)} do not match labels {tuple(targets.shape)}"
-            )
-        w = self._weights(x.device)
-        kw = dict(ignore_index=self.pdl_ignore_index, label_smoothing=self.args.label_smoothing_factor)
-        targets = targets.to(x.device)
-        scale = 1
+        norm, scale = None, 1
         if isinstance(num_items_in_batch, _WindowNormalizer):
-            norm = num_items_in_batch.weight_sum.to(x.device)
-            # An all-ignored window has sum 0 and every term 0: divide by 1, not 0.
-            norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-            kw["normalizer"] = norm.to(torch.promote_types(x.dtype, torch.float32))
-            scale = num_items_in_batch.loss_scale
-        if fused:
-            loss = fused_head_loss(unwrapped.get_output_embeddings(), x, targets, w, **kw)
-        else:
-            loss = pdl_loss(x, targets, w, **kw)
+            norm, scale = num_items_in_batch.weight_sum, num_items_in_batch.loss_scale
+        head = unwrapped.get_output_embeddings() if fused else None
+        loss = causal_lm_pdl_loss(x, targets, self._weights(x.device), shift=False, normalizer=norm,
+                                  lm_head=None if head is None else head.weight,
+                                  lm_head_bias=None if head is None else head.bias,
+                                  ignore_index=self.pdl_ignore_index,
+                                  label_smoothing=self.args.label_smoothing_factor)
         aux = router_aux_loss(unwrapped, outputs)
         if aux is not None:  # MoE load balancing: added per micro-batch, as the model's own loss under Trainer
             loss = loss + aux.to(loss.device)
-        self.loss_is_scaled_for_ga = "normalizer" in kw
+        self.loss_is_scaled_for_ga = norm is not None
         return (loss * scale, outputs) if return_outputs else loss * scale
 
 

@@ -28,7 +28,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 if importlib.util.find_spec("ipywidgets") is not None:
     from tqdm.auto import tqdm  # a widget bar in notebooks
@@ -38,7 +37,7 @@ else:  # tqdm.auto would warn "IProgress not found" in a notebook, then use the 
 from ..counts import pdl_weights, token_counts
 from ..hf import ATTENTIONS, LOSSES
 from ..hf.label_counts import dist_info
-from ..pdl import pdl_loss
+from ..causal_lm import causal_lm_normalizer, causal_lm_pdl_loss
 from . import data as cfdata
 
 
@@ -268,18 +267,12 @@ def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_
             g["lr"] = cur_lr
         with autocast:
             logits = net(input_ids=x, use_cache=False).logits
-        logits = logits.float()
-        # sum over this rank's tokens / the global normaliser: the gradients DDP averages over
-        # ranks (hence the factor world) are exactly those of the global batch
-        if weights is None:
-            local = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-            norm = torch.tensor(float(batch_size * seq_len), device=dev)
-        else:
-            local = pdl_loss(logits, y, weights, reduction="sum")
-            norm = weights[y].sum()
-            if world > 1:
-                dist.all_reduce(norm)
-        step_loss = local / norm
+        # this rank's loss sum / the global normaliser: the gradients DDP averages over ranks
+        # (hence the factor world) are exactly those of the global batch
+        norm = causal_lm_normalizer(y, weights, shift=False)
+        if world > 1:
+            dist.all_reduce(norm)
+        step_loss = causal_lm_pdl_loss(logits.float(), y, weights, shift=False, normalizer=norm)
         opt.zero_grad(set_to_none=True)
         (step_loss * world).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
