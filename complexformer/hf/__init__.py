@@ -8,9 +8,10 @@ the applications (``complexformer.lab``).
 - :func:`apply_fused_pdl` (``fused_pdl.py``): patches a causal LM so that its loss runs through
   the fused LM head + loss and never builds the logits.
 - :func:`convert_to_cmha`, :func:`load_cmha`, :func:`cmha_parameters` (``cmha.py``): CMHA inside
-  Llama / Mistral / Qwen2 models; :func:`save_cmha_angles` / :func:`load_cmha_angles` keep learned
-  angles beside a PEFT adapter; :class:`CMHAAttention` (``cmha_attention.py``) is the attention
-  module they and :class:`ComplexFormerForCausalLM` share.
+  HF models of 21 RoPE families (README table); :func:`save_cmha_angles` / :func:`load_cmha_angles`
+  keep learned angles beside a PEFT adapter; :class:`CMHAAttention` (``cmha_attention.py``) is the
+  attention module of converted Llama / Mistral / Qwen2 and of :class:`ComplexFormerForCausalLM`;
+  the other families keep their HF attention modules, adapted in ``families.py``.
 - :class:`ComplexFormerConfig` / :class:`ComplexFormerForCausalLM` (``configuration_complexformer.py``,
   ``modeling_complexformer.py``): a causal LM on CMHA, also importable as ``complexformer.models``.
 

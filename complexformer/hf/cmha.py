@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Llama / Mistral / Qwen2 model to CMHA, and save / load converted models.
+"""Convert a Hugging Face model of a supported RoPE family to CMHA, and save / load converted models.
 
     model = AutoModelForCausalLM.from_pretrained(...)
     convert_to_cmha(model)                  # same logits as before (delta = 1, beta = 0 is RoPE)
@@ -6,30 +6,40 @@
     model.save_pretrained(path)             # config.json records the conversion
     model = load_cmha(path)                 # the converted model again, same logits
 
-How it stays exact: each attention module is swapped for :class:`CMHAAttention`, which keeps the
-original q_proj / k_proj / v_proj / o_proj modules (so PEFT / LoRA ``target_modules`` still match)
-and takes its rotation frequencies from the model's own rotary embedding (``inv_freq``, after any
-frequency-only ``rope_scaling``: linear, llama3, yarn). yarn's attention factor (cos and sin both
-scaled by s) is applied as an s^2 factor on the softmax scale. RoPE types whose frequencies change
-with the sequence length (dynamic, longrope) or that rotate only part of a head cannot be
-reproduced by a fixed CMHA rotation and are refused.
+How it stays exact: the rotation frequencies come from the model's own rotary embedding
+(``inv_freq``, per layer type for Gemma 3, after any frequency-only rope scaling: linear, llama3,
+yarn); yarn's attention factor (cos and sin both scaled by s) is applied as an s^2 factor on the
+softmax scale. Llama / Mistral / Qwen2 attention modules are swapped for :class:`CMHAAttention`,
+which keeps the original q_proj / k_proj / v_proj / o_proj modules (PEFT / LoRA ``target_modules``
+still match). The other families (:data:`families.FAMILIES`) keep their HF attention modules,
+adapted in place by ``families.py``. RoPE types whose frequencies change with the sequence length
+(dynamic, longrope) cannot be reproduced by a fixed CMHA rotation and are refused.
 
 Saved state: ``save_pretrained`` / :func:`load_cmha` carry delta / beta (float32 even in a bf16
 model) and rebuild the frequencies from the config, any number of times. A PEFT adapter does not
 hold them: :func:`save_cmha_angles` / :func:`load_cmha_angles` keep them beside it.
 
 The model's ``attn_implementation`` becomes "complexformer_cmha" (on its own copy of the config): HF then builds, for plain causal
-attention, the 2-D padding mask the fused CMHA kernel takes; sliding windows (Mistral, Qwen2) and
-packed sequences keep HF's exact 4-D masks (rotation kernel + SDPA).
+attention, the 2-D padding mask the fused CMHA kernel takes; sliding windows and packed sequences
+keep HF's exact 4-D masks (rotation kernel + SDPA).
 """
 from __future__ import annotations
 
 import torch
 
-from .cmha_attention import ATTN_IMPLEMENTATION, LEARNABLE, CMHAAttention
+from .cmha_attention import ATTN_IMPLEMENTATION, LEARNABLE, CMHAAttention, CMHAState
+from .families import FAMILIES, adapt, check_family
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_NAMES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and their base models (LlamaModel, ...)"
+LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")  # served by CMHAAttention; the rest by families.adapt
+SUPPORTED_MODEL_TYPES = LEGACY_MODEL_TYPES + tuple(FAMILIES)
+
+
+def _supported_names():
+    """The causal LM classes of the supported model types, for error messages."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+
+    return (", ".join(names.get(mt, mt) for mt in SUPPORTED_MODEL_TYPES)
+            + " and their base models (LlamaModel, ...; README, 'Hugging Face models')")
 EXACT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 CONFIG_KEY = "cmha_conversion"  # the config entry that records a conversion (saved in config.json)
 
@@ -58,20 +68,23 @@ def _rope_type(rotary, config):
     return rt
 
 
-def _frequencies(rotary, config, head_dim):
-    """(freqs (head_dim/2,) float32 on the CPU, attention_scaling) of the model's rotary embedding."""
+def _frequencies(rotary, config, layer_type=None):
+    """(freqs (rotary pairs,) float32 on the CPU, attention_scaling) of the model's rotary embedding,
+    for ``layer_type`` when the rope is per layer type (Gemma 3: ``{layer_type}_inv_freq``)."""
     rt = _rope_type(rotary, config)
-    if isinstance(rt, dict):  # per-layer-type rope (not in the supported families)
-        raise NotImplementedError(f"convert_to_cmha: per-layer rope types {rt} are not supported")
+    prefix = ""
+    if isinstance(rt, dict):
+        if layer_type not in rt:
+            raise NotImplementedError(f"convert_to_cmha: per-layer rope types {rt} without layer_type {layer_type!r}")
+        rt, prefix = rt[layer_type], f"{layer_type}_"
     if rt not in EXACT_ROPE_TYPES:
         raise NotImplementedError(
             f"convert_to_cmha: {type(config).__name__}.rope_parameters['rope_type'] = {rt!r} cannot be reproduced "
-            "exactly by CMHA's fixed rotation "
-            f"(its frequencies depend on the sequence length, or it rotates part of a head); supported: "
+            "exactly by CMHA's fixed rotation (its frequencies depend on the sequence length); supported: "
             f"{', '.join(EXACT_ROPE_TYPES)}"
         )
-    inv = rotary.inv_freq
-    s = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    inv = getattr(rotary, f"{prefix}inv_freq")
+    s = float(getattr(rotary, f"{prefix}attention_scaling", 1.0) or 1.0)
     if inv.device.type == "meta":
         # Built under from_pretrained's meta-device init: recompute the values on the CPU with the
         # rotary embedding's own init function. The explicit CPU device context matters: the init
@@ -81,15 +94,9 @@ def _frequencies(rotary, config, head_dim):
 
         init = rotary.compute_default_rope_parameters if rt == "default" else ROPE_INIT_FUNCTIONS[rt]
         with torch.device("cpu"):
-            inv, s = init(config)
+            inv, s = init(config, device=torch.device("cpu"), **({"layer_type": layer_type} if layer_type else {}))
         s = float(s or 1.0)
-    inv = inv.detach().to("cpu", torch.float32)
-    if tuple(inv.shape) != (head_dim // 2,):
-        raise NotImplementedError(
-            f"convert_to_cmha: the rotary embedding has {inv.numel()} frequencies but head_dim/2 = {head_dim // 2} "
-            "(partial rotary embeddings are not supported)"
-        )
-    return inv, s
+    return inv.detach().to("cpu", torch.float32), s
 
 
 def _check_model(model):
@@ -97,9 +104,10 @@ def _check_model(model):
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
-            f"convert_to_cmha: {type(model).__name__} (model_type={mt!r}) is not supported; supported: {SUPPORTED_NAMES}"
+            f"convert_to_cmha: {type(model).__name__} (model_type={mt!r}) is not supported; supported: {_supported_names()}"
         )
-    if getattr(config, CONFIG_KEY, None) and any(isinstance(m, CMHAAttention) for m in model.modules()):
+    check_family(config)
+    if getattr(config, CONFIG_KEY, None) and any(isinstance(m, CMHAState) for m in model.modules()):
         raise ValueError(f"convert_to_cmha: {type(model).__name__} is already converted")
     H, Hkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if H % Hkv:
@@ -111,11 +119,13 @@ def _check_model(model):
 
 
 def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
-    """Swap every attention module of a Llama / Mistral / Qwen2 model for CMHA, in place.
+    """Make every attention module of a supported HF model CMHA, in place.
 
     Args:
-        model: a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or their base
-            ``...Model`` (any head on these decoders works the same way).
+        model: the causal LM or base model of a family in :data:`SUPPORTED_MODEL_TYPES` (README
+            table). Llama / Mistral / Qwen2 attention modules are swapped for
+            :class:`CMHAAttention`; the other families keep their HF attention modules, adapted by
+            ``families.py`` (docs/design.md, "HF families").
         learnable: which CMHA angles become trainable parameters, a subset of ("delta", "beta"). They
             start at delta = 1, beta = 0, where CMHA equals the model's RoPE: the converted model's
             outputs equal the original's. The others stay fixed (non-persistent buffers).
@@ -126,6 +136,9 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
     """
     config = _check_model(model)
     learnable = tuple(learnable)
+    if config.model_type in FAMILIES:
+        adapt(model, config, FAMILIES[config.model_type], learnable=learnable, backend=backend)
+        return _mark_converted(model, config, learnable, backend)
     attn_classes = _attention_classes()
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, attn_classes)]
     if not targets:
@@ -138,7 +151,11 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
     num_layers = config.num_hidden_layers
     for name, attn in targets:
         head_dim = attn.head_dim
-        freqs, s = _frequencies(rotary, config, head_dim)
+        freqs, s = _frequencies(rotary, config)
+        if tuple(freqs.shape) != (head_dim // 2,):
+            raise NotImplementedError(
+                f"convert_to_cmha: the rotary embedding has {freqs.numel()} frequencies but head_dim/2 = "
+                f"{head_dim // 2} (partial rotary is not supported for {config.model_type})")
         ref = next(attn.parameters())
         new = CMHAAttention(
             hidden_size=config.hidden_size, num_heads=H, num_kv_heads=Hkv,
@@ -150,6 +167,10 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
         new.train(attn.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return _mark_converted(model, config, learnable, backend)
+
+
+def _mark_converted(model, config, learnable, backend):
     # The model gets its own config: another model built from the same config object keeps its
     # attention implementation (and no conversion marker).
     _own_config(model, config)
@@ -196,7 +217,7 @@ def cmha_parameters(model):
     """
     out = []
     for m in model.modules():
-        if isinstance(m, CMHAAttention):
+        if isinstance(m, CMHAState):
             out.extend(p for n, p in m.named_parameters(recurse=False) if n in LEARNABLE)
     return out
 
@@ -221,7 +242,7 @@ def _named_angles(model):
     ``base_model.model.`` prefix stripped, so a file fits the bare model and its adapters alike)."""
     out = {}
     for name, m in _unwrap(model).named_modules():
-        if isinstance(m, CMHAAttention):
+        if isinstance(m, CMHAState):
             for n, p in m.named_parameters(recurse=False):
                 if n in LEARNABLE:
                     out[f"{name}.{n}" if name else n] = p
@@ -284,7 +305,7 @@ def _angles_at_risk(model):
     """True when ``model`` holds CMHA angles that a PEFT adapter save would lose: trainable ones,
     or ones moved from their RoPE start (delta = 1, beta = 0) in a converted model."""
     for m in _unwrap(model).modules():
-        if isinstance(m, CMHAAttention):
+        if isinstance(m, CMHAState):
             for n, p in m.named_parameters(recurse=False):
                 if n in LEARNABLE and (p.requires_grad or (m.delta_init == "rope" and bool(
                         (p != (1.0 if n == "delta" else 0.0)).any()))):
@@ -340,14 +361,18 @@ def cmha_model_class(cls):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if isinstance(module, CMHAAttention):
-            module.init_weights_hf()
-        else:
+        if not isinstance(module, CMHAAttention):
             cls._init_weights(self, module)
+        if isinstance(module, CMHAState):
+            module.init_weights_hf()
 
     # The subclass keeps the HF class's name: save_pretrained records it as the config's
     # ``architectures``, which load_cmha (and every other tool) reads back.
+    # transformers applies its checkpoint key renamings (GPT-NeoX: embed_out -> lm_head) only to
+    # its own classes: this subclass lives in complexformer but loads the same checkpoints.
+    is_custom_code = classmethod(lambda sub_cls: cls.is_custom_code())
     sub = type(cls.__name__, (cls,), {"__init__": __init__, "_init_weights": _init_weights,
+                                      "is_custom_code": is_custom_code,
                                       "__module__": __name__, "__qualname__": cls.__qualname__,
                                       "_cmha_base_class": cls})
     _CLASS_CACHE[cls] = sub

@@ -97,15 +97,35 @@ def _padding_mask(attention_mask, kv_length):
     return attention_mask
 
 
-def _unconverted_attention(module, *args, **kwargs):
-    raise RuntimeError(
-        f"attn_implementation={ATTN_IMPLEMENTATION!r} is served by complexformer's CMHA attention modules, but "
-        f"{type(module).__name__} was not converted (CMHA needs q and k before any rotary embedding). "
-        "Convert the model with complexformer.hf.convert_to_cmha."
-    )
+def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                  sliding_window=None, cmha_positions=None, **kwargs):
+    """The attention function HF's own attention modules call under :data:`ATTN_IMPLEMENTATION`
+    (modules adapted by ``families.py``): ``query`` (B, H, Lq, d) and ``key`` / ``value``
+    (B, Hkv, Lk, d) arrive un-rotated (the module applied an identity rotary embedding), and
+    ``cmha_positions`` = (query positions, cache or None) from the adapted forward. ``scaling`` is
+    the module's own (``module.scaling``, which conversion multiplied by yarn's s^2); the sliding
+    window is already in the mask HF built. Returns (out (B, Lq, H, d), probabilities or None)."""
+    if not isinstance(module, CMHAState) or cmha_positions is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} is served by complexformer's CMHA attention, but "
+            f"{type(module).__name__} was not converted (CMHA needs q and k before any rotary embedding). "
+            "Convert the model with complexformer.hf.convert_to_cmha."
+        )
+    if dropout and module.training:
+        raise NotImplementedError(f"{type(module).__name__}: attention dropout ({dropout}) is not supported by CMHA "
+                                  "attention; set config.attention_dropout = 0.0")
+    q_pos, cache = cmha_positions
+    k_pos = module._read_positions(cache, query.shape[0], key.shape[2]) if cache is not None else q_pos
+    if softcap is not None or _attention_collector() is not None or kwargs.get("output_attentions"):
+        # softcapping (Gemma 2) and attention probabilities: the written-out path, never a dropped cap
+        mask = module._check_mask(query, key, attention_mask)
+        out, probs = module._attend_reference(query, key, value, q_pos, k_pos, mask, softcap=softcap)
+    else:
+        out, probs = module._attend(query, key, value, q_pos, k_pos, attention_mask), None
+    return out.transpose(1, 2).contiguous(), probs
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, _unconverted_attention)
+AttentionInterface.register(ATTN_IMPLEMENTATION, _hf_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _cmha_mask)
 
 
@@ -135,7 +155,232 @@ def _hf_init():
     return initialization if hasattr(initialization, "constant_") else _TorchInit
 
 
-class CMHAAttention(nn.Module):
+class CMHAState:
+    """The CMHA half of an attention module: the learnable angles (delta / beta, kept in float32),
+    the frequencies, the key positions carried in the cache, and the attention paths. Shared by
+    :class:`CMHAAttention` (own forward) and the adapted HF attention modules of
+    ``families.py`` (the HF forward, with this attention). Attributes set by the owner:
+    ``cmha_num_heads``, ``learnable``, ``delta_init``, ``backend``, ``scaling``, ``layer_idx``,
+    ``num_layers``, ``cmha_layout`` ("half" | "interleaved"), ``_freqs_master`` (float64, one
+    entry per rotary pair: fewer than head_dim/2 for partial rotary), ``_derived`` ({})."""
+
+    cmha_layout = "half"
+
+    def _apply(self, fn, *args, **kwargs):
+        # delta / beta never go below float32: in bfloat16 1 + 1e-3 rounds back to 1, so a model
+        # cast with .to(torch.bfloat16) / .half() could no longer learn them (the kernels compute
+        # in float32 anyway). Every other tensor is cast as asked.
+        kept = {n: p.data for n, p in self._parameters.items() if n in LEARNABLE and p is not None}
+        super()._apply(fn, *args, **kwargs)
+        for n, old in kept.items():
+            p = self._parameters.get(n)
+            if p is not None and p.dtype in _LOW_PRECISION:
+                p.data = old.to(device=p.device, dtype=torch.float32)
+        return self
+
+    def _fixed(self, name, device, dtype):
+        key = (name, device, dtype)
+        t = self._derived.get(key)
+        if t is None:
+            h = self._freqs_master.numel()
+            if name == "freqs":
+                t = self._freqs_master.to(device=device, dtype=dtype)
+            else:
+                t = torch.full((self.cmha_num_heads, h), 1.0 if name == "delta" else 0.0, device=device, dtype=dtype)
+            self._derived[key] = t
+        return t
+
+    def angles(self, device, dtype):
+        """(delta, beta, freqs) for the attention call: learnable ones as parameters, fixed ones
+        (and freqs) as constants in ``dtype`` (float32, or float64 for float64 inputs)."""
+        delta = self.delta if "delta" in self.learnable else self._fixed("delta", device, dtype)
+        beta = self.beta if "beta" in self.learnable else self._fixed("beta", device, dtype)
+        return delta, beta, self._fixed("freqs", device, dtype)
+
+    @property
+    def freqs(self):
+        """The rotation frequencies omega (rotary pairs,), float64 on the CPU (read-only copy)."""
+        return self._freqs_master.clone()
+
+    @torch.no_grad()
+    def reset_cmha_parameters(self, init=_TorchInit):
+        """Learnable delta: 1 ("rope") or N(0, 1/sqrt(h)) ("normal"); learnable beta: 0."""
+        if "delta" in self.learnable:
+            if self.delta_init == "normal":
+                init.normal_(self.delta, 0.0, self._freqs_master.numel() ** -0.5)
+            else:
+                init.constant_(self.delta, 1.0)
+        if "beta" in self.learnable:
+            init.constant_(self.beta, 0.0)
+
+    def init_weights_hf(self):
+        """:meth:`reset_cmha_parameters` for a model's ``_init_weights`` under HF loading: tensors
+        already loaded from a checkpoint (flagged ``_is_hf_initialized``) are left alone."""
+        self.reset_cmha_parameters(_hf_init())
+
+    @staticmethod
+    def _query_positions(position_ids, cache_position, B, L, past, device):
+        p = position_ids if position_ids is not None else cache_position
+        if p is None:
+            return (past + torch.arange(L, device=device))[None]
+        return check_positions("position_ids", p, B, L, device, other="hidden_states")
+
+    def _check_cache_layer(self, cache):
+        if self.layer_idx < len(cache.layers):
+            layer = cache.layers[self.layer_idx]
+            quantized = type(layer).__name__.endswith("QuantizedLayer") or hasattr(layer, "_quantize")
+            if not isinstance(layer, DynamicLayer) or quantized:
+                raise NotImplementedError(
+                    f"cache: CMHA attention needs a dynamic cache of raw keys (DynamicCache); layer {self.layer_idx} "
+                    f"of {type(cache).__name__} is a {type(layer).__name__}. Use generate(cache_implementation="
+                    "'dynamic') or pass a DynamicCache."
+                )
+
+    def _cached_positions(self, cache, q_pos, B, L, Lk):
+        """Absolute positions (B, Lk) of the keys this layer attends to (cached + new)."""
+        self._record_positions(cache, q_pos, B, L)
+        return self._read_positions(cache, B, Lk)
+
+    def _record_positions(self, cache, q_pos, B, L):
+        """Layer 0 appends the new queries' positions to the cache's extra position layer."""
+        slot, layers = self.num_layers, cache.layers
+        if self.layer_idx == 0:
+            filler = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
+            while len(layers) < slot:
+                layers.append(filler())
+            if len(layers) == slot:
+                layers.append(DynamicLayer())
+            p = q_pos.expand(B, L)[:, None, :, None]
+            layers[slot].update(p, p.new_empty(B, 1, L, 0))
+
+    def _read_positions(self, cache, B, Lk):
+        """The positions (B, Lk) of the last ``Lk`` keys recorded in the cache."""
+        slot, layers = self.num_layers, cache.layers
+        pos = layers[slot].keys if len(layers) > slot and layers[slot].is_initialized else None
+        if pos is None or pos.dim() != 4 or pos.shape[2] < Lk or pos.shape[0] != B:
+            have = "none" if pos is None else f"{pos.shape[2]} for batch {pos.shape[0]}"
+            raise RuntimeError(
+                f"cache: layer {self.layer_idx} holds {Lk} keys (batch {B}) but the cache records key positions for "
+                f"{have}. A cache filled by another model, or edited outside transformers' Cache methods, cannot "
+                "be used with CMHA attention."
+            )
+        return pos[:, 0, -Lk:, 0]
+
+    def _attend(self, q, k, v, q_pos, k_pos, mask):
+        B, Lk = q.shape[0], k.shape[2]
+        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            if 2 * self._freqs_master.numel() != q.shape[-1]:  # partial rotary: the fused kernel rotates whole heads
+                return self._attend_masked(q, k, v, q_pos, k_pos, self._causal_visible(q, k, mask))
+            kpm = None
+            if mask is not None:  # HF's 2-D mask: nonzero = attend (values not checked: no host sync per layer)
+                kpm = check_key_padding_mask("attention_mask", mask.to(q.device), B, Lk, q.device, ints=True,
+                                             check_values=False)
+            delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
+            return cmha_attention(q, k, v, delta, beta, freqs, causal=True, scale=self.scaling,
+                                  key_padding_mask=kpm, positions=(q_pos, k_pos), layout=self.cmha_layout,
+                                  backend=self.backend)
+        return self._attend_masked(q, k, v, q_pos, k_pos, self._check_mask(q, k, mask))
+
+    @staticmethod
+    def _check_mask(q, k, mask):
+        """``mask`` unchanged if it is None, 2-D or a valid 4-D mask (else a ValueError)."""
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            return mask
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            raise ValueError(
+                "attention_mask: expected None, a 2-D (batch, keys) padding mask or a 4-D (batch, 1, queries, keys) "
+                f"mask, got {type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else tuple(mask.shape)} "
+                "(flex-attention BlockMasks are not supported by CMHA attention)"
+            )
+        if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (Lq, Lk):
+            raise ValueError(f"attention_mask: expected a 4-D shape (B={B} or 1, 1 or H={H}, Lq={Lq}, Lk={Lk}), "
+                             f"got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"attention_mask: a 4-D mask must be bool or floating point, got {mask.dtype}")
+        return mask
+
+    @staticmethod
+    def _causal_visible(q, k, mask):
+        """The boolean (B|1, 1, Lq, Lk) mask of causal attention (queries bottom-right after the
+        keys) and an optional 2-D key padding ``mask``."""
+        Lq, Lk = q.shape[2], k.shape[2]
+        i = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+        visible = (torch.arange(Lk, device=q.device)[None, :] <= i)[None, None]
+        if mask is not None:
+            visible = visible & mask.to(q.device).bool()[:, None, None, :]
+        return visible
+
+    def _rotated(self, q, k, q_pos, k_pos):
+        """(q, k) rotated by CMHA in float32 (float64 for float64 inputs); k is H heads wide. With
+        partial rotary (fewer frequencies than head_dim/2) only the first 2 * pairs features are
+        rotated (pairs laid out within them, as HF does) and the rest pass through unchanged."""
+        pdt = compute_dtype(q.dtype)
+        delta, beta, freqs = self.angles(q.device, pdt)
+        r = 2 * freqs.shape[-1]
+        if r == q.shape[-1]:
+            return euler_rotate_qk(q, k, delta.to(pdt), beta.to(pdt), freqs, q_positions=q_pos, k_positions=k_pos,
+                                   layout=self.cmha_layout)
+        qr, kr = euler_rotate_qk(q[..., :r].contiguous(), k[..., :r].contiguous(), delta.to(pdt), beta.to(pdt),
+                                 freqs, q_positions=q_pos, k_positions=k_pos, layout=self.cmha_layout)
+        G = q.shape[1] // k.shape[1]
+        kp = k[..., r:].repeat_interleave(G, dim=1) if G > 1 else k[..., r:]
+        return torch.cat([qr, q[..., r:].to(qr.dtype)], -1), torch.cat([kr, kp.to(kr.dtype)], -1)
+
+    def _attend_reference(self, q, k, v, q_pos, k_pos, mask, softcap=None):
+        """(output, probabilities (B, H, Lq, Lk)) written out: scores, mask, softmax, weighted sum.
+        Used for ``output_attentions=True`` and attention logit softcapping (scores become
+        softcap * tanh(scores / softcap) before the mask, as Gemma 2); the same masks and outputs
+        as the other paths."""
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        qr, kr = self._rotated(q, k, q_pos, k_pos)
+        scores = (qr.to(kr.dtype) @ kr.transpose(-1, -2)) * self.scaling
+        scores = scores.to(compute_dtype(q.dtype))
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        if mask is None or mask.dim() == 2:
+            visible = self._causal_visible(q, k, mask)
+        elif mask.dtype == torch.bool:
+            visible = mask
+        else:
+            visible = mask > torch.finfo(mask.dtype).min / 2
+            scores = scores + mask.to(scores.dtype)
+        visible = visible.expand(B, H, Lq, Lk)
+        row_ok = visible.any(-1, keepdim=True)  # a row with no visible key outputs 0, as the other paths
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~row_ok, 0.0), dim=-1)
+        probs = probs.masked_fill(~row_ok, 0.0)
+        G = H // v.shape[1]
+        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
+        out = probs.to(v.dtype) @ vv
+        return out, probs.to(q.dtype)
+
+    def _attend_masked(self, q, k, v, q_pos, k_pos, mask):
+        """Any 4-D mask: :func:`cmha_attention` with ``attn_mask`` (rotation kernel + torch SDPA);
+        with partial rotary, the rotation of the rotary features, then SDPA with the mask."""
+        if mask.dtype == torch.bool:
+            visible = mask
+        else:  # HF's additive ("eager") masks put the dtype's minimum on hidden keys
+            visible = mask > torch.finfo(mask.dtype).min / 2
+        if 2 * self._freqs_master.numel() == q.shape[-1]:
+            delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
+            attn = mask if mask.dtype == torch.bool else mask.masked_fill(~visible, float("-inf"))
+            return cmha_attention(q, k, v, delta, beta, freqs, causal=False, scale=self.scaling, attn_mask=attn,
+                                  positions=(q_pos, k_pos), layout=self.cmha_layout,
+                                  backend="reference" if self.backend == "reference" else "auto")
+        qr, kr = self._rotated(q, k, q_pos, k_pos)
+        G = q.shape[1] // v.shape[1]
+        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
+        # SDPA gives NaN on a row with no visible key (e.g. a left-padding query); such rows are
+        # unmasked for the call and zeroed afterwards, so no NaN reaches the next layer's values.
+        row_ok = visible.any(-1, keepdim=True)
+        attn = mask | ~row_ok if mask.dtype == torch.bool else mask.to(qr.dtype).masked_fill(~row_ok, 0.0)
+        out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=attn, scale=self.scaling)
+        return out.masked_fill(~row_ok, 0.0)
+
+
+class CMHAAttention(CMHAState, nn.Module):
     """CMHA self-attention with HF's module interface (see the module docstring).
 
     Args:
@@ -182,6 +427,7 @@ class CMHAAttention(nn.Module):
         self.hidden_size, self.num_heads, self.num_key_value_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.layer_idx, self.num_layers = head_dim, layer_idx, num_layers
         self.num_key_value_groups = num_heads // num_kv_heads
+        self.cmha_num_heads = num_heads
         self.scaling = head_dim ** -0.5 if scaling is None else float(scaling)
         self.learnable, self.delta_init, self.backend = learnable, delta_init, backend
         self.is_causal = True
@@ -207,58 +453,6 @@ class CMHAAttention(nn.Module):
         self._freqs_master = freqs.to(torch.float64).cpu()
         self._derived = {}
         self.reset_cmha_parameters()
-
-    def _apply(self, fn, *args, **kwargs):
-        # delta / beta never go below float32: in bfloat16 1 + 1e-3 rounds back to 1, so a model
-        # cast with .to(torch.bfloat16) / .half() could no longer learn them (the kernels compute
-        # in float32 anyway). Every other tensor is cast as asked.
-        kept = {n: p.data for n, p in self._parameters.items() if n in LEARNABLE and p is not None}
-        super()._apply(fn, *args, **kwargs)
-        for n, old in kept.items():
-            p = self._parameters.get(n)
-            if p is not None and p.dtype in _LOW_PRECISION:
-                p.data = old.to(device=p.device, dtype=torch.float32)
-        return self
-
-    def _fixed(self, name, device, dtype):
-        key = (name, device, dtype)
-        t = self._derived.get(key)
-        if t is None:
-            h = self.head_dim // 2
-            if name == "freqs":
-                t = self._freqs_master.to(device=device, dtype=dtype)
-            else:
-                t = torch.full((self.num_heads, h), 1.0 if name == "delta" else 0.0, device=device, dtype=dtype)
-            self._derived[key] = t
-        return t
-
-    def angles(self, device, dtype):
-        """(delta, beta, freqs) for the attention call: learnable ones as parameters, fixed ones
-        (and freqs) as constants in ``dtype`` (float32, or float64 for float64 inputs)."""
-        delta = self.delta if "delta" in self.learnable else self._fixed("delta", device, dtype)
-        beta = self.beta if "beta" in self.learnable else self._fixed("beta", device, dtype)
-        return delta, beta, self._fixed("freqs", device, dtype)
-
-    @property
-    def freqs(self):
-        """The rotation frequencies omega (head_dim/2,), float64 on the CPU (read-only copy)."""
-        return self._freqs_master.clone()
-
-    @torch.no_grad()
-    def reset_cmha_parameters(self, init=_TorchInit):
-        """Learnable delta: 1 ("rope") or N(0, 1/sqrt(h)) ("normal"); learnable beta: 0."""
-        if "delta" in self.learnable:
-            if self.delta_init == "normal":
-                init.normal_(self.delta, 0.0, (self.head_dim // 2) ** -0.5)
-            else:
-                init.constant_(self.delta, 1.0)
-        if "beta" in self.learnable:
-            init.constant_(self.beta, 0.0)
-
-    def init_weights_hf(self):
-        """:meth:`reset_cmha_parameters` for a model's ``_init_weights`` under HF loading: tensors
-        already loaded from a checkpoint (flagged ``_is_hf_initialized``) are left alone."""
-        self.reset_cmha_parameters(_hf_init())
 
     def extra_repr(self):
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
@@ -296,128 +490,6 @@ class CMHAAttention(nn.Module):
             collector["attentions"].append(probs)
             probs = None
         return out, probs
-
-    # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _query_positions(position_ids, cache_position, B, L, past, device):
-        p = position_ids if position_ids is not None else cache_position
-        if p is None:
-            return (past + torch.arange(L, device=device))[None]
-        return check_positions("position_ids", p, B, L, device, other="hidden_states")
-
-    def _check_cache_layer(self, cache):
-        if self.layer_idx < len(cache.layers):
-            layer = cache.layers[self.layer_idx]
-            quantized = type(layer).__name__.endswith("QuantizedLayer") or hasattr(layer, "_quantize")
-            if not isinstance(layer, DynamicLayer) or quantized:
-                raise NotImplementedError(
-                    f"cache: CMHA attention needs a dynamic cache of raw keys (DynamicCache); layer {self.layer_idx} "
-                    f"of {type(cache).__name__} is a {type(layer).__name__}. Use generate(cache_implementation="
-                    "'dynamic') or pass a DynamicCache."
-                )
-
-    def _cached_positions(self, cache, q_pos, B, L, Lk):
-        """Absolute positions (B, Lk) of the keys this layer attends to (cached + new)."""
-        slot, layers = self.num_layers, cache.layers
-        if self.layer_idx == 0:
-            filler = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
-            while len(layers) < slot:
-                layers.append(filler())
-            if len(layers) == slot:
-                layers.append(DynamicLayer())
-            p = q_pos.expand(B, L)[:, None, :, None]
-            layers[slot].update(p, p.new_empty(B, 1, L, 0))
-        pos = layers[slot].keys if len(layers) > slot and layers[slot].is_initialized else None
-        if pos is None or pos.dim() != 4 or pos.shape[2] < Lk or pos.shape[0] != B:
-            have = "none" if pos is None else f"{pos.shape[2]} for batch {pos.shape[0]}"
-            raise RuntimeError(
-                f"cache: layer {self.layer_idx} holds {Lk} keys (batch {B}) but the cache records key positions for "
-                f"{have}. A cache filled by another model, or edited outside transformers' Cache methods, cannot "
-                "be used with CMHA attention."
-            )
-        return pos[:, 0, -Lk:, 0]
-
-    def _attend(self, q, k, v, q_pos, k_pos, mask):
-        B, Lk = q.shape[0], k.shape[2]
-        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            kpm = None
-            if mask is not None:  # HF's 2-D mask: nonzero = attend (values not checked: no host sync per layer)
-                kpm = check_key_padding_mask("attention_mask", mask.to(q.device), B, Lk, q.device, ints=True,
-                                             check_values=False)
-            delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
-            return cmha_attention(q, k, v, delta, beta, freqs, causal=True, scale=self.scaling,
-                                  key_padding_mask=kpm, positions=(q_pos, k_pos), backend=self.backend)
-        return self._attend_masked(q, k, v, q_pos, k_pos, self._check_mask(q, k, mask))
-
-    @staticmethod
-    def _check_mask(q, k, mask):
-        """``mask`` unchanged if it is None, 2-D or a valid 4-D mask (else a ValueError)."""
-        B, H, Lq, _ = q.shape
-        Lk = k.shape[2]
-        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            return mask
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-            raise ValueError(
-                "attention_mask: expected None, a 2-D (batch, keys) padding mask or a 4-D (batch, 1, queries, keys) "
-                f"mask, got {type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else tuple(mask.shape)} "
-                "(flex-attention BlockMasks are not supported by CMHA attention)"
-            )
-        if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (Lq, Lk):
-            raise ValueError(f"attention_mask: expected a 4-D shape (B={B} or 1, 1 or H={H}, Lq={Lq}, Lk={Lk}), "
-                             f"got {tuple(mask.shape)}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"attention_mask: a 4-D mask must be bool or floating point, got {mask.dtype}")
-        return mask
-
-    def _rotated(self, q, k, q_pos, k_pos):
-        """(q, k) rotated by CMHA in float32 (float64 for float64 inputs); k is H heads wide."""
-        pdt = compute_dtype(q.dtype)
-        delta, beta, freqs = self.angles(q.device, pdt)
-        return euler_rotate_qk(q, k, delta.to(pdt), beta.to(pdt), freqs, q_positions=q_pos, k_positions=k_pos,
-                               layout="half")
-
-    def _attend_reference(self, q, k, v, q_pos, k_pos, mask):
-        """(output, probabilities (B, H, Lq, Lk)) written out: scores, mask, softmax, weighted sum.
-        Used for ``output_attentions=True``; the same masks and outputs as the other paths."""
-        B, H, Lq, _ = q.shape
-        Lk = k.shape[2]
-        qr, kr = self._rotated(q, k, q_pos, k_pos)
-        scores = (qr.to(kr.dtype) @ kr.transpose(-1, -2)) * self.scaling
-        scores = scores.to(compute_dtype(q.dtype))
-        if mask is None or mask.dim() == 2:
-            i = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
-            visible = (torch.arange(Lk, device=q.device)[None, :] <= i)[None, None]
-            if mask is not None:
-                visible = visible & mask.to(q.device).bool()[:, None, None, :]
-        elif mask.dtype == torch.bool:
-            visible = mask
-        else:
-            visible = mask > torch.finfo(mask.dtype).min / 2
-            scores = scores + mask.to(scores.dtype)
-        visible = visible.expand(B, H, Lq, Lk)
-        row_ok = visible.any(-1, keepdim=True)  # a row with no visible key outputs 0, as the other paths
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~row_ok, 0.0), dim=-1)
-        probs = probs.masked_fill(~row_ok, 0.0)
-        G = self.num_key_value_groups
-        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
-        out = probs.to(v.dtype) @ vv
-        return out, probs.to(q.dtype)
-
-    def _attend_masked(self, q, k, v, q_pos, k_pos, mask):
-        """Any 4-D mask: the project's rotation kernel, then torch SDPA with the mask."""
-        qr, kr = self._rotated(q, k, q_pos, k_pos)
-        G = self.num_key_value_groups
-        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
-        if mask.dtype == torch.bool:
-            visible = mask
-        else:  # HF's additive ("eager") masks put the dtype's minimum on hidden keys
-            visible = mask > torch.finfo(mask.dtype).min / 2
-        # SDPA gives NaN on a row with no visible key (e.g. a left-padding query); such rows are
-        # unmasked for the call and zeroed afterwards, so no NaN reaches the next layer's values.
-        row_ok = visible.any(-1, keepdim=True)
-        attn = mask | ~row_ok if mask.dtype == torch.bool else mask.to(qr.dtype).masked_fill(~row_ok, 0.0)
-        out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=attn, scale=self.scaling)
-        return out.masked_fill(~row_ok, 0.0)
 
 
 def rope_freqs(head_dim, rope_theta):
