@@ -50,3 +50,31 @@ def test_smoothing_is_centred_and_covers_every_step():
     assert s[10:90] == pytest.approx(line[10:90])  # a centred mean of a line is the line: no shift
     assert _smooth([2.0] * 50) == pytest.approx([2.0] * 50)
     assert _smooth([1.0, 3.0]) == pytest.approx([1.0, 3.0])
+
+
+def test_bad_alphas_refused_at_parse_time(capsys):
+    with pytest.raises(SystemExit):
+        main(["--alphas", "-1"])
+    assert "argument --alphas: expected a number >= 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two tiny grids (each run evaluated on the whole held-out text)
+def test_rerun_skips_finished_runs_and_redoes_the_cut_one(tmp_path, monkeypatch, capsys):
+    from complexformer.lab import experiment
+
+    args = ["--steps", "2", "--alphas", "1", "--out", str(tmp_path), "--no-progress"]
+    main(args)
+    first = json.loads((tmp_path / "results.json").read_text())
+    runs = tmp_path / "runs" / "seed0"
+    cut = runs / "finetune-PDL_alpha=1.json"
+    assert cut.is_file() and (runs / "position-cmha.json").is_file() and (runs / "pretrained-cmha.pt").is_file()
+    cut.unlink()  # the run a kill interrupted: its result was never written
+    trained = []
+    real_train = experiment.train
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: trained.append(k["desc"]) or real_train(*a, **k))
+    main(args)
+    assert trained == ["finetune PDL alpha=1 s0"]  # only the cut run, from the kept pretrained weights
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert second["per_seed"] == first["per_seed"]  # the redone run equals the original bit for bit
+    with pytest.raises(ValueError, match=r"different settings: .*pretrain_steps \(2 there, 3 now\)"):
+        main(["--steps", "3", "--alphas", "1", "--out", str(tmp_path), "--no-progress"])

@@ -25,9 +25,11 @@ unweighted CE, the same quantity for CE and PDL), the PDL weight curves, and acc
 quartile.
 """
 import argparse
+import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -37,8 +39,9 @@ import torch
 from ..counts import pdl_weights, token_counts
 from . import data as cfdata
 from .metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
-from .train import (HelpFormatter, build_model, choose_threads, resolve_device, run_cli, train, write_atomic,
-                    write_json)
+from .runs import RUN_FILE, check_run_dir, prepare_out, write_atomic, write_json
+from .train import (HelpFormatter, build_model, choose_threads, nonnegative_float, positive_int, resolve_device,
+                    run_cli, train)
 
 # The quick grid is sized for a few minutes on a 2-core CPU (3-5 measured, see benchmarks/RESULTS.md);
 # --full repeats it for 3 seeds.
@@ -58,14 +61,16 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("--full", action="store_true", help="3 seeds (0, 1, 2), mean +- std")
     p.add_argument("--seeds", type=int, nargs="+", help="explicit seeds (default: 0, or 0 1 2 with --full)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["pretrain_steps"],
+    p.add_argument("--steps", type=positive_int, default=DEFAULTS["pretrain_steps"],
                    help=f"pretraining steps; finetuning takes {DEFAULTS['finetune_steps']}/"
                         f"{DEFAULTS['pretrain_steps']} of it")
-    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULTS["alphas"]), help="PDL exponents")
+    p.add_argument("--alphas", type=nonnegative_float, nargs="+", default=list(DEFAULTS["alphas"]), help="PDL exponents")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: one per physical core not busy with other work)")
-    p.add_argument("--out", default="runs/experiment", metavar="DIR", help="where results.json and the plots go")
+    p.add_argument("--out", default="runs/experiment", metavar="DIR",
+                   help="where results.json and the plots go; each run's result is kept there as it finishes, "
+                        "and a rerun with the same --out and settings skips the finished runs")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p.parse_args(argv)
 
@@ -101,13 +106,42 @@ def _continuations(model, tok, prompts, cfg, seed, context):
     return out
 
 
-def run_seed(seed, cfg, corpora, tok, dev, progress):
-    """Both experiments for one seed; returns (position_runs, finetune_runs)."""
+def _saved_run(directory, kind, name):
+    """(path, result or None): one run's result file in ``directory``; None until the run finished."""
+    path = os.path.join(directory, f"{kind}-{re.sub(r'[^A-Za-z0-9.=-]+', '_', name)}.json")
+    if not os.path.isfile(path):
+        return path, None
+    with open(path) as f:
+        return path, json.load(f)
+
+
+def run_seed(seed, cfg, corpora, tok, dev, progress, directory=None):
+    """Both experiments for one seed; returns (position_runs, finetune_runs, finetuning counts).
+
+    ``directory``: each run's result is written there (atomically) as it finishes, and a run whose
+    result is there already is not run again (the pretrained CMHA weights are kept for finetuning)."""
     pre_train, pre_val, ft_train, ft_val = corpora
     L = cfg["seq_len"]
     common = dict(batch_size=cfg["batch_size"], seq_len=L, seed=seed, progress=progress)
+    skipped = []
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+    weights_path = None if directory is None else os.path.join(directory, "pretrained-cmha.pt")
+
+    def cached(kind, name):
+        if directory is None:
+            return None, None
+        path, result = _saved_run(directory, kind, name)
+        if result is not None:
+            skipped.append(name)
+        return path, result
+
     position, pretrained = {}, None
     for name, att, extra in POSITION_RUNS:
+        path, result = cached("position", name)
+        if result is not None:
+            position[name] = result
+            continue
         model = build_model(tok.vocab_size, att, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
                             num_heads=cfg["num_heads"], seed=seed, device=dev, **extra)
         hist = train(model, pre_train, steps=cfg["pretrain_steps"], lr=cfg["lr"], desc=f"pretrain {name} s{seed}",
@@ -120,6 +154,10 @@ def run_seed(seed, cfg, corpora, tok, dev, progress):
         }
         if name == "cmha":
             pretrained = model
+            if directory is not None:  # before its result: a finished "cmha" run always has its weights
+                write_atomic(weights_path, lambda tmp: torch.save(model.state_dict(), tmp))
+        if directory is not None:
+            write_json(path, position[name])
 
     # finetuning on the other register, all from the same CMHA weights and data order
     counts = token_counts(ft_train[1:], tok.vocab_size)
@@ -131,6 +169,15 @@ def run_seed(seed, cfg, corpora, tok, dev, progress):
     runs += [(f"PDL alpha={a:g}", "pdl", a) for a in cfg["alphas"]]
     finetune = {}
     for name, loss, alpha in runs:
+        path, result = cached("finetune", name)
+        if result is not None:
+            finetune[name] = result
+            continue
+        if pretrained is None:  # pretrained by an earlier, interrupted invocation
+            pretrained = build_model(tok.vocab_size, "cmha", hidden_size=cfg["hidden_size"],
+                                     num_layers=cfg["num_layers"], num_heads=cfg["num_heads"], seed=seed, device=dev)
+            pretrained.load_state_dict(torch.load(weights_path, map_location=dev))
+            pretrained.eval()
         model = type(pretrained)(pretrained.config).to(dev)
         model.load_state_dict(pretrained.state_dict())
         hist = None
@@ -151,6 +198,10 @@ def run_seed(seed, cfg, corpora, tok, dev, progress):
             "train_loss": None if hist is None else hist["loss"],
             "val_ce_curve": None if hist is None else hist["eval"],
         }
+        if directory is not None:
+            write_json(path, finetune[name])
+    if skipped:
+        print(f"seed {seed}: kept the finished runs {skipped} from {directory}", flush=True)
     return position, finetune, counts
 
 
@@ -312,25 +363,33 @@ def main(argv=None):
     _require_plotting()  # fail before training, not after
     seeds = args.seeds or ([0, 1, 2] if args.full else [0])
     cfg = dict(DEFAULTS, alphas=tuple(args.alphas))
-    if args.steps < 1:
-        raise ValueError(f"--steps: expected a positive int, got {args.steps}")
     cfg["finetune_steps"] = max(1, round(args.steps * cfg["finetune_steps"] / cfg["pretrain_steps"]))
     cfg["pretrain_steps"] = args.steps
-    os.makedirs(args.out, exist_ok=True)
+    prepare_out(args.out)
+    # the seeds are not part of the settings: each seed's runs are kept apart, so a --full run
+    # reuses the quick run's seed 0
+    settings = dict(cfg, grid=[[n, a, e] for n, a, e in POSITION_RUNS], device=dev.type)
+    resume = check_run_dir(args.out, settings, ("results.json", "runs", "tokenizer.json"))
     print(choose_threads(args.threads), flush=True)
 
     t0 = time.perf_counter()
     pre_train_text, pre_val_text = cfdata.split_held_out(cfdata.load_corpus("narrative"))
     # 10% held out of the smaller part, so the rarest quartile has a few hundred held-out targets
     ft_train_text, ft_val_text = cfdata.split_held_out(cfdata.load_corpus("poetry"), 0.1)
-    tok = cfdata.build_tokenizer("bpe", pre_train_text, cfg["vocab_size"])
+    if resume and os.path.isfile(os.path.join(args.out, "tokenizer.json")):
+        tok = cfdata.load_tokenizer(args.out)  # the ids the kept runs were trained on
+    else:
+        tok = cfdata.build_tokenizer("bpe", pre_train_text, cfg["vocab_size"])
+        write_json(os.path.join(args.out, RUN_FILE), settings)
+        tok.save(args.out)
     corpora = tuple(cfdata.encode_stream(tok, t) for t in (pre_train_text, pre_val_text, ft_train_text, ft_val_text))
     print(f"corpus: narrative {len(corpora[0])} train / {len(corpora[1])} held-out tokens, poetry "
           f"{len(corpora[2])} / {len(corpora[3])} (BPE vocab {tok.vocab_size}); seeds {seeds}; device {dev}")
 
     per_seed = []
     for seed in seeds:
-        position, finetune, counts = run_seed(seed, cfg, corpora, tok, dev, not args.no_progress)
+        position, finetune, counts = run_seed(seed, cfg, corpora, tok, dev, not args.no_progress,
+                                              os.path.join(args.out, "runs", f"seed{seed}"))
         per_seed.append({"seed": seed, "position": position, "finetune": finetune})
     summary = {"position": summarise(per_seed, "position", POSITION_COLS),
                "finetune": summarise(per_seed, "finetune", FINETUNE_COLS)}
