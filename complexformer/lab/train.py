@@ -210,13 +210,13 @@ def lr_at(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_len=128, lr=3e-3,
+def train(model, stream, *, loss="ce", alpha=1.0, max_weight=None, steps=300, batch_size=16, seq_len=128, lr=3e-3,
           warmup=None, weight_decay=0.01, seed=0, progress=True, desc="train", evaluate=None, eval_every=None,
           checkpoint=None, checkpoint_every=100):
     """Train ``model`` in place on random windows of the int64 token ``stream``.
 
     loss: "ce", or "pdl" (weights (count + eps)^-alpha from the counts of the stream's targets,
-    :func:`complexformer.pdl_weights`). Under an initialised process group the model is wrapped in
+    clipped at ``max_weight``: :func:`complexformer.pdl_weights`). Under an initialised process group the model is wrapped in
     DDP and ``batch_size`` is the global batch. Returns a history dict: per-step ``loss`` (the
     global training loss), ``lr``, ``seconds``, ``tokens_per_s``.
 
@@ -246,7 +246,7 @@ def train(model, stream, *, loss="ce", alpha=1.0, steps=300, batch_size=16, seq_
     weights = None
     if loss == "pdl":
         # count the label stream the loss sees: every window's targets come from stream[1:]
-        weights = pdl_weights(token_counts(stream[1:], vocab), alpha=alpha).to(dev)
+        weights = pdl_weights(token_counts(stream[1:], vocab), alpha=alpha, max_weight=max_weight).to(dev)
     warmup = max(1, steps // 10) if warmup is None else warmup
 
     net = model
