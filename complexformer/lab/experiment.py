@@ -1,6 +1,6 @@
 """The comparison grid: does CMHA beat RoPE, and does PDL finetuning help rare tokens and diversity?
 
-    python -m complexformer.experiment                  # quick: 1 seed, 3-5 min on an idle 2-core CPU
+    python -m complexformer.experiment                  # quick: 1 seed, about 8 CPU-minutes
     python -m complexformer.experiment --full           # 3 seeds, mean +- std, 3x as long
     python -m complexformer.experiment --device cuda --out runs/gpu
 
@@ -398,15 +398,20 @@ def _plot_extrapolation(per_seed, path):
 
 def _plot_tradeoff(per_seed, path):
     """PDL's trade-off: held-out perplexity against rare-quartile (Q1) accuracy, one point per
-    finetuning setting; error bars: std over seeds in both directions."""
+    finetuning setting; error bars: std over seeds in both directions, or with one seed the
+    binomial standard error of the Q1 accuracy (as in bucket_accuracy.png)."""
     plt = _require_plotting()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, name in enumerate(per_seed[0]["finetune"]):
         x = _mean_err([s["finetune"][name]["rare_acc"] for s in per_seed])
         y = _mean_err([s["finetune"][name]["val"]["ppl"] for s in per_seed])
+        if len(per_seed) == 1:
+            n = max(1, per_seed[0]["finetune"][name]["val"]["tokens_by_bucket"][0])
+            x = (x[0], math.sqrt(x[0] * (1 - x[0]) / n))
         ax.errorbar([x[0]], [y[0]], xerr=[x[1]], yerr=[y[1]], capsize=3, marker=_MARKERS[i % len(_MARKERS)],
                     linestyle="none", label=name)
-    ax.set(title=f"finetuning on poetry: perplexity vs rare-token accuracy; {_seeds_note(per_seed)}",
+    bars = "std over seeds" if len(per_seed) > 1 else "binomial standard error"
+    ax.set(title=f"finetuning on poetry: perplexity vs rare-token accuracy\n{_seeds_note(per_seed)}; error bars: {bars}",
            xlabel="held-out top-1 accuracy, rarest quartile (Q1)", ylabel="held-out perplexity")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

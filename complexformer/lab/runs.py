@@ -17,6 +17,12 @@ import torch
 RUN_FILE = "run.json"
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path, write):
     """``write(tmp)`` to a temporary file beside ``path`` (same suffix), fsync it, then move it over
     ``path``: a reader never sees half a file, and an interrupted run leaves the old one."""
@@ -27,6 +33,7 @@ def write_atomic(path, write):
         write(tmp)
         with open(tmp, "rb+") as f:  # the writer may have used its own handle: flush the data to disk
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it a plain file's mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
