@@ -5,6 +5,9 @@ Both change only the angles handed to the attention op (:meth:`CMHAAttention.ang
 already takes (H, h) frequencies and returns their gradient, and a constant delta is a tensor
 like the fixed delta = 1 of RoPE. Partial rotation (``rotary_fraction``) needs no module: it is
 a frequency vector with zeros (``partial_freqs``).
+
+``omega`` is an ordinary parameter: ``cmha_parameters()`` and ``save_cmha_angles`` (PEFT) cover
+delta and beta only, so under PEFT it has to be listed in ``modules_to_save``-style settings by hand.
 """
 import torch
 from torch import nn
