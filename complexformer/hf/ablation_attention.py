@@ -7,7 +7,8 @@ like the fixed delta = 1 of RoPE. Partial rotation (``rotary_fraction``) needs n
 a frequency vector with zeros (``partial_freqs``).
 
 ``omega`` is an ordinary parameter: ``cmha_parameters()`` and ``save_cmha_angles`` (PEFT) cover
-delta and beta only, so under PEFT it has to be listed in ``modules_to_save``-style settings by hand.
+delta and beta only: under PEFT omega stays frozen with the base model unless made trainable
+and saved by hand.
 """
 import torch
 from torch import nn
