@@ -7,6 +7,14 @@
 - "rope": the same attention with delta = 1, beta = 0 fixed (buffers, not parameters): RoPE. Its
   parameter count is "cmha"'s minus the 2 * layers * heads * head_dim/2 of delta and beta;
 - "none": no positional information at all (delta = 1, beta = 0, freqs = 0: plain causal attention).
+
+Ablations, each one field (``complexformer.hf.ablation_attention``):
+- ``learnable_freqs=True``: per-head frequencies omega (heads, head_dim/2) as parameters, initialised
+  to the fixed ones ("rope": an AdaRoPE-like baseline; "cmha": CMHA with learnable frequencies);
+- ``fixed_delta=0.0``: "cmha" with delta a constant 0 instead of a parameter: the rotation is
+  beta + omega p, the token's own phase dropped;
+- ``rotary_fraction=0.25``: only the first quarter of the pairs (the highest frequencies) rotate,
+  the rest get frequency 0 (partial RoPE for "rope").
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ class ComplexFormerConfig(PretrainedConfig):
             uses (``set_pdl_weights`` takes ready weights instead).
         tie_word_embeddings: LM head shares the embedding matrix.
         attn_backend: CMHA backend ("auto", "fused", "sdpa", "reference").
+        learnable_freqs, fixed_delta, rotary_fraction: the ablations (see the module docstring).
         initializer_range: std of the normal init of linear and embedding weights.
     """
 
@@ -51,13 +60,27 @@ class ComplexFormerConfig(PretrainedConfig):
                  rope_theta=10000.0, rms_norm_eps=1e-6, attention="cmha", delta_init="normal",
                  attention_bias=False, loss="ce", pdl_alpha=1.0, tie_word_embeddings=True, attn_backend="auto",
                  initializer_range=0.02, use_cache=True, pad_token_id=None, bos_token_id=None,
-                 eos_token_id=None, **kwargs):
+                 eos_token_id=None, learnable_freqs=False, fixed_delta=None, rotary_fraction=1.0, **kwargs):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
         if delta_init not in ("normal", "rope"):
             raise ValueError(f"delta_init: expected 'normal' or 'rope', got {delta_init!r}")
+        if not isinstance(learnable_freqs, bool):
+            raise ValueError(f"learnable_freqs: expected a bool, got {learnable_freqs!r}")
+        if learnable_freqs and attention == "none":
+            raise ValueError("learnable_freqs: attention='none' has no frequencies to learn")
+        if fixed_delta is not None:
+            if attention != "cmha":
+                raise ValueError(f"fixed_delta: only for attention='cmha' (\"{attention}\" has no delta to fix)")
+            if isinstance(fixed_delta, bool) or not isinstance(fixed_delta, (int, float)) or not math.isfinite(fixed_delta):
+                raise ValueError(f"fixed_delta: expected a finite number or None, got {fixed_delta!r}")
+            fixed_delta = float(fixed_delta)
+        if isinstance(rotary_fraction, bool) or not isinstance(rotary_fraction, (int, float)) or not 0 < rotary_fraction <= 1:
+            raise ValueError(f"rotary_fraction: expected a number in (0, 1], got {rotary_fraction!r}")
+        if rotary_fraction != 1 and attention == "none":
+            raise ValueError("rotary_fraction: attention='none' rotates nothing")
         num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"num_key_value_heads ({num_key_value_heads}) must divide num_attention_heads "
@@ -78,6 +101,7 @@ class ComplexFormerConfig(PretrainedConfig):
         self.rope_theta, self.rms_norm_eps = float(rope_theta), rms_norm_eps
         self.attention, self.delta_init, self.attention_bias = attention, delta_init, attention_bias
         self.loss, self.pdl_alpha = loss, float(pdl_alpha)
+        self.learnable_freqs, self.fixed_delta, self.rotary_fraction = learnable_freqs, fixed_delta, float(rotary_fraction)
         self.attn_backend, self.initializer_range, self.use_cache = attn_backend, initializer_range, use_cache
         kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,

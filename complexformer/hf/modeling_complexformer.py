@@ -37,6 +37,7 @@ from ..causal_lm import causal_lm_pdl_loss
 from ..checks import check_pdl_weights
 from ..counts import pdl_weights
 from .cmha import _warn_on_peft_save, cmha_parameters
+from .ablation_attention import AblationAttention, partial_freqs
 from .cmha_attention import CMHAAttention, _hf_init, rope_freqs
 from .configuration_complexformer import ComplexFormerConfig
 
@@ -62,7 +63,10 @@ def _attention_module(config, layer_idx):
     freqs = rope_freqs(config.head_dim, config.rope_theta)
     if config.attention == "none":
         freqs = torch.zeros_like(freqs)
-    return CMHAAttention(
+    fraction = getattr(config, "rotary_fraction", 1.0)
+    if fraction != 1.0:
+        freqs = partial_freqs(freqs, fraction)
+    kwargs = dict(
         hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, layer_idx=layer_idx,
         num_layers=config.num_hidden_layers, freqs=freqs,
@@ -70,6 +74,10 @@ def _attention_module(config, layer_idx):
         delta_init="rope" if config.delta_init == "rope" else "normal",
         bias=(config.attention_bias,) * 4, backend=config.attn_backend,
     )
+    learnable_freqs, fixed_delta = getattr(config, "learnable_freqs", False), getattr(config, "fixed_delta", None)
+    if learnable_freqs or fixed_delta is not None:
+        return AblationAttention(learnable_freqs=learnable_freqs, fixed_delta=fixed_delta, **kwargs)
+    return CMHAAttention(**kwargs)
 
 
 class ComplexFormerDecoderLayer(GradientCheckpointingLayer):

@@ -1,6 +1,6 @@
 """The comparison grid: does CMHA beat RoPE, and does PDL finetuning help rare tokens and diversity?
 
-    python -m complexformer.experiment                  # quick: 1 seed, 3-5 min on an idle 2-core CPU
+    python -m complexformer.experiment                  # quick: 1 seed, about 8 CPU-minutes
     python -m complexformer.experiment --full           # 3 seeds, mean +- std, 3x as long
     python -m complexformer.experiment --device cuda --out runs/gpu
 
@@ -9,25 +9,32 @@ On the embedded corpus (``complexformer.lab.data``), with the training function 
 
 1. Position schemes. The same model (``ComplexFormerForCausalLM``) with attention "cmha" (the
    authors' init, and started as RoPE with delta = 1), "rope" and "none" (no position signal),
-   same initialisation seed, data order, steps and parameter count (CMHA adds only its per-head
-   delta and beta), pretrained with CE on the narrative part
-   (Genesis to Judges). Held-out perplexity at the training length and at twice it (length
-   extrapolation), and training throughput.
+   and the ablations that ask what in CMHA helps, each one ``ComplexFormerConfig`` field: CMHA with
+   delta fixed at 0 (rotation by beta + omega p only), CMHA with learnable frequencies, RoPE with
+   learnable per-head frequencies (AdaRoPE-like) and partial RoPE (a quarter of the pairs rotated).
+   Same initialisation seed, data order and steps, pretrained with CE on the narrative part
+   (Genesis to Judges). Held-out perplexity at 1x, 2x, 4x and 8x the training length (length
+   extrapolation), parameter count and training throughput.
 2. Finetuning. The CMHA model from (1) is finetuned on a different register, the poetry part
-   (Psalms, Proverbs), with CE and with PDL at a few alphas, from the same weights, with the same
-   data order. Held-out perplexity, top-1 accuracy per token-frequency quartile of the finetuning
-   data (Q1 = the rarest quarter of the token ids: the "rare-token recall"), and distinct-1/2 of
-   greedy and sampled continuations of held-out prompts.
+   (Psalms, Proverbs), with CE, with PDL at a few alphas, and at alpha = 1 with the weights capped
+   (``max_weight``), from the same weights, with the same data order. Held-out perplexity, top-1
+   accuracy per token-frequency quartile of the finetuning data (Q1 = the rarest quarter of the
+   token ids: the "rare-token recall"), and distinct-1/2 of greedy and sampled continuations of
+   held-out prompts.
 
 Output: tables on stdout, ``results.json`` (every run, per seed, and the mean/std) and PNG plots in
 ``--out`` (default runs/experiment): training curves (pretraining CE; finetuning: held-out
-unweighted CE, the same quantity for CE and PDL), the PDL weight curves, and accuracy per frequency
-quartile.
+unweighted CE, the same quantity for CE and PDL), the PDL weight curves, accuracy per frequency
+quartile, perplexity against evaluation length, and perplexity against rare-quartile accuracy.
+Each run's result is kept in ``--out/runs/seed<N>/`` as it finishes: a rerun with the same
+``--out`` and settings redoes only what is missing.
 """
 import argparse
+import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -37,20 +44,28 @@ import torch
 from ..counts import pdl_weights, token_counts
 from . import data as cfdata
 from .metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
-from .train import (HelpFormatter, build_model, choose_threads, resolve_device, run_cli, train, write_atomic,
-                    write_json)
+from .runs import RUN_FILE, check_run_dir, prepare_out, write_atomic, write_json
+from .train import (HelpFormatter, build_model, choose_threads, nonnegative_float, positive_float, positive_int,
+                    resolve_device,
+                    run_cli, train)
 
 # The quick grid is sized for a few minutes on a 2-core CPU (3-5 measured, see benchmarks/RESULTS.md);
 # --full repeats it for 3 seeds.
 DEFAULTS = dict(pretrain_steps=400, finetune_steps=150, batch_size=16, seq_len=128, lr=3e-3, finetune_lr=1e-3,
                 hidden_size=128, num_layers=2, num_heads=4, vocab_size=1024, alphas=(0.25, 0.5, 1.0),
+                max_weights=(1e-2, 1e-3), extrapolation=(1, 2, 4, 8),
                 prompts=48, prompt_len=16, new_tokens=32, temperature=1.0, finetune_eval_every=10)
 
 
 # (row, attention, extra config): CMHA with the authors' init (delta ~ N(0, 1/sqrt(d/2)), so the
 # semantic angle starts almost switched off), CMHA started as RoPE (delta = 1), RoPE, no position
 POSITION_RUNS = (("cmha", "cmha", {}), ("cmha, delta=1 init", "cmha", {"delta_init": "rope"}),
-                 ("rope", "rope", {}), ("none", "none", {}))
+                 ("rope", "rope", {}), ("none", "none", {}),
+                 # ablations (ComplexFormerConfig fields, docs/design.md "Ablations"): what in CMHA helps?
+                 ("cmha, delta=0 fixed", "cmha", {"fixed_delta": 0.0}),
+                 ("cmha, learnable freqs", "cmha", {"learnable_freqs": True}),
+                 ("rope, learnable freqs", "rope", {"learnable_freqs": True}),
+                 ("rope, 1/4 of pairs rotated", "rope", {"rotary_fraction": 0.25}))
 
 
 def parse_args(argv=None):
@@ -58,14 +73,19 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("--full", action="store_true", help="3 seeds (0, 1, 2), mean +- std")
     p.add_argument("--seeds", type=int, nargs="+", help="explicit seeds (default: 0, or 0 1 2 with --full)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["pretrain_steps"],
+    p.add_argument("--steps", type=positive_int, default=DEFAULTS["pretrain_steps"],
                    help=f"pretraining steps; finetuning takes {DEFAULTS['finetune_steps']}/"
                         f"{DEFAULTS['pretrain_steps']} of it")
-    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULTS["alphas"]), help="PDL exponents")
+    p.add_argument("--alphas", type=nonnegative_float, nargs="+", default=list(DEFAULTS["alphas"]), help="PDL exponents")
+    p.add_argument("--max-weights", type=positive_float, nargs="*", default=list(DEFAULTS["max_weights"]),
+                   help="PDL weight caps tried at alpha = 1 (weights are count^-1 <= 1: a cap 1/c weighs "
+                        "every token rarer than c occurrences as one of c)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: one per physical core not busy with other work)")
-    p.add_argument("--out", default="runs/experiment", metavar="DIR", help="where results.json and the plots go")
+    p.add_argument("--out", default="runs/experiment", metavar="DIR",
+                   help="where results.json and the plots go; each run's result is kept there as it finishes, "
+                        "and a rerun with the same --out and settings skips the finished runs")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p.parse_args(argv)
 
@@ -101,13 +121,42 @@ def _continuations(model, tok, prompts, cfg, seed, context):
     return out
 
 
-def run_seed(seed, cfg, corpora, tok, dev, progress):
-    """Both experiments for one seed; returns (position_runs, finetune_runs)."""
+def _saved_run(directory, kind, name):
+    """(path, result or None): one run's result file in ``directory``; None until the run finished."""
+    path = os.path.join(directory, f"{kind}-{re.sub(r'[^A-Za-z0-9.=-]+', '_', name)}.json")
+    if not os.path.isfile(path):
+        return path, None
+    with open(path) as f:
+        return path, json.load(f)
+
+
+def run_seed(seed, cfg, corpora, tok, dev, progress, directory=None):
+    """Both experiments for one seed; returns (position_runs, finetune_runs, finetuning counts).
+
+    ``directory``: each run's result is written there (atomically) as it finishes, and a run whose
+    result is there already is not run again (the pretrained CMHA weights are kept for finetuning)."""
     pre_train, pre_val, ft_train, ft_val = corpora
     L = cfg["seq_len"]
     common = dict(batch_size=cfg["batch_size"], seq_len=L, seed=seed, progress=progress)
+    skipped = []
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+    weights_path = None if directory is None else os.path.join(directory, "pretrained-cmha.pt")
+
+    def cached(kind, name):
+        if directory is None:
+            return None, None
+        path, result = _saved_run(directory, kind, name)
+        if result is not None:
+            skipped.append(name)
+        return path, result
+
     position, pretrained = {}, None
     for name, att, extra in POSITION_RUNS:
+        path, result = cached("position", name)
+        if result is not None:
+            position[name] = result
+            continue
         model = build_model(tok.vocab_size, att, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
                             num_heads=cfg["num_heads"], seed=seed, device=dev, **extra)
         hist = train(model, pre_train, steps=cfg["pretrain_steps"], lr=cfg["lr"], desc=f"pretrain {name} s{seed}",
@@ -115,11 +164,17 @@ def run_seed(seed, cfg, corpora, tok, dev, progress):
         position[name] = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "val": evaluate_lm(model, *cfdata.sequential_windows(pre_val, L)),
-            "val_2x": evaluate_lm(model, *cfdata.sequential_windows(pre_val, 2 * L), batch_size=8),
+            # held-out perplexity at k times the training length (every window scored whole)
+            "extrapolation": {str(k): evaluate_lm(model, *cfdata.sequential_windows(pre_val, k * L),
+                                                  batch_size=max(1, 16 // k))["ppl"] for k in cfg["extrapolation"]},
             "tokens_per_s": hist["tokens_per_s"], "seconds": hist["seconds"], "loss": hist["loss"],
         }
         if name == "cmha":
             pretrained = model
+            if directory is not None:  # before its result: a finished "cmha" run always has its weights
+                write_atomic(weights_path, lambda tmp: torch.save(model.state_dict(), tmp))
+        if directory is not None:
+            write_json(path, position[name])
 
     # finetuning on the other register, all from the same CMHA weights and data order
     counts = token_counts(ft_train[1:], tok.vocab_size)
@@ -127,30 +182,45 @@ def run_seed(seed, cfg, corpora, tok, dev, progress):
     vx, vy = cfdata.sequential_windows(ft_val, L)
     starts = torch.linspace(0, len(ft_val) - cfg["prompt_len"] - 1, cfg["prompts"]).long()
     prompts = torch.stack([ft_val[s:s + cfg["prompt_len"]] for s in starts.tolist()])
-    runs = [("pretrained (no finetune)", None, 0.0), ("CE", "ce", 0.0)]
-    runs += [(f"PDL alpha={a:g}", "pdl", a) for a in cfg["alphas"]]
+    runs = [("pretrained (no finetune)", None, 0.0, None), ("CE", "ce", 0.0, None)]
+    runs += [(f"PDL alpha={a:g}", "pdl", a, None) for a in cfg["alphas"]]
+    runs += [(f"PDL alpha=1, max_weight={w:g}", "pdl", 1.0, w) for w in cfg["max_weights"]]
     finetune = {}
-    for name, loss, alpha in runs:
+    for name, loss, alpha, max_weight in runs:
+        path, result = cached("finetune", name)
+        if result is not None:
+            finetune[name] = result
+            continue
+        if pretrained is None:  # pretrained by an earlier, interrupted invocation
+            pretrained = build_model(tok.vocab_size, "cmha", hidden_size=cfg["hidden_size"],
+                                     num_layers=cfg["num_layers"], num_heads=cfg["num_heads"], seed=seed, device=dev)
+            pretrained.load_state_dict(torch.load(weights_path, map_location=dev))
+            pretrained.eval()
         model = type(pretrained)(pretrained.config).to(dev)
         model.load_state_dict(pretrained.state_dict())
         hist = None
         if loss is not None:
             # held-out plain CE along the way: the one loss that compares CE with PDL (whose training
             # loss is weighted); its last point is the table's value
-            hist = train(model, ft_train, loss=loss, alpha=alpha, steps=cfg["finetune_steps"], lr=cfg["finetune_lr"],
+            hist = train(model, ft_train, loss=loss, alpha=alpha, max_weight=max_weight, steps=cfg["finetune_steps"],
+                         lr=cfg["finetune_lr"],
                          warmup=max(1, cfg["finetune_steps"] // 20), desc=f"finetune {name} s{seed}",
                          evaluate=lambda m: evaluate_lm(m, vx, vy)["ce"], eval_every=cfg["finetune_eval_every"],
                          **common)
         ev = evaluate_lm(model, vx, vy, buckets=buckets)
         texts = _continuations(model, tok, prompts, cfg, seed, L)
         finetune[name] = {
-            "loss": loss, "alpha": alpha, "val": ev,
+            "loss": loss, "alpha": alpha, "max_weight": max_weight, "val": ev,
             "rare_acc": ev["acc_by_bucket"][0],
             "distinct": {m: {"d1": distinct_n(t, 1), "d2": distinct_n(t, 2)} for m, t in texts.items()},
             "samples": {m: t[:3] for m, t in texts.items()},
             "train_loss": None if hist is None else hist["loss"],
             "val_ce_curve": None if hist is None else hist["eval"],
         }
+        if directory is not None:
+            write_json(path, finetune[name])
+    if skipped:
+        print(f"seed {seed}: kept the finished runs {skipped} from {directory}", flush=True)
     return position, finetune, counts
 
 
@@ -164,7 +234,9 @@ def _stat(values):
 
 POSITION_COLS = [("params", lambda r: r["parameters"], "{:.0f}"),
                  ("val ppl", lambda r: r["val"]["ppl"], "{:.2f}"),
-                 ("ppl @2x len", lambda r: r["val_2x"]["ppl"], "{:.2f}"),
+                 ("ppl @2x len", lambda r: r["extrapolation"]["2"], "{:.2f}"),
+                 ("@4x", lambda r: r["extrapolation"]["4"], "{:.2f}"),
+                 ("@8x", lambda r: r["extrapolation"]["8"], "{:.2f}"),
                  ("tokens/s", lambda r: r["tokens_per_s"], "{:.0f}")]
 FINETUNE_COLS = [("val ppl", lambda r: r["val"]["ppl"], "{:.2f}"),
                  ("acc", lambda r: r["val"]["acc"], "{:.4f}"),
@@ -297,12 +369,68 @@ def _plot_buckets(per_seed, path):
     plt.close(fig)
 
 
+def _mean_err(values):
+    """(mean, error bar): the std over seeds (0 with one seed)."""
+    s = _stat(values)
+    return s["mean"], s["std"]
+
+
+def _plot_extrapolation(per_seed, path):
+    """Held-out perplexity against evaluation length (multiples of the training length), one line
+    per position scheme; error bars: std over seeds."""
+    plt = _require_plotting()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, name in enumerate(per_seed[0]["position"]):
+        ks = list(per_seed[0]["position"][name]["extrapolation"])
+        stats = [_mean_err([s["position"][name]["extrapolation"][k] for s in per_seed]) for k in ks]
+        ax.errorbar([int(k) for k in ks], [m for m, _ in stats], yerr=[e for _, e in stats], capsize=3,
+                    label=name, linestyle=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(title=f"length extrapolation (narrative, held out); {_seeds_note(per_seed)}",
+           xlabel="evaluation length / training length", ylabel="held-out perplexity (log scale)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+def _plot_tradeoff(per_seed, path):
+    """PDL's trade-off: held-out perplexity against rare-quartile (Q1) accuracy, one point per
+    finetuning setting; error bars: std over seeds in both directions, or with one seed the
+    binomial standard error of the Q1 accuracy (as in bucket_accuracy.png)."""
+    plt = _require_plotting()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, name in enumerate(per_seed[0]["finetune"]):
+        x = _mean_err([s["finetune"][name]["rare_acc"] for s in per_seed])
+        y = _mean_err([s["finetune"][name]["val"]["ppl"] for s in per_seed])
+        if len(per_seed) == 1:
+            n = max(1, per_seed[0]["finetune"][name]["val"]["tokens_by_bucket"][0])
+            x = (x[0], math.sqrt(x[0] * (1 - x[0]) / n))
+        ax.errorbar([x[0]], [y[0]], xerr=[x[1]], yerr=[y[1]], capsize=3, marker=_MARKERS[i % len(_MARKERS)],
+                    linestyle="none", label=name)
+    bars = "std over seeds" if len(per_seed) > 1 else "binomial standard error"
+    ax.set(title=f"finetuning on poetry: perplexity vs rare-token accuracy\n{_seeds_note(per_seed)}; error bars: {bars}",
+           xlabel="held-out top-1 accuracy, rarest quartile (Q1)", ylabel="held-out perplexity")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+PLOTS = ("training_curves.png", "pdl_weights.png", "bucket_accuracy.png", "extrapolation.png", "pdl_tradeoff.png")
+
+
 def plot_all(per_seed, counts, alphas, out):
-    """training_curves.png, pdl_weights.png, bucket_accuracy.png in ``out``; returns their paths."""
-    paths = [os.path.join(out, n) for n in ("training_curves.png", "pdl_weights.png", "bucket_accuracy.png")]
+    """The PLOTS in ``out``; returns their paths."""
+    paths = [os.path.join(out, n) for n in PLOTS]
     _plot_curves(per_seed, paths[0])
     _plot_weights(counts, alphas, paths[1])
     _plot_buckets(per_seed, paths[2])
+    _plot_extrapolation(per_seed, paths[3])
+    _plot_tradeoff(per_seed, paths[4])
     return paths
 
 
@@ -311,26 +439,34 @@ def main(argv=None):
     dev = resolve_device(args.device)
     _require_plotting()  # fail before training, not after
     seeds = args.seeds or ([0, 1, 2] if args.full else [0])
-    cfg = dict(DEFAULTS, alphas=tuple(args.alphas))
-    if args.steps < 1:
-        raise ValueError(f"--steps: expected a positive int, got {args.steps}")
+    cfg = dict(DEFAULTS, alphas=tuple(args.alphas), max_weights=tuple(args.max_weights))
     cfg["finetune_steps"] = max(1, round(args.steps * cfg["finetune_steps"] / cfg["pretrain_steps"]))
     cfg["pretrain_steps"] = args.steps
-    os.makedirs(args.out, exist_ok=True)
+    prepare_out(args.out)
+    # the seeds are not part of the settings: each seed's runs are kept apart, so a --full run
+    # reuses the quick run's seed 0
+    settings = dict(cfg, grid=[[n, a, e] for n, a, e in POSITION_RUNS], device=dev.type)
+    resume = check_run_dir(args.out, settings, ("results.json", "runs", "tokenizer.json"))
     print(choose_threads(args.threads), flush=True)
 
     t0 = time.perf_counter()
     pre_train_text, pre_val_text = cfdata.split_held_out(cfdata.load_corpus("narrative"))
     # 10% held out of the smaller part, so the rarest quartile has a few hundred held-out targets
     ft_train_text, ft_val_text = cfdata.split_held_out(cfdata.load_corpus("poetry"), 0.1)
-    tok = cfdata.build_tokenizer("bpe", pre_train_text, cfg["vocab_size"])
+    if resume and os.path.isfile(os.path.join(args.out, "tokenizer.json")):
+        tok = cfdata.load_tokenizer(args.out)  # the ids the kept runs were trained on
+    else:
+        tok = cfdata.build_tokenizer("bpe", pre_train_text, cfg["vocab_size"])
+        write_json(os.path.join(args.out, RUN_FILE), settings)
+        tok.save(args.out)
     corpora = tuple(cfdata.encode_stream(tok, t) for t in (pre_train_text, pre_val_text, ft_train_text, ft_val_text))
     print(f"corpus: narrative {len(corpora[0])} train / {len(corpora[1])} held-out tokens, poetry "
           f"{len(corpora[2])} / {len(corpora[3])} (BPE vocab {tok.vocab_size}); seeds {seeds}; device {dev}")
 
     per_seed = []
     for seed in seeds:
-        position, finetune, counts = run_seed(seed, cfg, corpora, tok, dev, not args.no_progress)
+        position, finetune, counts = run_seed(seed, cfg, corpora, tok, dev, not args.no_progress,
+                                              os.path.join(args.out, "runs", f"seed{seed}"))
         per_seed.append({"seed": seed, "position": position, "finetune": finetune})
     summary = {"position": summarise(per_seed, "position", POSITION_COLS),
                "finetune": summarise(per_seed, "finetune", FINETUNE_COLS)}

@@ -23,6 +23,8 @@ from importlib import resources
 
 import torch
 
+from ..runs import write_atomic, write_json
+
 CORPUS_PARTS = ("narrative", "poetry")
 TOKENIZERS = ("bpe", "bytes")
 _TOKENIZER_FILE = "tokenizer.json"
@@ -38,6 +40,8 @@ def load_corpus(part="narrative"):
 
 def read_text_file(path):
     """Read a UTF-8 text file for training, with a clear error for a missing, empty or binary file."""
+    if os.path.isdir(path):
+        raise ValueError(f"--text-file {path!r} is a directory; expected a UTF-8 text file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--text-file: no such file: {path!r}")
     with open(path, "rb") as f:
@@ -75,8 +79,7 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
     def save(self, directory):
-        with open(os.path.join(directory, _TOKENIZER_FILE), "w") as f:
-            json.dump({"complexformer_tokenizer": "bytes"}, f)
+        write_json(os.path.join(directory, _TOKENIZER_FILE), {"complexformer_tokenizer": "bytes"})
 
 
 class BPETokenizer:
@@ -112,7 +115,7 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids])
 
     def save(self, directory):
-        self._tok.save(os.path.join(directory, _TOKENIZER_FILE))
+        write_atomic(os.path.join(directory, _TOKENIZER_FILE), self._tok.save)
 
     def to_str(self):
         return self._tok.to_str()
