@@ -26,7 +26,11 @@ def test_missing_extension_is_one_clear_error(tmp_path):
     # a fresh checkout: the sources without the compiled _C
     shutil.copytree(os.path.join(ROOT, "complexformer"), tmp_path / "complexformer",
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    r = subprocess.run([sys.executable, "-c", "import complexformer"], capture_output=True, text=True,
+    # an editable install's finder would resolve complexformer._C to the installed checkout's build
+    # whatever the package's path: a fresh checkout has no install, so the finder is dropped
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+            "getattr(f, '__module__', '')]; import complexformer")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode != 0
     assert "the compiled extension, is missing" in r.stderr
