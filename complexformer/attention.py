@@ -72,9 +72,12 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     if v.shape[1] != Hkv or v.shape[2] != Lk:
         raise ValueError(f"v: expected shape ({B}, {Hkv}, {Lk}, dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
     check_heads("k", Hkv, H)
-    rot = d if rotary_dim is None else check_int("rotary_dim", rotary_dim, lo=2, hi=d, what=f"None or an even int in [2, d={d}]")
-    if rot % 2:
-        raise ValueError(f"rotary_dim: expected None or an even int in [2, d={d}], got {rot}")
+    rot = d
+    if rotary_dim is not None:
+        what = f"None or an even int in [2, d={d}]"
+        rot = check_int("rotary_dim", rotary_dim, lo=2, hi=d, what=what)
+        if rot % 2:
+            raise ValueError(f"rotary_dim: expected {what}, got {rot}")
     check_angles(delta, beta, freqs, rot // 2, dev, H=H)
     if scale is None:
         scale = 1.0 / math.sqrt(d)

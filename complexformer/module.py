@@ -2,12 +2,15 @@
 
 CMHA = project x to q, k, v; Euler-rotate q and k per head (delta, beta, positional freqs); ordinary
 softmax attention; output projection. The rotation and attention are one op,
-:func:`complexformer.cmha_attention`; this file only handles shapes, parameters and the cache.
+:func:`complexformer.cmha_attention`, reached through :func:`attend`, the attention core this
+module shares with the Hugging Face one (complexformer.hf); this file only handles shapes,
+parameters and the cache.
 
-Why the cache stores the raw (un-rotated) K and V: the rotated key depends on the *query* head's
-delta (docs/design.md, "Memory"), so a rotated cache would be H wide instead of Hkv wide under GQA, and it
-would go stale whenever delta changes. The attention kernels rotate key tiles on the fly from the
-raw keys and their positions, so the cache only ever concatenates along the sequence.
+Why the cache stores the raw (un-rotated) K and V and the keys' positions (the contract of every
+CMHA cache, docs/design.md, "KV cache"): the rotated key depends on the *query* head's delta, so
+a rotated cache would be H wide instead of Hkv wide under GQA, and it would go stale whenever
+delta changes. The attention kernels rotate key tiles on the fly from the raw keys and their
+positions, so the cache only ever concatenates along the sequence.
 """
 import math
 from typing import NamedTuple, Optional
@@ -31,11 +34,12 @@ def attend(q, k, v, delta, beta, freqs, *, positions=None, causal=True, key_padd
     kernel serves neither a dense ``attn_mask`` nor partial rotary, so ``backend="fused"`` becomes
     "auto" there. ``return_probs`` (``output_attentions``) or ``softcap`` take the written-out
     reference math (:func:`complexformer.attention.attention_probs`) and return (out, probs)."""
+    rotary_dim = None if 2 * freqs.shape[-1] == q.shape[-1] else 2 * freqs.shape[-1]
     kw = dict(positions=positions, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-              cu_seqlens=cu_seqlens, scale=scale, layout=layout, rotary_dim=2 * freqs.shape[-1])
+              cu_seqlens=cu_seqlens, scale=scale, layout=layout, rotary_dim=rotary_dim)
     if softcap is not None or return_probs:
         return attention_probs(q, k, v, delta, beta, freqs, softcap=softcap, **kw)
-    if backend == "fused" and (attn_mask is not None or 2 * freqs.shape[-1] != q.shape[-1]):
+    if backend == "fused" and (attn_mask is not None or rotary_dim is not None):
         backend = "auto"
     return cmha_attention(q, k, v, delta, beta, freqs, backend=backend, **kw)
 
