@@ -14,7 +14,8 @@ softmax attention on (q~, k~, v). The backends differ only in how they do that:
 - "auto":      the fastest correct path for the device, dtype and shape (rule in `_auto_backend`).
 
 Masks are by index, positions only enter the rotation (docs/design.md, "Masks and positions"); a
-dense attn_mask (bool or additive) is served by "sdpa" and "reference". A
+dense attn_mask (bool or additive) and partial rotary (rotary_dim) are served by "sdpa" and
+"reference". A
 query row with no visible key outputs 0 (never NaN) in every backend, and its gradients are 0. A
 NaN or Inf in q, k, v or the parameters gives NaN rows wherever the reference math does (every
 backend). Forward-mode AD and torch.func transforms run the "reference" math; the fused backend
@@ -47,11 +48,11 @@ from .rotate import rotate_bwd, rotate_qk
 # --------------------------------------------------------------------------------------------
 class _Plan:
     __slots__ = ("B", "H", "Hkv", "Lq", "Lk", "d", "dv", "causal", "scale", "q_offset", "layout",
-                 "kpm", "cu", "mask", "q_pos", "k_pos", "pdtype")
+                 "kpm", "cu", "mask", "q_pos", "k_pos", "pdtype", "rot", "softcap")
 
 
 def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
-              layout, backend, positions):
+              layout, backend, positions, rotary_dim=None):
     check_backend(backend)
     check_layout(layout)
     causal = check_bool("causal", causal)
@@ -71,7 +72,13 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     if v.shape[1] != Hkv or v.shape[2] != Lk:
         raise ValueError(f"v: expected shape ({B}, {Hkv}, {Lk}, dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
     check_heads("k", Hkv, H)
-    check_angles(delta, beta, freqs, d // 2, dev, H=H)
+    rot = d
+    if rotary_dim is not None:
+        what = f"None or an even int in [2, d={d}]"
+        rot = check_int("rotary_dim", rotary_dim, lo=2, hi=d, what=what)
+        if rot % 2:
+            raise ValueError(f"rotary_dim: expected {what}, got {rot}")
+    check_angles(delta, beta, freqs, rot // 2, dev, H=H)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     elif not math.isfinite(check_real("scale", scale, "a finite float or None")):
@@ -102,7 +109,7 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     p = _Plan()
     p.B, p.H, p.Hkv, p.Lq, p.Lk, p.d, p.dv = B, H, Hkv, Lq, Lk, d, v.shape[3]
     p.causal, p.scale, p.layout = causal, float(scale), layout
-    p.kpm, p.cu, p.mask = key_padding_mask, cu_seqlens, None
+    p.kpm, p.cu, p.mask, p.rot, p.softcap = key_padding_mask, cu_seqlens, None, rot, None
     p.q_offset = (Lk - Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
     p.pdtype = _acc_dtype(q.dtype)
     if positions is None:
@@ -180,18 +187,34 @@ def _masked_lse(sm, row_ok):
     return lse if row_ok is None else lse.masked_fill(~row_ok[..., 0], float("-inf"))
 
 
-def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False):
+def _rotated(rotate, q, k, p):
+    """(q~ (B, H, Lq, d), k~ (B, H, Lk, d)): ``rotate(q, k)`` of the first p.rot features; with
+    partial rotary (p.rot < d, HF's partial_rotary_factor, pairs laid out within those features)
+    the other features pass through unrotated, k's repeated per query head."""
+    if p.rot == p.d:
+        return rotate(q, k)
+    qr, kr = rotate(q[..., :p.rot].contiguous(), k[..., :p.rot].contiguous())
     G = p.H // p.Hkv
-    qr = rotate_reference(q, delta, beta, freqs, p.q_pos, layout=p.layout).to(q.dtype)
-    kr = rotate_reference(k, delta, None, freqs, p.k_pos, layout=p.layout).to(k.dtype)
-    s = _with_bias((qr @ kr.transpose(-1, -2)) * p.scale, p)  # (B, H, Lq, Lk)
-    vis = _visible(p, q.device)
-    sm, vis_all, row_ok = _masked_scores(s, vis)
+    kp = k[..., p.rot:].repeat_interleave(G, dim=1) if G > 1 else k[..., p.rot:]
+    return torch.cat([qr, q[..., p.rot:].to(qr.dtype)], -1), torch.cat([kr, kp.to(kr.dtype)], -1)
+
+
+def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False, want_probs=False):
+    G = p.H // p.Hkv
+    qr, kr = _rotated(lambda q, k: (rotate_reference(q, delta, beta, freqs, p.q_pos, layout=p.layout).to(q.dtype),
+                                    rotate_reference(k, delta, None, freqs, p.k_pos, layout=p.layout).to(k.dtype)),
+                      q, k, p)
+    s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
+    if p.softcap is not None:  # attention logit softcapping (Gemma 2): before the mask, in the compute dtype
+        s = p.softcap * torch.tanh(s.to(p.pdtype) / p.softcap)
+    sm, vis_all, row_ok = _masked_scores(_with_bias(s, p), _visible(p, q.device))
     prob = torch.softmax(sm, -1)
     if vis_all is not None:  # a row with no visible key: softmax of zeros, zeroed here
         prob = prob.masked_fill(~vis_all, 0.0)
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     out = prob.to(v.dtype) @ vv
+    if want_probs:
+        return out, prob.to(q.dtype)
     return out, (_masked_lse(sm.to(p.pdtype), row_ok) if want_lse else None)
 
 
@@ -233,12 +256,13 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p, want_lse=False):
     G = p.H // p.Hkv
     # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
     # the registered op directly: every argument was checked once, in _validate
-    qr, kr = rotate_qk(q, k, delta, beta, freqs, p.q_pos, p.k_pos, LAYOUTS[p.layout])
+    qr, kr = _rotated(lambda q, k: rotate_qk(q, k, delta, beta, freqs, p.q_pos, p.k_pos, LAYOUTS[p.layout]), q, k, p)
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     mask, is_causal, row_ok = _sdpa_mask(p, q.device, qr.dtype)
-    # an additive mask's -inf does not hide a NaN score (NaN - inf is NaN): NaN keys become 0 for
-    # the call, and _sdpa_nan_rows gives NaN to exactly the rows that see one
-    kc = kr.nan_to_num(0.0, float("inf"), float("-inf")) if mask is not None and mask.dtype != torch.bool else kr
+    # an explicit mask (boolean too: SDPA adds -inf to hidden scores) does not hide a NaN score
+    # (NaN - inf is NaN): NaN keys become 0 for the call, and _sdpa_nan_rows gives NaN to exactly
+    # the rows that see one
+    kc = kr.nan_to_num(0.0, float("inf"), float("-inf")) if mask is not None else kr
     out = F.scaled_dot_product_attention(qr, kc, vv, attn_mask=mask, is_causal=is_causal, scale=p.scale)
     out = out.masked_fill(_sdpa_nan_rows(qr, kr, mask, p), float("nan"))
     if row_ok is not None:
@@ -288,6 +312,8 @@ def _fused_unsupported(q, p):
     """None when the fused kernel serves this case, else the reason (for errors and for auto)."""
     if p.mask is not None:
         return "attn_mask: the fused kernel takes no dense mask (causal, key_padding_mask and cu_seqlens only)"
+    if p.rot != p.d:
+        return f"rotary_dim: the fused kernel rotates whole heads (rotary_dim={p.rot} < d={p.d})"
     dev = q.device.type
     if dev == "cuda" and not _ext.HAS_CUDA_KERNELS:
         return "this build of complexformer._C has no CUDA kernels"
@@ -456,7 +482,8 @@ _IMPL = {"fused": _attention_fused, "sdpa": _attention_sdpa, "reference": _atten
 
 
 def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_offset=None, key_padding_mask=None,
-                   cu_seqlens=None, layout="half", backend="auto", positions=None, return_lse=False, attn_mask=None):
+                   cu_seqlens=None, layout="half", backend="auto", positions=None, return_lse=False, attn_mask=None,
+                   rotary_dim=None):
     """Complex Multi-Head Attention (docs/design.md, "CMHA"): out (B, H, Lq, dv), or (out, lse) with
     return_lse=True.
 
@@ -498,13 +525,14 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
             with `merge_attention` (ring / context-parallel attention, split-KV decoding).
             "sdpa" recomputes the scores for it (memory B * H * Lq * Lk); "auto" then takes the
             fused kernel wherever it serves the case, on CUDA too.
+        rotary_dim: partial rotary (HF's partial_rotary_factor): only the first rotary_dim (even)
+            features of each head are rotated, with pairs laid out within them, and delta, beta,
+            freqs have rotary_dim/2 columns; the other features enter the scores unrotated.
+            Default d. Served by "sdpa" and "reference" ("auto" picks "sdpa", "fused" raises).
     """
-    p = _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
-                  layout, backend, positions)
+    p, delta, beta, freqs = _prepare(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask,
+                                     cu_seqlens, layout, backend, positions, attn_mask, rotary_dim)
     return_lse = check_bool("return_lse", return_lse)
-    if attn_mask is not None:
-        p.mask = _check_attn_mask(attn_mask, p, q.device)
-    delta, beta, freqs = delta.to(p.pdtype), beta.to(p.pdtype), freqs.to(p.pdtype)
     if p.Lq == 0 or p.Lk == 0 or p.dv == 0:
         # Nothing to attend to (or nobody asking): the reference math gives the empty / zero
         # result, still attached to the graph so .backward() works and yields zero gradients.
@@ -522,6 +550,31 @@ def cmha_attention(q, k, v, delta, beta, freqs, *, causal=True, scale=None, q_of
         impl = _IMPL[backend]
     out, lse = impl(q, k, v, delta, beta, freqs, p, return_lse)
     return (out, lse) if return_lse else out
+
+
+def _prepare(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens, layout, backend,
+             positions, attn_mask, rotary_dim):
+    """(plan, delta, beta, freqs in the compute dtype): every argument checked."""
+    p = _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_mask, cu_seqlens,
+                  layout, backend, positions, rotary_dim)
+    if attn_mask is not None:
+        p.mask = _check_attn_mask(attn_mask, p, q.device)
+    return p, delta.to(p.pdtype), beta.to(p.pdtype), freqs.to(p.pdtype)
+
+
+def attention_probs(q, k, v, delta, beta, freqs, *, softcap=None, causal=True, scale=None, key_padding_mask=None,
+                    cu_seqlens=None, layout="half", positions=None, attn_mask=None, rotary_dim=None):
+    """(out, probabilities (B, H, Lq, Lk) in q's dtype) by the "reference" math of
+    :func:`cmha_attention` (same arguments, same masks, empty-row and NaN-row rules), for callers
+    that need the probabilities (``output_attentions``) or attention logit softcapping: with
+    ``softcap``, scores become softcap * tanh(scores / softcap) before any mask (Gemma 2)."""
+    p, delta, beta, freqs = _prepare(q, k, v, delta, beta, freqs, causal, scale, None, key_padding_mask, cu_seqlens,
+                                     layout, "reference", positions, attn_mask, rotary_dim)
+    if softcap is not None:
+        p.softcap = check_real("softcap", softcap, "None or a positive number")
+        if not p.softcap > 0:
+            raise ValueError(f"softcap: expected None or a positive number, got {softcap!r}")
+    return _attention_reference(q, k, v, delta, beta, freqs, p, want_probs=True)
 
 
 # --------------------------------------------------------------------------------------------

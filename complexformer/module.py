@@ -2,12 +2,15 @@
 
 CMHA = project x to q, k, v; Euler-rotate q and k per head (delta, beta, positional freqs); ordinary
 softmax attention; output projection. The rotation and attention are one op,
-:func:`complexformer.cmha_attention`; this file only handles shapes, parameters and the cache.
+:func:`complexformer.cmha_attention`, reached through :func:`attend`, the attention core this
+module shares with the Hugging Face one (complexformer.hf); this file only handles shapes,
+parameters and the cache.
 
-Why the cache stores the raw (un-rotated) K and V: the rotated key depends on the *query* head's
-delta (docs/design.md, "Memory"), so a rotated cache would be H wide instead of Hkv wide under GQA, and it
-would go stale whenever delta changes. The attention kernels rotate key tiles on the fly from the
-raw keys and their positions, so the cache only ever concatenates along the sequence.
+Why the cache stores the raw (un-rotated) K and V and the keys' positions (the contract of every
+CMHA cache, docs/design.md, "KV cache"): the rotated key depends on the *query* head's delta, so
+a rotated cache would be H wide instead of Hkv wide under GQA, and it would go stale whenever
+delta changes. The attention kernels rotate key tiles on the fly from the raw keys and their
+positions, so the cache only ever concatenates along the sequence.
 """
 import math
 from typing import NamedTuple, Optional
@@ -15,10 +18,30 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .attention import cmha_attention
+from .attention import attention_probs, cmha_attention
 from .checks import (check_backend, check_bool, check_int, check_key_padding_mask, check_layout, check_position_range,
                      check_positions, check_real, compute_dtype)
 from .reference import default_freqs
+
+
+def attend(q, k, v, delta, beta, freqs, *, positions=None, causal=True, key_padding_mask=None, attn_mask=None,
+           cu_seqlens=None, scale=None, layout="half", backend="auto", softcap=None, return_probs=False):
+    """The attention core of every CMHA module: :class:`CMHA` here and the Hugging Face module
+    (``complexformer.hf``). q (B, H, Lq, d) and k / v (B, Hkv, Lk, .) are raw (un-rotated), as the
+    caches hold them (docs/design.md, "KV cache"); ``positions`` = (query, key) positions. freqs
+    with fewer than d/2 columns means partial rotary (only the first 2 * freqs.shape[-1] features
+    rotate). Masks and arguments as :func:`cmha_attention`, which serves every case; the fused
+    kernel serves neither a dense ``attn_mask`` nor partial rotary, so ``backend="fused"`` becomes
+    "auto" there. ``return_probs`` (``output_attentions``) or ``softcap`` take the written-out
+    reference math (:func:`complexformer.attention.attention_probs`) and return (out, probs)."""
+    rotary_dim = None if 2 * freqs.shape[-1] == q.shape[-1] else 2 * freqs.shape[-1]
+    kw = dict(positions=positions, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+              cu_seqlens=cu_seqlens, scale=scale, layout=layout, rotary_dim=rotary_dim)
+    if softcap is not None or return_probs:
+        return attention_probs(q, k, v, delta, beta, freqs, softcap=softcap, **kw)
+    if backend == "fused" and (attn_mask is not None or rotary_dim is not None):
+        backend = "auto"
+    return cmha_attention(q, k, v, delta, beta, freqs, backend=backend, **kw)
 
 
 class CMHACache(NamedTuple):
@@ -206,12 +229,10 @@ class CMHA(nn.Module):
             kpm = check_key_padding_mask("key_padding_mask", key_padding_mask, B, Lk, x.device, other="x", ints=True,
                                          dims="(batch, past_len + seq_len)")
 
-        extra = {} if positions is None else {"positions": positions}
-        # q_offset = past_len puts the new queries bottom-right (after the cached keys); None
-        # without a cache (the default, and the only value cu_seqlens accepts).
-        out = cmha_attention(q, k, v, self.delta, self.beta, self.freqs, causal=self.causal, scale=self.scale,
-                             q_offset=past_len if past_len else None, key_padding_mask=kpm,
-                             cu_seqlens=cu_seqlens, layout=self.layout, backend=self.backend, **extra)
+        # the new queries sit bottom-right, after the cached keys: cmha_attention's default q_offset
+        out = attend(q, k, v, self.delta, self.beta, self.freqs, positions=positions, causal=self.causal,
+                     scale=self.scale, key_padding_mask=kpm, cu_seqlens=cu_seqlens, layout=self.layout,
+                     backend=self.backend)
         out = self.o_proj(out.transpose(1, 2).reshape(B, L, H * d))
         if use_cache:
             return out, CMHACache(k, v, k_pos)

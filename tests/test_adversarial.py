@@ -258,6 +258,22 @@ def test_nan_and_inf_propagate_like_the_reference(where, dtype, causal):
         torch.testing.assert_close(out[ok], ref[ok], msg=backend)
 
 
+@pytest.mark.parametrize("backend", ["fused", "sdpa", "reference"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nan_key_hidden_by_the_padding_mask_is_never_seen(backend, causal):
+    """A NaN key that the key padding mask hides reaches no row (torch's SDPA adds -inf to the
+    NaN score of a masked key, which stays NaN; the sdpa backend must not let it through)."""
+    q, k, v, delta, beta, freqs = attn_case(dtype=torch.float32, H=2, Hkv=2, Lq=6, Lk=6)
+    k[0, 1, 3, 2] = float("nan")
+    kpm = torch.ones(k.shape[0], 6, dtype=torch.bool)
+    kpm[0, 3] = False
+    out = cf.cmha_attention(q, k, v, delta, beta, freqs, causal=causal, key_padding_mask=kpm, backend=backend)
+    assert not out.isnan().any()
+    want = cf.cmha_attention(q, k.nan_to_num(0.0), v, delta, beta, freqs, causal=causal, key_padding_mask=kpm,
+                             backend="reference")
+    torch.testing.assert_close(out, want)
+
+
 @pytest.mark.parametrize("backend", ["fused", "sdpa"])
 def test_nan_row_gradients_like_the_reference(backend):
     # the NaN query row's gradient is NaN, and so are those of the values it sees (the keys too:

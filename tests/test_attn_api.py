@@ -365,3 +365,29 @@ def test_fused_unsupported_dtype_raises():
     with pytest.raises(RuntimeError, match="head dims"):
         cmha_attention(q, k, v, delta, beta, freqs, backend="fused")
     assert torch.isfinite(cmha_attention(q, k, v, delta, beta, freqs)).all()  # auto still serves it
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "auto"])
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rotary_dim_rotates_only_the_leading_features(backend, layout):
+    """Partial rotary against float64 written here: the polar scores of the first r features plus
+    the plain dot product of the rest, causal softmax (GQA, scale 1/sqrt(d) of the whole head)."""
+    from complexformer.reference import cmha_scores_pairwise
+    q, k, v, delta, beta, freqs = attn_inputs(B=2, H=4, Hkv=2, Lq=5, Lk=7, d=12)
+    r = 4
+    delta, beta, freqs = delta[:, :r // 2].contiguous(), beta[:, :r // 2].contiguous(), freqs[:r // 2].contiguous()
+    scale = 1 / math.sqrt(12)
+    q_pos, k_pos = (2 + torch.arange(5))[None], torch.arange(7)[None]
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = cmha_scores_pairwise(q[..., :r], k[..., :r], delta, beta, freqs, q_pos, k_pos, scale=scale, layout=layout)
+    s = s + scale * q[..., r:] @ kk[..., r:].transpose(-1, -2)
+    s = s.masked_fill(torch.arange(7)[None, :] > torch.arange(5)[:, None] + 2, float("-inf"))
+    want = torch.softmax(s, -1) @ vv
+    got = cmha_attention(q, k, v, delta, beta, freqs, rotary_dim=r, layout=layout, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(RuntimeError, match="rotary_dim"):
+        cmha_attention(q, k, v, delta, beta, freqs, rotary_dim=r, backend="fused")
+    with pytest.raises(ValueError, match="rotary_dim"):
+        cmha_attention(q, k, v, delta, beta, freqs, rotary_dim=3)
+    with pytest.raises(ValueError, match="delta"):
+        cmha_attention(q, k, v, delta, beta, freqs, rotary_dim=2 * r)

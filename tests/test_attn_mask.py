@@ -132,6 +132,10 @@ def test_nan_rows_follow_the_reference_math(backend):
     out_c = cf.cmha_attention(q, k, *ts[2:], attn_mask=mask, backend=backend, causal=True)
     want_c = torch.isnan(oracle(q, k, *ts[2:], attn_mask=mask, causal=True)[0]).any(-1)[0]
     assert torch.equal(torch.isnan(out_c).any(-1)[0], want_c) and not want_c[1, 1]
+    keep = ~mask.isinf()  # the same as a boolean mask: a hidden NaN key leaves the rows that do not see it finite
+    out_b = cf.cmha_attention(q, k, *ts[2:], attn_mask=keep, backend=backend, causal=False)
+    want_b = torch.isnan(oracle(q, k, *ts[2:], attn_mask=keep, causal=False)[0]).any(-1)[0]
+    assert torch.equal(torch.isnan(out_b).any(-1)[0], want_b) and not want_b[0, 1]
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])

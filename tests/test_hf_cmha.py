@@ -5,6 +5,7 @@ with q/k/v biases), float32 on the CPU. At conversion delta = 1, beta = 0, so th
 must reproduce the original's logits to float32 noise, through padding, the KV cache and generate().
 """
 import copy
+import importlib
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from complexformer.hf import (  # noqa: E402
 )
 
 RTOL = 1e-5
+cmha_attention_module = importlib.import_module("complexformer.hf.cmha_attention")
 
 
 def _rel_err(a, b, keep=None):
@@ -159,8 +161,9 @@ def test_masks_reach_the_fused_kernel_when_plain(monkeypatch):
     """A sliding window the sequence does not exceed is plain causal attention: the module gets the
     2-D padding mask (fused kernel); a window that binds keeps HF's 4-D mask."""
     calls = []
-    orig = CMHAAttention._attend_masked
-    monkeypatch.setattr(CMHAAttention, "_attend_masked", lambda self, *a: calls.append(1) or orig(self, *a))
+    orig = cmha_attention_module.attend
+    monkeypatch.setattr(cmha_attention_module, "attend",
+                        lambda *a, **kw: (kw["attn_mask"] is not None and calls.append(1)) or orig(*a, **kw))
     ids, mask = padded_batch()
     for window, masked in ((32, False), (6, True)):
         model = tiny_family("mistral", sliding_window=window)
@@ -598,3 +601,31 @@ def test_gradient_checkpointing_same_gradients():
     for p, g in zip(conv.parameters(), ref):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
     assert all(p.grad.abs().max() > 0 for p in cmha_parameters(conv))
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_partial_rotary_follows_the_nan_and_empty_row_rules(additive):
+    """Partial rotary (4 of 8 features rotated) with a 4-D mask goes through cmha_attention like
+    every other case: a NaN key hidden by the mask (HF's additive form included) leaves the rows
+    that do not see it finite; a row that sees a NaN key, or has a NaN query, is NaN; a row with no
+    visible key is 0 (the rules of tests/test_attn_mask.py)."""
+    torch.manual_seed(0)
+    attn = CMHAAttention(hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8, layer_idx=0, num_layers=1,
+                         freqs=cmha_attention_module.rope_freqs(8, 10000.0), learnable=())
+    attn._freqs_master, attn._derived = attn._freqs_master[:2], {}  # as conversion sets partial rotary
+    L = 6
+    q, k, v = torch.randn(1, 2, L, 8), torch.randn(1, 1, L, 8), torch.randn(1, 1, L, 8)
+    k[0, 0, 1, 6] = float("nan")  # key 1, in a pass-through feature: seen by queries 1 and 2 only
+    q[0, :, 4, 2] = float("nan")  # query 4, in a rotated feature
+    m, n = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    visible = (n <= m) & (n > m - 2)  # a sliding window of 2
+    visible[5] = False  # query 5 sees nothing
+    mask = visible[None, None]
+    if additive:
+        mask = torch.zeros(1, 1, L, L).masked_fill(~visible, torch.finfo(torch.float32).min)
+    pos = torch.arange(L)[None]
+    with torch.no_grad():
+        out = attn._attend(q, k, v, pos, pos, mask)
+    nan_rows = out.isnan().any(-1)[0]  # (H, L)
+    assert nan_rows.tolist() == [[False, True, True, False, True, False]] * 2
+    assert bool((out[0, :, 5] == 0).all())

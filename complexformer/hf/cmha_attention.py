@@ -14,13 +14,16 @@ Masks. The module accepts what HF's mask machinery produces:
   makes HF hand over exactly these two for plain causal attention;
 - a 4-D ``(B|1, 1|H, Lq, Lk)`` mask, boolean (True = attend) or additive float (HF's "eager"),
   for everything else HF expresses: sliding windows, packed sequences (position_ids restarting),
-  custom masks. Served by the rotation kernel + torch SDPA with that mask, exact but slower. A query
-  row with no visible key outputs 0 (HF's eager path gives a uniform average there).
+  custom masks. Served by ``cmha_attention(attn_mask=...)`` (rotation kernel + torch SDPA), exact but
+  slower. A query row with no visible key outputs 0 (HF's eager path gives a uniform average there).
+Every case, partial rotary, ``output_attentions`` and softcapping included, goes through the one
+attention core shared with :class:`complexformer.CMHA` (:func:`complexformer.module.attend`), so
+the empty-row and NaN-row rules are cmha_attention's everywhere.
 A ``BlockMask`` (flex attention) is refused.
 
-KV cache. HF ``Cache`` layers hold the RAW (un-rotated) keys: the rotated key depends on the query
-head's delta, so a rotated cache would go stale as delta trains and be H instead of Hkv wide under
-GQA. The rotation needs each cached key's position, so the cache carries one extra
+KV cache. The contract of every CMHA cache (docs/design.md, "KV cache"): raw (un-rotated) keys and
+values plus each key's int64 position. Here the HF ``Cache`` layers hold the raw keys and the cache
+carries one extra
 ``DynamicLayer`` after the model's layers (index ``num_layers``) whose "keys" are the int64
 positions (B, 1, L, 1), written by layer 0 and read by every layer. Being an ordinary cache layer,
 it follows the cache through beam-search reordering, batch selection, cropping and offloading.
@@ -30,7 +33,6 @@ quantized caches raise.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -50,10 +52,9 @@ try:
 except ImportError:  # pragma: no cover - transformers without the output collector
     _active_collector = None
 
-from ..attention import cmha_attention
 from ..checks import check_backend, check_key_padding_mask, check_positions, compute_dtype
+from ..module import attend
 from ..reference import default_freqs
-from ..rotate import euler_rotate_qk
 
 ATTN_IMPLEMENTATION = "complexformer_cmha"
 LEARNABLE = ("delta", "beta")
@@ -118,8 +119,7 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
     k_pos = module._read_positions(cache, query.shape[0], key.shape[2]) if cache is not None else q_pos
     if softcap is not None or _attention_collector() is not None or kwargs.get("output_attentions"):
         # softcapping (Gemma 2) and attention probabilities: the written-out path, never a dropped cap
-        mask = module._check_mask(query, key, attention_mask)
-        out, probs = module._attend_reference(query, key, value, q_pos, k_pos, mask, softcap=softcap)
+        out, probs = module._attend(query, key, value, q_pos, k_pos, attention_mask, softcap, return_probs=True)
     else:
         out, probs = module._attend(query, key, value, q_pos, k_pos, attention_mask), None
     return out.transpose(1, 2).contiguous(), probs
@@ -157,9 +157,10 @@ def _hf_init():
 
 class CMHAState:
     """The CMHA half of an attention module: the learnable angles (delta / beta, kept in float32),
-    the frequencies, the key positions carried in the cache, and the attention paths. Shared by
-    :class:`CMHAAttention` (own forward) and the adapted HF attention modules of
-    ``families.py`` (the HF forward, with this attention). Attributes set by the owner:
+    the frequencies, the key positions carried in the cache, and the call into the attention core
+    shared with CMHA (:func:`complexformer.module.attend`). Shared by :class:`CMHAAttention` (own
+    forward) and the adapted HF attention modules of ``families.py`` (the HF forward, with this
+    attention). Attributes set by the owner:
     ``cmha_num_heads``, ``learnable``, ``delta_init``, ``backend``, ``scaling``, ``layer_idx``,
     ``num_layers``, ``cmha_layout`` ("half" | "interleaved"), ``_freqs_master`` (float64, one
     entry per rotary pair: fewer than head_dim/2 for partial rotary), ``_derived`` ({})."""
@@ -266,24 +267,26 @@ class CMHAState:
             )
         return pos[:, 0, -Lk:, 0]
 
-    def _attend(self, q, k, v, q_pos, k_pos, mask):
-        B, Lk = q.shape[0], k.shape[2]
-        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            if 2 * self._freqs_master.numel() != q.shape[-1]:  # partial rotary: the fused kernel rotates whole heads
-                return self._attend_masked(q, k, v, q_pos, k_pos, self._causal_visible(q, k, mask))
-            kpm = None
-            if mask is not None:  # HF's 2-D mask: nonzero = attend (values not checked: no host sync per layer)
-                kpm = check_key_padding_mask("attention_mask", mask.to(q.device), B, Lk, q.device, ints=True,
-                                             check_values=False)
-            delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
-            return cmha_attention(q, k, v, delta, beta, freqs, causal=True, scale=self.scaling,
-                                  key_padding_mask=kpm, positions=(q_pos, k_pos), layout=self.cmha_layout,
-                                  backend=self.backend)
-        return self._attend_masked(q, k, v, q_pos, k_pos, self._check_mask(q, k, mask))
+    def _attend(self, q, k, v, q_pos, k_pos, mask, softcap=None, return_probs=False):
+        """The attention of raw q, k, v through the shared core (:func:`complexformer.module.attend`):
+        None / a 2-D padding mask is causal attention (fused kernel for whole-head rotary), a 4-D
+        mask is the whole pattern. out, or (out, probabilities) with ``return_probs`` / ``softcap``."""
+        mask = self._check_mask(q, k, mask)
+        kpm = attn = None
+        if mask is not None and mask.dim() == 2:  # HF's 2-D mask: nonzero = attend (values not checked: no host sync)
+            kpm = check_key_padding_mask("attention_mask", mask.to(q.device), q.shape[0], k.shape[2], q.device,
+                                         ints=True, check_values=False)
+        elif mask is not None:
+            attn = mask
+        delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
+        return attend(q, k, v, delta, beta, freqs, positions=(q_pos, k_pos), causal=attn is None, key_padding_mask=kpm,
+                      attn_mask=attn, scale=self.scaling, layout=self.cmha_layout, backend=self.backend,
+                      softcap=softcap, return_probs=return_probs)
 
     @staticmethod
     def _check_mask(q, k, mask):
-        """``mask`` unchanged if it is None, 2-D or a valid 4-D mask (else a ValueError)."""
+        """``mask`` if it is None or 2-D; a valid 4-D mask with HF's additive convention (the dtype's
+        minimum on hidden keys) turned into -inf, as cmha_attention's attn_mask wants (else an error)."""
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
         if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
@@ -297,87 +300,11 @@ class CMHAState:
         if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (Lq, Lk):
             raise ValueError(f"attention_mask: expected a 4-D shape (B={B} or 1, 1 or H={H}, Lq={Lq}, Lk={Lk}), "
                              f"got {tuple(mask.shape)}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"attention_mask: a 4-D mask must be bool or floating point, got {mask.dtype}")
-        return mask
-
-    @staticmethod
-    def _causal_visible(q, k, mask):
-        """The boolean (B|1, 1, Lq, Lk) mask of causal attention (queries bottom-right after the
-        keys) and an optional 2-D key padding ``mask``."""
-        Lq, Lk = q.shape[2], k.shape[2]
-        i = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
-        visible = (torch.arange(Lk, device=q.device)[None, :] <= i)[None, None]
-        if mask is not None:
-            visible = visible & mask.to(q.device).bool()[:, None, None, :]
-        return visible
-
-    def _rotated(self, q, k, q_pos, k_pos):
-        """(q, k) rotated by CMHA in float32 (float64 for float64 inputs); k is H heads wide. With
-        partial rotary (fewer frequencies than head_dim/2) only the first 2 * pairs features are
-        rotated (pairs laid out within them, as HF does) and the rest pass through unchanged."""
-        pdt = compute_dtype(q.dtype)
-        delta, beta, freqs = self.angles(q.device, pdt)
-        r = 2 * freqs.shape[-1]
-        if r == q.shape[-1]:
-            return euler_rotate_qk(q, k, delta.to(pdt), beta.to(pdt), freqs, q_positions=q_pos, k_positions=k_pos,
-                                   layout=self.cmha_layout)
-        qr, kr = euler_rotate_qk(q[..., :r].contiguous(), k[..., :r].contiguous(), delta.to(pdt), beta.to(pdt),
-                                 freqs, q_positions=q_pos, k_positions=k_pos, layout=self.cmha_layout)
-        G = q.shape[1] // k.shape[1]
-        kp = k[..., r:].repeat_interleave(G, dim=1) if G > 1 else k[..., r:]
-        return torch.cat([qr, q[..., r:].to(qr.dtype)], -1), torch.cat([kr, kp.to(kr.dtype)], -1)
-
-    def _attend_reference(self, q, k, v, q_pos, k_pos, mask, softcap=None):
-        """(output, probabilities (B, H, Lq, Lk)) written out: scores, mask, softmax, weighted sum.
-        Used for ``output_attentions=True`` and attention logit softcapping (scores become
-        softcap * tanh(scores / softcap) before the mask, as Gemma 2); the same masks and outputs
-        as the other paths."""
-        B, H, Lq, _ = q.shape
-        Lk = k.shape[2]
-        qr, kr = self._rotated(q, k, q_pos, k_pos)
-        scores = (qr.to(kr.dtype) @ kr.transpose(-1, -2)) * self.scaling
-        scores = scores.to(compute_dtype(q.dtype))
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        if mask is None or mask.dim() == 2:
-            visible = self._causal_visible(q, k, mask)
-        elif mask.dtype == torch.bool:
-            visible = mask
-        else:
-            visible = mask > torch.finfo(mask.dtype).min / 2
-            scores = scores + mask.to(scores.dtype)
-        visible = visible.expand(B, H, Lq, Lk)
-        row_ok = visible.any(-1, keepdim=True)  # a row with no visible key outputs 0, as the other paths
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~row_ok, 0.0), dim=-1)
-        probs = probs.masked_fill(~row_ok, 0.0)
-        G = H // v.shape[1]
-        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
-        out = probs.to(v.dtype) @ vv
-        return out, probs.to(q.dtype)
-
-    def _attend_masked(self, q, k, v, q_pos, k_pos, mask):
-        """Any 4-D mask: :func:`cmha_attention` with ``attn_mask`` (rotation kernel + torch SDPA);
-        with partial rotary, the rotation of the rotary features, then SDPA with the mask."""
         if mask.dtype == torch.bool:
-            visible = mask
-        else:  # HF's additive ("eager") masks put the dtype's minimum on hidden keys
-            visible = mask > torch.finfo(mask.dtype).min / 2
-        if 2 * self._freqs_master.numel() == q.shape[-1]:
-            delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
-            attn = mask if mask.dtype == torch.bool else mask.masked_fill(~visible, float("-inf"))
-            return cmha_attention(q, k, v, delta, beta, freqs, causal=False, scale=self.scaling, attn_mask=attn,
-                                  positions=(q_pos, k_pos), layout=self.cmha_layout,
-                                  backend="reference" if self.backend == "reference" else "auto")
-        qr, kr = self._rotated(q, k, q_pos, k_pos)
-        G = q.shape[1] // v.shape[1]
-        vv = v.repeat_interleave(G, dim=1) if G > 1 else v
-        # SDPA gives NaN on a row with no visible key (e.g. a left-padding query); such rows are
-        # unmasked for the call and zeroed afterwards, so no NaN reaches the next layer's values.
-        row_ok = visible.any(-1, keepdim=True)
-        attn = mask | ~row_ok if mask.dtype == torch.bool else mask.to(qr.dtype).masked_fill(~row_ok, 0.0)
-        out = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=attn, scale=self.scaling)
-        return out.masked_fill(~row_ok, 0.0)
+            return mask
+        if not mask.is_floating_point():
+            raise TypeError(f"attention_mask: a 4-D mask must be bool or floating point, got {mask.dtype}")
+        return mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
 
 
 class CMHAAttention(CMHAState, nn.Module):
@@ -396,8 +323,8 @@ class CMHAAttention(CMHAState, nn.Module):
             (the authors' N(0, 1/sqrt(head_dim/2))); only for a learnable delta.
         bias: (q, k, v, o) biases when the projections are built here.
         projections: existing (q_proj, k_proj, v_proj, o_proj) modules to keep (conversion).
-        backend: CMHA backend ("auto", "fused", "sdpa", "reference") for masks that CMHA takes
-            directly (None / 2-D); 4-D masks always use rotation + SDPA.
+        backend: CMHA backend ("auto", "fused", "sdpa", "reference"); "fused" becomes "auto" for
+            what the fused kernel does not serve (4-D masks, partial rotary).
     """
 
     def __init__(self, *, hidden_size, num_heads, num_kv_heads, head_dim, layer_idx, num_layers, freqs,
@@ -482,7 +409,7 @@ class CMHAAttention(CMHAState, nn.Module):
         collector = _attention_collector()
         if collector is not None or kwargs.get("output_attentions"):
             # output_attentions=True: the probabilities exist only on the reference path
-            out, probs = self._attend_reference(q, k, v, q_pos, k_pos, self._check_mask(q, k, attention_mask))
+            out, probs = self._attend(q, k, v, q_pos, k_pos, attention_mask, return_probs=True)
         else:
             out, probs = self._attend(q, k, v, q_pos, k_pos, attention_mask), None
         out = self.o_proj(out.transpose(1, 2).reshape(B, L, H * d))
