@@ -38,8 +38,8 @@ from .checks import (FLOAT_DTYPES, LAYOUTS, POS_MAX, POS_MIN, check_angles, chec
                      check_heads, check_int, check_key_padding_mask, check_layout, check_positions, check_real,
                      check_tensor)
 from .checks import compute_dtype as _acc_dtype
-from .reference import rotate_reference, seq_positions, visible
-from .rotate import rotate_bwd, rotate_qk
+from .reference import seq_positions, visible
+from .rotate import rotate_bwd, rotate_qk, rotate_qk_torch
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,9 +201,7 @@ def _rotated(rotate, q, k, p):
 
 def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False, want_probs=False):
     G = p.H // p.Hkv
-    qr, kr = _rotated(lambda q, k: (rotate_reference(q, delta, beta, freqs, p.q_pos, layout=p.layout).to(q.dtype),
-                                    rotate_reference(k, delta, None, freqs, p.k_pos, layout=p.layout).to(k.dtype)),
-                      q, k, p)
+    qr, kr = _rotated(lambda q, k: rotate_qk_torch(q, k, delta, beta, freqs, p.q_pos, p.k_pos, p.layout), q, k, p)
     s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
     if p.softcap is not None:  # attention logit softcapping (Gemma 2): before the mask, in the compute dtype
         s = p.softcap * torch.tanh(s.to(p.pdtype) / p.softcap)
@@ -366,16 +364,6 @@ def _fused_fwd_fake(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, 
     return q.new_empty(B, H, Lq, v.shape[3]), q.new_empty(B, H, Lq, dtype=_acc_dtype(q.dtype))
 
 
-def _fused_torch(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, causal, scale, q_offset, layout):
-    """The fused op's (out, lse) in torch ops (forward-mode AD, torch.func): the "reference" backend."""
-    p = _Plan()
-    p.B, p.H, p.Lq, p.d = q.shape
-    p.Hkv, p.Lk, p.dv = k.shape[1], k.shape[2], v.shape[3]
-    p.causal, p.scale, p.q_offset, p.layout = causal, scale, q_offset, layout
-    p.kpm, p.cu, p.mask, p.q_pos, p.k_pos, p.pdtype = kpm, cu_seqlens, None, q_pos, k_pos, _acc_dtype(q.dtype)
-    return _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=True)
-
-
 def _fused_bwd_body(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, beta: Tensor, freqs: Tensor, q_pos: Tensor,
                     k_pos: Tensor, kpm: Optional[Tensor], cu_seqlens: Optional[Tensor], out: Tensor, dout: Tensor,
                     lse: Tensor, dlse: Optional[Tensor], causal: bool, scale: float, q_offset: int,
@@ -443,7 +431,7 @@ def _fused_backward(ctx, dout, dlse):
 
 _cmha_fused = _ext.KernelOp(
     "cmha_fused", _fused_fwd_body, fake=_fused_fwd_fake, setup_context=_fused_setup_context,
-    backward=_fused_backward, torch_math=_fused_torch, label="cmha_attention(backend='fused')",
+    backward=_fused_backward, torch_math=_ext.UNSUPPORTED, label="cmha_attention(backend='fused')",
     hint="; use backend='reference' for higher-order gradients")
 
 

@@ -246,7 +246,7 @@ def _rotate_qk_body(q: Tensor, k: Tensor, delta: Tensor, beta: Tensor, freqs: Te
     return _rotate_forward_qk(q, k, delta, beta, freqs, q_pos, k_pos, layout=layout)
 
 
-def _rotate_qk_torch(q, k, delta, beta, freqs, q_pos, k_pos, layout):
+def rotate_qk_torch(q, k, delta, beta, freqs, q_pos, k_pos, layout):
     return _rotate_torch(q, delta, beta, freqs, q_pos, layout), _rotate_torch(k, delta, None, freqs, k_pos, layout)
 
 
@@ -275,7 +275,7 @@ def _rotate_qk_grad(ctx, gq, gk):
 
 # (q~, k~) with autograd, from checked arguments (the "sdpa" attention backend)
 rotate_qk = _ext.KernelOp("euler_rotate_qk", _rotate_qk_body, fake=_rotate_qk_fake, setup_context=_rotate_qk_setup,
-                          backward=_rotate_qk_grad, double_backward=True, torch_math=_rotate_qk_torch)
+                          backward=_rotate_qk_grad, double_backward=True, torch_math=rotate_qk_torch)
 
 
 # ----------------------------------------------------------------------------------------------
