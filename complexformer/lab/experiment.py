@@ -44,7 +44,7 @@ import torch
 from ..counts import pdl_weights, token_counts
 from . import data as cfdata
 from .metrics import distinct_n, evaluate_lm, frequency_quartiles, generate
-from .runs import RUN_FILE, check_run_dir, prepare_out, write_atomic, write_json
+from .runs import RUN_FILE, check_run_dir, load_checkpoint, prepare_out, save_checkpoint, write_atomic, write_json
 from .train import (HelpFormatter, build_model, choose_threads, nonnegative_float, positive_float, positive_int,
                     resolve_device,
                     run_cli, train)
@@ -172,7 +172,7 @@ def run_seed(seed, cfg, corpora, tok, dev, progress, directory=None):
         if name == "cmha":
             pretrained = model
             if directory is not None:  # before its result: a finished "cmha" run always has its weights
-                write_atomic(weights_path, lambda tmp: torch.save(model.state_dict(), tmp))
+                save_checkpoint(weights_path, model.state_dict())
         if directory is not None:
             write_json(path, position[name])
 
@@ -194,20 +194,24 @@ def run_seed(seed, cfg, corpora, tok, dev, progress, directory=None):
         if pretrained is None:  # pretrained by an earlier, interrupted invocation
             pretrained = build_model(tok.vocab_size, "cmha", hidden_size=cfg["hidden_size"],
                                      num_layers=cfg["num_layers"], num_heads=cfg["num_heads"], seed=seed, device=dev)
-            pretrained.load_state_dict(torch.load(weights_path, map_location=dev))
+            pretrained.load_state_dict(load_checkpoint(weights_path))
             pretrained.eval()
         model = type(pretrained)(pretrained.config).to(dev)
         model.load_state_dict(pretrained.state_dict())
-        hist = None
+        hist, last = None, {}
+
+        def held_out_ce(m):
+            last["ev"] = evaluate_lm(m, vx, vy, buckets=buckets)
+            return last["ev"]["ce"]
+
         if loss is not None:
             # held-out plain CE along the way: the one loss that compares CE with PDL (whose training
-            # loss is weighted); its last point is the table's value
+            # loss is weighted); the evaluation after the last step is the table's
             hist = train(model, ft_train, loss=loss, alpha=alpha, max_weight=max_weight, steps=cfg["finetune_steps"],
                          lr=cfg["finetune_lr"],
                          warmup=max(1, cfg["finetune_steps"] // 20), desc=f"finetune {name} s{seed}",
-                         evaluate=lambda m: evaluate_lm(m, vx, vy)["ce"], eval_every=cfg["finetune_eval_every"],
-                         **common)
-        ev = evaluate_lm(model, vx, vy, buckets=buckets)
+                         evaluate=held_out_ce, eval_every=cfg["finetune_eval_every"], **common)
+        ev = last["ev"] if hist is not None else evaluate_lm(model, vx, vy, buckets=buckets)
         texts = _continuations(model, tok, prompts, cfg, seed, L)
         finetune[name] = {
             "loss": loss, "alpha": alpha, "max_weight": max_weight, "val": ev,
@@ -301,6 +305,18 @@ def _seeds_note(per_seed):
     return f"1 seed ({seeds[0]})" if len(seeds) == 1 else f"mean of {len(seeds)} seeds ({', '.join(map(str, seeds))})"
 
 
+def _save_figure(fig, path):
+    """Lay out, write atomically and close: every plot's last step."""
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    _require_plotting().close(fig)
+
+
+def _binomial_se(p, n):
+    """The binomial standard error of an accuracy p over n targets (the one-seed error bar)."""
+    return (p * (1 - p) / n) ** 0.5
+
+
 def _plot_curves(per_seed, path):
     plt = _require_plotting()
     s0 = per_seed[0]
@@ -322,9 +338,7 @@ def _plot_curves(per_seed, path):
     for a in ax:
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _plot_weights(counts, alphas, path):
@@ -339,9 +353,7 @@ def _plot_weights(counts, alphas, path):
            ylabel="weight / weight of the most frequent token")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _plot_buckets(per_seed, path):
@@ -355,7 +367,7 @@ def _plot_buckets(per_seed, path):
     for i, name in enumerate(names):
         accs = torch.tensor([s["finetune"][name]["val"]["acc_by_bucket"] for s in per_seed], dtype=torch.float64)
         mean = accs.mean(0)
-        err = accs.std(0) if len(per_seed) > 1 else (mean * (1 - mean) / n.clamp(min=1)).sqrt()
+        err = accs.std(0) if len(per_seed) > 1 else _binomial_se(mean, n.clamp(min=1))
         ax.bar([q + i * width for q in range(4)], mean.tolist(), width, yerr=err.tolist(), capsize=2, label=name)
     quart = ["Q1 (rare)", "Q2", "Q3", "Q4 (frequent)"]
     ax.set_xticks([q + 0.4 - width / 2 for q in range(4)],
@@ -364,9 +376,7 @@ def _plot_buckets(per_seed, path):
     ax.set(title=f"held-out top-1 accuracy by token frequency quartile\n{_seeds_note(per_seed)}; "
                  f"error bars: {bars}", ylabel="accuracy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _mean_err(values):
@@ -391,9 +401,7 @@ def _plot_extrapolation(per_seed, path):
            xlabel="evaluation length / training length", ylabel="held-out perplexity (log scale)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _plot_tradeoff(per_seed, path):
@@ -407,7 +415,7 @@ def _plot_tradeoff(per_seed, path):
         y = _mean_err([s["finetune"][name]["val"]["ppl"] for s in per_seed])
         if len(per_seed) == 1:
             n = max(1, per_seed[0]["finetune"][name]["val"]["tokens_by_bucket"][0])
-            x = (x[0], math.sqrt(x[0] * (1 - x[0]) / n))
+            x = (x[0], _binomial_se(x[0], n))
         ax.errorbar([x[0]], [y[0]], xerr=[x[1]], yerr=[y[1]], capsize=3, marker=_MARKERS[i % len(_MARKERS)],
                     linestyle="none", label=name)
     bars = "std over seeds" if len(per_seed) > 1 else "binomial standard error"
@@ -415,9 +423,7 @@ def _plot_tradeoff(per_seed, path):
            xlabel="held-out top-1 accuracy, rarest quartile (Q1)", ylabel="held-out perplexity")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 PLOTS = ("training_curves.png", "pdl_weights.png", "bucket_accuracy.png", "extrapolation.png", "pdl_tradeoff.png")

@@ -38,7 +38,7 @@ from ..hf import ATTENTIONS, LOSSES
 from ..hf.label_counts import dist_info
 from ..causal_lm import causal_lm_normalizer, causal_lm_pdl_loss
 from . import data as cfdata
-from .runs import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomic, write_json  # noqa: F401
+from .runs import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_json
 
 
 def resolve_device(name):
