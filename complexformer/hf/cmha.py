@@ -147,11 +147,10 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
     Hkv = getattr(config, "num_key_value_heads", None) or H
     for name, attn in targets:
         _check_widths(config, name, attn, H, Hkv)
-    rotary = _rotary(model)
+    freqs, s = _frequencies(_rotary(model), config)  # one rotary embedding: the same for every layer
     num_layers = config.num_hidden_layers
     for name, attn in targets:
         head_dim = attn.head_dim
-        freqs, s = _frequencies(rotary, config)
         if tuple(freqs.shape) != (head_dim // 2,):
             raise NotImplementedError(
                 f"convert_to_cmha: the rotary embedding has {freqs.numel()} frequencies but head_dim/2 = "
@@ -215,11 +214,7 @@ def cmha_parameters(model):
                                  {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids]}],
                                 lr=1e-4)
     """
-    out = []
-    for m in model.modules():
-        if isinstance(m, CMHAState):
-            out.extend(p for n, p in m.named_parameters(recurse=False) if n in LEARNABLE)
-    return out
+    return [p for *_, p in _angle_items(model)]
 
 
 ANGLES_FILE = "cmha_angles.safetensors"
@@ -237,16 +232,20 @@ def _unwrap(model):
     return model
 
 
-def _named_angles(model):
-    """{name: parameter} of the learnable delta / beta, named in the transformers model (PEFT's
-    ``base_model.model.`` prefix stripped, so a file fits the bare model and its adapters alike)."""
-    out = {}
+def _angle_items(model):
+    """(qualified name, module, "delta" | "beta", parameter) of every learnable CMHA angle, named in
+    the transformers model (PEFT's ``base_model.model.`` prefix stripped, so a file fits the bare
+    model and its adapters alike)."""
     for name, m in _unwrap(model).named_modules():
         if isinstance(m, CMHAState):
             for n, p in m.named_parameters(recurse=False):
                 if n in LEARNABLE:
-                    out[f"{name}.{n}" if name else n] = p
-    return out
+                    yield (f"{name}.{n}" if name else n), m, n, p
+
+
+def _named_angles(model):
+    """{name: parameter} of the learnable delta / beta (see :func:`_angle_items`)."""
+    return {key: p for key, _, _, p in _angle_items(model)}
 
 
 def save_cmha_angles(model, directory):
@@ -304,13 +303,8 @@ def load_cmha_angles(model, directory):
 def _angles_at_risk(model):
     """True when ``model`` holds CMHA angles that a PEFT adapter save would lose: trainable ones,
     or ones moved from their RoPE start (delta = 1, beta = 0) in a converted model."""
-    for m in _unwrap(model).modules():
-        if isinstance(m, CMHAState):
-            for n, p in m.named_parameters(recurse=False):
-                if n in LEARNABLE and (p.requires_grad or (m.delta_init == "rope" and bool(
-                        (p != (1.0 if n == "delta" else 0.0)).any()))):
-                    return True
-    return False
+    return any(p.requires_grad or (m.delta_init == "rope" and bool((p != (1.0 if n == "delta" else 0.0)).any()))
+               for _, m, n, p in _angle_items(model))
 
 
 def _warn_on_peft_save():

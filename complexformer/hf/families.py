@@ -128,7 +128,7 @@ def adapt(model, config, spec, *, learnable, backend):
     Hkv = getattr(config, "num_key_value_heads", None) or H
     rotary = _rotary(model)
     per_layer = isinstance(_rope_type(rotary, config), dict)
-    plan = []
+    plan, by_layer_type = [], {}
     for name, attn in targets:  # check everything before changing anything
         d = getattr(attn, "head_dim", None) or getattr(attn, "head_size")
         if d % 2:
@@ -138,7 +138,9 @@ def adapt(model, config, spec, *, learnable, backend):
                                       "(use_bidirectional_attention); CMHA attention is causal")
         _check_widths(config, name, attn, H, Hkv, d)
         layer_type = config.layer_types[attn.layer_idx] if per_layer else None
-        freqs, s = _frequencies(rotary, config, layer_type)
+        if layer_type not in by_layer_type:  # one computation per rope (Gemma 3: local, global)
+            by_layer_type[layer_type] = _frequencies(rotary, config, layer_type)
+        freqs, s = by_layer_type[layer_type]
         if 2 * freqs.numel() > d:
             raise ValueError(f"convert_to_cmha: {name}: the rotary embedding has {freqs.numel()} frequencies for "
                              f"head_dim {d}")
