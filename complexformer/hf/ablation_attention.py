@@ -33,11 +33,17 @@ class AblationAttention(CMHAAttention):
     ones (AdaRoPE-like for "rope"), and/or delta fixed at ``fixed_delta`` (0: the rotation is beta +
     omega p only, the token's own phase dropped)."""
 
+    # omega never goes below float32 either (omega * position drifts by radians in bfloat16)
+    _float32_params = CMHAAttention._float32_params + ("omega",)
+
     def __init__(self, *, learnable_freqs=False, fixed_delta=None, learnable=("delta", "beta"), **kwargs):
         if fixed_delta is not None:
             learnable = tuple(x for x in learnable if x != "delta")
         super().__init__(learnable=learnable, **kwargs)
         self.learnable_freqs, self.fixed_delta = bool(learnable_freqs), fixed_delta
+        if fixed_delta is not None:  # CMHAState.angles serves the fixed delta as a constant
+            self._fixed_values = {**self._fixed_values, "delta": float(fixed_delta)}
+            self._derived.clear()
         if self.learnable_freqs:
             p = next(self.q_proj.parameters())
             dt = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
@@ -58,24 +64,8 @@ class AblationAttention(CMHAAttention):
         if self.learnable_freqs:
             self._reset_omega(_hf_init())
 
-    def _apply(self, fn, *args, **kwargs):
-        # omega never goes below float32 (omega * position drifts by radians in bfloat16)
-        old = self._parameters.get("omega")
-        old = None if old is None else old.data
-        super()._apply(fn, *args, **kwargs)
-        p = self._parameters.get("omega")
-        if p is not None and p.dtype not in (torch.float32, torch.float64):
-            p.data = old.to(device=p.device, dtype=torch.float32)
-        return self
-
     def angles(self, device, dtype):
         delta, beta, freqs = super().angles(device, dtype)
-        if self.fixed_delta is not None:
-            key = ("fixed_delta", device, dtype)
-            delta = self._derived.get(key)
-            if delta is None:
-                delta = self._derived[key] = torch.full((self.num_heads, self.head_dim // 2), float(self.fixed_delta),
-                                                        device=device, dtype=dtype)
         if self.learnable_freqs:
             freqs = self.omega if self.omega.dtype == dtype else self.omega.to(dtype)
         return delta, beta, freqs

@@ -166,12 +166,14 @@ class CMHAState:
     entry per rotary pair: fewer than head_dim/2 for partial rotary), ``_derived`` ({})."""
 
     cmha_layout = "half"
+    _float32_params = LEARNABLE  # parameters kept in float32 under a low-precision cast (_apply)
+    _fixed_values = {"delta": 1.0, "beta": 0.0}  # an angle that is not learnable: RoPE's value
 
     def _apply(self, fn, *args, **kwargs):
         # delta / beta never go below float32: in bfloat16 1 + 1e-3 rounds back to 1, so a model
         # cast with .to(torch.bfloat16) / .half() could no longer learn them (the kernels compute
         # in float32 anyway). Every other tensor is cast as asked.
-        kept = {n: p.data for n, p in self._parameters.items() if n in LEARNABLE and p is not None}
+        kept = {n: p.data for n, p in self._parameters.items() if n in self._float32_params and p is not None}
         super()._apply(fn, *args, **kwargs)
         for n, old in kept.items():
             p = self._parameters.get(n)
@@ -187,7 +189,7 @@ class CMHAState:
             if name == "freqs":
                 t = self._freqs_master.to(device=device, dtype=dtype)
             else:
-                t = torch.full((self.cmha_num_heads, h), 1.0 if name == "delta" else 0.0, device=device, dtype=dtype)
+                t = torch.full((self.cmha_num_heads, h), self._fixed_values[name], device=device, dtype=dtype)
             self._derived[key] = t
         return t
 
