@@ -349,9 +349,14 @@ def cmha_model_class(cls):
         return _CLASS_CACHE[cls]
 
     def __init__(self, config, *args, **kwargs):
+        from .serving import restore_training_config, set_cmha_mode
+
+        serving = restore_training_config(config)  # saved while serving: build with the true kv heads
         cls.__init__(self, config, *args, **kwargs)
         info = getattr(config, CONFIG_KEY, None) or {}
         convert_to_cmha(self, learnable=tuple(info.get("learnable", LEARNABLE)), backend=info.get("backend", "auto"))
+        if serving:
+            set_cmha_mode(self, "serving", attn_implementation=serving)
 
     @torch.no_grad()
     def _init_weights(self, module):

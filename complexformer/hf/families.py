@@ -20,7 +20,8 @@ import sys
 import torch
 from torch import nn
 
-from .cmha_attention import _LOW_PRECISION, CMHAState, Cache
+from .cmha_attention import _LOW_PRECISION, CMHAState, _check_cache_type
+from .serving_attention import serving_positions
 
 # model_type -> what differs from the generic reading. layout: the rotary pair layout;
 # nope_attr: the module attribute that is falsy on a layer without rotary embedding (omega = 0);
@@ -44,18 +45,26 @@ def _adapted_forward(self, *args, **kwargs):
         raise RuntimeError(f"{type(self).__name__}: expected position_embeddings=(cos, sin) by keyword from the "
                            "decoder layer (the CMHA adapter replaces them by the identity rotation)")
     B, L = hidden.shape[:2]
+    cos, sin = pe
+    kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+    if self._cmha_serving is not None:
+        # serving mode: the attention function rotates q and k and writes the cache itself (serving.py),
+        # so the HF forward must not write raw keys to it
+        q_pos = serving_positions(self, kwargs.get("position_ids"), kwargs.get("cache_position"), cache, B, L,
+                                  hidden.device)
+        for n in _CACHE_KWARGS:
+            if n in kwargs:
+                kwargs[n] = None
+        return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache), **kwargs)
     past = 0
     if cache is not None:
-        if not isinstance(cache, Cache):
-            raise TypeError(f"cache: expected a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
+        _check_cache_type(cache)
         self._check_cache_layer(cache)
         past = cache.get_seq_length(self.layer_idx)
     q_pos = self._query_positions(kwargs.get("position_ids"), kwargs.get("cache_position"), B, L, past,
                                   hidden.device)
     if cache is not None:
         self._record_positions(cache, q_pos, B, L)
-    cos, sin = pe
-    kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
     return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache), **kwargs)
 
 
