@@ -164,8 +164,7 @@ def test_family_greedy_generate_with_and_without_cache(name):
     assert torch.equal(conv.generate(**kw, use_cache=False), want)
 
 
-@pytest.mark.parametrize("name", ["gemma2", "phi3", pytest.param("gemma3_text", marks=pytest.mark.slow),
-                                  pytest.param("glm4", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", FAMILY_PARAMS)
 def test_family_sampling_and_beam_search(name):
     ref, conv = build(name), convert_to_cmha(build(name))
     _, batches = _batches()
@@ -173,8 +172,9 @@ def test_family_sampling_and_beam_search(name):
     for extra in (dict(do_sample=True, top_k=0, temperature=1.0), dict(do_sample=False, num_beams=3)):
         torch.manual_seed(7)
         want = ref.generate(**kw, **extra)
-        torch.manual_seed(7)
-        assert torch.equal(conv.generate(**kw, **extra), want), extra
+        for use_cache in (True, False):
+            torch.manual_seed(7)
+            assert torch.equal(conv.generate(**kw, **extra, use_cache=use_cache), want), (extra, use_cache)
 
 
 @pytest.mark.parametrize("name", FAMILY_PARAMS)
@@ -206,8 +206,7 @@ def test_family_fused_pdl_loss_equals_the_models_own(name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["phi3", pytest.param("gemma2", marks=pytest.mark.slow),
-                                  pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", FAMILY_PARAMS)
 def test_family_pdl_trainer_accumulated_step_equals_unaccumulated(tmp_path, name):
     examples = ragged_examples(vocab=VOCAB)
     weights = _pdl.pdl_weights(hand_counts(examples, VOCAB), alpha=1.0)
