@@ -183,3 +183,19 @@ def test_set_cmha_mode_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="convert_to_cmha"):
         set_cmha_mode(build("llama"), "serving")
     assert cmha_mode(model) == "training"  # nothing changed by the refused calls
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3"])
+def test_training_mode_under_any_model_attn_implementation_is_still_cmha(name):
+    """transformers advises model.set_attn_implementation("sdpa"); in training mode that changes
+    only the masks HF builds, never the attention: the adapted modules read a config view whose
+    attention function stays complexformer's (no rotation would be applied otherwise)."""
+    model = _converted(name)
+    ids, batches = _batches()
+    with torch.no_grad():
+        want = {tag: model(**kw).logits for tag, kw in batches.items()}
+        for impl in ("sdpa", "eager"):
+            model.set_attn_implementation(impl)
+            assert cmha_mode(model) == "training"
+            for tag, kw in batches.items():
+                assert _max_diff(model(**kw).logits, want[tag], kw) < ATOL, (impl, tag)

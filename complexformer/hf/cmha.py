@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .cmha_attention import ATTN_IMPLEMENTATION, LEARNABLE, CMHAAttention, CMHAState
-from .families import FAMILIES, adapt, check_family
+from .families import FAMILIES, adapt, check_family, view_model_config
 
 LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")  # served by CMHAAttention; the rest by families.adapt
 SUPPORTED_MODEL_TYPES = LEGACY_MODEL_TYPES + tuple(FAMILIES)
@@ -173,6 +173,7 @@ def _mark_converted(model, config, learnable, backend):
     # The model gets its own config: another model built from the same config object keeps its
     # attention implementation (and no conversion marker).
     _own_config(model, config)
+    view_model_config(model)
     setattr(model.config, CONFIG_KEY, {"learnable": list(learnable), "backend": backend})
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     _warn_on_peft_save()

@@ -68,6 +68,39 @@ def _adapted_forward(self, *args, **kwargs):
     return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache), **kwargs)
 
 
+class CMHAConfigView:
+    """The config an adapted attention module reads: the model's config, except that the attention
+    function it calls is always complexformer's (``_hf_attention``), whatever the model's
+    ``attn_implementation``. In training mode that function applies CMHA to the raw q and k (with
+    an "sdpa" or "eager" mask too); in serving mode it rotates q and k and then calls the model's
+    implementation. Without the view, ``model.set_attn_implementation("sdpa")`` would send the
+    identity-rotated q and k straight to SDPA: no rotation at all."""
+
+    def __init__(self, config):
+        self.__dict__["_cmha_config"] = config
+
+    @property
+    def _attn_implementation(self):
+        from .cmha_attention import ATTN_IMPLEMENTATION
+
+        return ATTN_IMPLEMENTATION
+
+    def __getattr__(self, name):
+        try:
+            config = self.__dict__["_cmha_config"]
+        except KeyError:  # during unpickling / deepcopy, before the state is restored
+            raise AttributeError(name) from None
+        return getattr(config, name)
+
+
+def view_model_config(model):
+    """Point every adapted module of ``model`` at ``model.config`` through a :class:`CMHAConfigView`
+    (after the model got its own config)."""
+    for m in model.modules():
+        if isinstance(m, CMHAState) and hasattr(type(m), "_cmha_base_class"):
+            m.config = CMHAConfigView(model.config)
+
+
 def adapted_class(cls):
     """The CMHA subclass ``CMHA<cls>`` of an HF attention class (cached, and a name of this module
     once created, so deepcopy and pickling within a process find it). ``isinstance(m, cls)`` still

@@ -119,39 +119,17 @@ def _check_implementation(name):
     return name
 
 
-class _ServingConfigView:
-    """The config an adapted HF attention module (``families.py``) reads while serving: the model's
-    config, except that its attention function stays complexformer's (which rotates, writes the
-    cache and then calls the model's ``attn_implementation``)."""
-
-    _attn_implementation = ATTN_IMPLEMENTATION
-
-    def __init__(self, config):
-        self.__dict__["_cmha_config"] = config
-
-    def __getattr__(self, name):
-        try:
-            config = self.__dict__["_cmha_config"]
-        except KeyError:  # during unpickling / deepcopy, before __init__'s state is restored
-            raise AttributeError(name) from None
-        return getattr(config, name)
-
-
 def _serve(module, config):
     if module._cmha_serving is None and hasattr(module, "num_key_value_groups"):
         module._cmha_kv_groups = module.num_key_value_groups
     module._cmha_serving = config
     if hasattr(module, "num_key_value_groups"):
         module.num_key_value_groups = 1  # k~ and v arrive H wide: the attention function repeats nothing
-    if hasattr(module, "_cmha_base_class") and getattr(module, "config", None) is config:
-        module.config = _ServingConfigView(config)
 
 
 def _unserve(module):
     if module._cmha_serving is None:
         return
-    if isinstance(getattr(module, "config", None), _ServingConfigView):
-        module.config = module._cmha_serving
     if hasattr(module, "_cmha_kv_groups"):
         module.num_key_value_groups = module.__dict__.pop("_cmha_kv_groups")
     module._cmha_serving = None
