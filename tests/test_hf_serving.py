@@ -80,6 +80,7 @@ def _cb_config():
 @pytest.mark.parametrize("make, impl", [
     (lambda: _converted("llama"), "sdpa"),            # CMHAAttention (Llama / Mistral / Qwen2), GQA
     (lambda: _converted("qwen3"), "eager"),           # an adapted family; CB runs it as "paged|eager"
+    (lambda: _converted("phi3"), "paged|sdpa"),       # partial rotary; the older name of "sdpa" + paged cache
     (lambda: _complexformer(), "sdpa"),               # the model class
 ])
 def test_continuous_batching_on_cpu_equals_generate(make, impl):

@@ -113,6 +113,8 @@ def _check_implementation(name):
         raise ValueError(f"attn_implementation: {name!r} is CMHA's own attention (training mode); serving mode "
                          "calls a standard one: 'sdpa', 'eager', 'paged|eager', ...")
     known = set(ALL_ATTENTION_FUNCTIONS) | {"eager"}
+    if name.startswith("paged|") and name not in known:
+        name = name.removeprefix("paged|")  # as transformers >= 5.22 does: "paged|sdpa" is "sdpa" with a paged cache
     if name not in known:
         raise ValueError(f"attn_implementation: {name!r} is not a registered attention implementation; "
                          f"known: {sorted(known - {ATTN_IMPLEMENTATION})}")
