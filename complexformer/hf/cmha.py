@@ -205,7 +205,8 @@ def _own_config(model, config):
 
 
 def cmha_parameters(model):
-    """The learnable CMHA angles (delta, beta) of every CMHA attention module in ``model``.
+    """The learnable CMHA angles (delta, beta; omega of ``learnable_freqs`` models) of every CMHA
+    attention module in ``model``.
 
     For separate learning rates, e.g. with ``Trainer(optimizers=(opt, None))``::
 
@@ -240,7 +241,7 @@ def _angle_items(model):
     for name, m in _unwrap(model).named_modules():
         if isinstance(m, CMHAState):
             for n, p in m.named_parameters(recurse=False):
-                if n in LEARNABLE:
+                if n in m._float32_params:  # the angles: delta, beta (and omega with learnable_freqs)
                     yield (f"{name}.{n}" if name else n), m, n, p
 
 
@@ -250,7 +251,7 @@ def _named_angles(model):
 
 
 def save_cmha_angles(model, directory):
-    """Save the learned CMHA angles (delta / beta) of ``model`` (a converted model or
+    """Save the learned CMHA angles (delta / beta, and omega with learnable_freqs) of ``model`` (a converted model or
     ComplexFormerForCausalLM, bare or wrapped by PEFT) to ``directory/cmha_angles.safetensors``.
 
     PEFT's ``save_pretrained`` saves only the adapter: call this beside it when the angles are
@@ -304,8 +305,15 @@ def load_cmha_angles(model, directory):
 def _angles_at_risk(model):
     """True when ``model`` holds CMHA angles that a PEFT adapter save would lose: trainable ones,
     or ones moved from their RoPE start (delta = 1, beta = 0) in a converted model."""
-    return any(p.requires_grad or (m.delta_init == "rope" and bool((p != (1.0 if n == "delta" else 0.0)).any()))
-               for _, m, n, p in _angle_items(model))
+    return any(p.requires_grad or _moved(m, n, p) for _, m, n, p in _angle_items(model))
+
+
+def _moved(m, n, p):
+    """Whether angle ``n`` left its known start: omega its frequencies; delta / beta RoPE's 1 / 0
+    when they started there (delta_init "rope"; a random start is unknown)."""
+    if n == "omega":
+        return bool((p != m._freqs_master.to(device=p.device, dtype=p.dtype)).any())
+    return m.delta_init == "rope" and bool((p != (1.0 if n == "delta" else 0.0)).any())
 
 
 def _warn_on_peft_save():

@@ -179,7 +179,9 @@ class CMHAState:
 
     cmha_layout = "half"
     _cmha_serving = None  # the model's config while in serving mode (serving.py), else None
-    _float32_params = LEARNABLE  # parameters kept in float32 under a low-precision cast (_apply)
+    # the angle parameters: kept in float32 under a low-precision cast (_apply), returned by
+    # cmha_parameters and carried by save_cmha_angles
+    _float32_params = LEARNABLE
     _fixed_values = {"delta": 1.0, "beta": 0.0}  # an angle that is not learnable: RoPE's value
 
     def _apply(self, fn, *args, **kwargs):

@@ -249,7 +249,7 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def cmha_parameters(self):
-        """The learnable CMHA angles (every layer's delta and beta): give them their own optimizer
+        """The learnable CMHA angles (every layer's delta and beta, and omega with ``learnable_freqs``): give them their own optimizer
         group, e.g. ``[{"params": m.cmha_parameters(), "lr": 1e-2}, {"params": rest}]``."""
         return cmha_parameters(self)
 
