@@ -18,8 +18,8 @@ attention module:
 The cache is therefore H heads wide (H / Hkv times the original's under GQA), and
 ``config.num_key_value_heads`` reads H while serving so that engines size their caches that wide.
 The projections keep their Hkv width: the true value is in ``config.cmha_serving``, which
-:func:`complexformer.hf.load_cmha` and ``ComplexFormerConfig`` read back, so a model saved while
-serving reloads (and serves) as it was.
+:func:`complexformer.hf.load_cmha` (``cmha_model_class``) and ``ComplexFormerModel`` read back
+(:func:`restore_training_config`), so a model saved while serving reloads (and serves) as it was.
 
 Serving mode computes the same function as training mode (float rounding apart): rotation and
 attention are the same math, split at the cache.
@@ -80,15 +80,6 @@ def cmha_mode(model):
     from .cmha import _unwrap
 
     return "serving" if getattr(_unwrap(model).config, SERVING_KEY, None) else "training"
-
-
-def true_kv_heads(config):
-    """The kv heads of the projections: ``config.num_key_value_heads``, or while serving (where that
-    field reads H) the value recorded in ``config.cmha_serving``."""
-    record = getattr(config, SERVING_KEY, None)
-    if record and record.get("num_key_value_heads") is not None:
-        return record["num_key_value_heads"]
-    return getattr(config, "num_key_value_heads", None)
 
 
 def restore_training_config(config):
