@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .cmha_attention import ATTN_IMPLEMENTATION, LEARNABLE, CMHAAttention, CMHAState
-from .families import FAMILIES, adapt, check_family, view_model_config
+from .families import FAMILIES, adapt, check_family, check_widths, view_model_config
 
 LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")  # served by CMHAAttention; the rest by families.adapt
 SUPPORTED_MODEL_TYPES = LEGACY_MODEL_TYPES + tuple(FAMILIES)
@@ -146,7 +146,7 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     for name, attn in targets:
-        _check_widths(config, name, attn, H, Hkv)
+        check_widths(config, name, attn, H, Hkv, attn.head_dim)
     freqs, s = _frequencies(_rotary(model), config)  # one rotary embedding: the same for every layer
     num_layers = config.num_hidden_layers
     for name, attn in targets:
@@ -178,20 +178,6 @@ def _mark_converted(model, config, learnable, backend):
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     _warn_on_peft_save()
     return model
-
-
-def _check_widths(config, name, attn, H, Hkv):
-    """head_dim * heads must equal the projection widths the conversion reshapes q / k / v into."""
-    d = attn.head_dim
-    for proj, heads, field, dim in (("q_proj", H, "num_attention_heads", "out_features"),
-                                    ("k_proj", Hkv, "num_key_value_heads", "out_features"),
-                                    ("v_proj", Hkv, "num_key_value_heads", "out_features"),
-                                    ("o_proj", H, "num_attention_heads", "in_features")):
-        width = getattr(getattr(attn, proj), dim, None)
-        if width is not None and width != heads * d:
-            raise ValueError(
-                f"convert_to_cmha: inconsistent config: {type(config).__name__}.head_dim ({d}) * {field} ({heads}) = "
-                f"{heads * d}, but {name}.{proj}.{dim} is {width}")
 
 
 def _own_config(model, config):

@@ -122,24 +122,30 @@ def attention_modules(model):
             if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)]
 
 
-def _check_widths(config, name, attn, H, Hkv, d):
-    """head_dim * heads must equal the projection widths HF reshapes q / k / v into."""
+def check_widths(config, name, attn, H, Hkv, d):
+    """head_dim * heads must equal the projection widths HF reshapes q / k / v (and the output
+    projection's input) into; the error names the config fields and the module."""
     cname = type(config).__name__
+    q, kv, qkv = "num_attention_heads", "num_key_value_heads", "num_attention_heads + 2 * num_key_value_heads"
     if hasattr(attn, "q_proj"):
-        checks = (("q_proj", attn.q_proj, H), ("k_proj", attn.k_proj, Hkv), ("v_proj", attn.v_proj, Hkv))
+        checks = [("q_proj", "out_features", H, q), ("k_proj", "out_features", Hkv, kv),
+                  ("v_proj", "out_features", Hkv, kv)]
     elif hasattr(attn, "qkv_proj"):
-        checks = (("qkv_proj", attn.qkv_proj, H + 2 * Hkv),)
+        checks = [("qkv_proj", "out_features", H + 2 * Hkv, qkv)]
     elif hasattr(attn, "query_key_value"):
-        checks = (("query_key_value", attn.query_key_value, 3 * H),)
+        checks = [("query_key_value", "out_features", 3 * H, "3 * num_attention_heads")]
     else:
         raise NotImplementedError(f"convert_to_cmha: {name} ({type(attn).__name__}) has no q_proj, qkv_proj or "
                                   "query_key_value projection")
-    for proj, mod, heads in checks:
-        width = getattr(mod, "out_features", None)
+    if hasattr(attn, "o_proj"):
+        checks.append(("o_proj", "in_features", H, q))
+    for proj, dim, heads, field in checks:
+        width = getattr(getattr(attn, proj), dim, None)
         if width is not None and width != heads * d:
-            raise ValueError(f"convert_to_cmha: inconsistent config: {cname} head_dim ({d}) * heads ({heads}) = "
-                             f"{heads * d}, but {name}.{proj}.out_features is {width} (check {cname}.head_dim, "
-                             "num_attention_heads, num_key_value_heads)")
+            raise ValueError(
+                f"convert_to_cmha: inconsistent config: {cname}.head_dim ({d}) * {field} ({heads}) = {heads * d}, "
+                f"but {name}.{proj}.{dim} is {width} (check {cname}.head_dim, num_attention_heads, "
+                "num_key_value_heads)")
 
 
 def check_family(config):
@@ -178,7 +184,7 @@ def adapt(model, config, spec, *, learnable, backend):
         if getattr(attn, "is_causal", True) is False:
             raise NotImplementedError(f"convert_to_cmha: {name} ({type(attn).__name__}) is bidirectional "
                                       "(use_bidirectional_attention); CMHA attention is causal")
-        _check_widths(config, name, attn, H, Hkv, d)
+        check_widths(config, name, attn, H, Hkv, d)
         layer_type = config.layer_types[attn.layer_idx] if per_layer else None
         if layer_type not in by_layer_type:  # one computation per rope (Gemma 3: local, global)
             by_layer_type[layer_type] = _frequencies(rotary, config, layer_type)
