@@ -76,7 +76,7 @@ def test_learned_freqs_are_angles_for_peft(attention, tmp_path):
     load_cmha_angles, so a PEFT run that trains it keeps it (and is warned when it would not)."""
     peft = pytest.importorskip("peft")
     from complexformer.hf import cmha_parameters, load_cmha_angles, save_cmha_angles
-    from complexformer.hf.cmha import _angles_at_risk
+    from complexformer.hf.angles import _angles_at_risk
 
     m = _model(attention, learnable_freqs=True)
     names = {n.rsplit(".", 1)[1] for n, p in m.named_parameters() if any(p is q for q in cmha_parameters(m))}

@@ -32,8 +32,8 @@ LOSSES = ("ce", "pdl")
 _LAZY = {
     "apply_fused_pdl": ("fused_pdl", False),
     "PDLTrainer": ("pdl_trainer", True), "_WindowNormalizer": ("pdl_trainer", True),
-    "convert_to_cmha": ("cmha", True), "load_cmha": ("cmha", True), "cmha_parameters": ("cmha", True),
-    "cmha_model_class": ("cmha", True), "save_cmha_angles": ("cmha", True), "load_cmha_angles": ("cmha", True),
+    "convert_to_cmha": ("cmha", True), "load_cmha": ("cmha", True), "cmha_parameters": ("angles", True),
+    "cmha_model_class": ("cmha", True), "save_cmha_angles": ("angles", True), "load_cmha_angles": ("angles", True),
     "set_cmha_mode": ("serving", True), "cmha_mode": ("serving", True),
     "CMHAAttention": ("cmha_attention", True), "ATTN_IMPLEMENTATION": ("cmha_attention", True),
     "ComplexFormerConfig": ("configuration_complexformer", True),

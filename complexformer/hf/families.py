@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .cmha_attention import _LOW_PRECISION, CMHAState, _check_cache_type
+from .rope import rope_frequencies, rope_type, rotary_embedding
 from .serving_attention import serving_positions
 
 # model_type -> what differs from the generic reading. layout: the rotary pair layout;
@@ -33,6 +34,16 @@ FAMILIES = {
     "glm": {"layout": "interleaved"}, "glm4": {"layout": "interleaved"}, "cohere": {"layout": "interleaved"},
     "starcoder2": {}, "gpt_neox": {}, "stablelm": {}, "phi": {},
 }
+LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")  # served by CMHAAttention; the rest by adapt()
+SUPPORTED_MODEL_TYPES = LEGACY_MODEL_TYPES + tuple(FAMILIES)
+
+
+def supported_names():
+    """The causal LM classes of the supported model types, for error messages."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+
+    return (", ".join(names.get(mt, mt) for mt in SUPPORTED_MODEL_TYPES)
+            + " and their base models (LlamaModel, ...; README, 'Hugging Face models')")
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _ADAPTED = {}
 
@@ -151,8 +162,6 @@ def check_widths(config, name, attn, H, Hkv, d):
 def check_family(config):
     """The table entry of ``config.model_type``; raises naming the class and the supported families
     (or the refused config field)."""
-    from .cmha import _supported_names
-
     spec = FAMILIES.get(config.model_type)
     if spec is None:
         return None
@@ -161,21 +170,19 @@ def check_family(config):
             raise NotImplementedError(
                 f"convert_to_cmha: {type(config).__name__}.{field}={getattr(config, field)!r} is not supported: "
                 "transformers applies it only in some attention implementations, so no conversion can match "
-                f"the model; set it to None (supported: {_supported_names()})")
+                f"the model; set it to None (supported: {supported_names()})")
     return spec
 
 
 def adapt(model, config, spec, *, learnable, backend):
     """Adapt every attention module of ``model`` (a family in :data:`FAMILIES`) in place."""
-    from .cmha import _frequencies, _rotary, _rope_type
-
     targets = [(n, m) for n, m in attention_modules(model) if not isinstance(m, CMHAState)]
     if not targets:
         raise ValueError(f"convert_to_cmha: no attention module found in {type(model).__name__}")
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
-    rotary = _rotary(model)
-    per_layer = isinstance(_rope_type(rotary, config), dict)
+    rotary = rotary_embedding(model)
+    per_layer = isinstance(rope_type(rotary, config), dict)
     plan, by_layer_type = [], {}
     for name, attn in targets:  # check everything before changing anything
         d = getattr(attn, "head_dim", None) or getattr(attn, "head_size")
@@ -187,7 +194,7 @@ def adapt(model, config, spec, *, learnable, backend):
         check_widths(config, name, attn, H, Hkv, d)
         layer_type = config.layer_types[attn.layer_idx] if per_layer else None
         if layer_type not in by_layer_type:  # one computation per rope (Gemma 3: local, global)
-            by_layer_type[layer_type] = _frequencies(rotary, config, layer_type)
+            by_layer_type[layer_type] = rope_frequencies(rotary, config, layer_type)
         freqs, s = by_layer_type[layer_type]
         if 2 * freqs.numel() > d:
             raise ValueError(f"convert_to_cmha: {name}: the rotary embedding has {freqs.numel()} frequencies for "

@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover
 from ..causal_lm import causal_lm_pdl_loss
 from ..checks import check_pdl_weights
 from ..counts import pdl_weights
-from .cmha import _warn_on_peft_save, cmha_parameters
+from .angles import _warn_on_peft_save, cmha_parameters
 from .ablation_attention import AblationAttention, partial_freqs
 from .cmha_attention import CMHAAttention, _hf_init, rope_freqs
 from .configuration_complexformer import ComplexFormerConfig

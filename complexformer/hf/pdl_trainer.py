@@ -65,7 +65,7 @@ def _save_peft_angles(model, directory):
     """save_cmha_angles for a PEFT model with learnable CMHA angles (the full model's own
     checkpoint holds them already)."""
     if _is_peft(model):
-        from .cmha import _named_angles, save_cmha_angles
+        from .angles import _named_angles, save_cmha_angles
 
         if _named_angles(model):
             save_cmha_angles(model, directory)
@@ -74,7 +74,7 @@ def _save_peft_angles(model, directory):
 def _load_peft_angles(model, directory):
     import os
 
-    from .cmha import ANGLES_FILE, load_cmha_angles
+    from .angles import ANGLES_FILE, load_cmha_angles
 
     if _is_peft(model) and os.path.isfile(os.path.join(directory, ANGLES_FILE)):
         load_cmha_angles(model, directory)

@@ -26,6 +26,7 @@ attention are the same math, split at the cache.
 """
 from __future__ import annotations
 
+from .angles import unwrap_model
 from .cmha_attention import ATTN_IMPLEMENTATION, CMHAState
 
 SERVING_KEY = "cmha_serving"  # config entry while serving: {"num_key_value_heads": Hkv, "attn_implementation": ...}
@@ -44,11 +45,9 @@ def set_cmha_mode(model, mode, *, attn_implementation="sdpa"):
             "paged|eager", a flash implementation, or any name registered with transformers'
             ``AttentionInterface``. Engines may switch it later with ``model.set_attn_implementation``.
     """
-    from .cmha import _unwrap
-
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    base = _unwrap(model)
+    base = unwrap_model(model)
     modules = [m for m in base.modules() if isinstance(m, CMHAState)]
     if not modules:
         raise ValueError(f"set_cmha_mode: {type(base).__name__} has no CMHA attention module "
@@ -77,9 +76,7 @@ def set_cmha_mode(model, mode, *, attn_implementation="sdpa"):
 
 def cmha_mode(model):
     """"serving" or "training" (see :func:`set_cmha_mode`)."""
-    from .cmha import _unwrap
-
-    return "serving" if getattr(_unwrap(model).config, SERVING_KEY, None) else "training"
+    return "serving" if getattr(unwrap_model(model).config, SERVING_KEY, None) else "training"
 
 
 def restore_training_config(config):
