@@ -36,10 +36,10 @@ from . import _ext
 from ._selfcheck import selfcheck
 from .checks import (FLOAT_DTYPES, LAYOUTS, POS_MAX, POS_MIN, check_angles, check_backend, check_bool, check_head_dim,
                      check_heads, check_int, check_key_padding_mask, check_layout, check_positions, check_real,
-                     check_tensor)
+                     check_rotary_dim, check_tensor)
 from .checks import compute_dtype as _acc_dtype
 from .reference import seq_positions, visible
-from .rotate import rotate_bwd, rotate_qk, rotate_qk_torch
+from .rotate import rotate_bwd, rotate_partial, rotate_qk, rotate_qk_torch
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,12 +72,7 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     if v.shape[1] != Hkv or v.shape[2] != Lk:
         raise ValueError(f"v: expected shape ({B}, {Hkv}, {Lk}, dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
     check_heads("k", Hkv, H)
-    rot = d
-    if rotary_dim is not None:
-        what = f"None or an even int in [2, d={d}]"
-        rot = check_int("rotary_dim", rotary_dim, lo=2, hi=d, what=what)
-        if rot % 2:
-            raise ValueError(f"rotary_dim: expected {what}, got {rot}")
+    rot = check_rotary_dim(rotary_dim, d)
     check_angles(delta, beta, freqs, rot // 2, dev, H=H)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -187,21 +182,9 @@ def _masked_lse(sm, row_ok):
     return lse if row_ok is None else lse.masked_fill(~row_ok[..., 0], float("-inf"))
 
 
-def _rotated(rotate, q, k, p):
-    """(q~ (B, H, Lq, d), k~ (B, H, Lk, d)): ``rotate(q, k)`` of the first p.rot features; with
-    partial rotary (p.rot < d, HF's partial_rotary_factor, pairs laid out within those features)
-    the other features pass through unrotated, k's repeated per query head."""
-    if p.rot == p.d:
-        return rotate(q, k)
-    qr, kr = rotate(q[..., :p.rot].contiguous(), k[..., :p.rot].contiguous())
-    G = p.H // p.Hkv
-    kp = k[..., p.rot:].repeat_interleave(G, dim=1) if G > 1 else k[..., p.rot:]
-    return torch.cat([qr, q[..., p.rot:].to(qr.dtype)], -1), torch.cat([kr, kp.to(kr.dtype)], -1)
-
-
 def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False, want_probs=False):
     G = p.H // p.Hkv
-    qr, kr = _rotated(lambda q, k: rotate_qk_torch(q, k, delta, beta, freqs, p.q_pos, p.k_pos, p.layout), q, k, p)
+    qr, kr = rotate_partial(lambda q, k: rotate_qk_torch(q, k, delta, beta, freqs, p.q_pos, p.k_pos, p.layout), q, k, p.rot)
     s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
     if p.softcap is not None:  # attention logit softcapping (Gemma 2): before the mask, in the compute dtype
         s = p.softcap * torch.tanh(s.to(p.pdtype) / p.softcap)
@@ -254,7 +237,8 @@ def _attention_sdpa(q, k, v, delta, beta, freqs, p, want_lse=False):
     G = p.H // p.Hkv
     # q with beta, k without; keys rotate with the *query* head's delta: (B, Hkv, Lk, d) -> (B, H, Lk, d)
     # the registered op directly: every argument was checked once, in _validate
-    qr, kr = _rotated(lambda q, k: rotate_qk(q, k, delta, beta, freqs, p.q_pos, p.k_pos, LAYOUTS[p.layout]), q, k, p)
+    qr, kr = rotate_partial(lambda q, k: rotate_qk(q, k, delta, beta, freqs, p.q_pos, p.k_pos, LAYOUTS[p.layout]), q, k,
+                            p.rot)
     vv = v.repeat_interleave(G, dim=1) if G > 1 else v
     mask, is_causal, row_ok = _sdpa_mask(p, q.device, qr.dtype)
     # an explicit mask (boolean too: SDPA adds -inf to hidden scores) does not hide a NaN score

@@ -74,7 +74,7 @@ def _window_normalizer(normalizer, device):
 
 
 def causal_lm_pdl_loss(hidden_or_logits, labels, weights=None, *, shift=True, normalizer=None, lm_head=None,
-                       lm_head_bias=None, ignore_index=-100, label_smoothing=0.0):
+                       lm_head_bias=None, logit_scale=None, ignore_index=-100, label_smoothing=0.0):
     """The causal-LM loss (rule in the module docstring): cross-entropy (``weights=None``) or PDL.
 
     Args:
@@ -89,6 +89,9 @@ def causal_lm_pdl_loss(hidden_or_logits, labels, weights=None, *, shift=True, no
         lm_head, lm_head_bias: the LM head's (V, D) weight and optional (V,) bias: the loss then
             runs through :func:`complexformer.fused_linear_pdl_loss` and never builds the logits.
             Under autocast the head runs in the autocast dtype, as ``F.linear`` would.
+        logit_scale: with ``lm_head``, None or a number c: the logits are c * (h W^T + b) (Granite's
+            1 / logits_scaling, Cohere's logit_scale). Applied as (c h) W^T + c b, so the head
+            stays fused; the scaling adds no rounding when c is a power of 2, one of c h otherwise.
         ignore_index, label_smoothing: as in :func:`complexformer.pdl_loss`.
 
     Returns the 0-d loss; gradients flow to the input (and to the head's weight and bias).
@@ -104,9 +107,13 @@ def causal_lm_pdl_loss(hidden_or_logits, labels, weights=None, *, shift=True, no
     kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
               normalizer=_window_normalizer(normalizer, x.device))
     if lm_head is None:
-        if lm_head_bias is not None:
-            raise ValueError("lm_head_bias: given without lm_head")
+        for name, value in (("lm_head_bias", lm_head_bias), ("logit_scale", logit_scale)):
+            if value is not None:
+                raise ValueError(f"{name}: given without lm_head")
         return pdl_loss(x, targets, weights, **kw)
+    if logit_scale is not None:  # before the autocast cast: float32 hidden states round once, as unscaled
+        x = x * logit_scale
+        lm_head_bias = None if lm_head_bias is None else lm_head_bias * logit_scale
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     bias = None if lm_head_bias is None else lm_head_bias.to(dtype)
     return fused_linear_pdl_loss(x.to(dtype), lm_head.to(dtype), targets, weights, bias=bias, **kw)

@@ -71,6 +71,17 @@ def check_int(name, v, *, lo=_INT64_MIN, hi=_INT64_MAX, what="an int"):
     return i
 
 
+def check_rotary_dim(rotary_dim, d):
+    """Partial rotary: None (the whole head, d) or an even int in [2, d]; returns the rotated width."""
+    if rotary_dim is None:
+        return d
+    what = f"None or an even int in [2, d={d}]"
+    rot = check_int("rotary_dim", rotary_dim, lo=2, hi=d, what=what)
+    if rot % 2:
+        raise ValueError(f"rotary_dim: expected {what}, got {rot}")
+    return rot
+
+
 def check_real(name, v, what="a number"):
     """``v`` as a Python float: int, float or NumPy scalar (not bool, not a tensor)."""
     if isinstance(v, (bool, torch.Tensor)) or not isinstance(v, numbers.Real):

@@ -31,7 +31,7 @@ from torch import Tensor
 from . import _ext
 from ._selfcheck import selfcheck
 from .checks import (FLOAT_DTYPES, check_angles, check_bool, check_head_dim, check_heads, check_layout,
-                     check_positions, check_tensor, compute_dtype, layout_id)
+                     check_positions, check_rotary_dim, check_tensor, compute_dtype, layout_id)
 from .reference import as_positions, rotate_backward_reference, rotate_reference
 
 _CPU_CHUNKS = 64  # token chunks of the CPU backward reduction
@@ -320,11 +320,25 @@ def euler_rotate(x, delta, beta, freqs, *, positions=None, is_query=True, layout
     return _rotate_op(x, delta, beta if is_query else None, freqs, pos, lid)
 
 
-def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=None, layout="half"):
+def rotate_partial(rotate, q, k, rot):
+    """``rotate(q, k)`` -> (q~, k~ with H heads) of the first ``rot`` features. With partial rotary
+    (rot < d, HF's partial_rotary_factor, the pairs laid out within those features) the other
+    features pass through unrotated, k's repeated per query head like the rotated part."""
+    if rot == q.shape[-1]:
+        return rotate(q, k)
+    qr, kr = rotate(q[..., :rot].contiguous(), k[..., :rot].contiguous())
+    groups = kr.shape[1] // k.shape[1]
+    kp = k[..., rot:].repeat_interleave(groups, dim=1) if groups > 1 else k[..., rot:]
+    return torch.cat([qr, q[..., rot:].to(qr.dtype)], -1), torch.cat([kr, kp.to(kr.dtype)], -1)
+
+
+def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=None, layout="half", rotary_dim=None):
     """Rotate queries (with beta) and keys (without) together: one kernel launch on CUDA.
 
-    q (B, H or a divisor, Lq, d), k (B, Hkv, Lk, d) -> (q~ (B, H, Lq, d), k~ (B, H, Lk, d)).
-    Used by the "sdpa" attention backend; differentiable like ``euler_rotate``."""
+    q (B, H or a divisor, Lq, d), k (B, Hkv, Lk, d) -> (q~ (B, H, Lq, d), k~ (B, H, Lk, d)): the
+    keys per query head, as a cache of rotated keys holds them (``complexformer.hf``'s serving
+    mode). ``rotary_dim``: rotate only the first rotary_dim features (freqs has rotary_dim/2
+    columns), the rest pass through. Differentiable like ``euler_rotate``."""
     lid = check_layout(layout)
     _check_x("q", q)
     _check_x("k", k)
@@ -332,12 +346,13 @@ def euler_rotate_qk(q, k, delta, beta, freqs, *, q_positions=None, k_positions=N
         raise ValueError(f"k: shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head dimension")
     if k.device != q.device:
         raise ValueError(f"k: on {k.device}, but q is on {q.device}")
-    H = check_angles(delta, beta, freqs, q.shape[-1] // 2, q.device)
+    rot = check_rotary_dim(rotary_dim, q.shape[-1])
+    H = check_angles(delta, beta, freqs, rot // 2, q.device)
     check_heads("q", q.shape[1], H)
     check_heads("k", k.shape[1], H)
     qp = _resolve_positions("q_positions", q_positions, q, "q")
     kp = _resolve_positions("k_positions", k_positions, k, "k")
-    return rotate_qk(q, k, delta, beta, freqs, qp, kp, lid)
+    return rotate_partial(lambda q, k: rotate_qk(q, k, delta, beta, freqs, qp, kp, lid), q, k, rot)
 
 
 # ----------------------------------------------------------------------------------------------

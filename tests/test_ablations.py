@@ -70,6 +70,35 @@ def test_learnable_freqs_train():
     assert not torch.equal(m.model.layers[0].self_attn.omega, before)
 
 
+@pytest.mark.parametrize("attention", ["rope", "cmha"])
+def test_learned_freqs_are_angles_for_peft(attention, tmp_path):
+    """omega of learnable_freqs is returned by cmha_parameters and carried by save_cmha_angles /
+    load_cmha_angles, so a PEFT run that trains it keeps it (and is warned when it would not)."""
+    peft = pytest.importorskip("peft")
+    from complexformer.hf import cmha_parameters, load_cmha_angles, save_cmha_angles
+    from complexformer.hf.angles import _angles_at_risk
+
+    m = _model(attention, learnable_freqs=True)
+    names = {n.rsplit(".", 1)[1] for n, p in m.named_parameters() if any(p is q for q in cmha_parameters(m))}
+    assert names == ({"omega"} if attention == "rope" else {"omega", "delta", "beta"})
+    lora = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not _angles_at_risk(lora)  # frozen by PEFT, still at their start
+    with torch.no_grad():
+        for p in cmha_parameters(lora):
+            p.mul_(1.1)
+    assert _angles_at_risk(lora)  # moved: PeftModel.save_pretrained would warn
+    want = _logits(lora)
+    save_cmha_angles(lora, tmp_path)
+    fresh = peft.get_peft_model(_model(attention, learnable_freqs=True),
+                                peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    fresh.load_state_dict(lora.state_dict())  # the adapter (and base) weights; the angles come from the file
+    with torch.no_grad():
+        for p in cmha_parameters(fresh):
+            p.fill_(0.5)
+    load_cmha_angles(fresh, tmp_path)
+    assert torch.equal(_logits(fresh), want)
+
+
 @pytest.mark.parametrize("kw", [dict(attention="rope", learnable_freqs=True), dict(attention="cmha", fixed_delta=0.0),
                                 dict(attention="cmha", learnable_freqs=True),
                                 dict(attention="rope", rotary_fraction=0.25)])

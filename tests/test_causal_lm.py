@@ -104,23 +104,27 @@ def test_gradient_accumulation_with_the_window_normaliser_equals_one_batch(weigh
 
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fused_head_equals_logits(weighted, with_bias):
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_fused_head_equals_logits(weighted, with_bias, scale):
+    """The fused head gives the loss of the logits (scale * them with ``logit_scale``, as Granite
+    and Cohere apply: the scale reaches the bias too) and their gradients."""
     hidden, head, bias, labels, weights = batch(seed=2)
     w = weights if weighted else None
     b = bias if with_bias else None
+    c = 1.0 if scale is None else scale
     inputs = [t.clone().requires_grad_() for t in (hidden, head, bias)]
     h, W, bb = inputs
-    ref = causal_lm_pdl_loss(F.linear(h, W, bb if with_bias else None), labels, w, normalizer=5.0,
+    ref = causal_lm_pdl_loss(c * F.linear(h, W, bb if with_bias else None), labels, w, normalizer=5.0,
                              label_smoothing=0.05)
     ref_grads = torch.autograd.grad(ref, [h, W] + ([bb] if with_bias else []))
     h2, W2, b2 = [t.clone().requires_grad_() for t in (hidden, head, bias)]
     got = causal_lm_pdl_loss(h2, labels, w, normalizer=5.0, label_smoothing=0.05, lm_head=W2,
-                             lm_head_bias=b2 if with_bias else None)
+                             lm_head_bias=b2 if with_bias else None, logit_scale=scale)
     grads = torch.autograd.grad(got, [h2, W2] + ([b2] if with_bias else []))
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     for a, e in zip(grads, ref_grads):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-    want = reference(F.linear(hidden, head, b), labels, w, label_smoothing=0.05, reduction="sum") / 5.0
+    want = reference(c * F.linear(hidden, head, b), labels, w, label_smoothing=0.05, reduction="sum") / 5.0
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -131,5 +135,7 @@ def test_bad_input_names_the_argument():
         causal_lm_pdl_loss(logits, labels[:, :-1], weights)
     with pytest.raises(ValueError, match="lm_head_bias"):
         causal_lm_pdl_loss(logits, labels, weights, lm_head_bias=bias)
+    with pytest.raises(ValueError, match="logit_scale: given without lm_head"):
+        causal_lm_pdl_loss(logits, labels, weights, logit_scale=2.0)
     with pytest.raises(ValueError, match="normalizer"):
         causal_lm_pdl_loss(logits, labels, weights, normalizer=-1.0)

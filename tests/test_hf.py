@@ -282,7 +282,7 @@ def test_public_names():
 
     assert set(hf.__all__) == {"PDLTrainer", "label_token_counts", "convert_to_cmha", "load_cmha", "cmha_parameters",
                                "cmha_model_class", "CMHAAttention", "ATTN_IMPLEMENTATION", "apply_fused_pdl",
-                               "save_cmha_angles", "load_cmha_angles", "ComplexFormerConfig",
+                               "save_cmha_angles", "load_cmha_angles", "set_cmha_mode", "cmha_mode", "ComplexFormerConfig",
                                "ComplexFormerForCausalLM", "ComplexFormerModel"}
     assert callable(hf.apply_fused_pdl)
     if importlib.util.find_spec("transformers") is not None:

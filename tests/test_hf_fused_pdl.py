@@ -268,3 +268,114 @@ def test_moe_router_aux_loss_is_added_as_the_model_does(tmp_path, kind):
         trainer = PDLTrainer(model=copy.deepcopy(model), args=training_args(tmp_path, batch=4, accum=1, lr=LR),
                              pdl_weights=ones, use_fused_linear=fused)
         torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(batch)), own.loss, rtol=1e-6, atol=1e-6)
+
+
+# ---- logit scales: Granite divides its logits by config.logits_scaling, Cohere multiplies them by
+# logit_scale; the fused head applies the factor exactly ((c h) W^T). Powers of 2 and not.
+SCALED = {"granite": ("Granite", "logits_scaling"), "granitemoe": ("GraniteMoe", "logits_scaling"),
+          "cohere": ("Cohere", "logit_scale"), "cohere2": ("Cohere2", "logit_scale")}
+
+
+def tiny_scaled(family, value, seed=0):
+    import transformers
+
+    cls, attr = SCALED[family]
+    extra = {}
+    if family == "granitemoe":  # with its router aux loss
+        extra = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+    cfg = getattr(transformers, f"{cls}Config")(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        **{attr: value}, **extra)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg)
+    # float64 for the tight comparisons (GraniteMoE's expert matmul takes no float64)
+    return model if family == "granitemoe" else model.to(torch.float64)
+
+
+@pytest.mark.parametrize("family,value", [("granite", 4.0), ("granite", 3.0), ("cohere", 0.0625), ("cohere", 0.3)])
+def test_logit_scale_is_folded_into_the_fused_head(family, value, data):
+    examples, weights = data
+    batch = pad_collate(examples[:5])
+    model = tiny_scaled(family, value)
+    ref, ref_g = own_loss_and_grads(model, batch)
+    torch.testing.assert_close(model(**batch).loss.double(), ref.loss, rtol=1e-6, atol=1e-6)
+    unscaled = copy.deepcopy(model)
+    unscaled.config.logits_scaling, unscaled.logit_scale = 1.0, 1.0  # (whichever the family reads)
+    assert abs(own_loss_and_grads(unscaled, batch)[0].loss.item() - ref.loss.item()) > 1e-2  # the scale matters
+    patched = apply_fused_pdl(copy.deepcopy(model))
+    out, g = loss_and_grads(patched, batch)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.logits, ref.logits[:, -1:])  # the last position's logits, scaled
+    ref_items, ref_items_g = own_loss_and_grads(model, batch, num_items_in_batch=torch.tensor(9))
+    out, g = loss_and_grads(patched, batch, num_items_in_batch=torch.tensor(9))
+    torch.testing.assert_close(out.loss, ref_items.loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, ref_items_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # PDL weights: the weighted cross-entropy of the model's own (scaled) logits
+    weights = weights.clamp(max=10.0)
+    pdl = apply_fused_pdl(copy.deepcopy(model), weights)
+    want = F.cross_entropy(ref.logits[:, :-1].reshape(-1, TINY_VOCAB), batch["labels"][:, 1:].reshape(-1),
+                           weight=weights.double())
+    torch.testing.assert_close(pdl(**batch).loss, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_pdl_trainer_with_a_logit_scale(tmp_path, family, data):
+    """PDLTrainer, fused (use_fused_linear=True, or a patched model), takes the step of the
+    unfused PDLTrainer, which is the hand-written step on the model's own scaled logits (float64,
+    2 x 4 accumulation; Cohere's LayerNorm computes in float32, hence its looser match)."""
+    examples, weights = data
+    model = tiny_scaled(family, {"granite": 4.0, "cohere": 0.0625}[family])
+    ref = hand_pdl_step(model, examples, weights, LR)
+    plain = _train(tmp_path, copy.deepcopy(model), examples, accum=4, cls=PDLTrainer, pdl_weights=weights)
+    fused = _train(tmp_path, copy.deepcopy(model), examples, accum=4, cls=PDLTrainer, pdl_weights=weights,
+                   use_fused_linear=True)
+    patched = _train(tmp_path, apply_fused_pdl(copy.deepcopy(model)), examples, accum=4, cls=PDLTrainer,
+                     pdl_weights=weights)
+    assert max_param_diff(ref, model) > 1e-3
+    assert max_param_diff(plain, ref) < (1e-9 if family == "cohere" else 1e-12)
+    assert max_param_diff(fused, plain) < 1e-12 and max_param_diff(patched, plain) < 1e-12
+
+
+@pytest.mark.parametrize("family", ["granitemoe", "cohere2"])
+def test_logit_scale_other_families(tmp_path, family):
+    """GraniteMoE (with its router aux loss) and Cohere2 fold their scale the same way (float32
+    for GraniteMoE; transformers' own loss casts the logits to float32)."""
+    model = tiny_scaled(family, {"granitemoe": 4.0, "cohere2": 0.0625}[family]).train()
+    batch = pad_collate(ragged_examples()[:4])
+    own = model(**batch).loss
+    torch.testing.assert_close(apply_fused_pdl(copy.deepcopy(model))(**batch).loss.double(), own.double(),
+                               rtol=1e-6, atol=1e-6)
+    trainer = PDLTrainer(model=copy.deepcopy(model), args=training_args(tmp_path, batch=4, accum=1, lr=LR),
+                         pdl_weights=torch.ones(TINY_VOCAB), use_fused_linear=True)
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(batch)).double(), own.double(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_softcapping_and_unknown_scales_raise(tmp_path, data):
+    """Gemma 2's final_logit_softcapping (a tanh: no linear head computes it) raises, naming the
+    field; so does a logits_scaling in a family not known to divide by it (HyperCLOVA X multiplies)."""
+    import transformers
+
+    _, weights = data
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    gemma2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=8, final_logit_softcapping=30.0,
+                                                                      **common))
+    with pytest.raises(NotImplementedError, match=r"final_logit_softcapping=30\.0"):
+        apply_fused_pdl(gemma2)
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        PDLTrainer(model=gemma2, args=training_args(tmp_path, batch=4, accum=1, lr=LR), pdl_weights=weights,
+                   use_fused_linear=True)
+    gemma2.config.final_logit_softcapping = None  # the neutral value: supported
+    assert is_fused_pdl(apply_fused_pdl(gemma2))
+    clova = transformers.HyperCLOVAXForCausalLM(transformers.HyperCLOVAXConfig(logits_scaling=2.0, **common))
+    with pytest.raises(NotImplementedError, match="logits_scaling"):
+        apply_fused_pdl(clova)
+    granite = tiny_scaled("granite", 0.0)
+    with pytest.raises(ValueError, match="config.logits_scaling"):
+        apply_fused_pdl(granite)

@@ -11,7 +11,9 @@ the applications (``complexformer.lab``).
   HF models of 21 RoPE families (README table); :func:`save_cmha_angles` / :func:`load_cmha_angles`
   keep learned angles beside a PEFT adapter; :class:`CMHAAttention` (``cmha_attention.py``) is the
   attention module of converted Llama / Mistral / Qwen2 and of :class:`ComplexFormerForCausalLM`;
-  the other families keep their HF attention modules, adapted in ``families.py``.
+  the other families keep their HF attention modules, adapted in ``families.py``;
+  :func:`set_cmha_mode` (``serving.py``) switches a converted model to serving mode (rotated keys
+  in a standard cache, any ``attn_implementation``, continuous batching).
 - :class:`ComplexFormerConfig` / :class:`ComplexFormerForCausalLM` (``configuration_complexformer.py``,
   ``modeling_complexformer.py``): a causal LM on CMHA, also importable as ``complexformer.models``.
 
@@ -30,8 +32,9 @@ LOSSES = ("ce", "pdl")
 _LAZY = {
     "apply_fused_pdl": ("fused_pdl", False),
     "PDLTrainer": ("pdl_trainer", True), "_WindowNormalizer": ("pdl_trainer", True),
-    "convert_to_cmha": ("cmha", True), "load_cmha": ("cmha", True), "cmha_parameters": ("cmha", True),
-    "cmha_model_class": ("cmha", True), "save_cmha_angles": ("cmha", True), "load_cmha_angles": ("cmha", True),
+    "convert_to_cmha": ("cmha", True), "load_cmha": ("cmha", True), "cmha_parameters": ("angles", True),
+    "cmha_model_class": ("cmha", True), "save_cmha_angles": ("angles", True), "load_cmha_angles": ("angles", True),
+    "set_cmha_mode": ("serving", True), "cmha_mode": ("serving", True),
     "CMHAAttention": ("cmha_attention", True), "ATTN_IMPLEMENTATION": ("cmha_attention", True),
     "ComplexFormerConfig": ("configuration_complexformer", True),
     "ComplexFormerForCausalLM": ("modeling_complexformer", True),

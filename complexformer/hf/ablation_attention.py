@@ -6,9 +6,8 @@ already takes (H, h) frequencies and returns their gradient, and a constant delt
 like the fixed delta = 1 of RoPE. Partial rotation (``rotary_fraction``) needs no module: it is
 a frequency vector with zeros (``partial_freqs``).
 
-``omega`` is an ordinary parameter: ``cmha_parameters()`` and ``save_cmha_angles`` (PEFT) cover
-delta and beta only: under PEFT omega stays frozen with the base model unless made trainable
-and saved by hand.
+``omega`` is an angle like delta and beta: ``cmha_parameters()`` returns it and
+``save_cmha_angles`` / ``load_cmha_angles`` carry it beside a PEFT adapter.
 """
 import torch
 from torch import nn

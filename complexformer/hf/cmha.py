@@ -17,7 +17,7 @@ adapted in place by ``families.py``. RoPE types whose frequencies change with th
 
 Saved state: ``save_pretrained`` / :func:`load_cmha` carry delta / beta (float32 even in a bf16
 model) and rebuild the frequencies from the config, any number of times. A PEFT adapter does not
-hold them: :func:`save_cmha_angles` / :func:`load_cmha_angles` keep them beside it.
+hold them: :func:`save_cmha_angles` / :func:`load_cmha_angles` (``angles.py``) keep them beside it.
 
 The model's ``attn_implementation`` becomes "complexformer_cmha" (on its own copy of the config): HF then builds, for plain causal
 attention, the 2-D padding mask the fused CMHA kernel takes; sliding windows and packed sequences
@@ -27,20 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from .angles import _warn_on_peft_save, cmha_parameters, load_cmha_angles, save_cmha_angles  # noqa: F401 (public here too)
 from .cmha_attention import ATTN_IMPLEMENTATION, LEARNABLE, CMHAAttention, CMHAState
-from .families import FAMILIES, adapt, check_family
+from .families import (FAMILIES, SUPPORTED_MODEL_TYPES, adapt, check_family, check_widths, supported_names,
+                       view_model_config)
+from .rope import rope_frequencies, rotary_embedding
 
-LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")  # served by CMHAAttention; the rest by families.adapt
-SUPPORTED_MODEL_TYPES = LEGACY_MODEL_TYPES + tuple(FAMILIES)
-
-
-def _supported_names():
-    """The causal LM classes of the supported model types, for error messages."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
-
-    return (", ".join(names.get(mt, mt) for mt in SUPPORTED_MODEL_TYPES)
-            + " and their base models (LlamaModel, ...; README, 'Hugging Face models')")
-EXACT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 CONFIG_KEY = "cmha_conversion"  # the config entry that records a conversion (saved in config.json)
 
 
@@ -52,59 +44,12 @@ def _attention_classes():
     return LlamaAttention, MistralAttention, Qwen2Attention
 
 
-def _rotary(model):
-    found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
-    if len(found) != 1:
-        raise ValueError(f"convert_to_cmha: expected one rotary embedding module in {type(model).__name__}, "
-                         f"found {len(found)}")
-    return found[0]
-
-
-def _rope_type(rotary, config):
-    rt = getattr(rotary, "rope_type", None)
-    if rt is None:
-        params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        rt = params.get("rope_type", params.get("type", "default"))
-    return rt
-
-
-def _frequencies(rotary, config, layer_type=None):
-    """(freqs (rotary pairs,) float32 on the CPU, attention_scaling) of the model's rotary embedding,
-    for ``layer_type`` when the rope is per layer type (Gemma 3: ``{layer_type}_inv_freq``)."""
-    rt = _rope_type(rotary, config)
-    prefix = ""
-    if isinstance(rt, dict):
-        if layer_type not in rt:
-            raise NotImplementedError(f"convert_to_cmha: per-layer rope types {rt} without layer_type {layer_type!r}")
-        rt, prefix = rt[layer_type], f"{layer_type}_"
-    if rt not in EXACT_ROPE_TYPES:
-        raise NotImplementedError(
-            f"convert_to_cmha: {type(config).__name__}.rope_parameters['rope_type'] = {rt!r} cannot be reproduced "
-            "exactly by CMHA's fixed rotation (its frequencies depend on the sequence length); supported: "
-            f"{', '.join(EXACT_ROPE_TYPES)}"
-        )
-    inv = getattr(rotary, f"{prefix}inv_freq")
-    s = float(getattr(rotary, f"{prefix}attention_scaling", 1.0) or 1.0)
-    if inv.device.type == "meta":
-        # Built under from_pretrained's meta-device init: recompute the values on the CPU with the
-        # rotary embedding's own init function. The explicit CPU device context matters: the init
-        # functions create tensors without a device (torch.arange(...).to(device)), which would
-        # otherwise land on the meta device of the surrounding context.
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        init = rotary.compute_default_rope_parameters if rt == "default" else ROPE_INIT_FUNCTIONS[rt]
-        with torch.device("cpu"):
-            inv, s = init(config, device=torch.device("cpu"), **({"layer_type": layer_type} if layer_type else {}))
-        s = float(s or 1.0)
-    return inv.detach().to("cpu", torch.float32), s
-
-
 def _check_model(model):
     config = getattr(model, "config", None)
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
-            f"convert_to_cmha: {type(model).__name__} (model_type={mt!r}) is not supported; supported: {_supported_names()}"
+            f"convert_to_cmha: {type(model).__name__} (model_type={mt!r}) is not supported; supported: {supported_names()}"
         )
     check_family(config)
     if getattr(config, CONFIG_KEY, None) and any(isinstance(m, CMHAState) for m in model.modules()):
@@ -146,8 +91,8 @@ def convert_to_cmha(model, *, learnable=LEARNABLE, backend="auto"):
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     for name, attn in targets:
-        _check_widths(config, name, attn, H, Hkv)
-    freqs, s = _frequencies(_rotary(model), config)  # one rotary embedding: the same for every layer
+        check_widths(config, name, attn, H, Hkv, attn.head_dim)
+    freqs, s = rope_frequencies(rotary_embedding(model), config)  # one rotary embedding: the same for every layer
     num_layers = config.num_hidden_layers
     for name, attn in targets:
         head_dim = attn.head_dim
@@ -173,24 +118,11 @@ def _mark_converted(model, config, learnable, backend):
     # The model gets its own config: another model built from the same config object keeps its
     # attention implementation (and no conversion marker).
     _own_config(model, config)
+    view_model_config(model)
     setattr(model.config, CONFIG_KEY, {"learnable": list(learnable), "backend": backend})
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     _warn_on_peft_save()
     return model
-
-
-def _check_widths(config, name, attn, H, Hkv):
-    """head_dim * heads must equal the projection widths the conversion reshapes q / k / v into."""
-    d = attn.head_dim
-    for proj, heads, field, dim in (("q_proj", H, "num_attention_heads", "out_features"),
-                                    ("k_proj", Hkv, "num_key_value_heads", "out_features"),
-                                    ("v_proj", Hkv, "num_key_value_heads", "out_features"),
-                                    ("o_proj", H, "num_attention_heads", "in_features")):
-        width = getattr(getattr(attn, proj), dim, None)
-        if width is not None and width != heads * d:
-            raise ValueError(
-                f"convert_to_cmha: inconsistent config: {type(config).__name__}.head_dim ({d}) * {field} ({heads}) = "
-                f"{heads * d}, but {name}.{proj}.{dim} is {width}")
 
 
 def _own_config(model, config):
@@ -201,140 +133,6 @@ def _own_config(model, config):
     for m in model.modules():
         if getattr(m, "config", None) is config:
             m.config = own
-
-
-def cmha_parameters(model):
-    """The learnable CMHA angles (delta, beta) of every CMHA attention module in ``model``.
-
-    For separate learning rates, e.g. with ``Trainer(optimizers=(opt, None))``::
-
-        angles = cmha_parameters(model)
-        ids = {id(p) for p in angles}
-        opt = torch.optim.AdamW([{"params": angles, "lr": 1e-2, "weight_decay": 0.0},
-                                 {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids]}],
-                                lr=1e-4)
-    """
-    return [p for *_, p in _angle_items(model)]
-
-
-ANGLES_FILE = "cmha_angles.safetensors"
-
-
-def _unwrap(model):
-    """The transformers model inside PEFT (``PeftModel.get_base_model()``) / DDP wrappers."""
-    for _ in range(4):
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        else:
-            break
-    return model
-
-
-def _angle_items(model):
-    """(qualified name, module, "delta" | "beta", parameter) of every learnable CMHA angle, named in
-    the transformers model (PEFT's ``base_model.model.`` prefix stripped, so a file fits the bare
-    model and its adapters alike)."""
-    for name, m in _unwrap(model).named_modules():
-        if isinstance(m, CMHAState):
-            for n, p in m.named_parameters(recurse=False):
-                if n in LEARNABLE:
-                    yield (f"{name}.{n}" if name else n), m, n, p
-
-
-def _named_angles(model):
-    """{name: parameter} of the learnable delta / beta (see :func:`_angle_items`)."""
-    return {key: p for key, _, _, p in _angle_items(model)}
-
-
-def save_cmha_angles(model, directory):
-    """Save the learned CMHA angles (delta / beta) of ``model`` (a converted model or
-    ComplexFormerForCausalLM, bare or wrapped by PEFT) to ``directory/cmha_angles.safetensors``.
-
-    PEFT's ``save_pretrained`` saves only the adapter: call this beside it when the angles are
-    trained under PEFT, and :func:`load_cmha_angles` after ``PeftModel.from_pretrained``. The file
-    is written atomically. Returns its path.
-    """
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    angles = _named_angles(model)
-    if not angles:
-        raise ValueError(f"save_cmha_angles: {type(model).__name__} has no learnable CMHA angles")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, ANGLES_FILE)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cmha_angles.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in angles.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-@torch.no_grad()
-def load_cmha_angles(model, directory):
-    """Load the angles :func:`save_cmha_angles` wrote to ``directory`` into ``model`` (in place).
-    Every learnable angle of the model must be in the file and every entry must match one, with
-    the same shape; otherwise nothing is loaded and a ValueError names the keys. Returns the model."""
-    import os
-
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, ANGLES_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_cmha_angles: no {ANGLES_FILE} in {directory} (written by save_cmha_angles)")
-    saved, angles = load_file(path), _named_angles(model)
-    missing, unexpected = sorted(set(angles) - set(saved)), sorted(set(saved) - set(angles))
-    bad = [k for k in angles if k in saved and saved[k].shape != angles[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"load_cmha_angles: {path} does not fit {type(model).__name__}: missing {missing}, "
-                         f"unexpected {unexpected}, shape mismatch {bad}")
-    for k, p in angles.items():
-        p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
-    return model
-
-
-def _angles_at_risk(model):
-    """True when ``model`` holds CMHA angles that a PEFT adapter save would lose: trainable ones,
-    or ones moved from their RoPE start (delta = 1, beta = 0) in a converted model."""
-    return any(p.requires_grad or (m.delta_init == "rope" and bool((p != (1.0 if n == "delta" else 0.0)).any()))
-               for _, m, n, p in _angle_items(model))
-
-
-def _warn_on_peft_save():
-    """Make ``peft.PeftModel.save_pretrained`` warn when it drops learned CMHA angles (it saves the
-    adapter only) and no cmha_angles file is beside it. Installed once; changes nothing else."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return
-    original = PeftModel.save_pretrained
-    if getattr(original, "_cmha_checked", False):
-        return
-
-    import functools
-    import os
-    import warnings
-
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        result = original(self, save_directory, *args, **kwargs)
-        if not os.path.isfile(os.path.join(save_directory, ANGLES_FILE)) and _angles_at_risk(self):
-            warnings.warn(
-                f"PeftModel.save_pretrained saved the adapter only: the learned CMHA angles (delta / beta) of "
-                f"{type(_unwrap(self)).__name__} are not in {save_directory}. Save them with "
-                "complexformer.hf.save_cmha_angles(model, directory) and restore them with load_cmha_angles "
-                "(PDLTrainer does this in its checkpoints).", UserWarning, stacklevel=2)
-        return result
-
-    save_pretrained._cmha_checked = True
-    PeftModel.save_pretrained = save_pretrained
 
 
 _CLASS_CACHE = {}
@@ -349,9 +147,14 @@ def cmha_model_class(cls):
         return _CLASS_CACHE[cls]
 
     def __init__(self, config, *args, **kwargs):
+        from .serving import restore_training_config, set_cmha_mode
+
+        serving = restore_training_config(config)  # saved while serving: build with the true kv heads
         cls.__init__(self, config, *args, **kwargs)
         info = getattr(config, CONFIG_KEY, None) or {}
         convert_to_cmha(self, learnable=tuple(info.get("learnable", LEARNABLE)), backend=info.get("backend", "auto"))
+        if serving:
+            set_cmha_mode(self, "serving", attn_implementation=serving)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover - transformers without the output collec
 from ..checks import check_backend, check_key_padding_mask, check_positions, compute_dtype
 from ..module import attend
 from ..reference import default_freqs
+from .serving_attention import serving_attention, serving_positions
 
 ATTN_IMPLEMENTATION = "complexformer_cmha"
 LEARNABLE = ("delta", "beta")
@@ -116,6 +117,9 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
         raise NotImplementedError(f"{type(module).__name__}: attention dropout ({dropout}) is not supported by CMHA "
                                   "attention; set config.attention_dropout = 0.0")
     q_pos, cache = cmha_positions
+    if module._cmha_serving is not None:  # serving mode (serving.py): rotate, cache, the model's attention function
+        return serving_attention(module, query, key, value, attention_mask, q_pos, cache, scaling=scaling,
+                                 dropout=dropout, softcap=softcap, sliding_window=sliding_window, **kwargs)
     k_pos = module._read_positions(cache, query.shape[0], key.shape[2]) if cache is not None else q_pos
     if softcap is not None or _attention_collector() is not None or kwargs.get("output_attentions"):
         # softcapping (Gemma 2) and attention probabilities: the written-out path, never a dropped cap
@@ -138,6 +142,14 @@ def _attention_collector():
         return None  # nothing was set under compile (ComplexFormer's own forward); a ContextVar read would break the graph
     collected = _active_collector.get()
     return collected if collected is not None and "attentions" in collected else None
+
+
+def _check_cache_type(cache):
+    if cache is not None and not isinstance(cache, Cache):
+        serving = (" A paged cache (continuous batching) needs serving mode: "
+                   "complexformer.hf.set_cmha_mode(model, 'serving').") if hasattr(cache, "update") else ""
+        raise TypeError(f"cache: CMHA attention (training mode) expected a transformers Cache (e.g. DynamicCache), "
+                        f"got {type(cache).__name__}.{serving}")
 
 
 class _TorchInit:
@@ -166,7 +178,10 @@ class CMHAState:
     entry per rotary pair: fewer than head_dim/2 for partial rotary), ``_derived`` ({})."""
 
     cmha_layout = "half"
-    _float32_params = LEARNABLE  # parameters kept in float32 under a low-precision cast (_apply)
+    _cmha_serving = None  # the model's config while in serving mode (serving.py), else None
+    # the angle parameters: kept in float32 under a low-precision cast (_apply), returned by
+    # cmha_parameters and carried by save_cmha_angles
+    _float32_params = LEARNABLE
     _fixed_values = {"delta": 1.0, "beta": 0.0}  # an angle that is not learnable: RoPE's value
 
     def _apply(self, fn, *args, **kwargs):
@@ -398,8 +413,23 @@ class CMHAAttention(CMHAState, nn.Module):
         q = self.q_proj(hidden_states).view(B, L, H, d).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, L, Hkv, d).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, L, Hkv, d).transpose(1, 2)
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"cache: expected a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
+        collector = _attention_collector()
+        if self._cmha_serving is not None:  # serving mode (serving.py): the model's attention function
+            q_pos = serving_positions(self, position_ids, kwargs.get("cache_position"), cache, B, L, q.device)
+            out, probs = serving_attention(self, q, k, v, attention_mask, q_pos, cache, scaling=self.scaling, **kwargs)
+        else:
+            out, probs = self._training_attention(q, k, v, attention_mask, cache, position_ids, collector, **kwargs)
+            out = out.transpose(1, 2)
+        out = self.o_proj(out.reshape(B, L, H * d))
+        if collector is not None:  # transformers >= 5 records attentions through this collector
+            collector["attentions"].append(probs)
+            probs = None
+        return out, probs
+
+    def _training_attention(self, q, k, v, attention_mask, cache, position_ids, collector, **kwargs):
+        """CMHA attention of raw q, k, v with the raw-key cache: (out (B, H, Lq, d), probabilities or None)."""
+        B, _, L, _ = q.shape
+        _check_cache_type(cache)
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         q_pos = self._query_positions(position_ids, kwargs.get("cache_position"), B, L, past, q.device)
         if cache is not None:
@@ -408,17 +438,10 @@ class CMHAAttention(CMHAState, nn.Module):
             k_pos = self._cached_positions(cache, q_pos, B, L, k.shape[2])
         else:
             k_pos = q_pos
-        collector = _attention_collector()
         if collector is not None or kwargs.get("output_attentions"):
             # output_attentions=True: the probabilities exist only on the reference path
-            out, probs = self._attend(q, k, v, q_pos, k_pos, attention_mask, return_probs=True)
-        else:
-            out, probs = self._attend(q, k, v, q_pos, k_pos, attention_mask), None
-        out = self.o_proj(out.transpose(1, 2).reshape(B, L, H * d))
-        if collector is not None:  # transformers >= 5 records attentions through this collector
-            collector["attentions"].append(probs)
-            probs = None
-        return out, probs
+            return self._attend(q, k, v, q_pos, k_pos, attention_mask, return_probs=True)
+        return self._attend(q, k, v, q_pos, k_pos, attention_mask), None
 
 
 def rope_freqs(head_dim, rope_theta):

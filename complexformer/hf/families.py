@@ -20,7 +20,9 @@ import sys
 import torch
 from torch import nn
 
-from .cmha_attention import _LOW_PRECISION, CMHAState, Cache
+from .cmha_attention import _LOW_PRECISION, CMHAState, _check_cache_type
+from .rope import rope_frequencies, rope_type, rotary_embedding
+from .serving_attention import serving_positions
 
 # model_type -> what differs from the generic reading. layout: the rotary pair layout;
 # nope_attr: the module attribute that is falsy on a layer without rotary embedding (omega = 0);
@@ -32,6 +34,16 @@ FAMILIES = {
     "glm": {"layout": "interleaved"}, "glm4": {"layout": "interleaved"}, "cohere": {"layout": "interleaved"},
     "starcoder2": {}, "gpt_neox": {}, "stablelm": {}, "phi": {},
 }
+LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")  # served by CMHAAttention; the rest by adapt()
+SUPPORTED_MODEL_TYPES = LEGACY_MODEL_TYPES + tuple(FAMILIES)
+
+
+def supported_names():
+    """The causal LM classes of the supported model types, for error messages."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+
+    return (", ".join(names.get(mt, mt) for mt in SUPPORTED_MODEL_TYPES)
+            + " and their base models (LlamaModel, ...; README, 'Hugging Face models')")
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _ADAPTED = {}
 
@@ -44,19 +56,60 @@ def _adapted_forward(self, *args, **kwargs):
         raise RuntimeError(f"{type(self).__name__}: expected position_embeddings=(cos, sin) by keyword from the "
                            "decoder layer (the CMHA adapter replaces them by the identity rotation)")
     B, L = hidden.shape[:2]
+    cos, sin = pe
+    kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+    if self._cmha_serving is not None:
+        # serving mode: the attention function rotates q and k and writes the cache itself (serving.py),
+        # so the HF forward must not write raw keys to it
+        q_pos = serving_positions(self, kwargs.get("position_ids"), kwargs.get("cache_position"), cache, B, L,
+                                  hidden.device)
+        for n in _CACHE_KWARGS:
+            if n in kwargs:
+                kwargs[n] = None
+        return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache), **kwargs)
     past = 0
     if cache is not None:
-        if not isinstance(cache, Cache):
-            raise TypeError(f"cache: expected a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
+        _check_cache_type(cache)
         self._check_cache_layer(cache)
         past = cache.get_seq_length(self.layer_idx)
     q_pos = self._query_positions(kwargs.get("position_ids"), kwargs.get("cache_position"), B, L, past,
                                   hidden.device)
     if cache is not None:
         self._record_positions(cache, q_pos, B, L)
-    cos, sin = pe
-    kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
     return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache), **kwargs)
+
+
+class CMHAConfigView:
+    """The config an adapted attention module reads: the model's config, except that the attention
+    function it calls is always complexformer's (``_hf_attention``), whatever the model's
+    ``attn_implementation``. In training mode that function applies CMHA to the raw q and k (with
+    an "sdpa" or "eager" mask too); in serving mode it rotates q and k and then calls the model's
+    implementation. Without the view, ``model.set_attn_implementation("sdpa")`` would send the
+    identity-rotated q and k straight to SDPA: no rotation at all."""
+
+    def __init__(self, config):
+        self.__dict__["_cmha_config"] = config
+
+    @property
+    def _attn_implementation(self):
+        from .cmha_attention import ATTN_IMPLEMENTATION
+
+        return ATTN_IMPLEMENTATION
+
+    def __getattr__(self, name):
+        try:
+            config = self.__dict__["_cmha_config"]
+        except KeyError:  # during unpickling / deepcopy, before the state is restored
+            raise AttributeError(name) from None
+        return getattr(config, name)
+
+
+def view_model_config(model):
+    """Point every adapted module of ``model`` at ``model.config`` through a :class:`CMHAConfigView`
+    (after the model got its own config)."""
+    for m in model.modules():
+        if isinstance(m, CMHAState) and hasattr(type(m), "_cmha_base_class"):
+            m.config = CMHAConfigView(model.config)
 
 
 def adapted_class(cls):
@@ -80,31 +133,35 @@ def attention_modules(model):
             if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)]
 
 
-def _check_widths(config, name, attn, H, Hkv, d):
-    """head_dim * heads must equal the projection widths HF reshapes q / k / v into."""
+def check_widths(config, name, attn, H, Hkv, d):
+    """head_dim * heads must equal the projection widths HF reshapes q / k / v (and the output
+    projection's input) into; the error names the config fields and the module."""
     cname = type(config).__name__
+    q, kv, qkv = "num_attention_heads", "num_key_value_heads", "num_attention_heads + 2 * num_key_value_heads"
     if hasattr(attn, "q_proj"):
-        checks = (("q_proj", attn.q_proj, H), ("k_proj", attn.k_proj, Hkv), ("v_proj", attn.v_proj, Hkv))
+        checks = [("q_proj", "out_features", H, q), ("k_proj", "out_features", Hkv, kv),
+                  ("v_proj", "out_features", Hkv, kv)]
     elif hasattr(attn, "qkv_proj"):
-        checks = (("qkv_proj", attn.qkv_proj, H + 2 * Hkv),)
+        checks = [("qkv_proj", "out_features", H + 2 * Hkv, qkv)]
     elif hasattr(attn, "query_key_value"):
-        checks = (("query_key_value", attn.query_key_value, 3 * H),)
+        checks = [("query_key_value", "out_features", 3 * H, "3 * num_attention_heads")]
     else:
         raise NotImplementedError(f"convert_to_cmha: {name} ({type(attn).__name__}) has no q_proj, qkv_proj or "
                                   "query_key_value projection")
-    for proj, mod, heads in checks:
-        width = getattr(mod, "out_features", None)
+    if hasattr(attn, "o_proj"):
+        checks.append(("o_proj", "in_features", H, q))
+    for proj, dim, heads, field in checks:
+        width = getattr(getattr(attn, proj), dim, None)
         if width is not None and width != heads * d:
-            raise ValueError(f"convert_to_cmha: inconsistent config: {cname} head_dim ({d}) * heads ({heads}) = "
-                             f"{heads * d}, but {name}.{proj}.out_features is {width} (check {cname}.head_dim, "
-                             "num_attention_heads, num_key_value_heads)")
+            raise ValueError(
+                f"convert_to_cmha: inconsistent config: {cname}.head_dim ({d}) * {field} ({heads}) = {heads * d}, "
+                f"but {name}.{proj}.{dim} is {width} (check {cname}.head_dim, num_attention_heads, "
+                "num_key_value_heads)")
 
 
 def check_family(config):
     """The table entry of ``config.model_type``; raises naming the class and the supported families
     (or the refused config field)."""
-    from .cmha import _supported_names
-
     spec = FAMILIES.get(config.model_type)
     if spec is None:
         return None
@@ -113,21 +170,19 @@ def check_family(config):
             raise NotImplementedError(
                 f"convert_to_cmha: {type(config).__name__}.{field}={getattr(config, field)!r} is not supported: "
                 "transformers applies it only in some attention implementations, so no conversion can match "
-                f"the model; set it to None (supported: {_supported_names()})")
+                f"the model; set it to None (supported: {supported_names()})")
     return spec
 
 
 def adapt(model, config, spec, *, learnable, backend):
     """Adapt every attention module of ``model`` (a family in :data:`FAMILIES`) in place."""
-    from .cmha import _frequencies, _rotary, _rope_type
-
     targets = [(n, m) for n, m in attention_modules(model) if not isinstance(m, CMHAState)]
     if not targets:
         raise ValueError(f"convert_to_cmha: no attention module found in {type(model).__name__}")
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
-    rotary = _rotary(model)
-    per_layer = isinstance(_rope_type(rotary, config), dict)
+    rotary = rotary_embedding(model)
+    per_layer = isinstance(rope_type(rotary, config), dict)
     plan, by_layer_type = [], {}
     for name, attn in targets:  # check everything before changing anything
         d = getattr(attn, "head_dim", None) or getattr(attn, "head_size")
@@ -136,10 +191,10 @@ def adapt(model, config, spec, *, learnable, backend):
         if getattr(attn, "is_causal", True) is False:
             raise NotImplementedError(f"convert_to_cmha: {name} ({type(attn).__name__}) is bidirectional "
                                       "(use_bidirectional_attention); CMHA attention is causal")
-        _check_widths(config, name, attn, H, Hkv, d)
+        check_widths(config, name, attn, H, Hkv, d)
         layer_type = config.layer_types[attn.layer_idx] if per_layer else None
         if layer_type not in by_layer_type:  # one computation per rope (Gemma 3: local, global)
-            by_layer_type[layer_type] = _frequencies(rotary, config, layer_type)
+            by_layer_type[layer_type] = rope_frequencies(rotary, config, layer_type)
         freqs, s = by_layer_type[layer_type]
         if 2 * freqs.numel() > d:
             raise ValueError(f"convert_to_cmha: {name}: the rotary embedding has {freqs.numel()} frequencies for "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types
 
 import torch
@@ -26,13 +27,48 @@ _PATCH = "_complexformer_fused_pdl"
 # config attributes of models that transform the LM head's output before the loss, and the
 # value that means "no transform"
 _LOGIT_TRANSFORMS = (("final_logit_softcapping", None), ("logit_scale", None), ("logits_scaling", 1.0),
-                     ("output_multiplier_scale", None), ("attn_logit_softcapping_final", None))
+                     ("output_multiplier_scale", None), ("attn_logit_softcapping_final", None),
+                     ("lm_head_multiplier", 1.0))
+# model_type -> (the config field, the factor c its forward multiplies the logits by) for the families
+# whose only logit transform is that scalar: c * (h W^T + b) = (c h) W^T + c b, so the fused head
+# applies it exactly. Keyed by family, not by attribute: the same name means different things
+# (Granite divides by logits_scaling, HyperCLOVA X multiplies by it). Cohere's forward reads the
+# model's own logit_scale (copied from the config at init), Granite's the config.
+_LOGIT_SCALES = {
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"),
+                    ("logits_scaling", lambda m: 1.0 / _scale_value(m.config.logits_scaling, "config.logits_scaling"))),
+    **dict.fromkeys(("cohere", "cohere2"), ("logit_scale", lambda m: _scale_value(m.logit_scale, "logit_scale"))),
+}
+
+
+def _scale_value(value, name):
+    value = float(value)
+    if not math.isfinite(value) or value == 0:
+        raise ValueError(f"{name}: the fused LM head + loss needs a finite nonzero scale, got {value}")
+    return value
+
+
+def fused_logit_scale(model, who):
+    """The factor c by which ``model``'s forward multiplies its LM head's output (Granite:
+    1 / ``config.logits_scaling``; Cohere: ``logit_scale``), None when it applies none. Any other
+    logit transform (Gemma 2's ``final_logit_softcapping``: a tanh, which no linear head
+    computes) raises NotImplementedError naming ``who`` and the config field."""
+    cfg = getattr(model, "config", None)
+    folded, read = _LOGIT_SCALES.get(getattr(cfg, "model_type", None), (None, None))
+    for attr, neutral in _LOGIT_TRANSFORMS:
+        value = getattr(cfg, attr, neutral)
+        if attr != folded and value is not None and value != neutral:
+            raise NotImplementedError(
+                f"{who}: {type(model).__name__} transforms its logits ({attr}={value}), which the fused "
+                f"head + loss cannot apply; set config.{attr} to {neutral} or use the unfused loss")
+    return None if read is None else read(model)
 
 
 def check_fused_support(model, who):
     """Raise NotImplementedError (naming ``who`` and the reason) unless the fused path computes
     exactly what the model's own head + loss would: an nn.Linear output layer (bias allowed), a
-    forward that takes ``logits_to_keep`` and returns ``hidden_states``, and no logit transform."""
+    forward that takes ``logits_to_keep`` and returns ``hidden_states``, and no logit transform
+    other than a scale (:func:`fused_logit_scale`)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         raise NotImplementedError(
@@ -42,13 +78,7 @@ def check_fused_support(model, who):
     params = inspect.signature(forward).parameters
     if "logits_to_keep" not in params:
         raise NotImplementedError(f"{who}: {type(model).__name__}.forward takes no logits_to_keep")
-    cfg = getattr(model, "config", None)
-    for attr, neutral in _LOGIT_TRANSFORMS:
-        value = getattr(cfg, attr, neutral)
-        if value is not None and value != neutral:
-            raise NotImplementedError(
-                f"{who}: {type(model).__name__} transforms its logits ({attr}={value}), which the fused "
-                f"head + loss does not")
+    fused_logit_scale(model, who)
 
 
 def router_aux_loss(model, outputs):
@@ -115,8 +145,9 @@ def apply_fused_pdl(model, weights=None, *, ignore_index=-100, label_smoothing=0
             forward takes ``logits_to_keep`` and returns ``hidden_states``: Llama, Mistral,
             Qwen2, GPT-2 and most decoder-only models of transformers >= 4.45 (and
             ``ComplexFormerForCausalLM`` / converted CMHA models, which keep these heads).
-            Models that transform their logits (soft-capping, ``logit_scale``,
-            ``logits_scaling``) raise NotImplementedError.
+            A logit scale is folded into the head exactly (Granite / GraniteMoE
+            ``logits_scaling``, Cohere / Cohere2 ``logit_scale``); any other logit transform
+            (Gemma 2's ``final_logit_softcapping``) raises NotImplementedError naming the field.
         weights: None for the model's own loss: cross-entropy, or, for a model configured for
             PDL (``config.loss == "pdl"`` with a ``pdl_weights`` buffer, as
             ``ComplexFormerForCausalLM``), PDL with that buffer, read at every call; or the (V,)
@@ -214,7 +245,8 @@ def _fused_forward(self, *args, **kwargs):
             "(weighted) loss; train with complexformer.hf.PDLTrainer, which passes the weight sum")
     loss = causal_lm_pdl_loss(hidden, labels if shifted is None else shifted, weights, shift=shifted is None,
                               normalizer=num_items, lm_head=head.weight, lm_head_bias=head.bias,
-                              ignore_index=patch.ignore_index, label_smoothing=patch.label_smoothing)
+                              logit_scale=fused_logit_scale(self, "apply_fused_pdl"), ignore_index=patch.ignore_index,
+                              label_smoothing=patch.label_smoothing)
     aux = router_aux_loss(self, outputs)
     if aux is not None:  # MoE load balancing, added exactly as the model's own loss adds it
         loss = loss + aux.to(loss.device)

@@ -26,7 +26,7 @@ try:
     from transformers import (
         AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel,
     )
-    from transformers.cache_utils import DynamicCache
+    from transformers.cache_utils import Cache, DynamicCache
     from transformers.masking_utils import create_causal_mask
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -36,10 +36,11 @@ except ImportError as e:  # pragma: no cover
 from ..causal_lm import causal_lm_pdl_loss
 from ..checks import check_pdl_weights
 from ..counts import pdl_weights
-from .cmha import _warn_on_peft_save, cmha_parameters
+from .angles import _warn_on_peft_save, cmha_parameters
 from .ablation_attention import AblationAttention, partial_freqs
 from .cmha_attention import CMHAAttention, _hf_init, rope_freqs
 from .configuration_complexformer import ComplexFormerConfig
+from .serving import restore_training_config, set_cmha_mode
 
 _TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
 # The name the model outputs give the cache: `cache` from transformers 5.24, `past_key_values` before.
@@ -128,12 +129,15 @@ class ComplexFormerModel(ComplexFormerPreTrainedModel):
     """The decoder stack without the LM head: returns ``last_hidden_state`` (and the cache)."""
 
     def __init__(self, config):
+        serving = restore_training_config(config)  # saved while serving: build with the true kv heads
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(ComplexFormerDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
+        if serving:
+            set_cmha_mode(self, "serving", attn_implementation=serving)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -159,8 +163,8 @@ class ComplexFormerModel(ComplexFormerPreTrainedModel):
             use_cache = False  # a cache written during recomputation would hold every step twice
         if use_cache and cache is None:
             cache = DynamicCache()
-        if not use_cache:
-            cache = None
+        if not use_cache and isinstance(cache, Cache):
+            cache = None  # (a paged cache, not a Cache, comes from continuous batching with use_cache=False)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (past + torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device))[None]
@@ -175,7 +179,7 @@ class ComplexFormerModel(ComplexFormerPreTrainedModel):
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache)
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache, **kwargs)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
@@ -245,7 +249,7 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def cmha_parameters(self):
-        """The learnable CMHA angles (every layer's delta and beta): give them their own optimizer
+        """The learnable CMHA angles (every layer's delta and beta, and omega with ``learnable_freqs``): give them their own optimizer
         group, e.g. ``[{"params": m.cmha_parameters(), "lr": 1e-2}, {"params": rest}]``."""
         return cmha_parameters(self)
 
@@ -288,7 +292,7 @@ class ComplexFormerForCausalLM(ComplexFormerPreTrainedModel, GenerationMixin):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, output_hidden_states=output_hidden_states,
-                         output_attentions=kwargs.get("output_attentions"))
+                         **{k: v for k, v in kwargs.items() if k != "num_items_in_batch"})
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden

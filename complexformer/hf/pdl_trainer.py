@@ -23,7 +23,7 @@ except ImportError as e:  # pragma: no cover
 
 from ..causal_lm import causal_lm_normalizer, causal_lm_pdl_loss, shift_labels
 from ..checks import check_pdl_weights
-from .fused_pdl import check_fused_support, final_hidden_states, is_fused_pdl, router_aux_loss
+from .fused_pdl import check_fused_support, final_hidden_states, fused_logit_scale, is_fused_pdl, router_aux_loss
 from .label_counts import check_label_range
 
 
@@ -65,7 +65,7 @@ def _save_peft_angles(model, directory):
     """save_cmha_angles for a PEFT model with learnable CMHA angles (the full model's own
     checkpoint holds them already)."""
     if _is_peft(model):
-        from .cmha import _named_angles, save_cmha_angles
+        from .angles import _named_angles, save_cmha_angles
 
         if _named_angles(model):
             save_cmha_angles(model, directory)
@@ -74,7 +74,7 @@ def _save_peft_angles(model, directory):
 def _load_peft_angles(model, directory):
     import os
 
-    from .cmha import ANGLES_FILE, load_cmha_angles
+    from .angles import ANGLES_FILE, load_cmha_angles
 
     if _is_peft(model) and os.path.isfile(os.path.join(directory, ANGLES_FILE)):
         load_cmha_angles(model, directory)
@@ -114,8 +114,9 @@ class PDLTrainer(_Trainer):
     logits. It needs a model whose forward takes ``logits_to_keep`` and returns
     ``hidden_states[-1]`` as the input of an ``nn.Linear`` ``get_output_embeddings()``
     (GPT-2, Llama, Mistral, Qwen2 and most decoder-only models in transformers >= 4.45) and
-    no logit scaling or soft-capping. The loss is PDLTrainer's own (its ``pdl_weights``,
-    ``pdl_ignore_index`` and label smoothing), whatever weights the patch was given.
+    no logit transform but a scale (Granite ``logits_scaling``, Cohere ``logit_scale``: folded
+    into the head exactly); soft-capping (Gemma 2) raises. The loss is PDLTrainer's own (its
+    ``pdl_weights``, ``pdl_ignore_index`` and label smoothing), whatever weights the patch was given.
     """
 
     def __init__(self, *args, pdl_weights, pdl_ignore_index=-100, use_fused_linear=False, **kwargs):
@@ -236,6 +237,7 @@ class PDLTrainer(_Trainer):
         loss = causal_lm_pdl_loss(x, targets, self._weights(x.device), shift=False, normalizer=norm,
                                   lm_head=None if head is None else head.weight,
                                   lm_head_bias=None if head is None else head.bias,
+                                  logit_scale=None if head is None else fused_logit_scale(unwrapped, "PDLTrainer"),
                                   ignore_index=self.pdl_ignore_index,
                                   label_smoothing=self.args.label_smoothing_factor)
         aux = router_aux_loss(unwrapped, outputs)
