@@ -14,6 +14,8 @@ model with its training-mode cache (raw keys + positions, keys re-rotated by the
 every step) and with its serving-mode cache (``set_cmha_mode(model, "serving")``: rotated keys in
 a normal HF cache, attention by torch's SDPA). Before timing, every path's greedy tokens are
 compared with the original's; a difference (a near-tie on a random model) is reported, not hidden.
+Also timed: one decoding step alone (one token per row on a cache holding the prompt, cropped
+back after each step), which leaves the prefill out.
 
 Timing: all paths in one process, round-robin (rep 1 of every path, then rep 2, ...), median (and
 min). Extra peak memory: one step / one generate in a fresh process per path (CPU: RSS high-water
@@ -125,6 +127,23 @@ def check(args):
         sys.exit("converted model does not reproduce the original: not timing it")
 
 
+def step_after_prompt(model, ids):
+    """One decoding step (one new token per row) on a cache holding the prompt, cropped back after
+    each call so that every call sees the same cache length (len(prompt) + 1 keys)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        nxt = model(ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=ids.dtype, device=ids.device)
+
+    @torch.no_grad()
+    def step():
+        model(nxt, attention_mask=mask, cache=cache, use_cache=True)
+        cache.crop(-1)
+    return step
+
+
 def check_tokens(tokens):
     """Print, per path, whether its greedy tokens equal the original's (and where they first differ)."""
     ref = tokens[BASE]
@@ -208,15 +227,21 @@ def run_decode(args):
         gens = {p: generate_fn(args, m, ids) for p, m in models.items()}
         check_tokens({p: g() for p, g in gens.items()})  # also the warm-up
         times = round_robin(gens, args.reps, args.device, "  timing (round-robin)")
+        steps = {p: step_after_prompt(m, ids) for p, m in models.items()}
+        for f in steps.values():
+            f()
+        step_ms = round_robin(steps, args.step_reps, args.device, "  one decoding step (round-robin)")
         peaks = peaks_of(args, paths, (B, L))
         tps = {p: B * args.new_tokens / (statistics.median(v) / 1e3) for p, v in times.items()}
+        sms = {p: statistics.median(v) for p, v in step_ms.items()}
         for p in paths:
             rows.append([B, L, p, f"{tps[p]:.1f}", f"{B * args.new_tokens / (min(times[p]) / 1e3):.1f}",
-                         f"{tps[p] / tps[BASE]:.3f}", fmt_bytes(peaks.get(p))])
+                         f"{tps[p] / tps[BASE]:.3f}", f"{sms[p]:.2f} / {min(step_ms[p]):.2f}",
+                         f"{sms[BASE] / sms[p]:.3f}", fmt_bytes(peaks.get(p))])
         summary.append(f"batch {B}, prompt {L}: " + ", ".join(
-            f"{p} {tps[p] / tps[BASE]:.3f}x" for p in paths if p != BASE))
+            f"{p} {tps[p] / tps[BASE]:.3f}x (one step {sms[BASE] / sms[p]:.3f}x)" for p in paths if p != BASE))
     print(markdown_table(["batch", "prompt", "path", "tokens/s (median)", "tokens/s (best)", f"vs {BASE}",
-                          "extra peak memory"], rows))
+                          "one step ms (median / min)", f"step speed vs {BASE}", "extra peak memory"], rows))
     print("\n".join(summary))
 
 
@@ -236,6 +261,7 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--decode", action="store_true", help="time greedy generate (tokens/s) instead of a training step")
     ap.add_argument("--new-tokens", type=int, default=64, help="--decode: tokens generated per call")
+    ap.add_argument("--step-reps", type=int, default=50, help="--decode: timed single decoding steps per path")
     ap.add_argument("--cases", default=None,
                     help="--decode: batch x prompt cases, e.g. '1x64,4x512' (default: 1x64,1x1024,4x512)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
