@@ -190,8 +190,8 @@ class KernelOp:
         mutates_args: as for ``torch.library.custom_op``.
 
     Calling the KernelOp: ``torch_math`` when a transform or tangent needs it; else on plain
-    tensors in eager mode (``eager_plain``) the body with a plain autograd.Function; else the
-    registered op ``.op``. ``.body`` and ``.eager`` are the pieces.
+    tensors in eager mode (``eager_plain``) the body with a plain autograd.Function (the body alone
+    when grad mode is off); else the registered op ``.op``. ``.body`` and ``.eager`` are the pieces.
     """
 
     def __init__(self, name, body, *, fake, setup_context=None, backward=None, double_backward=False,
@@ -217,4 +217,8 @@ class KernelOp:
             if self.torch_math is UNSUPPORTED:
                 raise _transform_error(self.label)
             return self.torch_math(*args)
-        return self.eager(*args) if eager_plain(*args) else self.op(*args)
+        if not eager_plain(*args):
+            return self.op(*args)
+        # grad mode off (torch.no_grad, inference_mode: generate's decoding steps): nothing to record,
+        # so the body alone, without the autograd.Function's per-call bookkeeping (same outputs)
+        return self.eager(*args) if torch.is_grad_enabled() else self.body(*args)

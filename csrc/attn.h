@@ -63,7 +63,8 @@ enum { CF_ATTN_OK = 0, CF_ATTN_ENOMEM = 1 };
 
 /* dtype CF_F32 or CF_F64. Returns CF_ATTN_OK or CF_ATTN_ENOMEM (a per-thread workspace could not
  * be allocated; outputs are then undefined). Memory: each thread holds O(Lk * (d + dv)) elements
- * of rotated keys / values plus a few (64 x max(d, dv, 64)) tiles; the backward adds
+ * of rotated keys / values plus a few (64 x max(d, dv, 64)) tiles (a forward with one query tile
+ * adds one shared buffer of B * (Hkv * d + d/2) * Lk elements, at most 256 MB); the backward adds
  * (splits - 1) partial dq copies (B*H*Lq*d each, capped) when B*H is too small to keep every
  * thread busy. Results are deterministic for a given thread count. */
 CF_EXTERN_C int cf_attn_fwd_cpu(const CfAttnArgs *a);

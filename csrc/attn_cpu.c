@@ -6,7 +6,10 @@
  * per-thread buffer of transposed BK-key tiles (so GQA never needs a per-query-head copy of K in
  * memory), then streams its BQ-row query tiles over the visible key tiles with an online softmax
  * (running max and sum). Key tiles wholly hidden by causality or packed-sequence boundaries are
- * never touched, which halves causal work.
+ * never touched, which halves causal work. With a single query tile (decoding) the key rotation
+ * is nearly all the work, so its head-independent parts (each key pair's modulus and angle per kv
+ * head, the positional angles per batch row) are computed once per call first (KeyPolar in
+ * attn_cpu_tmpl.h) and each item only applies its head's delta: same values, far fewer atan2.
  *
  * Backward (FlashAttention-2 order). Work items are (batch, query head, run of key tiles). An item
  * recomputes the rotated keys of its run once, then visits every query tile that can see them:
@@ -21,13 +24,17 @@
  * Speed: all tile products go through one register-blocked GEMM (attn_cpu_tmpl.h) whose operands
  * are laid out with the output dimension contiguous (keys are stored transposed for Q K^T). The
  * float32 rotation uses the vectorisable atan2 / sincos of fast_trig.h (libm per pair cost as much
- * as the attention arithmetic); float64 goes through rotate_math.h's cf_rot_fwd_f64. The per-item
- * functions are cloned for AVX-512 / AVX2 / portable targets.
+ * as the attention arithmetic); float64 goes through rotate_math.h's cf_rot_fwd_f64 (or, in the
+ * few-query forward, the same formula split in two). The per-item functions are cloned for
+ * AVX-512 / AVX2 / portable targets.
  *
  * Memory (per thread, malloc'd per call and freed before returning): forward Lk * d rotated keys
- * plus tiles of 64 x max(d, dv, 64); backward (2 d + dv) * (keys of the item) plus tiles. At
- * L = 16384, d = dv = 64, float32: 4 MB / 12 MB per thread. The backward adds (splits - 1) partial
- * dq copies of B*H*Lq*d (capped at 256 MB) only when B*H < 2 * threads. Nothing is O(L^2).
+ * plus tiles of 64 x max(d, dv, 64), and with a single query tile one shared buffer of
+ * B * (Hkv * d + nf * d/2) * Lk elements (polar forms; positional angles, nf = 1 for shared freqs,
+ * H for per-head ones; at most 256 MB, beyond which items rotate whole keys again); backward
+ * (2 d + dv) * (keys of the item) plus tiles. At L = 16384, d = dv = 64, float32: 4 MB / 12 MB
+ * per thread. The backward adds (splits - 1) partial dq copies of B*H*Lq*d (capped at 256 MB)
+ * only when B*H < 2 * threads. Nothing is O(L^2).
  * The element-type-generic code is in attn_cpu_tmpl.h, included below for float and double. */
 /* -std=c11 turns floating-point contraction off; the tile GEMMs need a*b+c fused into one FMA
  * (twice the throughput, and one rounding instead of two). */
@@ -46,6 +53,8 @@ enum {
   MR = 6,  /* rows of the tile GEMMs' register block (6 rows x 2 ymm: 12 accumulators) */
   NR = 16, /* lanes of the row reductions (softmax max / sum); BK is a multiple */
 };
+/* Largest buffer of the few-query forward's precomputed key polar forms (attn_cpu_tmpl.h). */
+#define KEY_POLAR_MAX_BYTES (256.0 * 1024 * 1024)
 
 /* The per-item functions get an AVX-512 and an AVX2 clone (picked at load time); the portable
  * default stays. They hold the whole tile loop so the dispatch cost is paid once per item. */
@@ -136,13 +145,41 @@ CF_AI void rotate_pairs_f64(int layout, int64_t h, const double *restrict x,
   }
 }
 
-CF_AI void rotate_pair_f32(float re, float im, float delta, float off, float mul, float *out_re,
-                           float *out_im) {
-  float r = sqrtf(re * re + im * im + (float)CF_EPS_R);
+/* A pair's rotation in two halves: its polar form (r, theta), which does not depend on the head,
+ * and the head's part (phi = delta * theta + off; mul * r (cos phi, sin phi)). rotate_pair_f32 is
+ * the two in a row; the few-query forward (attn_cpu_tmpl.h, KeyPolar) computes the first once per
+ * kv head and the second per query head, so both paths evaluate the same operations. */
+CF_AI void pair_polar_f32(float re, float im, float *r, float *theta) {
+  *r = sqrtf(re * re + im * im + (float)CF_EPS_R);
+  *theta = cf_fast_atan2f(im, re);
+}
+
+CF_AI void pair_from_polar_f32(float r, float theta, float delta, float off, float mul, float *out_re,
+                               float *out_im) {
   float s, c;
-  cf_fast_sincosf(delta * cf_fast_atan2f(im, re) + off, &s, &c);
+  cf_fast_sincosf(delta * theta + off, &s, &c);
   *out_re = mul * r * c;
   *out_im = mul * r * s;
+}
+
+CF_AI void rotate_pair_f32(float re, float im, float delta, float off, float mul, float *out_re,
+                           float *out_im) {
+  float r, theta;
+  pair_polar_f32(re, im, &r, &theta);
+  pair_from_polar_f32(r, theta, delta, off, mul, out_re, out_im);
+}
+
+/* float64: the same split of rotate_math.h's cf_rot_fwd_f64 (libm atan2 / sin / cos). */
+CF_AI void pair_polar_f64(double re, double im, double *r, double *theta) {
+  *r = sqrt(re * re + im * im + CF_EPS_R);
+  *theta = atan2(im, re);
+}
+
+CF_AI void pair_from_polar_f64(double r, double theta, double delta, double off, double mul,
+                               double *out_re, double *out_im) {
+  double phi = delta * theta + off;
+  *out_re = mul * (r * cos(phi));
+  *out_im = mul * (r * sin(phi));
 }
 
 CF_AI void rotate_pairs_f32(int layout, int64_t h, const float *restrict x,

@@ -130,6 +130,80 @@ CF_AI void FN(rotate_keys)(const CfAttnArgs *p, int64_t b, int64_t hq, int64_t n
   }
 }
 
+/* Few-query forward (one query tile: decoding, short chunks). There nearly all the work is the
+ * key rotation, which every (b, query head) item repeats over all its keys. The parts that do not
+ * depend on the query head are computed once per call instead: each key pair's polar form
+ * (r, theta) per kv head, and its positional angle omega_j * p_n per batch row (per head only when
+ * freqs are per head). They are stored pair-major (keys contiguous), so the per-head part
+ * (pair_from_polar: delta * theta + off, sincos, times r) runs over keys with unit stride straight
+ * into the transposed key tiles. Same operations on the same operands as rotate_row: same values. */
+typedef struct {
+  int64_t ld, nf; /* keys per buffer row (Lk rounded up to BK); heads of the positional angles */
+  T *r, *th;      /* (B, Hkv, d/2, ld) */
+  T *off;         /* (B, nf, d/2, ld): nf = 1 when freqs are shared by the heads, else H */
+} FN(KeyPolar);
+
+/* Keys [n0, n1) of (b, kv head hk) into kp->r / kp->th (unit == 0), or their positional angles for
+ * the frequencies of head f into kp->off (unit == 1). */
+CF_HOT static void FN(key_polar_chunk)(const CfAttnArgs *p, const FN(KeyPolar) *kp, int unit, int64_t b,
+                                       int64_t hk, int64_t n0, int64_t n1) {
+  const int64_t h = p->d / 2, ld = kp->ld;
+  if (unit == 0) {
+    const T *kb = (const T *)p->k + b * p->k_s.b + hk * p->k_s.h;
+    T *r = kp->r + (b * p->Hkv + hk) * h * ld, *th = kp->th + (b * p->Hkv + hk) * h * ld;
+    T rr[CF_ATTN_MAX_D / 2], tt[CF_ATTN_MAX_D / 2];
+    for (int64_t n = n0; n < n1; n++) {
+      const T *x = kb + n * p->k_s.l;
+      if (p->layout == CF_LAYOUT_HALF)
+        for (int64_t j = 0; j < h; j++) FN(pair_polar)(x[j], x[j + h], &rr[j], &tt[j]);
+      else
+        for (int64_t j = 0; j < h; j++) FN(pair_polar)(x[2 * j], x[2 * j + 1], &rr[j], &tt[j]);
+      for (int64_t j = 0; j < h; j++) r[j * ld + n] = rr[j], th[j * ld + n] = tt[j];
+    }
+  } else {
+    const T *omega = (const T *)p->freqs + hk * p->freqs_sh;
+    const int64_t *kpos = p->k_pos + b * p->kpos_s.b;
+    T *off = kp->off + (b * kp->nf + hk) * h * ld;
+    double pd[BK];
+    for (int64_t n = n0; n < n1; n++) pd[n - n0] = cf_pos_value(kpos[n * p->kpos_s.l]);
+    for (int64_t j = 0; j < h; j++)
+      for (int64_t n = n0; n < n1; n++) off[j * ld + n] = (T)cf_pos_angle((double)omega[j], pd[n - n0]);
+  }
+}
+
+/* Fill kp for all keys (parallel over BK-key chunks). */
+static void FN(key_polar)(const CfAttnArgs *p, const FN(KeyPolar) *kp) {
+  const int64_t ktiles = kp->ld / BK, np = p->B * p->Hkv * ktiles, nitems = np + p->B * kp->nf * ktiles;
+#pragma omp parallel for num_threads(p->nthreads) schedule(static)
+  for (int64_t it = 0; it < nitems; it++) {
+    const int unit = it >= np;
+    const int64_t i = unit ? it - np : it, heads = unit ? kp->nf : p->Hkv;
+    const int64_t t = i % ktiles, n1 = (t + 1) * BK < p->Lk ? (t + 1) * BK : p->Lk;
+    FN(key_polar_chunk)(p, kp, unit, i / ktiles / heads, i / ktiles % heads, t * BK, n1);
+  }
+}
+
+/* rotate_keys from the precomputed polar forms: keys [n0, n1) (n0 a multiple of BK) of query head
+ * hq into transposed tiles kt[(n - n0) / BK][c][(n - n0) % BK], padding columns zero. */
+CF_AI void FN(rotate_keys_polar)(const CfAttnArgs *p, const FN(KeyPolar) *kp, int64_t b, int64_t hq,
+                                 int64_t n0, int64_t n1, T *restrict kt) {
+  const int64_t d = p->d, h = d / 2, ld = kp->ld, hk = hq / (p->H / p->Hkv);
+  const T *r = kp->r + (b * p->Hkv + hk) * h * ld, *th = kp->th + (b * p->Hkv + hk) * h * ld;
+  const T *off = kp->off + (b * kp->nf + (kp->nf > 1 ? hq : 0)) * h * ld;
+  const T *delta = (const T *)p->delta + hq * h;
+  for (int64_t t = 0; t * BK < n1 - n0; t++) {
+    T *tile = kt + t * d * BK;
+    const int64_t base = n0 + t * BK, nk = n1 - base < BK ? n1 - base : BK;
+    for (int64_t j = 0; j < h; j++) {
+      T *restrict tre = tile + cf_re_index(p->layout, j, h) * BK;
+      T *restrict tim = tile + cf_im_index(p->layout, j, h) * BK;
+      const T dj = delta[j], *rj = r + j * ld + base, *tj = th + j * ld + base, *oj = off + j * ld + base;
+      for (int64_t n = 0; n < nk; n++) FN(pair_from_polar)(rj[n], tj[n], dj, oj[n], (T)1, &tre[n], &tim[n]);
+      for (int64_t n = nk; n < BK; n++) tre[n] = 0, tim[n] = 0;
+    }
+  }
+}
+
 /* Rotate the query rows of a tile (times scale) into q[r * d + c]; rows >= rows->nq are zero. */
 CF_AI void FN(rotate_queries)(const CfAttnArgs *p, int64_t b, int64_t hq,
                                       const AttnRows *rows, T *restrict q) {
@@ -190,8 +264,8 @@ typedef struct {
   T *lsum;           /* running sum as NR lane-wise partial sums, (BQ, NR) */
 } FN(FwdWs);
 
-CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, int64_t b, int64_t hq,
-                                int64_t t0, int64_t t1) {
+CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, const FN(KeyPolar) *kp, int64_t b,
+                                int64_t hq, int64_t t0, int64_t t1) {
   const int64_t d = p->d, dv = p->dv, hk = hq / (p->H / p->Hkv);
   const T *vb = (const T *)p->v + b * p->v_s.b + hk * p->v_s.h;
   const int64_t vs = p->v_s.l;
@@ -209,7 +283,8 @@ CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, int64_t b, i
   int64_t k0 = 0;
   if (nhi > nlo) {
     k0 = nlo / BK * BK;
-    FN(rotate_keys)(p, b, hq, k0, nhi, ws->kt, NULL);
+    if (kp) FN(rotate_keys_polar)(p, kp, b, hq, k0, nhi, ws->kt);
+    else FN(rotate_keys)(p, b, hq, k0, nhi, ws->kt, NULL);
   }
 
   for (int64_t t = t0; t < t1; t++) {
@@ -286,6 +361,25 @@ static int FN(attn_fwd)(const CfAttnArgs *p) {
   const int64_t nitems = BH * split;
   const int64_t ktiles = (p->Lk + BK - 1) / BK;
   const size_t ws_elems = (size_t)(ktiles * p->d * BK + BQ * p->d + BQ * BK + BQ * p->dv + BQ + BQ * NR);
+  /* One query tile (decoding): the key rotation's head-independent parts once (KeyPolar), when
+   * their buffers (the size of K, plus the positional angles) stay under KEY_POLAR_MAX_BYTES;
+   * otherwise, or if they cannot be allocated, every item rotates its keys whole. */
+  FN(KeyPolar) kpolar, *kp = NULL;
+  void *kp_buf = NULL;
+  if (nqt == 1 && ktiles > 0) {
+    kpolar.ld = ktiles * BK;
+    kpolar.nf = p->freqs_sh ? p->H : 1;
+    const double rows = (double)p->B * (double)(2 * p->Hkv + kpolar.nf) * (double)(p->d / 2);
+    if (rows * (double)kpolar.ld * sizeof(T) <= KEY_POLAR_MAX_BYTES &&
+        (kp_buf = cf_aligned_alloc((size_t)rows * (size_t)kpolar.ld * sizeof(T))) != NULL) {
+      const size_t plane = (size_t)(p->B * p->Hkv * (p->d / 2) * kpolar.ld);
+      kpolar.r = (T *)kp_buf;
+      kpolar.th = kpolar.r + plane;
+      kpolar.off = kpolar.th + plane;
+      kp = &kpolar;
+      FN(key_polar)(p, kp);
+    }
+  }
   int failed = 0;
 #pragma omp parallel num_threads(p->nthreads)
   {
@@ -309,10 +403,11 @@ static int FN(attn_fwd)(const CfAttnArgs *p) {
       /* last chunks first: under causal masking they carry the most keys */
       int64_t c = split - 1 - it % split, bh = it / split;
       int64_t t0 = c * per, t1 = t0 + per < nqt ? t0 + per : nqt;
-      FN(fwd_item)(p, &ws, bh / p->H, bh % p->H, t0, t1);
+      FN(fwd_item)(p, &ws, kp, bh / p->H, bh % p->H, t0, t1);
     }
     cf_aligned_free(buf);
   }
+  cf_aligned_free(kp_buf);
   return failed ? CF_ATTN_ENOMEM : CF_ATTN_OK;
 }
 

@@ -300,6 +300,31 @@ def test_long_positions_float32_phase():
     assert (out.double() - ref_out).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout,per_head,kpm", [("half", False, False), ("interleaved", True, True)])
+def test_few_query_forward_same_bits(dtype, layout, per_head, kpm):
+    """A forward with one query tile (decoding) takes the keys' head-independent polar forms from
+    a per-call precomputation; a longer forward rotates them per item. The last query of a 65-row
+    call (its own tile, the same visible keys) must get the decode call's bits exactly."""
+    B, H, Hkv, Lk, d = 2, 6, 2, 150, 32
+    q, k, v, delta, beta, freqs = attn_inputs(B=B, H=H, Hkv=Hkv, Lq=65, Lk=Lk, d=d, dtype=dtype,
+                                              per_head_freqs=per_head)
+    k[0, 1, 7, 3] = float("nan")  # a NaN key: every query of batch row 0, kv head 1 sees it
+    pos = torch.randint(0, 100_000, (B, Lk), generator=torch.Generator().manual_seed(3))
+    mask = (torch.rand(B, Lk, generator=torch.Generator().manual_seed(4)) > 0.3) if kpm else None
+    kw = dict(kpm=mask, layout=layout, k_pos=pos, nthreads=2)
+    out_all, lse_all = kernel_fwd(q, k, v, delta, beta, freqs, q_pos=pos[:, -65:], **kw)
+    out_one, lse_one = kernel_fwd(q[:, :, -1:], k, v, delta, beta, freqs, q_pos=pos[:, -1:], **kw)
+    assert out_one.isnan().any() and not out_one.isnan().all()
+    assert torch.equal(out_one.nan_to_num(7.0), out_all[:, :, -1:].nan_to_num(7.0))
+    assert torch.equal(lse_one.nan_to_num(7.0), lse_all[:, :, -1:].nan_to_num(7.0))
+    ref_out, _ = cmha_attention_pairwise(*(t.double() for t in (q[:, :, -1:], k, v, delta, beta, freqs)),
+                                         causal=True, key_padding_mask=mask, layout=layout, q_pos=pos[:, -1:],
+                                         k_pos=pos)
+    torch.testing.assert_close(out_one.double(), ref_out, atol=1e-4 if dtype == torch.float32 else 1e-10,
+                               rtol=1e-4 if dtype == torch.float32 else 1e-9, equal_nan=True)
+
+
 @pytest.mark.parametrize("nthreads", [1, 3])
 def test_threads_and_determinism(nthreads):
     """Small B*H splits the work (query chunks forward, key chunks + partial dq backward)."""
