@@ -26,6 +26,22 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def round_robin(fns, reps, device, desc=None):
+    """{name: [ms, ...]} of ``fns`` ({name: fn}) timed in turns: rep 1 of every fn, then rep 2, ...
+    (a load change on a shared machine hits every fn alike). ``desc``: a tqdm progress bar."""
+    from tqdm.auto import tqdm
+
+    times = {p: [] for p in fns}
+    for _ in tqdm(range(reps), desc=desc, disable=desc is None):
+        for p, f in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            f()
+            sync(device)
+            times[p].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
 def time_ms(fn, *, device, reps=10, warmup=2, max_seconds=None):
     """Median milliseconds of fn() over ``reps`` runs. ``max_seconds`` caps the total: slow cases
     get fewer repetitions (at least one), so a run stays bounded on slow machines."""

@@ -32,13 +32,12 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _util import fmt_bytes, markdown_table, peak_bytes, run_worker, sync, worker_result  # noqa: E402
+from _util import fmt_bytes, markdown_table, peak_bytes, round_robin, run_worker, sync, worker_result  # noqa: E402
 
 PRESETS = {"cpu": dict(dtype="float32", batch=4, seq=512), "cuda": dict(dtype="bfloat16", batch=4, seq=4096)}
 BASE = "original-sdpa"
@@ -157,21 +156,6 @@ def check_tokens(tokens):
             rows = (t != ref).any(1).nonzero().flatten().tolist()
             print(f"  tokens: {p} DIFFERS from {BASE}: rows {rows}, first at new token {int(diff[0])} "
                   "(a near-tie of greedy argmax on a random model; lengths stay equal, timing goes on)")
-
-
-def round_robin(fns, reps, device, desc):
-    """{path: [ms, ...]}: rep 1 of every path, then rep 2, ..."""
-    from tqdm.auto import tqdm
-
-    times = {p: [] for p in fns}
-    for _ in tqdm(range(reps), desc=desc):
-        for p, f in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            f()
-            sync(device)
-            times[p].append((time.perf_counter() - t) * 1e3)
-    return times
 
 
 def worker(payload):

@@ -10,12 +10,11 @@ allocator peak; on the CPU the process RSS high-water mark, rough).
 """
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from _util import fmt_bytes, markdown_table, peak_bytes, sync
+from _util import fmt_bytes, markdown_table, peak_bytes, round_robin
 from complexformer.hf import ATTENTIONS
 from complexformer.lab.train import build_model
 
@@ -58,14 +57,7 @@ def main():
                         max_position_embeddings=max(2048, cfg["seq"]), device=dev)
         steps[att] = make_step(m, x, y, dev)
         steps[att]()  # warm-up: allocator, kernels, optimizer state
-    times = {att: [] for att in ATTENTIONS}
-    for _ in range(a.rounds):
-        for att, fn in steps.items():
-            sync(dev)
-            t = time.perf_counter()
-            fn()
-            sync(dev)
-            times[att].append((time.perf_counter() - t) * 1e3)
+    times = round_robin(steps, a.rounds, dev)
     tokens = cfg["batch"] * cfg["seq"]
     ms = {att: statistics.median(t) for att, t in times.items()}
     rows = [[att, f"{ms[att]:.1f}", f"{tokens / ms[att] * 1e3:.0f}", f"{ms['rope'] / ms[att]:.3f}",

@@ -169,17 +169,18 @@ CF_AI void rotate_pair_f32(float re, float im, float delta, float off, float mul
   pair_from_polar_f32(r, theta, delta, off, mul, out_re, out_im);
 }
 
-/* float64: the same split of rotate_math.h's cf_rot_fwd_f64 (libm atan2 / sin / cos). */
+/* float64: rotate_math.h's own split of cf_rot_fwd_f64 (libm atan2 / sin / cos), times mul as in
+ * rotate_pairs_f64. */
 CF_AI void pair_polar_f64(double re, double im, double *r, double *theta) {
-  *r = sqrt(re * re + im * im + CF_EPS_R);
-  *theta = atan2(im, re);
+  cf_rot_polar_f64(re, im, r, theta);
 }
 
 CF_AI void pair_from_polar_f64(double r, double theta, double delta, double off, double mul,
                                double *out_re, double *out_im) {
-  double phi = delta * theta + off;
-  *out_re = mul * (r * cos(phi));
-  *out_im = mul * (r * sin(phi));
+  double re, im;
+  cf_rot_from_polar_f64(r, theta, delta, off, &re, &im);
+  *out_re = mul * re;
+  *out_im = mul * im;
 }
 
 CF_AI void rotate_pairs_f32(int layout, int64_t h, const float *restrict x,

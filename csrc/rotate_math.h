@@ -47,12 +47,22 @@ CF_INLINE double cf_pos_value(int64_t pos) {
   return pos >= (int64_t)CF_POS_MIN && pos <= (int64_t)CF_POS_MAX ? (double)pos : (double)NAN;
 }
 
+/* The forward in two halves, for callers that reuse a pair's polar form (r, theta) across heads:
+ * cf_rot_polar (head-independent) and cf_rot_from_polar (the head's delta and offset). */
 #define CF_DEFINE_ROTATE(T, SUF, SQRT, ATAN2, SIN, COS)                                          \
-  CF_INLINE void cf_rot_fwd_##SUF(T re, T im, T delta, T offset, T *out_re, T *out_im) {          \
-    T r = SQRT(re * re + im * im + (T)CF_EPS_R);                                                 \
-    T phi = delta * ATAN2(im, re) + offset;                                                      \
+  CF_INLINE void cf_rot_polar_##SUF(T re, T im, T *r, T *theta) {                                \
+    *r = SQRT(re * re + im * im + (T)CF_EPS_R);                                                  \
+    *theta = ATAN2(im, re);                                                                      \
+  }                                                                                              \
+  CF_INLINE void cf_rot_from_polar_##SUF(T r, T theta, T delta, T offset, T *out_re, T *out_im) { \
+    T phi = delta * theta + offset;                                                              \
     *out_re = r * COS(phi);                                                                      \
     *out_im = r * SIN(phi);                                                                      \
+  }                                                                                              \
+  CF_INLINE void cf_rot_fwd_##SUF(T re, T im, T delta, T offset, T *out_re, T *out_im) {          \
+    T r, theta;                                                                                  \
+    cf_rot_polar_##SUF(re, im, &r, &theta);                                                      \
+    cf_rot_from_polar_##SUF(r, theta, delta, offset, out_re, out_im);                            \
   }                                                                                              \
   /* Returns d phi; writes the input gradients and theta (for d delta = d phi * theta). */        \
   CF_INLINE T cf_rot_bwd_##SUF(T re, T im, T delta, T offset, T g_re, T g_im, T *d_re, T *d_im,   \
