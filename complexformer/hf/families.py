@@ -20,7 +20,7 @@ import sys
 import torch
 from torch import nn
 
-from .cmha_attention import _LOW_PRECISION, CMHAState, _check_cache_type
+from .cmha_attention import _LOW_PRECISION, ATTN_IMPLEMENTATION, CMHAState, _check_cache_type
 from .rope import rope_frequencies, rope_type, rotary_embedding
 from .serving_attention import serving_positions
 
@@ -87,14 +87,10 @@ class CMHAConfigView:
     implementation. Without the view, ``model.set_attn_implementation("sdpa")`` would send the
     identity-rotated q and k straight to SDPA: no rotation at all."""
 
+    _attn_implementation = ATTN_IMPLEMENTATION
+
     def __init__(self, config):
         self.__dict__["_cmha_config"] = config
-
-    @property
-    def _attn_implementation(self):
-        from .cmha_attention import ATTN_IMPLEMENTATION
-
-        return ATTN_IMPLEMENTATION
 
     def __getattr__(self, name):
         try:
