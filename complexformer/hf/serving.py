@@ -64,10 +64,7 @@ def set_cmha_mode(model, mode, *, attn_implementation="sdpa"):
         config._attn_implementation = attn_implementation
         for m in modules:
             _serve(m, config)
-    elif record is not None:
-        if record.get("num_key_value_heads") is not None:
-            config.num_key_value_heads = record["num_key_value_heads"]
-        setattr(config, SERVING_KEY, None)
+    elif restore_training_config(config) is not None:
         config._attn_implementation = ATTN_IMPLEMENTATION
         for m in modules:
             _unserve(m)

@@ -7,7 +7,6 @@ import functools
 import inspect
 import sys
 
-from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..checks import compute_dtype
@@ -43,7 +42,7 @@ def serving_positions(module, position_ids, cache_position, cache, B, L, device)
 def serving_attention(module, query, key, value, attention_mask, q_pos, cache, *, scaling, dropout=0.0, **kwargs):
     """Serving mode's attention (module docstring): query (B, H, L, d), key / value (B, Hkv, L, d)
     raw, of the new tokens only. Returns the attention function's (out (B, L, H, dv), weights)."""
-    if cache is not None and not (isinstance(cache, Cache) or hasattr(cache, "update")):
+    if cache is not None and not hasattr(cache, "update"):
         raise TypeError(f"cache: expected a transformers cache with an update method, got {type(cache).__name__}")
     delta, beta, freqs = module.angles(query.device, compute_dtype(query.dtype))
     rotary_dim = 2 * freqs.shape[-1] if 2 * freqs.shape[-1] != query.shape[-1] else None  # partial rotary
@@ -54,9 +53,6 @@ def serving_attention(module, query, key, value, attention_mask, q_pos, cache, *
     if cache is not None:
         extra = {"kwargs": kwargs} if _update_takes_kwargs(type(cache)) else {}
         kr, vr = cache.update(kr, vr, module.layer_idx, **extra)
-    impl = module._cmha_serving._attn_implementation
-    if impl == "eager":
-        fn = _eager(module)
-    else:
-        fn = ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else _eager(module)
+    impl = module._cmha_serving._attn_implementation  # "eager" is not in the registry: the family's own
+    fn = ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else _eager(module)
     return fn(module, qr, kr, vr, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
