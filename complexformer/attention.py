@@ -183,20 +183,58 @@ def _masked_lse(sm, row_ok):
 
 
 def _attention_reference(q, k, v, delta, beta, freqs, p, want_lse=False, want_probs=False):
-    G = p.H // p.Hkv
     qr, kr = rotate_partial(lambda q, k: rotate_qk_torch(q, k, delta, beta, freqs, p.q_pos, p.k_pos, p.layout), q, k, p.rot)
+    return _attend_rotated(qr, kr, v, p, want_lse, want_probs)
+
+
+def _attend_rotated(qr, kr, v, p, want_lse=False, want_probs=False):
+    """Softmax attention of rotated q~ (B, H, Lq, d) and k~ (B, H, Lk, d) (keys per query head) on
+    v (B, Hkv, Lk, dv), with the plan's masks, softcap and empty-row rule: the reference math."""
     s = (qr @ kr.transpose(-1, -2)) * p.scale  # (B, H, Lq, Lk)
     if p.softcap is not None:  # attention logit softcapping (Gemma 2): before the mask, in the compute dtype
         s = p.softcap * torch.tanh(s.to(p.pdtype) / p.softcap)
-    sm, vis_all, row_ok = _masked_scores(_with_bias(s, p), _visible(p, q.device))
+    sm, vis_all, row_ok = _masked_scores(_with_bias(s, p), _visible(p, qr.device))
     prob = torch.softmax(sm, -1)
     if vis_all is not None:  # a row with no visible key: softmax of zeros, zeroed here
         prob = prob.masked_fill(~vis_all, 0.0)
-    vv = v.repeat_interleave(G, dim=1) if G > 1 else v
-    out = prob.to(v.dtype) @ vv
+    # query head i reads kv head i // G: the G heads of a group are one (G * Lq)-row matmul on their
+    # kv head (no (B, H, Lk, dv) copy of v)
+    B, H, Lq, Lk = prob.shape
+    out = (prob.to(v.dtype).reshape(B, p.Hkv, H // p.Hkv * Lq, Lk) @ v).view(B, H, Lq, v.shape[-1])
     if want_probs:
-        return out, prob.to(q.dtype)
+        return out, prob.to(qr.dtype)
     return out, (_masked_lse(sm.to(p.pdtype), row_ok) if want_lse else None)
+
+
+def attention_rotated_keys(q, k, v, delta, beta, freqs, k_rotated, n_rotated, *, positions, causal=True, scale=None,
+                           key_padding_mask=None, attn_mask=None, layout="half", rotary_dim=None, softcap=None,
+                           return_probs=False):
+    """:func:`cmha_attention` for a cache of rotated keys (decoding): the same result, masks,
+    empty-row and NaN rules (the "reference" math), with each key rotated once, when it enters the
+    cache, instead of at every call.
+
+    ``k_rotated`` (B, H, Lk, d), in q's dtype and device, is the caller's buffer of k's rotation per
+    query head (:func:`complexformer.rotate.euler_rotate_qk` at the key positions): its first
+    ``n_rotated`` keys must already hold it (they are trusted, not recomputed); this call rotates
+    the other keys into it, in place, and q, then attends. Everything else is checked as by
+    cmha_attention. Inference only (grad mode off): no gradient flows through a rotation done by an
+    earlier call. Returns out (B, H, Lq, dv), or (out, probabilities) with ``return_probs``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("attention_rotated_keys: inference only (no gradient flows through the keys rotated by "
+                           "earlier calls); call it under torch.no_grad() or use cmha_attention")
+    p, delta, beta, freqs = _prepare(q, k, v, delta, beta, freqs, causal, scale, None, key_padding_mask, None, layout,
+                                     "reference", positions, attn_mask, rotary_dim)
+    p.softcap = _check_softcap(softcap)
+    n = check_int("n_rotated", n_rotated, lo=0, hi=p.Lk, what="an int in [0, Lk]")
+    check_tensor("k_rotated", k_rotated, dtypes=(q.dtype,), ndim=4, device=q.device)
+    if tuple(k_rotated.shape) != (p.B, p.H, p.Lk, p.d):
+        raise ValueError(f"k_rotated: expected shape {(p.B, p.H, p.Lk, p.d)}, got {tuple(k_rotated.shape)}")
+    k_pos = p.k_pos[:, n:].contiguous()
+    qr, kr = rotate_partial(lambda q, k: rotate_qk(q, k, delta, beta, freqs, p.q_pos, k_pos, LAYOUTS[p.layout]),
+                            q, k[:, :, n:], p.rot)
+    k_rotated[:, :, n:] = kr
+    out, probs = _attend_rotated(qr, k_rotated, v, p, want_probs=return_probs)
+    return (out, probs) if return_probs else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,11 +580,17 @@ def attention_probs(q, k, v, delta, beta, freqs, *, softcap=None, causal=True, s
     ``softcap``, scores become softcap * tanh(scores / softcap) before any mask (Gemma 2)."""
     p, delta, beta, freqs = _prepare(q, k, v, delta, beta, freqs, causal, scale, None, key_padding_mask, cu_seqlens,
                                      layout, "reference", positions, attn_mask, rotary_dim)
-    if softcap is not None:
-        p.softcap = check_real("softcap", softcap, "None or a positive number")
-        if not p.softcap > 0:
-            raise ValueError(f"softcap: expected None or a positive number, got {softcap!r}")
+    p.softcap = _check_softcap(softcap)
     return _attention_reference(q, k, v, delta, beta, freqs, p, want_probs=True)
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    softcap = check_real("softcap", softcap, "None or a positive number")
+    if not softcap > 0:
+        raise ValueError(f"softcap: expected None or a positive number, got {softcap!r}")
+    return softcap
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover - transformers without the output collec
 from ..checks import check_backend, check_key_padding_mask, check_positions, compute_dtype
 from ..module import attend
 from ..reference import default_freqs
+from . import rotated_keys
 from .serving_attention import serving_attention, serving_positions
 
 ATTN_IMPLEMENTATION = "complexformer_cmha"
@@ -104,7 +105,8 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
     """The attention function HF's own attention modules call under :data:`ATTN_IMPLEMENTATION`
     (modules adapted by ``families.py``): ``query`` (B, H, Lq, d) and ``key`` / ``value``
     (B, Hkv, Lk, d) arrive un-rotated (the module applied an identity rotary embedding), and
-    ``cmha_positions`` = (query positions, cache or None) from the adapted forward. ``scaling`` is
+    ``cmha_positions`` = (query positions, cache or None, rotated keys in step or None) from the
+    adapted forward. ``scaling`` is
     the module's own (``module.scaling``, which conversion multiplied by yarn's s^2); the sliding
     window is already in the mask HF built. Returns (out (B, Lq, H, d), probabilities or None)."""
     if not isinstance(module, CMHAState) or cmha_positions is None:
@@ -116,16 +118,17 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if dropout and module.training:
         raise NotImplementedError(f"{type(module).__name__}: attention dropout ({dropout}) is not supported by CMHA "
                                   "attention; set config.attention_dropout = 0.0")
-    q_pos, cache = cmha_positions
+    q_pos, cache, in_step = cmha_positions
     if module._cmha_serving is not None:  # serving mode (serving.py): rotate, cache, the model's attention function
         return serving_attention(module, query, key, value, attention_mask, q_pos, cache, scaling=scaling,
                                  dropout=dropout, softcap=softcap, sliding_window=sliding_window, **kwargs)
     k_pos = module._read_positions(cache, query.shape[0], key.shape[2]) if cache is not None else q_pos
     if softcap is not None or _attention_collector() is not None or kwargs.get("output_attentions"):
         # softcapping (Gemma 2) and attention probabilities: the written-out path, never a dropped cap
-        out, probs = module._attend(query, key, value, q_pos, k_pos, attention_mask, softcap, return_probs=True)
+        out, probs = module._attend(query, key, value, q_pos, k_pos, attention_mask, softcap, return_probs=True,
+                                    cache=cache, in_step=in_step)
     else:
-        out, probs = module._attend(query, key, value, q_pos, k_pos, attention_mask), None
+        out, probs = module._attend(query, key, value, q_pos, k_pos, attention_mask, cache=cache, in_step=in_step), None
     return out.transpose(1, 2).contiguous(), probs
 
 
@@ -284,10 +287,12 @@ class CMHAState:
             )
         return pos[:, 0, -Lk:, 0]
 
-    def _attend(self, q, k, v, q_pos, k_pos, mask, softcap=None, return_probs=False):
+    def _attend(self, q, k, v, q_pos, k_pos, mask, softcap=None, return_probs=False, cache=None, in_step=None):
         """The attention of raw q, k, v through the shared core (:func:`complexformer.module.attend`):
         None / a 2-D padding mask is causal attention (fused kernel for whole-head rotary), a 4-D
-        mask is the whole pattern. out, or (out, probabilities) with ``return_probs`` / ``softcap``."""
+        mask is the whole pattern. out, or (out, probabilities) with ``return_probs`` / ``softcap``.
+        ``cache`` (k, v are its keys and values after this step's update) and ``in_step``
+        (:func:`rotated_keys.before_update`) let a decoding step use the cached rotated keys."""
         mask = self._check_mask(q, k, mask)
         kpm = attn = None
         if mask is not None and mask.dim() == 2:  # HF's 2-D mask: nonzero = attend (values not checked: no host sync)
@@ -295,6 +300,11 @@ class CMHAState:
                                          ints=True, check_values=False)
         elif mask is not None:
             attn = mask
+        if cache is not None:  # a decoding step: the keys rotated when they entered the cache (rotated_keys.py)
+            done = rotated_keys.attend(self, q, k, v, q_pos, k_pos, cache, in_step, causal=attn is None, kpm=kpm,
+                                       attn_mask=attn, softcap=softcap, return_probs=return_probs or softcap is not None)
+            if done is not None:
+                return done
         delta, beta, freqs = self.angles(q.device, compute_dtype(q.dtype))
         return attend(q, k, v, delta, beta, freqs, positions=(q_pos, k_pos), causal=attn is None, key_padding_mask=kpm,
                       attn_mask=attn, scale=self.scaling, layout=self.cmha_layout, backend=self.backend,
@@ -432,16 +442,18 @@ class CMHAAttention(CMHAState, nn.Module):
         _check_cache_type(cache)
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         q_pos = self._query_positions(position_ids, kwargs.get("cache_position"), B, L, past, q.device)
+        in_step = None
         if cache is not None:
             self._check_cache_layer(cache)
+            in_step = rotated_keys.before_update(cache, self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)
             k_pos = self._cached_positions(cache, q_pos, B, L, k.shape[2])
         else:
             k_pos = q_pos
         if collector is not None or kwargs.get("output_attentions"):
             # output_attentions=True: the probabilities exist only on the reference path
-            return self._attend(q, k, v, q_pos, k_pos, attention_mask, return_probs=True)
-        return self._attend(q, k, v, q_pos, k_pos, attention_mask), None
+            return self._attend(q, k, v, q_pos, k_pos, attention_mask, return_probs=True, cache=cache, in_step=in_step)
+        return self._attend(q, k, v, q_pos, k_pos, attention_mask, cache=cache, in_step=in_step), None
 
 
 def rope_freqs(head_dim, rope_theta):

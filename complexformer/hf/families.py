@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .cmha_attention import _LOW_PRECISION, ATTN_IMPLEMENTATION, CMHAState, _check_cache_type
+from . import rotated_keys
 from .rope import rope_frequencies, rope_type, rotary_embedding
 from .serving_attention import serving_positions
 
@@ -66,8 +67,8 @@ def _adapted_forward(self, *args, **kwargs):
         for n in _CACHE_KWARGS:
             if n in kwargs:
                 kwargs[n] = None
-        return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache), **kwargs)
-    past = 0
+        return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache, None), **kwargs)
+    past, in_step = 0, None
     if cache is not None:
         _check_cache_type(cache)
         self._check_cache_layer(cache)
@@ -76,7 +77,8 @@ def _adapted_forward(self, *args, **kwargs):
                                   hidden.device)
     if cache is not None:
         self._record_positions(cache, q_pos, B, L)
-    return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache), **kwargs)
+        in_step = rotated_keys.before_update(cache, self.layer_idx)  # before the HF forward updates the cache
+    return self._cmha_base_class.forward(self, *args, cmha_positions=(q_pos, cache, in_step), **kwargs)
 
 
 class CMHAConfigView:
