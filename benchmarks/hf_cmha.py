@@ -10,8 +10,9 @@ checked against the original's.
 Decoding (``--decode``): greedy ``generate`` of a fixed number of new tokens (min_new_tokens =
 max_new_tokens, so every path produces as many) for batch 1 with 64- and 1024-token prompts and
 batch 4 with a 512-token prompt, tokens/s of the original model (sdpa) against the converted
-model with its training-mode cache (raw keys + positions, keys re-rotated by the fused kernel at
-every step) and with its serving-mode cache (``set_cmha_mode(model, "serving")``: rotated keys in
+model with its training-mode cache (raw keys + positions; from 256 cached keys on, each key is
+rotated once into a buffer beside the cache, complexformer/hf/rotated_keys.py, below that the
+fused kernel re-rotates the keys at every step) and with its serving-mode cache (``set_cmha_mode(model, "serving")``: rotated keys in
 a normal HF cache, attention by torch's SDPA). Before timing, every path's greedy tokens are
 compared with the original's; a difference (a near-tie on a random model) is reported, not hidden.
 Also timed: one decoding step alone (one token per row on a cache holding the prompt, cropped

@@ -58,8 +58,9 @@ def visible(Lq, Lk, *, causal, q_offset=None, key_padding_mask=None, cu_seqlens=
     vis = None
     if cu_seqlens is None and q_offset >= Lk - 1:
         causal = False  # the first query already sees every key (decoding with a cache)
-    m = torch.arange(Lq, device=device)[:, None]
-    n = torch.arange(Lk, device=device)[None, :]
+    if cu_seqlens is not None or causal:
+        m = torch.arange(Lq, device=device)[:, None]
+        n = torch.arange(Lk, device=device)[None, :]
     if cu_seqlens is not None:
         _, sq = seq_positions(cu_seqlens.to(device), Lq)
         _, sk = seq_positions(cu_seqlens.to(device), Lk)

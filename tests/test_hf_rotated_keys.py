@@ -93,6 +93,15 @@ def test_attention_rotated_keys_refuses_grad_and_bad_buffers():
 # ----------------------------------------------------------------------------------------------
 # Inside converted models: decoding steps against the fused path (rotated_keys disabled).
 # ----------------------------------------------------------------------------------------------
+DEFAULT_MIN_KEYS = rotated_keys.MIN_KEYS
+
+
+@pytest.fixture(autouse=True)
+def _tiny_caches_too(monkeypatch):
+    """The tests' caches are a few keys long: take the rotated-keys path from the first key on."""
+    monkeypatch.setattr(rotated_keys, "MIN_KEYS", 0)
+
+
 def _model(name):
     model = convert_to_cmha(build(name)).eval()
     _move_angles(model)
@@ -218,3 +227,12 @@ def test_beam_search_and_sampling_tokens_equal_the_fused_path(name, monkeypatch)
                 got.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **kw))
     for a, b in zip(got[:2], got[2:]):
         assert torch.equal(a, b)
+
+
+def test_short_caches_keep_the_fused_path_long_ones_take_rotated_keys(monkeypatch):
+    monkeypatch.setattr(rotated_keys, "MIN_KEYS", DEFAULT_MIN_KEYS)
+    model = _model("llama")
+    for L, used in ((DEFAULT_MIN_KEYS // 2, 0), (DEFAULT_MIN_KEYS, 2)):
+        ids = torch.randint(1, 60, (1, L), generator=torch.Generator().manual_seed(0))
+        _, cache = _decode(model, ids, torch.ones_like(ids), 2)
+        assert _in_step(cache, 2) == used, L
