@@ -216,7 +216,9 @@ def attention_rotated_keys(q, k, v, delta, beta, freqs, k_rotated, n_rotated, *,
     ``k_rotated`` (B, H, Lk, d), in q's dtype and device, is the caller's buffer of k's rotation per
     query head (:func:`complexformer.rotate.euler_rotate_qk` at the key positions): its first
     ``n_rotated`` keys must already hold it (they are trusted, not recomputed); this call rotates
-    the other keys into it, in place, and q, then attends. Everything else is checked as by
+    the other keys into it, in place, and q, then attends: on the CPU (float32 / float64, no
+    attn_mask, softcap or partial rotary) in one call of the fused kernel, which reads its key
+    tiles from the buffer; elsewhere by the reference math. Everything else is checked as by
     cmha_attention. Inference only (grad mode off): no gradient flows through a rotation done by an
     earlier call. Returns out (B, H, Lq, dv), or (out, probabilities) with ``return_probs``."""
     if torch.is_grad_enabled():
@@ -229,6 +231,16 @@ def attention_rotated_keys(q, k, v, delta, beta, freqs, k_rotated, n_rotated, *,
     check_tensor("k_rotated", k_rotated, dtypes=(q.dtype,), ndim=4, device=q.device)
     if tuple(k_rotated.shape) != (p.B, p.H, p.Lk, p.d):
         raise ValueError(f"k_rotated: expected shape {(p.B, p.H, p.Lk, p.d)}, got {tuple(k_rotated.shape)}")
+    if (q.device.type == "cpu" and p.softcap is None and not return_probs and _fused_unsupported(q, p) is None
+            and k_rotated.stride(-1) == 1):
+        # the fused CPU kernel: rotates keys [n, Lk) into the buffer, reads every key from it
+        q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
+        out = torch.empty(p.B, p.H, p.Lq, p.dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(p.B, p.H, p.Lq, dtype=p.pdtype, device=q.device)
+        _ext.launch("attn_fwd", q, k, v, delta.contiguous(), beta.contiguous(), freqs.contiguous(), p.q_pos, p.k_pos,
+                    p.kpm.contiguous() if p.kpm is not None else None, None, out, lse, int(p.causal), p.scale,
+                    int(p.q_offset), LAYOUTS[p.layout], _ext.num_threads(), 0, None, None, k_rotated, n)
+        return out
     k_pos = p.k_pos[:, n:].contiguous()
     qr, kr = rotate_partial(lambda q, k: rotate_qk(q, k, delta, beta, freqs, p.q_pos, k_pos, LAYOUTS[p.layout]),
                             q, k[:, :, n:], p.rot)

@@ -54,6 +54,13 @@ typedef struct {
    * query head) into them, then runs kernels that only copy tiles (cp.async pipelining). The
    * backward needs them; a forward without them (GQA) rotates each key tile as it loads it. */
   void *q_rot, *k_rot;
+  /* CPU forward only: NULL, or the caller's cache of rotated keys per QUERY head (B, H, >= Lk, d),
+   * q's dtype, rows strided by kc_s (last dim contiguous): keys [0, kc_n) already hold their
+   * rotation (trusted); the forward rotates keys [kc_n, Lk) into it with rotate_row, then scores
+   * every key straight from its rows instead of rotating k (decoding: each key is rotated once). */
+  void *k_cache;
+  CfStrides kc_s;
+  int64_t kc_n;
 } CfAttnArgs;
 
 #define CF_ATTN_MAX_D 256 /* largest head dim (d and dv) the CPU kernels accept */

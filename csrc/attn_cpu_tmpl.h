@@ -130,6 +130,47 @@ CF_AI void FN(rotate_keys)(const CfAttnArgs *p, int64_t b, int64_t hq, int64_t n
   }
 }
 
+/* Scores of rows [0, nq) of q (rotated, scaled; (nq, d)) against keys [n0, n0 + nk) of query head
+ * hq in the rotated-key cache (p->k_cache), read as rows: s[r * BK + n] = <q_r, k~_n>. The partial
+ * sums run over VL-wide chunks of the head dim (then a fixed-order lane sum), so a key row is read
+ * once and straight, with no transposition into tiles (decoding reads each cached key once). */
+CF_AI void FN(cached_scores)(const CfAttnArgs *p, int64_t b, int64_t hq, int64_t n0, int64_t nk, int64_t nq,
+                             const T *restrict q, T *restrict s) {
+  const int64_t d = p->d, dvec = d / VL * VL;
+  const T *kc = (const T *)p->k_cache + b * p->kc_s.b + hq * p->kc_s.h + n0 * p->kc_s.l;
+  for (int64_t n = 0; n < nk; n++) {
+    const T *row = kc + n * p->kc_s.l;
+    for (int64_t r = 0; r < nq; r++) {
+      const T *qr = q + r * d;
+      FN(vec) acc = {0};
+      for (int64_t c = 0; c < dvec; c += VL) {
+        FN(vec) x, y;
+        memcpy(&x, qr + c, sizeof(x));
+        memcpy(&y, row + c, sizeof(y));
+        acc += x * y;
+      }
+      T sum = 0;
+      for (int l = 0; l < VL; l++) sum += acc[l];
+      for (int64_t c = dvec; c < d; c++) sum += qr[c] * row[c];
+      s[r * BK + n] = sum;
+    }
+  }
+}
+
+/* Rotate keys [p->kc_n, Lk) of every (b, query head) into the rotated-key cache (rotate_row: the
+ * values rotate_keys computes). */
+CF_HOT static void FN(fill_key_cache)(const CfAttnArgs *p) {
+  const int64_t n0 = p->kc_n, nk = p->Lk - p->kc_n, G = p->H / p->Hkv;
+  const int64_t total = p->B * p->H * nk;
+#pragma omp parallel for num_threads(p->nthreads) schedule(static) if (total * p->d >= 16384)
+  for (int64_t i = 0; i < total; i++) {
+    const int64_t b = i / (p->H * nk), hq = i / nk % p->H, key = n0 + i % nk;
+    const T *kb = (const T *)p->k + b * p->k_s.b + hq / G * p->k_s.h;
+    T *dst = (T *)p->k_cache + b * p->kc_s.b + hq * p->kc_s.h + key * p->kc_s.l;
+    FN(rotate_row)(p, kb + key * p->k_s.l, hq, p->k_pos[b * p->kpos_s.b + key * p->kpos_s.l], 0, (T)1, dst);
+  }
+}
+
 /* Few-query forward (one query tile: decoding, short chunks). There nearly all the work is the
  * key rotation, which every (b, query head) item repeats over all its keys. The parts that do not
  * depend on the query head are computed once per call instead: each key pair's polar form
@@ -283,7 +324,9 @@ CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, const FN(Key
   int64_t k0 = 0;
   if (nhi > nlo) {
     k0 = nlo / BK * BK;
-    if (kp) FN(rotate_keys_polar)(p, kp, b, hq, k0, nhi, ws->kt);
+    if (p->k_cache) {
+      /* keys are read from the rotated-key cache (cached_scores) */
+    } else if (kp) FN(rotate_keys_polar)(p, kp, b, hq, k0, nhi, ws->kt);
     else FN(rotate_keys)(p, b, hq, k0, nhi, ws->kt, NULL);
   }
 
@@ -304,7 +347,8 @@ CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, const FN(Key
       for (int64_t n0 = rows.lo / BK * BK; n0 < rows.hi; n0 += BK) {
         const int64_t nk = p->Lk - n0 < BK ? p->Lk - n0 : BK;
         T *s = ws->s;
-        FN(gemm)(nq, BK, d, ws->q, d, 1, ws->kt + (n0 - k0) * d, BK, s, BK, 0);
+        if (p->k_cache) FN(cached_scores)(p, b, hq, n0, nk, nq, ws->q, s);
+        else FN(gemm)(nq, BK, d, ws->q, d, 1, ws->kt + (n0 - k0) * d, BK, s, BK, 0);
         if (rows.need_mask || rows.lo_max > n0 || rows.hi_min < n0 + nk)
           FN(mask_tile)(p, b, &rows, n0, nk, s);
         if (nk < BK)  /* padding keys of the last tile take no part in the row statistics */
@@ -360,13 +404,15 @@ static int FN(attn_fwd)(const CfAttnArgs *p) {
   split = (nqt + per - 1) / per;
   const int64_t nitems = BH * split;
   const int64_t ktiles = (p->Lk + BK - 1) / BK;
-  const size_t ws_elems = (size_t)(ktiles * p->d * BK + BQ * p->d + BQ * BK + BQ * p->dv + BQ + BQ * NR);
+  const int64_t kt_elems = p->k_cache ? 0 : ktiles * p->d * BK;  /* cached keys are read in place */
+  const size_t ws_elems = (size_t)(kt_elems + BQ * p->d + BQ * BK + BQ * p->dv + BQ + BQ * NR);
   /* One query tile (decoding): the key rotation's head-independent parts once (KeyPolar), when
    * their buffers (the size of K, plus the positional angles) stay under KEY_POLAR_MAX_BYTES;
    * otherwise, or if they cannot be allocated, every item rotates its keys whole. */
   FN(KeyPolar) kpolar, *kp = NULL;
   void *kp_buf = NULL;
-  if (nqt == 1 && ktiles > 0) {
+  if (p->k_cache) FN(fill_key_cache)(p);  /* then every item reads its keys from the cache */
+  else if (nqt == 1 && ktiles > 0) {
     kpolar.ld = ktiles * BK;
     kpolar.nf = p->freqs_sh ? p->H : 1;
     const double rows = (double)p->B * (double)(2 * p->Hkv + kpolar.nf) * (double)(p->d / 2);
@@ -391,7 +437,7 @@ static int FN(attn_fwd)(const CfAttnArgs *p) {
     FN(FwdWs) ws;
     if (buf) {
       ws.kt = buf;
-      ws.q = ws.kt + ktiles * p->d * BK;
+      ws.q = ws.kt + kt_elems;
       ws.s = ws.q + BQ * p->d;
       ws.o = ws.s + BQ * BK;
       ws.mrow = ws.o + BQ * p->dv;

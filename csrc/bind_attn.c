@@ -1,7 +1,7 @@
 /* Python bindings of the fused CMHA attention (contract: docs/design.md, "Attention"):
  *
  *   _C.attn_fwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse,
- *               causal, scale, q_offset, layout, nthreads, stream[, q_ws, k_ws])
+ *               causal, scale, q_offset, layout, nthreads, stream[, q_ws, k_ws, k_cache, n_cached])
  *   _C.attn_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse,
  *               dq_rot, dk_rot, dv_full, causal, scale, q_offset, layout, nthreads, stream[, q_ws, k_ws])
  *   _C.attn_cuda_supported(dtype_name, d, dv) -> bool
@@ -216,6 +216,34 @@ static int parse_workspaces(PyObject *qo, PyObject *ko, const CfTensor *q, CfAtt
   return 0;
 }
 
+/* The rotated-key cache of a CPU forward (attn.h): None, or (B, H, >= Lk, d) in q's dtype with a
+ * contiguous last dim, whose first n_cached (in [0, Lk]) keys hold their rotation. */
+static int parse_key_cache(PyObject *co, long long n_cached, const CfTensor *q, CfAttnArgs *a) {
+  if (co == Py_None) return 0;
+  CfTensor c;
+  if (q->device != CF_DEV_CPU) {
+    PyErr_SetString(PyExc_ValueError, "k_cache: only the CPU kernel takes a rotated-key cache (pass None)");
+    return -1;
+  }
+  if (cf_tensor_out(co, "k_cache", &c) || cf_check_same_device(&c, "k_cache", q, "q") ||
+      cf_check_dtype(&c, "k_cache", q->dtype) || cf_check_ndim(&c, "k_cache", 4) ||
+      cf_check_last_contiguous(&c, "k_cache"))
+    return -1;
+  if (c.shape[0] != a->B || c.shape[1] != a->H || c.shape[2] < a->Lk || c.shape[3] != a->d) {
+    PyErr_Format(PyExc_ValueError, "k_cache: expected shape (%lld, %lld, >= %lld, %lld), got (%lld, %lld, %lld, %lld)",
+                 (long long)a->B, (long long)a->H, (long long)a->Lk, (long long)a->d, (long long)c.shape[0],
+                 (long long)c.shape[1], (long long)c.shape[2], (long long)c.shape[3]);
+    return -1;
+  }
+  if (n_cached < 0 || n_cached > a->Lk) {
+    PyErr_Format(PyExc_ValueError, "n_cached: expected an int in [0, Lk = %lld], got %lld", (long long)a->Lk,
+                 n_cached);
+    return -1;
+  }
+  a->k_cache = c.data, a->kc_s = cf_strides_bhl(&c), a->kc_n = (int64_t)n_cached;
+  return 0;
+}
+
 /* Runs the forward or backward on q's device; NULL with an exception set on failure. */
 static PyObject *run(const CfAttnArgs *a, const CfTensor *q, unsigned long long stream, int backward) {
   const char *op = backward ? "attn_bwd" : "attn_fwd";
@@ -246,14 +274,14 @@ static PyObject *run(const CfAttnArgs *a, const CfTensor *q, unsigned long long 
 
 static PyObject *attn_fwd(PyObject *self, PyObject *args) {
   (void)self;
-  PyObject *o[12], *qws = Py_None, *kws = Py_None;
+  PyObject *o[12], *qws = Py_None, *kws = Py_None, *kcache = Py_None;
   int causal, layout, nthreads;
   double scale;
-  long long q_offset;
+  long long q_offset, n_cached = 0;
   unsigned long long stream;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOidLiiK|OO:attn_fwd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOidLiiK|OOOL:attn_fwd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
                         &o[7], &o[8], &o[9], &o[10], &o[11], &causal, &scale, &q_offset, &layout, &nthreads, &stream,
-                        &qws, &kws))
+                        &qws, &kws, &kcache, &n_cached))
     return NULL;
   CfAttnArgs a;
   CfTensor q, out, lse;
@@ -261,7 +289,7 @@ static PyObject *attn_fwd(PyObject *self, PyObject *args) {
   const int64_t oshape[4] = {a.B, a.H, a.Lq, a.dv}, lshape[3] = {a.B, a.H, a.Lq};
   if (cf_tensor_out(o[10], "out", &out) || check_like(&out, "out", &q, q.dtype, 4, oshape, 1) ||
       cf_tensor_out(o[11], "lse", &lse) || check_like(&lse, "lse", &q, compute_dtype(q.dtype), 3, lshape, 1) ||
-      parse_workspaces(qws, kws, &q, &a))
+      parse_workspaces(qws, kws, &q, &a) || parse_key_cache(kcache, n_cached, &q, &a))
     return NULL;
   a.out = out.data, a.out_s = cf_strides_bhl(&out);
   a.lse = lse.data;
@@ -327,7 +355,8 @@ static PyObject *attn_cuda_supported(PyObject *self, PyObject *args) {
 PyMethodDef cf_attn_methods[] = {
     {"attn_fwd", attn_fwd, METH_VARARGS,
      "attn_fwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, lse, causal, scale, q_offset, "
-     "layout, nthreads, stream[, q_ws, k_ws]): fused CMHA forward on q's device; writes out and lse."},
+     "layout, nthreads, stream[, q_ws, k_ws, k_cache, n_cached]): fused CMHA forward on q's device; writes out "
+     "and lse (CPU, with k_cache: rotates keys [n_cached, Lk) into the rotated-key cache, then reads keys from it)."},
     {"attn_bwd", attn_bwd, METH_VARARGS,
      "attn_bwd(q, k, v, delta, beta, freqs, q_pos, k_pos, kpm, cu_seqlens, out, dout, lse, dlse, dq_rot, "
      "dk_rot, dv_full, causal, scale, q_offset, layout, nthreads, stream[, q_ws, k_ws]): gradients with respect "

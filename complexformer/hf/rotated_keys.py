@@ -6,7 +6,8 @@ head with that head's delta, so a decoding step through the fused kernel re-rota
 key for every query head (one sincos per head, key and pair). Here each layer of a plain
 ``DynamicLayer`` keeps, beside the raw keys, their rotations (B, H, capacity, d) in a buffer that
 grows geometrically: a step rotates only its new keys, appends them in place, and attends with
-:func:`complexformer.attention.attention_rotated_keys`.
+:func:`complexformer.attention.attention_rotated_keys` (on the CPU one call of the fused kernel,
+which scores the keys straight from the buffer).
 
 The rotated keys are a pure function of the raw keys, their positions and the angles, so they are
 only ever used while provably in step with them:
@@ -18,8 +19,8 @@ only ever used while provably in step with them:
   bumps its version).
 Otherwise the buffer is rebuilt from all the raw keys (one full rotation). Used only without grad
 (generation), outside torch.compile, for calls that add at most :data:`MAX_QUERIES` tokens to a
-non-empty cache of at least :data:`MIN_KEYS` keys (batch x length); every other call takes the usual
-path. Memory: up to 1.5 x H / Hkv times the raw keys' bytes, on top of the cache.
+non-empty cache; every other call takes the usual path. Memory: up to 1.5 x H / Hkv times the raw
+keys' bytes, on top of the cache.
 """
 from __future__ import annotations
 
@@ -32,9 +33,6 @@ from ..attention import attention_rotated_keys
 from ..checks import compute_dtype
 
 MAX_QUERIES = 16  # decoding, speculative and short chunks; longer calls use the fused kernel
-# below this many cached keys (batch x length) the fused kernel's re-rotation costs less than this
-# path's extra torch calls (CPU crossover, benchmarks/RESULTS.md "decoding")
-MIN_KEYS = 256
 _ATTR = "_cmha_rotated_keys"
 
 
@@ -103,8 +101,7 @@ def attend(module, q, k, v, q_pos, k_pos, cache, in_step, *, causal, kpm, attn_m
     when this call does not qualify. q (B, H, Lq, d) raw; k, v (B, Hkv, Lk, .) every key after the
     update; ``in_step``: :func:`before_update`'s answer for this step."""
     Lq, Lk = q.shape[2], k.shape[2]
-    if (cache is None or Lq > MAX_QUERIES or Lk == Lq or q.shape[0] * Lk < MIN_KEYS or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()):
+    if cache is None or Lq > MAX_QUERIES or Lk == Lq or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None  # not a decoding step (a first call has nothing cached: no buffer for one forward)
     layer = _plain_layer(cache, module.layer_idx)
     if layer is None or layer.keys is not k:  # the attention must see exactly the layer's keys
