@@ -162,6 +162,13 @@ def _edits():
             _move_angles(_edits.model, seed=9)
         return ids, mask, logits
 
+    def angles_data(i, cache, ids, mask, logits):  # a write that bumps no version counter
+        if i == 2:
+            for m in _edits.model.modules():
+                if isinstance(getattr(m, "delta", None), torch.nn.Parameter):
+                    m.delta.data.mul_(1.1)
+        return ids, mask, logits
+
     def crop(i, cache, ids, mask, logits):
         if i == 2:
             cache.crop(-3)
@@ -180,10 +187,10 @@ def _edits():
             return ids[1:], mask[1:], logits[1:]
         return ids, mask, logits
 
-    return {"angles": angles, "crop": crop, "reorder": reorder, "select": select}
+    return {"angles": angles, "angles_data": angles_data, "crop": crop, "reorder": reorder, "select": select}
 
 
-@pytest.mark.parametrize("edit", ["angles", "crop", "reorder", "select"])
+@pytest.mark.parametrize("edit", ["angles", "angles_data", "crop", "reorder", "select"])
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_rotated_keys_follow_edits_of_the_cache_and_the_angles(name, edit, monkeypatch):
     ids, mask = _prompt()
@@ -223,3 +230,25 @@ def test_beam_search_and_sampling_tokens_equal_the_fused_path(name, monkeypatch)
                 got.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **kw))
     for a, b in zip(got[:2], got[2:]):
         assert torch.equal(a, b)
+
+
+def test_kernel_binding_checks_the_key_cache():
+    """The C binding validates the rotated-key cache itself (the kernel writes into it)."""
+    from complexformer import _ext
+
+    q, k, v, delta, beta, freqs, (qp, kp) = _inputs(dtype=torch.float32)
+    out, lse = torch.empty(2, 4, 2, 8), torch.empty(2, 4, 2)
+
+    def call(cache, n):
+        _ext.launch("attn_fwd", q, k, v, delta.float(), beta.float(), freqs.float(), qp, kp, None, None, out, lse, 1,
+                    0.35, 7, 0, 1, 0, None, None, cache, n)
+
+    call(torch.zeros(2, 4, 12, 8), 0)  # more rows than keys: fine
+    with pytest.raises(ValueError, match="k_cache"):
+        call(torch.zeros(2, 4, 8, 8), 0)  # fewer rows than the 9 keys
+    with pytest.raises(ValueError, match="k_cache"):
+        call(torch.zeros(2, 2, 9, 8), 0)  # kv heads, not query heads
+    with pytest.raises(TypeError, match="k_cache"):
+        call(torch.zeros(2, 4, 9, 8, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="n_cached"):
+        call(torch.zeros(2, 4, 9, 8), 10)

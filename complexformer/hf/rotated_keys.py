@@ -15,9 +15,12 @@ only ever used while provably in step with them:
   (every Cache method that edits a layer, beam reordering, cropping, batch selection, offloading,
   replaces that tensor, and an in-place write bumps its version), and holds exactly the new keys
   more;
-- the angles, dtype and device are those the buffer was built with (a parameter changed in place
-  bumps its version).
-Otherwise the buffer is rebuilt from all the raw keys (one full rotation). Used only without grad
+- the angles, dtype and device are those the buffer was built with: the same tensors and versions
+  (an optimizer step bumps them) and, compared exactly, the same values (a write through
+  ``param.data`` bumps no version).
+Otherwise the buffer is rebuilt from all the raw keys (one full rotation). Not seen: a write into
+the cache's tensors through ``.data`` (it bumps no version; edit caches with torch ops or the
+Cache methods). Used only without grad
 (generation), outside torch.compile, for calls that add at most :data:`MAX_QUERIES` tokens to a
 non-empty cache; every other call takes the usual path. Memory: up to 1.5 x H / Hkv times the raw
 keys' bytes, on top of the cache.
@@ -39,10 +42,16 @@ _ATTR = "_cmha_rotated_keys"
 class RotatedKeys:
     """One cache layer's rotated keys: ``buf[:, :, :n]`` rotates the first n raw keys."""
 
-    __slots__ = ("keys", "version", "angles", "buf", "n")
+    __slots__ = ("keys", "version", "angles", "values", "buf", "n")
 
     def __init__(self):
-        self.keys, self.version, self.angles, self.buf, self.n = None, -1, None, None, 0
+        self.keys, self.version, self.angles, self.values, self.buf, self.n = None, -1, None, (), None, 0
+
+    def same_angles(self, angles, tensors):
+        """Whether the buffer was rotated with these angles: the same dtype, device and tensors (data
+        pointer, version), and the same values, compared exactly (a write through ``param.data``
+        bumps no version)."""
+        return self.angles == angles and all(torch.equal(a, b) for a, b in zip(self.values, tensors, strict=True))
 
     def in_step(self, layer):
         """Whether ``layer``'s keys are still those recorded after the last update, or a prefix view
@@ -73,8 +82,10 @@ class RotatedKeys:
             self.buf = buf = new
         return buf[:, :, :n_keys]
 
-    def record(self, layer, angles):
+    def record(self, layer, angles, tensors, rebuilt):
         self.keys, self.version, self.angles = weakref.ref(layer.keys), layer.keys._version, angles
+        if rebuilt:  # a copy of the angles the buffer's keys were rotated with (H x d/2 each)
+            self.values = tuple(t.detach().clone() for t in tensors)
 
 
 def _plain_layer(cache, layer_idx):
@@ -106,10 +117,11 @@ def attend(module, q, k, v, q_pos, k_pos, cache, in_step, *, causal, kpm, attn_m
     layer = _plain_layer(cache, module.layer_idx)
     if layer is None or layer.keys is not k:  # the attention must see exactly the layer's keys
         return None
-    delta, beta, freqs = module.angles(q.device, compute_dtype(q.dtype))
-    angles = (q.dtype, q.device) + tuple((t.data_ptr(), t._version) for t in (delta, beta, freqs))
-    rk = in_step if in_step is not None and in_step.angles == angles and Lk == in_step.n + Lq else None
-    if rk is None:  # out of step: rotate every key again
+    tensors = delta, beta, freqs = module.angles(q.device, compute_dtype(q.dtype))
+    angles = (q.dtype, q.device) + tuple((t.data_ptr(), t._version) for t in tensors)
+    rk = in_step if in_step is not None and Lk == in_step.n + Lq and in_step.same_angles(angles, tensors) else None
+    rebuilt = rk is None
+    if rebuilt:  # out of step: rotate every key again
         rk = layer.__dict__.get(_ATTR) or RotatedKeys()
         layer.__dict__[_ATTR] = rk
         rk.n = 0
@@ -120,5 +132,5 @@ def attend(module, q, k, v, q_pos, k_pos, cache, in_step, *, causal, kpm, attn_m
                                  layout=module.cmha_layout, rotary_dim=rotary_dim, softcap=softcap,
                                  return_probs=return_probs)
     rk.n = Lk
-    rk.record(layer, angles)
+    rk.record(layer, angles, tensors, rebuilt)
     return out
