@@ -101,12 +101,7 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
                 raise ValueError(f"cu_seqlens: must start at 0 and end at the total length {Lq}, got {cu[0]}..{cu[-1]}")
             if bool((cu[1:] < cu[:-1]).any()):
                 raise ValueError("cu_seqlens: must be non-decreasing")
-    p = _Plan()
-    p.B, p.H, p.Hkv, p.Lq, p.Lk, p.d, p.dv = B, H, Hkv, Lq, Lk, d, v.shape[3]
-    p.causal, p.scale, p.layout = causal, float(scale), layout
-    p.kpm, p.cu, p.mask, p.rot, p.softcap = key_padding_mask, cu_seqlens, None, rot, None
-    p.q_offset = (Lk - Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
-    p.pdtype = _acc_dtype(q.dtype)
+    p = _plan(q, k, v, causal, scale, q_offset, key_padding_mask, cu_seqlens, layout, rot)
     if positions is None:
         if cu_seqlens is not None:
             p.q_pos = seq_positions(cu_seqlens, Lq)[0][None]
@@ -117,11 +112,27 @@ def _validate(q, k, v, delta, beta, freqs, causal, scale, q_offset, key_padding_
     else:
         if not isinstance(positions, (tuple, list)) or len(positions) != 2:
             raise TypeError("positions: expected a pair (q_positions, k_positions) of integer tensors, or None")
-        p.q_pos = check_positions("positions[0] (query positions)", positions[0], B, Lq, dev)
-        p.k_pos = check_positions("positions[1] (key positions)", positions[1], B, Lk, dev)
-        if p.q_pos.shape[0] != p.k_pos.shape[0]:  # kernels take both per batch or both shared
-            p.q_pos, p.k_pos = p.q_pos.expand(B, Lq).contiguous(), p.k_pos.expand(B, Lk).contiguous()
+        _set_positions(p, check_positions("positions[0] (query positions)", positions[0], B, Lq, dev),
+                       check_positions("positions[1] (key positions)", positions[1], B, Lk, dev))
     return p
+
+
+def _plan(q, k, v, causal, scale, q_offset, key_padding_mask, cu_seqlens, layout, rot):
+    """The plan of checked arguments (scale None = 1/sqrt(d)); positions are set by the caller."""
+    p = _Plan()
+    (p.B, p.H, p.Lq, p.d), p.Hkv, p.Lk, p.dv = q.shape, k.shape[1], k.shape[2], v.shape[3]
+    p.causal, p.scale, p.layout = causal, 1.0 / math.sqrt(p.d) if scale is None else float(scale), layout
+    p.kpm, p.cu, p.mask, p.rot, p.softcap = key_padding_mask, cu_seqlens, None, rot, None
+    p.q_offset = (p.Lk - p.Lq if q_offset is None else q_offset) if cu_seqlens is None else 0
+    p.pdtype = _acc_dtype(q.dtype)
+    return p
+
+
+def _set_positions(p, q_pos, k_pos):
+    """(Bp, L) int64 positions; the kernels take both per batch or both shared."""
+    if q_pos.shape[0] != k_pos.shape[0]:
+        q_pos, k_pos = q_pos.expand(p.B, p.Lq).contiguous(), k_pos.expand(p.B, p.Lk).contiguous()
+    p.q_pos, p.k_pos = q_pos, k_pos
 
 
 def _check_attn_mask(attn_mask, p, device):
@@ -231,6 +242,23 @@ def attention_rotated_keys(q, k, v, delta, beta, freqs, k_rotated, n_rotated, *,
     check_tensor("k_rotated", k_rotated, dtypes=(q.dtype,), ndim=4, device=q.device)
     if tuple(k_rotated.shape) != (p.B, p.H, p.Lk, p.d):
         raise ValueError(f"k_rotated: expected shape {(p.B, p.H, p.Lk, p.d)}, got {tuple(k_rotated.shape)}")
+    return decoding_attention(p, q, k, v, delta, beta, freqs, k_rotated, n, return_probs)
+
+
+def decoding_plan(q, k, v, q_pos, k_pos, *, causal, scale, key_padding_mask, attn_mask, layout, rotary_dim, softcap):
+    """The plan of :func:`attention_rotated_keys` for arguments its caller has already checked and
+    shaped (the Hugging Face decoding path, hf/rotated_keys.py: q, k, v from the module's own
+    projections and cache, positions (Bp, L) int64 checked when they entered, a bool (B, Lk) key
+    padding mask, a 4-D attn_mask of the query / key shape). Use with
+    :func:`decoding_attention`; user-facing calls go through attention_rotated_keys."""
+    p = _plan(q, k, v, causal, scale, None, key_padding_mask, None, layout, rotary_dim or q.shape[-1])
+    p.mask, p.softcap = attn_mask, softcap
+    _set_positions(p, q_pos, k_pos)
+    return p
+
+
+def decoding_attention(p, q, k, v, delta, beta, freqs, k_rotated, n, return_probs=False):
+    """attention_rotated_keys after its checks: the plan ``p``, angles in the compute dtype."""
     if (q.device.type == "cpu" and p.softcap is None and not return_probs and _fused_unsupported(q, p) is None
             and k_rotated.stride(-1) == 1):
         # the fused CPU kernel: rotates keys [n, Lk) into the buffer, reads every key from it

@@ -130,29 +130,61 @@ CF_AI void FN(rotate_keys)(const CfAttnArgs *p, int64_t b, int64_t hq, int64_t n
   }
 }
 
+/* The sum of a vector's lanes, in lane order. */
+CF_AI T FN(lane_sum)(FN(vec) x) {
+  T sum = 0;
+  for (int l = 0; l < VL; l++) sum += x[l];
+  return sum;
+}
+
 /* Scores of rows [0, nq) of q (rotated, scaled; (nq, d)) against keys [n0, n0 + nk) of query head
- * hq in the rotated-key cache (p->k_cache), read as rows: s[r * BK + n] = <q_r, k~_n>. The partial
- * sums run over VL-wide chunks of the head dim (then a fixed-order lane sum), so a key row is read
- * once and straight, with no transposition into tiles (decoding reads each cached key once). */
+ * hq in the rotated-key cache (p->k_cache), read as rows: s[r * BK + n] = <q_r, k~_n>. Partial sums
+ * run over VL-wide chunks of the head dim (then the lanes in order, then the scalar tail), four keys
+ * at a time so that four independent FMA chains hide the latency; a key row is read once and
+ * straight, with no transposition into tiles (decoding reads each cached key once per step). */
 CF_AI void FN(cached_scores)(const CfAttnArgs *p, int64_t b, int64_t hq, int64_t n0, int64_t nk, int64_t nq,
                              const T *restrict q, T *restrict s) {
-  const int64_t d = p->d, dvec = d / VL * VL;
-  const T *kc = (const T *)p->k_cache + b * p->kc_s.b + hq * p->kc_s.h + n0 * p->kc_s.l;
-  for (int64_t n = 0; n < nk; n++) {
-    const T *row = kc + n * p->kc_s.l;
-    for (int64_t r = 0; r < nq; r++) {
-      const T *qr = q + r * d;
-      FN(vec) acc = {0};
+  const int64_t d = p->d, dvec = d / VL * VL, ls = p->kc_s.l;
+  const T *kc = (const T *)p->k_cache + b * p->kc_s.b + hq * p->kc_s.h + n0 * ls;
+  for (int64_t r = 0; r < nq; r++) {
+    const T *qr = q + r * d;
+    int64_t n = 0;
+    for (; n + 4 <= nk; n += 4) {
+      const T *k0 = kc + n * ls, *k1 = k0 + ls, *k2 = k1 + ls, *k3 = k2 + ls;
+      for (int64_t c = 0; c < d; c += 64 / (int64_t)sizeof(T))  /* rows 16 keys ahead */
+        for (int j = 16; j < 20; j++) __builtin_prefetch(k0 + j * ls + c);
+      FN(vec) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, x, y;
       for (int64_t c = 0; c < dvec; c += VL) {
-        FN(vec) x, y;
         memcpy(&x, qr + c, sizeof(x));
-        memcpy(&y, row + c, sizeof(y));
-        acc += x * y;
+        memcpy(&y, k0 + c, sizeof(y));
+        a0 += x * y;
+        memcpy(&y, k1 + c, sizeof(y));
+        a1 += x * y;
+        memcpy(&y, k2 + c, sizeof(y));
+        a2 += x * y;
+        memcpy(&y, k3 + c, sizeof(y));
+        a3 += x * y;
       }
-      T sum = 0;
-      for (int l = 0; l < VL; l++) sum += acc[l];
-      for (int64_t c = dvec; c < d; c++) sum += qr[c] * row[c];
-      s[r * BK + n] = sum;
+      T s0 = FN(lane_sum)(a0), s1 = FN(lane_sum)(a1), s2 = FN(lane_sum)(a2), s3 = FN(lane_sum)(a3);
+      for (int64_t c = dvec; c < d; c++) {
+        s0 += qr[c] * k0[c];
+        s1 += qr[c] * k1[c];
+        s2 += qr[c] * k2[c];
+        s3 += qr[c] * k3[c];
+      }
+      s[r * BK + n] = s0, s[r * BK + n + 1] = s1, s[r * BK + n + 2] = s2, s[r * BK + n + 3] = s3;
+    }
+    for (; n < nk; n++) {
+      const T *k0 = kc + n * ls;
+      FN(vec) a0 = {0}, x, y;
+      for (int64_t c = 0; c < dvec; c += VL) {
+        memcpy(&x, qr + c, sizeof(x));
+        memcpy(&y, k0 + c, sizeof(y));
+        a0 += x * y;
+      }
+      T s0 = FN(lane_sum)(a0);
+      for (int64_t c = dvec; c < d; c++) s0 += qr[c] * k0[c];
+      s[r * BK + n] = s0;
     }
   }
 }
@@ -347,8 +379,15 @@ CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, const FN(Key
       for (int64_t n0 = rows.lo / BK * BK; n0 < rows.hi; n0 += BK) {
         const int64_t nk = p->Lk - n0 < BK ? p->Lk - n0 : BK;
         T *s = ws->s;
-        if (p->k_cache) FN(cached_scores)(p, b, hq, n0, nk, nq, ws->q, s);
-        else FN(gemm)(nq, BK, d, ws->q, d, 1, ws->kt + (n0 - k0) * d, BK, s, BK, 0);
+        if (p->k_cache) {
+          /* the tile's value rows are read after the scores: start loading them now (decoding
+           * streams every cached key and value once per step; the loads overlap the scoring) */
+          for (int64_t n = 0; n < nk; n++)
+            for (int64_t c = 0; c < dv; c += 64 / (int64_t)sizeof(T)) __builtin_prefetch(vb + (n0 + n) * vs + c);
+          FN(cached_scores)(p, b, hq, n0, nk, nq, ws->q, s);
+        } else {
+          FN(gemm)(nq, BK, d, ws->q, d, 1, ws->kt + (n0 - k0) * d, BK, s, BK, 0);
+        }
         if (rows.need_mask || rows.lo_max > n0 || rows.hi_min < n0 + nk)
           FN(mask_tile)(p, b, &rows, n0, nk, s);
         if (nk < BK)  /* padding keys of the last tile take no part in the row statistics */
@@ -443,13 +482,25 @@ static int FN(attn_fwd)(const CfAttnArgs *p) {
       ws.mrow = ws.o + BQ * p->dv;
       ws.lsum = ws.mrow + BQ;
     }
+    if (p->k_cache) {
+      /* rotated-key cache (decoding): equal items, and consecutive query heads share their kv head,
+       * so contiguous blocks let a thread find a value head still in its cache for the next head */
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < nitems; it++) {
+        if (!buf) continue;
+        int64_t c = split - 1 - it % split, bh = it / split;
+        int64_t t0 = c * per, t1 = t0 + per < nqt ? t0 + per : nqt;
+        FN(fwd_item)(p, &ws, kp, bh / p->H, bh % p->H, t0, t1);
+      }
+    } else {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < nitems; it++) {
-      if (!buf) continue;
-      /* last chunks first: under causal masking they carry the most keys */
-      int64_t c = split - 1 - it % split, bh = it / split;
-      int64_t t0 = c * per, t1 = t0 + per < nqt ? t0 + per : nqt;
-      FN(fwd_item)(p, &ws, kp, bh / p->H, bh % p->H, t0, t1);
+      for (int64_t it = 0; it < nitems; it++) {
+        if (!buf) continue;
+        /* last chunks first: under causal masking they carry the most keys */
+        int64_t c = split - 1 - it % split, bh = it / split;
+        int64_t t0 = c * per, t1 = t0 + per < nqt ? t0 + per : nqt;
+        FN(fwd_item)(p, &ws, kp, bh / p->H, bh % p->H, t0, t1);
+      }
     }
     cf_aligned_free(buf);
   }

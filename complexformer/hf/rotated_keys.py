@@ -6,8 +6,8 @@ head with that head's delta, so a decoding step through the fused kernel re-rota
 key for every query head (one sincos per head, key and pair). Here each layer of a plain
 ``DynamicLayer`` keeps, beside the raw keys, their rotations (B, H, capacity, d) in a buffer that
 grows geometrically: a step rotates only its new keys, appends them in place, and attends with
-:func:`complexformer.attention.attention_rotated_keys` (on the CPU one call of the fused kernel,
-which scores the keys straight from the buffer).
+the core of :func:`complexformer.attention.attention_rotated_keys` (on the CPU one call of the
+fused kernel, which scores the keys straight from the buffer).
 
 The rotated keys are a pure function of the raw keys, their positions and the angles, so they are
 only ever used while provably in step with them:
@@ -32,7 +32,7 @@ import weakref
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..attention import attention_rotated_keys
+from ..attention import decoding_attention, decoding_plan
 from ..checks import compute_dtype
 
 MAX_QUERIES = 16  # decoding, speculative and short chunks; longer calls use the fused kernel
@@ -127,10 +127,10 @@ def attend(module, q, k, v, q_pos, k_pos, cache, in_step, *, causal, kpm, attn_m
         rk.n = 0
     rotary_dim = 2 * freqs.shape[-1] if 2 * freqs.shape[-1] != q.shape[-1] else None
     k_rotated = rk.buffer(q, Lk)
-    out = attention_rotated_keys(q, k, v, delta, beta, freqs, k_rotated, rk.n, positions=(q_pos, k_pos),
-                                 causal=causal, scale=module.scaling, key_padding_mask=kpm, attn_mask=attn_mask,
-                                 layout=module.cmha_layout, rotary_dim=rotary_dim, softcap=softcap,
-                                 return_probs=return_probs)
+    # the module checked every argument (positions when they entered, masks in _attend): no second round
+    p = decoding_plan(q, k, v, q_pos, k_pos, causal=causal, scale=module.scaling, key_padding_mask=kpm,
+                      attn_mask=attn_mask, layout=module.cmha_layout, rotary_dim=rotary_dim, softcap=softcap)
+    out = decoding_attention(p, q, k, v, *(t.to(p.pdtype) for t in tensors), k_rotated, rk.n, return_probs)
     rk.n = Lk
     rk.record(layer, angles, tensors, rebuilt)
     return out
