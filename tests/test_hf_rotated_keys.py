@@ -42,27 +42,30 @@ def _buffer(q, k, delta, beta, freqs, pos, n, layout="half", rot=None):
 
 
 @pytest.mark.parametrize("case", ["plain", "padding", "bool_mask", "additive_mask", "partial", "interleaved",
-                                  "softcap", "one_query", "nan_key", "float32"])
+                                  "softcap", "one_query", "nan_key", "float32", "long", "odd_width"])
 @pytest.mark.parametrize("n_from_end", [None, 0, 2])  # n_rotated: 0 (rotate all), Lk - 2, Lk - 0
 def test_attention_rotated_keys_equals_cmha_attention(case, n_from_end):
     rot = 4 if case == "partial" else None
     Lq = 1 if case == "one_query" else 2
-    q, k, v, delta, beta, freqs, pos = _inputs(Lq=Lq, rot=rot, dtype=torch.float32 if case == "float32" else torch.float64)
+    Lk = 150 if case == "long" else 9  # long: three key tiles of the CPU kernel (64 keys each)
+    d = 10 if case == "odd_width" else 8  # 10: a head dim with a tail past the kernel's vector width
+    dtype = torch.float32 if case in ("float32", "long", "odd_width") else torch.float64
+    q, k, v, delta, beta, freqs, pos = _inputs(Lq=Lq, Lk=Lk, d=d, rot=rot, dtype=dtype)
     if case == "nan_key":
         k[0, 1, 4, 0] = float("nan")  # the rows of batch 0 that see key 4 (query heads 2, 3) become NaN
-    tol = 2e-6 if case == "float32" else 1e-12
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
     layout = "interleaved" if case == "interleaved" else "half"
     kw = dict(positions=pos, layout=layout, rotary_dim=rot)
     g = torch.Generator().manual_seed(3)
     if case == "padding":
-        kpm = torch.rand(2, 9, generator=g) > 0.3
+        kpm = torch.rand(2, Lk, generator=g) > 0.3
         kpm[1] = False  # a row with no visible key: 0
         kw["key_padding_mask"] = kpm
     if case == "bool_mask":
-        kw["attn_mask"] = torch.rand(2, 1, Lq, 9, generator=g) > 0.4
+        kw["attn_mask"] = torch.rand(2, 1, Lq, Lk, generator=g) > 0.4
     if case == "additive_mask":
-        kw["attn_mask"] = torch.randn(2, 4, Lq, 9, generator=g, dtype=q.dtype)
-    n = 0 if n_from_end is None else 9 - n_from_end
+        kw["attn_mask"] = torch.randn(2, 4, Lq, Lk, generator=g, dtype=q.dtype)
+    n = 0 if n_from_end is None else Lk - n_from_end
     buf = _buffer(q, k, delta, beta, freqs, pos, n, layout, rot)
     with torch.no_grad():
         if case == "softcap":

@@ -9,8 +9,8 @@ import sys
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..checks import compute_dtype
-from ..rotate import euler_rotate_qk
+from ..checks import LAYOUTS, compute_dtype
+from ..rotate import rotate_partial, rotate_qk
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,9 +45,11 @@ def serving_attention(module, query, key, value, attention_mask, q_pos, cache, *
     if cache is not None and not hasattr(cache, "update"):
         raise TypeError(f"cache: expected a transformers cache with an update method, got {type(cache).__name__}")
     delta, beta, freqs = module.angles(query.device, compute_dtype(query.dtype))
-    rotary_dim = 2 * freqs.shape[-1] if 2 * freqs.shape[-1] != query.shape[-1] else None  # partial rotary
-    qr, kr = euler_rotate_qk(query, key, delta, beta, freqs, q_positions=q_pos, k_positions=q_pos,
-                             layout=module.cmha_layout, rotary_dim=rotary_dim)
+    # the rotation op itself (euler_rotate_qk without its checks): q and k come from the module's own
+    # projections and q_pos was checked by serving_positions; freqs may cover fewer pairs (partial rotary)
+    layout = LAYOUTS[module.cmha_layout]
+    qr, kr = rotate_partial(lambda q, k: rotate_qk(q, k, delta, beta, freqs, q_pos, q_pos, layout), query, key,
+                            2 * freqs.shape[-1])
     groups = qr.shape[1] // value.shape[1]
     vr = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     if cache is not None:
