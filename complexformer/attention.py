@@ -228,8 +228,8 @@ def attention_rotated_keys(q, k, v, delta, beta, freqs, k_rotated, n_rotated, *,
     query head (:func:`complexformer.rotate.euler_rotate_qk` at the key positions): its first
     ``n_rotated`` keys must already hold it (they are trusted, not recomputed); this call rotates
     the other keys into it, in place, and q, then attends: on the CPU (float32 / float64, no
-    attn_mask, softcap or partial rotary) in one call of the fused kernel, which reads its key
-    tiles from the buffer; elsewhere by the reference math. Everything else is checked as by
+    attn_mask, softcap or partial rotary) in one call of the fused kernel, which scores the keys
+    straight from the buffer; elsewhere by the reference math. Everything else is checked as by
     cmha_attention. Inference only (grad mode off): no gradient flows through a rotation done by an
     earlier call. Returns out (B, H, Lq, dv), or (out, probabilities) with ``return_probs``."""
     if torch.is_grad_enabled():

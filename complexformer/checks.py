@@ -216,16 +216,23 @@ def check_position_range(name, p):
 _checked_positions = {}  # id -> (weakref to the tensor, its version when checked)
 
 
+def tensor_version(t):
+    """``t``'s version counter (bumped by every in-place write), or None for an inference tensor
+    (created under torch.inference_mode), which has none."""
+    return None if t.is_inference() else t._version
+
+
 def _seen(cache, t):
-    """True when ``t``, unchanged since (same object, same version), passed a data check before."""
+    """True when ``t``, unchanged since (same object, same version), passed a data check before.
+    Never for an inference tensor: without a version counter, "unchanged" cannot be known."""
     seen = cache.get(id(t))
-    return seen is not None and seen[0]() is t and seen[1] == t._version
+    return seen is not None and seen[0]() is t and seen[1] is not None and seen[1] == tensor_version(t)
 
 
 def _remember(cache, t):
     if len(cache) > 64:
         cache.clear()
-    cache[id(t)] = (weakref.ref(t), t._version)
+    cache[id(t)] = (weakref.ref(t), tensor_version(t))
 
 
 def check_key_padding_mask(name, mask, B, Lk, device, *, other="q", ints=False, check_values=True,

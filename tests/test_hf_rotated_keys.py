@@ -255,3 +255,18 @@ def test_kernel_binding_checks_the_key_cache():
         call(torch.zeros(2, 4, 9, 8, dtype=torch.float64), 0)
     with pytest.raises(ValueError, match="n_cached"):
         call(torch.zeros(2, 4, 9, 8), 10)
+
+
+def test_generate_under_inference_mode_uses_rotated_keys():
+    """Inference tensors have no version counter: the cache is then followed by identity alone."""
+    model = _model("llama")
+    ids, mask = _prompt()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+    with torch.inference_mode():
+        got = model.generate(ids, **kw)
+        cache = DynamicCache(config=model.config)
+        _decode(model, ids, mask, 3, cache=cache)
+    assert torch.equal(got, want)
+    assert _in_step(cache, 2) == 2

@@ -32,8 +32,6 @@ quantized caches raise.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -61,7 +59,6 @@ from . import rotated_keys
 from .serving_attention import serving_attention, serving_positions
 
 ATTN_IMPLEMENTATION = "complexformer_cmha"
-_CHECKED_POSITIONS = [None]  # (weakref to position_ids, (B, L, device, version), checked positions)
 LEARNABLE = ("delta", "beta")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -247,16 +244,7 @@ class CMHAState:
         p = position_ids if position_ids is not None else cache_position
         if p is None:
             return (past + torch.arange(L, device=device))[None]
-        if torch.compiler.is_compiling():
-            return check_positions("position_ids", p, B, L, device, other="hidden_states")
-        # every layer of a forward gets the same tensor: check it once (same object, version, shape)
-        key = (B, L, device, p._version)
-        hit = _CHECKED_POSITIONS[0]
-        if hit is not None and hit[0]() is p and hit[1] == key:
-            return hit[2]
-        checked = check_positions("position_ids", p, B, L, device, other="hidden_states")
-        _CHECKED_POSITIONS[0] = (weakref.ref(p), key, checked)
-        return checked
+        return check_positions("position_ids", p, B, L, device, other="hidden_states")
 
     def _check_cache_layer(self, cache):
         if self.layer_idx < len(cache.layers):

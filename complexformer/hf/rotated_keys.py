@@ -18,9 +18,11 @@ only ever used while provably in step with them:
 - the angles, dtype and device are those the buffer was built with: the same tensors and versions
   (an optimizer step bumps them) and, compared exactly, the same values (a write through
   ``param.data`` bumps no version).
-Otherwise the buffer is rebuilt from all the raw keys (one full rotation). Not seen: a write into
-the cache's tensors through ``.data`` (it bumps no version; edit caches with torch ops or the
-Cache methods). Used only without grad
+Otherwise the buffer is rebuilt from all the raw keys (one full rotation). Under
+torch.inference_mode the cache's tensors have no version counter and are followed by identity
+alone (every Cache method replaces the tensor it edits). Not seen: an in-place write into the
+cache's tensors through ``.data`` or under torch.inference_mode (edit caches with the Cache
+methods). Used only without grad
 (generation), outside torch.compile, for calls that add at most :data:`MAX_QUERIES` tokens to a
 non-empty cache; every other call takes the usual path. Memory: up to 1.5 x H / Hkv times the raw
 keys' bytes, on top of the cache.
@@ -33,7 +35,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..attention import decoding_attention, decoding_plan
-from ..checks import compute_dtype
+from ..checks import compute_dtype, tensor_version
 
 MAX_QUERIES = 16  # decoding, speculative and short chunks; longer calls use the fused kernel
 _ATTR = "_cmha_rotated_keys"
@@ -58,7 +60,7 @@ class RotatedKeys:
         of them (``Cache.crop``: the same storage, strides and version counter); a prefix of m keys
         keeps m rotated keys."""
         keys, rec = layer.keys, self.keys() if self.keys is not None else None
-        if rec is None or keys._version != self.version:
+        if rec is None or tensor_version(keys) != self.version:
             return False
         if keys is rec:
             return True
@@ -83,7 +85,7 @@ class RotatedKeys:
         return buf[:, :, :n_keys]
 
     def record(self, layer, angles, tensors, rebuilt):
-        self.keys, self.version, self.angles = weakref.ref(layer.keys), layer.keys._version, angles
+        self.keys, self.version, self.angles = weakref.ref(layer.keys), tensor_version(layer.keys), angles
         if rebuilt:  # a copy of the angles the buffer's keys were rotated with (H x d/2 each)
             self.values = tuple(t.detach().clone() for t in tensors)
 
@@ -118,7 +120,7 @@ def attend(module, q, k, v, q_pos, k_pos, cache, in_step, *, causal, kpm, attn_m
     if layer is None or layer.keys is not k:  # the attention must see exactly the layer's keys
         return None
     tensors = delta, beta, freqs = module.angles(q.device, compute_dtype(q.dtype))
-    angles = (q.dtype, q.device) + tuple((t.data_ptr(), t._version) for t in tensors)
+    angles = (q.dtype, q.device) + tuple((t.data_ptr(), tensor_version(t)) for t in tensors)
     rk = in_step if in_step is not None and Lk == in_step.n + Lq and in_step.same_angles(angles, tensors) else None
     rebuilt = rk is None
     if rebuilt:  # out of step: rotate every key again
