@@ -151,8 +151,9 @@ CF_AI void FN(cached_scores)(const CfAttnArgs *p, int64_t b, int64_t hq, int64_t
     int64_t n = 0;
     for (; n + 4 <= nk; n += 4) {
       const T *k0 = kc + n * ls, *k1 = k0 + ls, *k2 = k1 + ls, *k3 = k2 + ls;
-      for (int64_t c = 0; c < d; c += 64 / (int64_t)sizeof(T))  /* rows 16 keys ahead */
-        for (int j = 16; j < 20; j++) __builtin_prefetch(k0 + j * ls + c);
+      if (n0 + n + 20 <= p->Lk)  /* the rows 16 keys ahead, within the cache */
+        for (int64_t c = 0; c < d; c += 64 / (int64_t)sizeof(T))
+          for (int j = 16; j < 20; j++) __builtin_prefetch(k0 + j * ls + c);
       FN(vec) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, x, y;
       for (int64_t c = 0; c < dvec; c += VL) {
         memcpy(&x, qr + c, sizeof(x));
@@ -354,11 +355,9 @@ CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, const FN(Key
     if (rows.hi > nhi) nhi = rows.hi;
   }
   int64_t k0 = 0;
-  if (nhi > nlo) {
+  if (nhi > nlo && !p->k_cache) {  /* (a rotated-key cache is read in place by cached_scores) */
     k0 = nlo / BK * BK;
-    if (p->k_cache) {
-      /* keys are read from the rotated-key cache (cached_scores) */
-    } else if (kp) FN(rotate_keys_polar)(p, kp, b, hq, k0, nhi, ws->kt);
+    if (kp) FN(rotate_keys_polar)(p, kp, b, hq, k0, nhi, ws->kt);
     else FN(rotate_keys)(p, b, hq, k0, nhi, ws->kt, NULL);
   }
 
@@ -430,6 +429,15 @@ CF_HOT static void FN(fwd_item)(const CfAttnArgs *p, FN(FwdWs) *ws, const FN(Key
   }
 }
 
+/* Work item `it` of the forward: (b, query head) it / split, its chunk of `per` query tiles, the
+ * last chunks first (under causal masking they carry the most keys). */
+CF_AI void FN(fwd_chunk)(const CfAttnArgs *p, FN(FwdWs) *ws, const FN(KeyPolar) *kp, int64_t it, int64_t split,
+                         int64_t per, int64_t nqt) {
+  const int64_t c = split - 1 - it % split, bh = it / split;
+  const int64_t t0 = c * per, t1 = t0 + per < nqt ? t0 + per : nqt;
+  FN(fwd_item)(p, ws, kp, bh / p->H, bh % p->H, t0, t1);
+}
+
 static int FN(attn_fwd)(const CfAttnArgs *p) {
   const int64_t nqt = (p->Lq + BQ - 1) / BQ;
   const int64_t BH = p->B * p->H;
@@ -486,21 +494,12 @@ static int FN(attn_fwd)(const CfAttnArgs *p) {
       /* rotated-key cache (decoding): equal items, and consecutive query heads share their kv head,
        * so contiguous blocks let a thread find a value head still in its cache for the next head */
 #pragma omp for schedule(static)
-      for (int64_t it = 0; it < nitems; it++) {
-        if (!buf) continue;
-        int64_t c = split - 1 - it % split, bh = it / split;
-        int64_t t0 = c * per, t1 = t0 + per < nqt ? t0 + per : nqt;
-        FN(fwd_item)(p, &ws, kp, bh / p->H, bh % p->H, t0, t1);
-      }
+      for (int64_t it = 0; it < nitems; it++)
+        if (buf) FN(fwd_chunk)(p, &ws, kp, it, split, per, nqt);
     } else {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t it = 0; it < nitems; it++) {
-        if (!buf) continue;
-        /* last chunks first: under causal masking they carry the most keys */
-        int64_t c = split - 1 - it % split, bh = it / split;
-        int64_t t0 = c * per, t1 = t0 + per < nqt ? t0 + per : nqt;
-        FN(fwd_item)(p, &ws, kp, bh / p->H, bh % p->H, t0, t1);
-      }
+      for (int64_t it = 0; it < nitems; it++)
+        if (buf) FN(fwd_chunk)(p, &ws, kp, it, split, per, nqt);
     }
     cf_aligned_free(buf);
   }
