@@ -249,9 +249,10 @@ def decoding_plan(q, k, v, q_pos, k_pos, *, causal, scale, key_padding_mask, att
     """The plan of :func:`attention_rotated_keys` for arguments its caller has already checked and
     shaped (the Hugging Face decoding path, hf/rotated_keys.py: q, k, v from the module's own
     projections and cache, positions (Bp, L) int64 checked when they entered, a bool (B, Lk) key
-    padding mask, a 4-D attn_mask of the query / key shape). Use with
+    padding mask, a 4-D attn_mask of the query / key shape, ``rotary_dim`` the rotated features
+    (d for whole heads)). Use with
     :func:`decoding_attention`; user-facing calls go through attention_rotated_keys."""
-    p = _plan(q, k, v, causal, scale, None, key_padding_mask, None, layout, rotary_dim or q.shape[-1])
+    p = _plan(q, k, v, causal, scale, None, key_padding_mask, None, layout, rotary_dim)
     p.mask, p.softcap = attn_mask, softcap
     _set_positions(p, q_pos, k_pos)
     return p

@@ -15,17 +15,15 @@ only ever used while provably in step with them:
   (every Cache method that edits a layer, beam reordering, cropping, batch selection, offloading,
   replaces that tensor, and an in-place write bumps its version), and holds exactly the new keys
   more;
-- the angles, dtype and device are those the buffer was built with: the same tensors and versions
-  (an optimizer step bumps them) and, compared exactly, the same values (a write through
-  ``param.data`` bumps no version).
+- the angles, dtype and device are those the buffer was built with: the angles compared exactly,
+  by value (an optimizer step and a write through ``param.data`` alike change them).
 Otherwise the buffer is rebuilt from all the raw keys (one full rotation). Under
 torch.inference_mode the cache's tensors have no version counter and are followed by identity
 alone (every Cache method replaces the tensor it edits). Not seen: an in-place write into the
 cache's tensors through ``.data`` or under torch.inference_mode (edit caches with the Cache
-methods). Used only without grad
-(generation), outside torch.compile, for calls that add at most :data:`MAX_QUERIES` tokens to a
-non-empty cache; every other call takes the usual path. Memory: up to 1.5 x H / Hkv times the raw
-keys' bytes, on top of the cache.
+methods). Used only without grad (generation), outside torch.compile, for calls that add at most
+:data:`MAX_QUERIES` tokens to a non-empty cache; every other call takes the usual path. Memory: up
+to 1.5 x H / Hkv times the raw keys' bytes, on top of the cache.
 """
 from __future__ import annotations
 
@@ -50,9 +48,8 @@ class RotatedKeys:
         self.keys, self.version, self.angles, self.values, self.buf, self.n = None, -1, None, (), None, 0
 
     def same_angles(self, angles, tensors):
-        """Whether the buffer was rotated with these angles: the same dtype, device and tensors (data
-        pointer, version), and the same values, compared exactly (a write through ``param.data``
-        bumps no version)."""
+        """Whether the buffer was rotated with these angles: the same (dtype, device) and the same
+        values, compared exactly (a version counter would miss a write through ``param.data``)."""
         return self.angles == angles and all(torch.equal(a, b) for a, b in zip(self.values, tensors, strict=True))
 
     def in_step(self, layer):
@@ -120,18 +117,17 @@ def attend(module, q, k, v, q_pos, k_pos, cache, in_step, *, causal, kpm, attn_m
     if layer is None or layer.keys is not k:  # the attention must see exactly the layer's keys
         return None
     tensors = delta, beta, freqs = module.angles(q.device, compute_dtype(q.dtype))
-    angles = (q.dtype, q.device) + tuple((t.data_ptr(), tensor_version(t)) for t in tensors)
+    angles = (q.dtype, q.device)
     rk = in_step if in_step is not None and Lk == in_step.n + Lq and in_step.same_angles(angles, tensors) else None
     rebuilt = rk is None
     if rebuilt:  # out of step: rotate every key again
         rk = layer.__dict__.get(_ATTR) or RotatedKeys()
         layer.__dict__[_ATTR] = rk
         rk.n = 0
-    rotary_dim = 2 * freqs.shape[-1] if 2 * freqs.shape[-1] != q.shape[-1] else None
     k_rotated = rk.buffer(q, Lk)
     # the module checked every argument (positions when they entered, masks in _attend): no second round
     p = decoding_plan(q, k, v, q_pos, k_pos, causal=causal, scale=module.scaling, key_padding_mask=kpm,
-                      attn_mask=attn_mask, layout=module.cmha_layout, rotary_dim=rotary_dim, softcap=softcap)
+                      attn_mask=attn_mask, layout=module.cmha_layout, rotary_dim=2 * freqs.shape[-1], softcap=softcap)
     out = decoding_attention(p, q, k, v, *(t.to(p.pdtype) for t in tensors), k_rotated, rk.n, return_probs)
     rk.n = Lk
     rk.record(layer, angles, tensors, rebuilt)
